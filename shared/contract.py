@@ -1,0 +1,188 @@
+"""The wire contract: one msgspec Struct per request and reply, codecs built once.
+
+Public bodies follow ../shared/handbook/DESIGN.md exactly. Wire types never
+forbid unknown fields (that would break rolling upgrades); new fields are
+appended with defaults. Shape and type rules live here as msgspec constraints,
+so a bad body is rejected while decoding with a message naming the field;
+limits that depend on settings (text size) are checked by `check_append`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+import msgspec
+
+from shared.errors import BadRequest, PayloadTooLarge
+from shared.ids import ID_PATTERN
+
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Role = Literal["user", "assistant", "system"]
+Op = Literal["recent", "search"]
+MAX_N = 1000
+MAX_K = 100
+MAX_QUERY_CHARS = 4096
+
+
+class Message(msgspec.Struct):
+    """One stored message as tiers return it (`score` only for search)."""
+
+    seq: int
+    msg_id: str
+    role: str
+    bot_id: str
+    text: str
+    ts: str
+    score: float | None = None
+
+
+# --- memory.append -----------------------------------------------------------
+
+
+class AppendRequest(msgspec.Struct):
+    user_id: Id
+    bot_id: Id
+    role: Role
+    text: str
+    msg_id: MsgId
+    ts: datetime | None = None
+
+
+class AppendReply(msgspec.Struct):
+    user_id: str
+    seq: int
+    duplicate: bool
+
+
+class LogEntry(msgspec.Struct):
+    """What the durable stream holds for one message (its seq is the stream's)."""
+
+    user_id: str
+    bot_id: str
+    role: str
+    text: str
+    msg_id: str
+    ts: str
+
+    def at(self, seq: int) -> Message:
+        return Message(seq=seq, msg_id=self.msg_id, role=self.role,
+                       bot_id=self.bot_id, text=self.text, ts=self.ts)
+
+
+def check_append(req: AppendRequest, max_text_bytes: int) -> LogEntry:
+    """Validate what msgspec cannot, and build the log entry to publish."""
+    size = len(req.text.encode("utf-8", "surrogatepass"))
+    if size > max_text_bytes:
+        raise PayloadTooLarge(f"text is {size} bytes; the limit is {max_text_bytes}")
+    if not req.text.strip():
+        raise BadRequest("text must not be empty")
+    _reject_surrogates(req.text, "text")
+    _reject_surrogates(req.msg_id, "msg_id")
+    return LogEntry(user_id=req.user_id, bot_id=req.bot_id, role=req.role,
+                    text=req.text, msg_id=req.msg_id, ts=format_ts(req.ts))
+
+
+def format_ts(ts: datetime | None) -> str:
+    """RFC 3339 in UTC with a `Z`; naive times are taken as UTC; none means now."""
+    if ts is None:
+        ts = datetime.now(timezone.utc)
+    elif ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _reject_surrogates(value: str, field: str) -> None:
+    # JSON `\ud800` escapes decode to lone surrogates, which are not UTF-8.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field} is not valid UTF-8 (lone surrogate)") from None
+
+
+# --- memory.get / memory.l2.get / memory.l3.get ------------------------------
+
+
+class GetRequest(msgspec.Struct):
+    user_id: Id
+    op: Op = "recent"
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 10
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    query: str | None = None
+    k: Annotated[int, msgspec.Meta(ge=1, le=MAX_K)] = 5
+
+
+def check_get(req: GetRequest) -> GetRequest:
+    if req.op == "search":
+        if req.query is None or not req.query.strip():
+            raise BadRequest("search needs a non-empty `query`")
+        if len(req.query) > MAX_QUERY_CHARS:
+            raise BadRequest(f"query is longer than {MAX_QUERY_CHARS} characters")
+        _reject_surrogates(req.query, "query")
+    return req
+
+
+class GetReply(msgspec.Struct):
+    user_id: str
+    tier: str
+    seq: int
+    messages: list[Message]
+
+
+# --- memory.forget -----------------------------------------------------------
+
+
+class ForgetRequest(msgspec.Struct):
+    user_id: Id
+
+
+class ForgetReply(msgspec.Struct):
+    user_id: str
+    deleted: int
+
+
+class L3ForgetRequest(msgspec.Struct):
+    """Internal: drop a user's rows up to the log position the purge covered."""
+
+    user_id: Id
+    upto_seq: int
+
+
+# --- memory.changed.<user> (internal broadcast) ------------------------------
+
+
+class Changed(msgspec.Struct):
+    """L2 applied `message` (op=append) or dropped the user (op=forget).
+
+    `prev_seq` is the user's previous newest seq as L2 had applied it: a
+    listener whose own newest seq differs has missed something and must drop
+    its window instead of appending. `count` is the user's message count.
+    """
+
+    op: Literal["append", "forget"]
+    user_id: str
+    seq: int
+    prev_seq: int
+    count: int
+    message: Message | None = None
+
+
+# --- errors ------------------------------------------------------------------
+
+
+class ErrorDetail(msgspec.Struct):
+    code: int
+    message: str
+
+
+class ErrorReply(msgspec.Struct):
+    error: ErrorDetail
+
+
+encode = msgspec.json.Encoder().encode
+
+
+def decoder(kind: type) -> msgspec.json.Decoder:
+    """One decoder per type, built once at import time by whoever needs it."""
+    return msgspec.json.Decoder(kind)

@@ -1,0 +1,31 @@
+"""Prometheus metrics shared by every service, served over HTTP.
+
+Metrics are module-level (one registry per process); the `service` label
+keeps several services apart when tests run them in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# Latency buckets from 50 µs to 5 s: tiers answer in well under a millisecond.
+_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+            0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+requests = Counter("tiermem_requests", "Requests handled, by outcome code",
+                   ["service", "endpoint", "code"])
+latency = Histogram("tiermem_request_seconds", "Time to handle a request",
+                    ["service", "endpoint"], buckets=_BUCKETS)
+in_flight = Gauge("tiermem_requests_in_flight", "Requests being handled",
+                  ["service", "endpoint"])
+answers = Counter("tiermem_memory_answers", "memory reads answered, by tier and op",
+                  ["tier", "op"])
+passed_down = Counter("tiermem_memory_passed_down",
+                      "memory reads a tier passed to the next, by reason",
+                      ["tier", "reason"])
+
+
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Start the /metrics HTTP server in a daemon thread (port 0: disabled)."""
+    if port:
+        start_http_server(port, addr=host)

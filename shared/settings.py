@@ -1,0 +1,105 @@
+"""Settings: one frozen struct built from the environment once, at start-up.
+
+Precedence: the process environment, then `.tiermem/stack.env` (written by
+`just up`, so a service started by hand finds the local stack), then the
+defaults below. Nothing reads the environment at import time. Secrets are
+kept out of `repr` so a logged settings object never leaks them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Mapping
+
+import msgspec
+
+STACK_ENV = Path(__file__).resolve().parent.parent / ".tiermem" / "stack.env"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str
+    redis_url: str = ""
+    database_url: str = ""
+    metrics_port: int = 0  # 0: no metrics HTTP server
+    metrics_host: str = "127.0.0.1"
+    log_level: str = "info"
+    trace_file: str = ""  # JSON lines of finished spans, for the demo's waterfall
+    request_timeout_s: float = 5.0
+    concurrency: int = 64  # requests in flight per endpoint and process
+
+    max_text_bytes: int = 65536
+    stream_replicas: int = 1
+    append_apply_wait_s: float = 0.5  # how long an append waits for Redis before replying
+
+    l1_id: str = ""
+    l1_window: int = 10
+    l1_max_users: int = 50_000
+    l2_window: int = 100
+
+    embedder: str = "wordllama"
+    embedder_model: str = ""
+    embedder_url: str = ""
+    embedder_api_key: str = msgspec.field(default="")
+    embedder_dim: int = 0
+    l3_batch: int = 256
+    l3_min_seq_wait_s: float = 2.0
+
+    def __repr__(self) -> str:  # hide secrets, keep the rest readable
+        shown = {f: getattr(self, f) for f in self.__struct_fields__}
+        for secret in ("embedder_api_key",):
+            if shown[secret]:
+                shown[secret] = "***"
+        for url in ("nats_url", "redis_url", "database_url"):
+            shown[url] = _hide_password(shown[url])
+        return f"Settings({shown})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        if env is None:
+            merged = _read_env_file(STACK_ENV) | dict(os.environ)
+        else:
+            merged = dict(env)
+        values: dict[str, object] = {}
+        for field in cls.__struct_fields__:
+            raw = merged.get(field.upper())
+            if raw is None:
+                raw = merged.get(f"TIERMEM_{field.upper()}")
+            if raw is not None:
+                values[field] = raw
+        values.update(overrides)
+        if "nats_url" not in values:
+            raise SystemExit("NATS_URL is not set: run `just up` or point NATS_URL at a server")
+        values.setdefault("l1_id", _default_l1_id(merged))
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SystemExit(f"bad setting: {exc}") from None
+
+
+def _default_l1_id(env: Mapping[str, str]) -> str:
+    # In Kubernetes the pod name identifies the sidecar its worker talks to.
+    raw = env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)
+
+
+def _hide_password(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out

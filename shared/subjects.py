@@ -1,0 +1,53 @@
+"""Every NATS subject and stream name in one place: this is the architecture.
+
+Public (other teams' clients use these; see the design's contract):
+
+    memory.append            -> l2-gateway   durable write
+    memory.forget            -> l2-gateway   remove a user everywhere
+    memory.get               -> memory-l1    queue group of sidecars
+    memory.get.<l1-id>       -> memory-l1    one particular sidecar
+    memory.l2.get            -> l2-gateway   Redis tier
+    memory.l3.get            -> l3-semantic-indexer   Postgres + pgvector
+    llm.complete             -> llm-broker
+    audit.stats              -> freshness-auditor
+
+Internal:
+
+    memory.log.<user>        JetStream stream MEMORY: the durable log
+    memory.changed.<user>    broadcast after L2 applied a message or a forget
+    memory.l3.forget         l2-gateway -> l3-semantic-indexer during forget
+"""
+
+from __future__ import annotations
+
+from shared.ids import to_token
+
+MEMORY_APPEND = "memory.append"
+MEMORY_FORGET = "memory.forget"
+MEMORY_GET = "memory.get"
+MEMORY_L2_GET = "memory.l2.get"
+MEMORY_L3_GET = "memory.l3.get"
+MEMORY_L3_FORGET = "memory.l3.forget"
+LLM_COMPLETE = "llm.complete"
+AUDIT_STATS = "audit.stats"
+
+STREAM = "MEMORY"
+LOG_PREFIX = "memory.log"
+LOG_ALL = f"{LOG_PREFIX}.*"
+CHANGED_PREFIX = "memory.changed"
+CHANGED_ALL = f"{CHANGED_PREFIX}.*"
+
+# Durable JetStream consumer of the indexer; shared by all its replicas.
+L3_CONSUMER = "l3-semantic-indexer"
+
+
+def memory_get_direct(l1_id: str) -> str:
+    return f"{MEMORY_GET}.{l1_id}"
+
+
+def log_subject(user_id: str) -> str:
+    return f"{LOG_PREFIX}.{to_token(user_id)}"
+
+
+def changed_subject(user_id: str) -> str:
+    return f"{CHANGED_PREFIX}.{to_token(user_id)}"

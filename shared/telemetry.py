@@ -1,0 +1,132 @@
+"""Logs and traces: structlog JSON lines carrying trace ids, OpenTelemetry spans.
+
+One trace follows each lookup across the tiers: `inject` puts the current
+span's context into the `traceparent`/`tracestate` headers of an outgoing NATS
+message and `extract` continues it on the other side.
+
+Exporters, by setting: `OTEL_EXPORTER_OTLP_ENDPOINT` (needs the `otlp` extra)
+for a collector; `TRACE_FILE` for JSON lines of finished spans (the demo draws
+its waterfall from them). Tests install their own in-memory exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Mapping
+
+import msgspec
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_propagator = TraceContextTextMapPropagator()
+tracer = trace.get_tracer("tiermem")
+
+
+def configure_logging(service: str, level: str = "info") -> None:
+    """JSON logs, one line per event, with service, trace and span ids."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_ids,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_json_dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)),
+        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def _json_dumps(obj, **_kw) -> bytes:
+    return msgspec.json.encode(obj, enc_hook=str)
+
+
+def _add_trace_ids(_logger, _name, event: dict) -> dict:
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event["trace_id"] = format(ctx.trace_id, "032x")
+        event["span_id"] = format(ctx.span_id, "016x")
+    return event
+
+
+def configure_tracing(service: str, trace_file: str = "") -> TracerProvider:
+    """Install the process's tracer provider (once) with the configured exporters."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current  # already set up (tests, or several services in one process)
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            structlog.get_logger().warning(
+                "otlp_exporter_missing", hint="pip install 'tiermem[otlp]'")
+        else:
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if trace_file:
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(trace_file)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def shutdown_tracing() -> None:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(timeout_millis=2000)
+
+
+class JsonLinesExporter(SpanExporter):
+    """Appends finished spans as JSON lines; several processes may share the file."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: "list[ReadableSpan]") -> SpanExportResult:
+        lines = [msgspec.json.encode(span_record(s)) + b"\n" for s in spans]
+        with self._lock, open(self._path, "ab") as out:
+            out.write(b"".join(lines))  # one write: lines of concurrent writers don't interleave
+        return SpanExportResult.SUCCESS
+
+
+def span_record(span: ReadableSpan) -> dict:
+    ctx = span.get_span_context()
+    return {
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
+        "name": span.name,
+        "kind": span.kind.name,
+        "service": span.resource.attributes.get("service.name"),
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "attributes": dict(span.attributes or {}),
+        "status": span.status.status_code.name,
+    }
+
+
+def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Headers carrying the current trace context to the next hop."""
+    headers = {} if headers is None else headers
+    _propagator.inject(headers)
+    return headers
+
+
+def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
+    return _propagator.extract(headers or {})
