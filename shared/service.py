@@ -217,6 +217,7 @@ async def run_service(name: str, description: str,
         for ep in rt.endpoints:
             await service.add_endpoint(name=ep.name, subject=ep.subject,
                                        handler=_wrap(rt, ep), queue_group=ep.queue_group)
+        await nc.flush()  # the server has our subscriptions before we say we're up
         metrics.serve(settings.metrics_port, settings.metrics_host)
         log.info("service_started", subjects=[e.subject for e in rt.endpoints],
                  metrics_port=settings.metrics_port, settings=repr(settings))

@@ -1,0 +1,103 @@
+"""l2-gateway: the durable write path and the Redis tier.
+
+`memory.append`: validate, publish to the stream (`Nats-Msg-Id` = msg_id),
+reply only after the stream's ack; the applier puts it in Redis and
+broadcasts, and the reply waits (boundedly) for that so the next read hits L2.
+`memory.forget`: purge the log, wipe Redis, ask L3 to drop the rows, tell
+every listener. `memory.l2.get`: recent n <= window from one Redis snapshot
+when it provably holds everything the request needs; anything else goes to L3.
+"""
+
+from __future__ import annotations
+
+import structlog
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.js.errors import APIError, NoStreamResponseError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import metrics, stream, subjects
+from shared.contract import (
+    AppendReply, AppendRequest, Changed, ForgetReply, ForgetRequest, GetReply,
+    GetRequest, L3ForgetRequest, check_append, check_get, encode,
+)
+from shared.errors import Unavailable
+from shared.service import Runtime
+from shared.telemetry import tracer
+
+from .applier import Applier
+from .redis_window import RedisWindow, Snapshot
+
+log = structlog.get_logger()
+TIER = "l2"
+
+
+async def build(rt: Runtime) -> None:
+    settings = rt.settings
+    await stream.ensure_stream(rt.js, settings.stream_replicas)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
+                           health_check_interval=10)
+    rt.on_close(redis.aclose)
+    window = RedisWindow(redis, settings.l2_window)
+    applier = Applier(rt, window)
+    rt.spawn(applier.run(), "applier")
+
+    async def append(req: AppendRequest) -> AppendReply:
+        entry = check_append(req, settings.max_text_bytes)
+        try:
+            ack = await rt.js.publish(subjects.log_subject(req.user_id), encode(entry),
+                                      headers={"Nats-Msg-Id": req.msg_id},
+                                      timeout=settings.request_timeout_s)
+        except (NatsTimeout, NoRespondersError, NoStreamResponseError, APIError) as exc:
+            raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
+                              "retry with the same msg_id, it is deduplicated") from None
+        if not ack.duplicate:
+            if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
+                log.warning("append_not_yet_in_l2", seq=ack.seq)
+        return AppendReply(user_id=req.user_id, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def get(req: GetRequest) -> GetReply:
+        check_get(req)
+        if req.op != "recent":
+            return await _down(req, "search")
+        if req.n > settings.l2_window:
+            return await _down(req, "too_many")
+        try:
+            with tracer.start_as_current_span("redis read", attributes={"db.system": "redis"}):
+                snap = await window.read(req.user_id, req.n)
+        except (RedisError, OSError, Unavailable) as exc:
+            log.warning("l2_unavailable", error=str(exc))
+            return await _down(req, "redis_unavailable")
+        reason = _why_not(snap, req)
+        if reason:
+            return await _down(req, reason)
+        metrics.answers.labels(TIER, "recent").inc()
+        return GetReply(user_id=req.user_id, tier=TIER, seq=snap.last, messages=snap.messages)
+
+    async def _down(req: GetRequest, reason: str) -> GetReply:
+        metrics.passed_down.labels(TIER, reason).inc()
+        return await rt.request(subjects.MEMORY_L3_GET, req, GetReply)
+
+    async def forget(req: ForgetRequest) -> ForgetReply:
+        upto = await stream.last_seq(rt.js)
+        purged = await stream.purge_user(rt.nc, req.user_id, upto + 1)
+        await window.forget(req.user_id, upto)
+        l3 = await rt.request(subjects.MEMORY_L3_FORGET,
+                              L3ForgetRequest(user_id=req.user_id, upto_seq=upto), ForgetReply)
+        event = Changed(op="forget", user_id=req.user_id, seq=upto, prev_seq=0, count=0)
+        await rt.nc.publish(subjects.changed_subject(req.user_id), encode(event))
+        log.info("user_forgotten", user_id=req.user_id, purged=purged, l3_deleted=l3.deleted)
+        return ForgetReply(user_id=req.user_id, deleted=max(purged, l3.deleted))
+
+    rt.endpoint("append", subjects.MEMORY_APPEND, AppendRequest, append)
+    rt.endpoint("get", subjects.MEMORY_L2_GET, GetRequest, get)
+    rt.endpoint("forget", subjects.MEMORY_FORGET, ForgetRequest, forget, concurrency=8)
+
+
+def _why_not(snap: Snapshot, req: GetRequest) -> str:
+    """Why this snapshot cannot answer the request completely ('' if it can)."""
+    if req.min_seq is not None and snap.complete_through() < req.min_seq:
+        return "behind_min_seq"
+    if len(snap.messages) < req.n and len(snap.messages) < snap.count:
+        return "too_many"  # the user has more than the window still holds
+    return ""

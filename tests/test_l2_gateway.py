@@ -1,0 +1,199 @@
+"""l2-gateway against real NATS (JetStream) and a real Redis-compatible server.
+
+L3 is played by a small responder that records what reached it, so these tests
+prove which requests L2 answers itself and which it passes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from shared import servers, subjects
+from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest
+from services.l2_gateway.service import build
+from tests.helpers import call, client, ok, running
+
+
+class FakeL3:
+    """Answers memory.l3.get with tier 'l3' and memory.l3.forget with a count."""
+
+    def __init__(self) -> None:
+        self.gets: list[GetRequest] = []
+        self.forgets: list[L3ForgetRequest] = []
+
+    async def start(self, nc) -> None:
+        async def get(msg):
+            req = msgspec.json.decode(msg.data, type=GetRequest)
+            self.gets.append(req)
+            await msg.respond(msgspec.json.encode(GetReply(req.user_id, "l3", 0, [])))
+
+        async def forget(msg):
+            req = msgspec.json.decode(msg.data, type=L3ForgetRequest)
+            self.forgets.append(req)
+            await msg.respond(msgspec.json.encode(ForgetReply(req.user_id, 0)))
+
+        await nc.subscribe(subjects.MEMORY_L3_GET, cb=get)
+        await nc.subscribe(subjects.MEMORY_L3_FORGET, cb=forget)
+
+
+def append_body(user: str, i: int, **extra) -> dict:
+    return {"user_id": user, "bot_id": "sales-1", "role": "user",
+            "text": f"message {i} from {user}", "msg_id": f"{user}-{i}", **extra}
+
+
+@pytest.fixture
+async def gateway(clean_state):
+    async with client(clean_state["NATS_URL"]) as nc:
+        l3 = FakeL3()
+        await l3.start(nc)
+        async with running("l2-gateway", build, clean_state):
+            yield nc, l3
+
+
+async def test_append_is_acknowledged_with_seq_and_read_back_from_redis(gateway):
+    nc, l3 = gateway
+    seqs = [(await ok(nc, subjects.MEMORY_APPEND, append_body("lead-1", i)))["seq"] for i in range(5)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-1", "op": "recent", "n": 3,
+                                                 "min_seq": seqs[-1]})
+    assert reply["tier"] == "l2" and reply["seq"] == seqs[-1]
+    assert [m["text"] for m in reply["messages"]] == [f"message {i} from lead-1" for i in (2, 3, 4)]
+    assert [m["seq"] for m in reply["messages"]] == seqs[2:]
+    assert reply["messages"][0]["score"] is None and reply["messages"][0]["ts"].endswith("Z")
+    assert l3.gets == []
+
+
+async def test_resent_msg_id_is_stored_once_and_reported_duplicate(gateway):
+    nc, _ = gateway
+    first = await ok(nc, subjects.MEMORY_APPEND, append_body("lead-2", 1))
+    again = await ok(nc, subjects.MEMORY_APPEND, append_body("lead-2", 1))
+    assert first["duplicate"] is False
+    assert again == {"user_id": "lead-2", "seq": first["seq"], "duplicate": True}
+    reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-2", "n": 10})
+    assert len(reply["messages"]) == 1
+
+
+async def test_window_is_capped_and_longer_reads_go_to_l3(gateway):
+    nc, l3 = gateway
+    await asyncio.gather(*(ok(nc, subjects.MEMORY_APPEND, append_body("lead-3", i)) for i in range(130)))
+    reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-3", "n": 100})
+    assert reply["tier"] == "l2" and len(reply["messages"]) == 100
+    seqs = [m["seq"] for m in reply["messages"]]
+    assert seqs == sorted(seqs)
+    assert (await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-3", "n": 101}))["tier"] == "l3"
+    assert (await ok(nc, subjects.MEMORY_L2_GET,
+                     {"user_id": "lead-3", "op": "search", "query": "hi"}))["tier"] == "l3"
+    assert [(g.op, g.n) for g in l3.gets] == [("recent", 101), ("search", 10)]
+
+
+async def test_user_with_few_messages_is_answered_completely(gateway):
+    nc, l3 = gateway
+    await ok(nc, subjects.MEMORY_APPEND, append_body("lead-4", 0))
+    reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-4", "n": 50})
+    assert reply["tier"] == "l2" and len(reply["messages"]) == 1
+    empty = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "nobody-yet", "n": 5})
+    assert empty == {"user_id": "nobody-yet", "tier": "l2", "seq": 0, "messages": []}
+    assert l3.gets == []
+
+
+async def test_min_seq_beyond_what_redis_applied_goes_to_l3(gateway):
+    nc, l3 = gateway
+    seq = (await ok(nc, subjects.MEMORY_APPEND, append_body("lead-5", 0)))["seq"]
+    reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-5", "min_seq": seq + 1000})
+    assert reply["tier"] == "l3"
+
+
+@pytest.mark.parametrize("body,code", [
+    (b"{not json", 400),
+    (b"\xff\xfe", 400),
+    (b'{"user_id": "a", "bot_id": "b", "role": "user", "text": "\xff", "msg_id": "m"}', 400),
+    ({"bot_id": "b", "role": "user", "text": "t", "msg_id": "m"}, 400),
+    ({"user_id": "x" * 129, "bot_id": "b", "role": "user", "text": "t", "msg_id": "m"}, 400),
+    ({"user_id": "bad id", "bot_id": "b", "role": "user", "text": "t", "msg_id": "m"}, 400),
+    ({"user_id": "a", "bot_id": "b", "role": "robot", "text": "t", "msg_id": "m"}, 400),
+    ({"user_id": "a", "bot_id": "b", "role": "user", "text": 5, "msg_id": "m"}, 400),
+    ({"user_id": "a", "bot_id": "b", "role": "user", "text": "t", "msg_id": "m", "ts": "yesterday"}, 400),
+    ({"user_id": "a", "bot_id": "b", "role": "user", "text": "x" * 65537, "msg_id": "m"}, 413),
+    ({"user_id": "a", "bot_id": "b", "role": "user", "text": "é" * 40000, "msg_id": "m"}, 413),
+])
+async def test_bad_append_is_rejected_with_code_and_stores_nothing(gateway, body, code):
+    nc, _ = gateway
+    status, reply = await call(nc, subjects.MEMORY_APPEND, body)
+    assert status == code
+    assert reply["error"]["code"] == code and reply["error"]["message"]
+    msg = await nc.request(subjects.MEMORY_APPEND, body if isinstance(body, bytes)
+                           else msgspec.json.encode(body), timeout=5)
+    assert msg.headers["Nats-Service-Error-Code"] == str(code)
+    assert msg.headers["Nats-Service-Error"]
+    js = nc.jetstream()
+    assert (await js.stream_info(subjects.STREAM)).state.messages == 0
+    assert (await ok(nc, subjects.MEMORY_APPEND, append_body("still-up", 0)))["seq"] >= 1
+
+
+@pytest.mark.parametrize("body", [
+    {"user_id": "a", "op": "fetch"}, {"user_id": "a", "n": 0}, {"user_id": "a", "n": 1001},
+    {"user_id": "a", "n": "5"}, {"n": 5}, {"user_id": "a", "op": "search"},
+    {"user_id": "a", "op": "search", "query": "  "}, [1, 2],
+])
+async def test_bad_get_is_rejected(gateway, body):
+    nc, l3 = gateway
+    status, reply = await call(nc, subjects.MEMORY_L2_GET, body)
+    assert status == 400 and reply["error"]["code"] == 400
+    assert l3.gets == []
+
+
+async def test_forget_removes_user_from_log_and_redis_and_tells_l3_and_listeners(gateway):
+    nc, l3 = gateway
+    for i in range(3):
+        await ok(nc, subjects.MEMORY_APPEND, append_body("gone", i))
+        await ok(nc, subjects.MEMORY_APPEND, append_body("kept", i))
+    events = []
+
+    async def collect(msg):
+        events.append(msg)
+
+    sub = await nc.subscribe(subjects.changed_subject("gone"), cb=collect)
+    reply = await ok(nc, subjects.MEMORY_FORGET, {"user_id": "gone"})
+    assert reply == {"user_id": "gone", "deleted": 3}
+    assert l3.forgets and l3.forgets[0].user_id == "gone"
+    await asyncio.sleep(0.1)
+    assert any(b'"forget"' in e.data for e in events)
+    await sub.unsubscribe()
+    assert (await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "gone"}))["messages"] == []
+    kept = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "kept"})
+    assert len(kept["messages"]) == 3
+    js = nc.jetstream()
+    assert (await js.stream_info(subjects.STREAM)).state.messages == 3
+    # the user can start over; the new history holds only new messages
+    await ok(nc, subjects.MEMORY_APPEND, append_body("gone", 99))
+    again = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "gone"})
+    assert [m["msg_id"] for m in again["messages"]] == ["gone-99"]
+
+
+async def test_append_survives_redis_outage_and_l2_catches_up_from_the_log(clean_nats, tmp_path):
+    redis = servers.start_redis(tmp_path / "redis", die_with_parent=True)
+    env = {"NATS_URL": clean_nats, "REDIS_URL": redis.url}
+    try:
+        async with client(clean_nats) as nc:
+            await FakeL3().start(nc)
+            async with running("l2-gateway", build, env, append_apply_wait_s=0.2):
+                await ok(nc, subjects.MEMORY_APPEND, append_body("lead-r", 0))
+                redis.stop()
+                during = [(await ok(nc, subjects.MEMORY_APPEND, append_body("lead-r", i)))["seq"]
+                          for i in range(1, 4)]
+                # Redis down: reads pass to L3 rather than failing
+                assert (await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-r"}))["tier"] == "l3"
+                redis = servers.start_redis(tmp_path / "redis", port=redis.port, die_with_parent=True)
+                for _ in range(100):
+                    reply = await ok(nc, subjects.MEMORY_L2_GET,
+                                     {"user_id": "lead-r", "min_seq": during[-1]})
+                    if reply["tier"] == "l2":
+                        break
+                    await asyncio.sleep(0.1)
+                assert reply["tier"] == "l2"
+                assert [m["msg_id"] for m in reply["messages"]] == [f"lead-r-{i}" for i in range(4)]
+    finally:
+        redis.stop()
