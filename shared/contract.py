@@ -79,6 +79,8 @@ def check_append(req: AppendRequest, max_text_bytes: int) -> LogEntry:
     if not req.text.strip():
         raise BadRequest("text must not be empty")
     _reject_surrogates(req.text, "text")
+    if "\x00" in req.text:
+        raise BadRequest("text must not contain NUL characters")
     _reject_surrogates(req.msg_id, "msg_id")
     return LogEntry(user_id=req.user_id, bot_id=req.bot_id, role=req.role,
                     text=req.text, msg_id=req.msg_id, ts=format_ts(req.ts))

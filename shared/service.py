@@ -18,6 +18,7 @@ full semaphore pushes back on the subscription instead of queueing unbounded.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -213,7 +214,8 @@ async def run_service(name: str, description: str,
     try:
         await build(rt)
         service = await add_service(nc, name=name, version=VERSION, description=description,
-                                    metadata={"instance": settings.l1_id})
+                                    metadata={"instance": settings.l1_id,
+                                              "pid": str(os.getpid())})
         for ep in rt.endpoints:
             await service.add_endpoint(name=ep.name, subject=ep.subject,
                                        handler=_wrap(rt, ep), queue_group=ep.queue_group)

@@ -1,0 +1,80 @@
+# tiermem tasks. `just` comes from PyPI: pip install rust-just
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set positional-arguments
+
+# list the recipes
+default:
+    @just --list
+
+# create .venv (Python 3.11+) and install tiermem[dev] when pyproject.toml changed
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    pick_python() {
+        for c in "${PYTHON:-}" python3 python3.13 python3.12 python3.11; do
+            [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 || continue
+            if "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+                echo "$c"; return 0
+            fi
+        done
+        echo "error: tiermem needs Python 3.11+ (set PYTHON=/path/to/python3.11)" >&2
+        return 1
+    }
+    if ! .venv/bin/python -c '' >/dev/null 2>&1; then
+        py=$(pick_python)
+        echo "creating .venv with $py ($("$py" --version))"
+        rm -rf .venv  # missing or broken (its interpreter is gone)
+        "$py" -m venv .venv || {
+            echo "error: '$py -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)" >&2
+            exit 1
+        }
+    fi
+    stamp=.venv/.tiermem-installed
+    want=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
+    if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+        echo "installing tiermem[dev] into .venv (pyproject.toml changed since the last install)"
+        PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install -q -e '.[dev]'
+        echo "$want" > "$stamp"
+    fi
+
+# run the tests (extra args go to pytest, e.g. `just test -k stack -x`)
+test *args: setup
+    .venv/bin/pytest -q "$@"
+
+# run the long scenarios (marked `long`)
+test-long *args: setup
+    .venv/bin/pytest -q -m long "$@"
+
+# start NATS, Redis, Postgres and every service; URLs in .tiermem/stack.env
+up *args: setup
+    .venv/bin/python -m shared.stack up "$@"
+
+# stop what `just up` started
+down:
+    if [ -x .venv/bin/python ]; then .venv/bin/python -m shared.stack down; fi
+
+# show what runs
+status:
+    -.venv/bin/python -m shared.stack status
+
+# bring the stack up, run the demo, bring it down again (also on failure or Ctrl-C)
+demo *args: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if .venv/bin/python -m shared.stack status >/dev/null 2>&1; then
+        echo "a stack is already up: the demo uses it and leaves it up"
+    else
+        trap '.venv/bin/python -m shared.stack down' EXIT
+        trap 'exit 130' INT TERM
+    fi
+    .venv/bin/python -m shared.stack up
+    set -a; . "${TIERMEM_STATE_DIR:-.tiermem}/stack.env"; set +a
+    if .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("shared.demo") is None)'; then
+        .venv/bin/python -m shared.demo "$@"
+    else
+        echo "shared.demo is not written yet: nothing to show beyond the stack coming up"
+    fi
+
+# run the benchmarks (args go to `python -m bench`)
+bench *args: setup
+    .venv/bin/python -m bench "$@"

@@ -1,0 +1,58 @@
+"""l3-semantic-indexer: the full history in Postgres + pgvector.
+
+Runs the indexer (durable log -> embeddings -> Postgres) and answers
+`memory.l3.get`: `recent` for any n, and `search` (top-k by meaning, with a
+score). L3 is the last tier: when asked for a `min_seq` it has not indexed
+yet it waits a bounded time, then answers 503 rather than a stale reply.
+"""
+
+from __future__ import annotations
+
+from shared import metrics, stream, subjects
+from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest, check_get
+from shared.embeddings import embedder_from_settings
+from shared.errors import Unavailable
+from shared.service import Runtime
+from shared.telemetry import tracer
+
+from . import store
+from .indexer import Indexer
+
+TIER = "l3"
+
+
+async def build(rt: Runtime) -> None:
+    settings = rt.settings
+    embedder = embedder_from_settings(settings)
+    rt.on_close(embedder.aclose)
+    # create_pool migrates first: connections can register the vector codec only after that.
+    pool = await store.create_pool(settings.database_url, model_id=embedder.model_id,
+                                   dim=embedder.dim)
+    rt.on_close(pool.close)
+    await stream.ensure_stream(rt.js, settings.stream_replicas)
+    indexer = Indexer(rt, pool, embedder)
+    rt.spawn(indexer.run(), "indexer")
+
+    async def get(req: GetRequest) -> GetReply:
+        check_get(req)
+        if req.min_seq is not None and not await indexer.applied_through(
+                req.min_seq, settings.l3_min_seq_wait_s):
+            raise Unavailable(f"L3 has not indexed up to seq {req.min_seq} yet; retry shortly")
+        if req.op == "search":
+            with tracer.start_as_current_span("embed query", attributes={"model": embedder.model_id}):
+                vector = (await embedder.embed([req.query], input_type="query"))[0]
+            with tracer.start_as_current_span("postgres search", attributes={"db.system": "postgresql"}):
+                messages, seq = await store.search(pool, req.user_id, req.query, vector, req.k,
+                                                   embedder.model_id)
+        else:
+            with tracer.start_as_current_span("postgres recent", attributes={"db.system": "postgresql"}):
+                messages, seq = await store.recent(pool, req.user_id, req.n)
+        metrics.answers.labels(TIER, req.op).inc()
+        return GetReply(user_id=req.user_id, tier=TIER, seq=seq, messages=messages)
+
+    async def forget(req: L3ForgetRequest) -> ForgetReply:
+        deleted = await store.forget(pool, req.user_id, req.upto_seq)
+        return ForgetReply(user_id=req.user_id, deleted=deleted)
+
+    rt.endpoint("get", subjects.MEMORY_L3_GET, GetRequest, get, concurrency=32)
+    rt.endpoint("forget", subjects.MEMORY_L3_FORGET, L3ForgetRequest, forget, concurrency=8)

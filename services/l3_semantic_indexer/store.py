@@ -1,0 +1,688 @@
+"""L3 storage: every message of every user in Postgres + pgvector.
+
+All SQL of the L3 tier is in this module and in migrations/*.sql. The
+indexer's consumer calls `upsert_batch`; the `memory.l3.get` handler calls
+`recent` and `search`; the forget path calls `forget`. Every call is one
+round trip; the functions take the pool so the service owns its lifetime.
+
+    pool = await create_pool(dsn, model_id=embedder.model_id, dim=embedder.dim)
+    vectors = await embedder.embed([r.text for r in rows], input_type="document")
+    inserted = await upsert_batch(pool, rows, vectors, embedder.model_id)
+    messages, seq = await recent(pool, "lead-42", 10)
+    qv = (await embedder.embed([query], input_type="query"))[0]
+    messages, seq = await search(pool, "lead-42", query, qv, 5, embedder.model_id)
+    deleted = await forget(pool, "lead-42", upto_seq)
+
+Why it is built this way:
+
+* **Idempotent writes.** The log is at-least-once. Rows are keyed by
+  (user_id, msg_id) and inserted with ON CONFLICT DO NOTHING, so a
+  re-delivered batch inserts nothing and reports 0.
+* **Forget wins races.** `upsert_batch` and `forget` are plpgsql functions
+  (migrations/0002) that take a per-user transaction advisory lock before
+  touching rows (a batch takes its users' locks in sorted order); forget
+  records a tombstone (user, upto_seq) that later batches honour. An
+  in-flight batch cannot resurrect a forgotten user, and a message
+  re-delivered after the forget stays gone.
+* **One round trip per call.** A batch of any size is one function call with
+  array parameters (unnest); recent and search are one statement each.
+* **One vector space per model.** Vectors carry `embedding_model`; search
+  compares the query only with rows of the query's model. Each model gets a
+  partial HNSW index over `embedding::vector(dim)` WHERE embedding_model =
+  '<model>' (`ensure_model`), so switching EMBEDDER needs no table rewrite:
+  `reembed(pool, embedder)` re-embeds old rows in batches, and until it is
+  done those rows are found by `recent` (and full text), not by vector.
+* **Per-user search that is exact when it can be.** Filtering an HNSW scan
+  by user drops rows after the index scan, so a user with few rows would get
+  fewer than k results. Users with at most `EXACT_MAX_ROWS` rows are
+  searched exactly (all their vectors via the (user_id, seq) index: recall
+  1.0 and fast); bigger histories use the HNSW index with pgvector 0.8's
+  iterative scan (hnsw.iterative_scan = relaxed_order) so the user filter
+  still yields k rows. The choice is made inside the one statement from
+  l3.user_state.n_rows, which the write functions keep current.
+* **Cheap pool.** Connections set jit=off and the hnsw settings at connect
+  time; the pool's per-release reset (RESET ALL etc., one extra round trip)
+  is replaced by a no-op, which is safe because nothing here leaves session
+  state behind: locks are transaction-scoped, there are no LISTENs or
+  cursors, and asyncpg still rolls back a transaction left open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import re
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import asyncpg
+import msgspec
+import numpy as np
+import structlog
+
+from shared.contract import Message, format_ts
+
+log = structlog.get_logger()
+
+Pool = Union[asyncpg.Pool, asyncpg.Connection]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SCHEMA = "l3"
+
+#: advisory lock (namespace, key) that serialises every migration run of the
+#: database (any component), so concurrent starts are safe
+MIGRATE_LOCK = (1953064306, 0)  # 'tier'
+#: namespace of the per-user locks taken in migrations/0002 ('l3mu')
+USER_LOCK_NS = 1815309685
+
+#: users with at most this many rows are searched exactly (measured
+#: crossover: bench/results/search_quality.md)
+EXACT_MAX_ROWS = 5000
+#: HNSW candidate list per connection (pgvector default 40); k above it is
+#: still served in full thanks to the iterative scan
+HNSW_EF_SEARCH = 64
+#: full-text candidates fused with the vector candidates (0: no fusion)
+FUSION_CANDIDATES = 0
+RRF_K = 60
+
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
+_VEC_HEADER = struct.Struct(">HH")
+
+
+class Row(msgspec.Struct, frozen=True, kw_only=True):
+    """One message to index: a log entry and its stream sequence.
+
+    `ts` is the log entry's RFC 3339 string (or a datetime; naive = UTC).
+    """
+
+    user_id: str
+    seq: int
+    msg_id: str
+    bot_id: str
+    role: str
+    text: str
+    ts: datetime | str
+
+
+class TransientError(Exception):
+    """Postgres is unreachable, restarting, out of connections, or the
+    statement hit a deadlock/serialization failure or a timeout: retrying
+    the same call later may succeed. Any other exception is a bug or bad
+    input and will fail again."""
+
+
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.OperatorInterventionError,  # 57: admin shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.exceptions.TransactionRollbackError,  # 40: deadlock, serialization failure
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.ConnectionFailureError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+# --------------------------------------------------------------------------
+# connections
+
+
+def encode_vector(value: Any) -> bytes:
+    """pgvector binary format; accepts bytes (already encoded), ndarrays, lists."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    arr = np.asarray(value, dtype=">f4")
+    if arr.ndim != 1:
+        raise ValueError(f"a vector must be 1-d, got shape {arr.shape}")
+    return _VEC_HEADER.pack(arr.shape[0], 0) + arr.tobytes()
+
+
+def decode_vector(data: bytes) -> np.ndarray:
+    dim, _ = _VEC_HEADER.unpack_from(data)
+    return np.frombuffer(data, dtype=">f4", count=dim, offset=4).astype(np.float32)
+
+
+async def register_vector(conn: asyncpg.Connection) -> None:
+    """The `vector` codec (binary): encode ndarrays/lists/pre-encoded bytes,
+    decode to float32 ndarrays. Like `pgvector.asyncpg.register_vector`, but
+    lists of pre-encoded vectors can be sent as `vector[]` (the batch insert),
+    which pgvector's codec cannot (asyncpg descends into the ndarrays)."""
+    await conn.set_type_codec(
+        "vector", schema="public", encoder=encode_vector, decoder=decode_vector, format="binary"
+    )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await register_vector(conn)
+    # jit: an exact scan of a big user is costed high enough to trigger JIT
+    # compilation (tens of ms) for a query that runs in a few ms.
+    await conn.execute(
+        "SET jit = off; SET hnsw.iterative_scan = relaxed_order; "
+        f"SET hnsw.ef_search = {HNSW_EF_SEARCH}"
+    )
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Pool release hook: nothing to undo (see module doc)."""
+
+
+async def create_pool(dsn: str, *, model_id: str | None = None, dim: int | None = None,
+                      min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    """Migrate the database, register `model_id` (if given) and its HNSW
+    index, then open an asyncpg pool: vector codec, jit off, hnsw settings,
+    no-op reset.
+
+    Migrations run first, on a connection of their own, because the pool's
+    connections need the `vector` type to exist to register its codec. Both
+    steps are idempotent and take the migration lock, so many replicas may
+    start at once; when there is nothing to do they cost a few ms.
+    """
+    conn = await asyncpg.connect(dsn, **{k: v for k, v in kwargs.items() if k in _CONNECT_KW})
+    try:
+        await migrate(conn)
+        if model_id is not None:
+            if dim is None:
+                raise ValueError("create_pool: model_id needs dim")
+            await ensure_model(conn, model_id, dim)
+    finally:
+        await conn.close()
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_no_reset, **kwargs
+    )
+
+
+_CONNECT_KW = frozenset({"ssl", "timeout", "command_timeout", "server_settings", "user",
+                         "password", "database", "host", "port"})
+
+
+# --------------------------------------------------------------------------
+# migrations
+
+
+def _migration_files(directory: Path) -> list[tuple[int, str, Path]]:
+    files = []
+    for path in sorted(directory.glob("*.sql")):
+        head = path.name.split("_", 1)[0]
+        if not head.isdigit():
+            raise RuntimeError(f"migration file {path.name} must start with a number")
+        files.append((int(head), path.name, path))
+    versions = [v for v, _, _ in files]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration numbers in {directory}")
+    return files
+
+
+async def migrate(target: Pool, *, schema: str = SCHEMA,
+                  directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply the numbered SQL files of `directory` that `schema.schema_migrations`
+    does not list, in order; return the names applied (empty: nothing to do).
+
+    The whole run is one transaction under a database-wide advisory lock, so
+    concurrent starts wait for each other and then find nothing to do, and a
+    failing file leaves nothing half-applied. Reusable by other components
+    with their own schema and directory. `target`: a connection or a pool.
+    """
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", schema):
+        raise ValueError(f"bad schema name {schema!r}")
+    files = _migration_files(directory)
+    applied_now: list[str] = []
+    async with _connection(target) as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATE_LOCK)
+        await conn.execute(
+            f"CREATE SCHEMA IF NOT EXISTS {schema};"
+            f"CREATE TABLE IF NOT EXISTS {schema}.schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL, sha256 text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"]: r for r in await conn.fetch(
+            f"SELECT version, name, sha256 FROM {schema}.schema_migrations")}
+        for version, name, path in files:
+            sql = path.read_text()
+            digest = hashlib.sha256(sql.encode()).hexdigest()
+            if version in done:
+                if done[version]["sha256"] != digest:
+                    log.warning("migration_changed_after_apply", schema=schema, migration=name)
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                f"INSERT INTO {schema}.schema_migrations (version, name, sha256) VALUES ($1, $2, $3)",
+                version, name, digest,
+            )
+            applied_now.append(name)
+    if applied_now:
+        log.info("migrations_applied", schema=schema, applied=applied_now)
+    return applied_now
+
+
+@contextlib.asynccontextmanager
+async def _connection(target: Pool):
+    if isinstance(target, asyncpg.Pool):
+        async with target.acquire() as conn:
+            yield conn
+    else:
+        yield target
+
+
+def _index_expression(dim: int) -> tuple[str, str] | None:
+    """(cast, opclass) of the HNSW index for vectors of `dim`, or None when
+    pgvector cannot index that size (then search is always exact)."""
+    if dim <= 2000:
+        return f"vector({dim})", "vector_cosine_ops"
+    if dim <= 4000:  # e.g. text-embedding-3-large: index as half precision
+        return f"halfvec({dim})", "halfvec_cosine_ops"
+    return None
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+async def ensure_model(target: Pool, model_id: str, dim: int) -> str | None:
+    """Register `model_id` and create its partial HNSW index if missing
+    (under the migration lock). Returns the index name (None: not indexable).
+    New models have no rows yet, so the build is quick."""
+    if not _MODEL_ID_RE.match(model_id):
+        raise ValueError(f"model id {model_id!r} has characters other than [A-Za-z0-9._:@/+=-]")
+    index_name = "messages_hnsw_" + hashlib.sha256(model_id.encode()).hexdigest()[:16]
+    expr = _index_expression(dim)
+    async with _connection(target) as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATE_LOCK)
+        known = await conn.fetchval(f"SELECT dim FROM {SCHEMA}.embedding_models WHERE model_id = $1", model_id)
+        if known is not None and known != dim:
+            raise ValueError(f"model {model_id!r} is stored with dim {known}, not {dim}")
+        if known is None:
+            await conn.execute(
+                f"INSERT INTO {SCHEMA}.embedding_models (model_id, dim, index_name) VALUES ($1, $2, $3)",
+                model_id, dim, index_name if expr else "",
+            )
+        if expr is None:
+            return None
+        cast, opclass = expr
+        await conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {index_name} ON {SCHEMA}.messages "
+            f"USING hnsw ((embedding::{cast}) {opclass}) "
+            f"WHERE embedding_model = {_sql_literal(model_id)}"
+        )
+    return index_name
+
+
+# --------------------------------------------------------------------------
+# writes
+
+
+@functools.lru_cache(maxsize=16)
+def _statements(model_id: str, dim: int) -> dict[str, str]:
+    if not _MODEL_ID_RE.match(model_id):
+        raise ValueError(f"model id {model_id!r} has characters other than [A-Za-z0-9._:@/+=-]")
+    return _build_sql(model_id, int(dim))
+
+
+async def upsert_batch(pool: Pool, rows: Sequence[Row], vectors: Any, model_id: str,
+                       *, watermark: int | None = None) -> int:
+    """Insert `rows` with their `vectors` (an (n, dim) array from
+    `Embedder.embed`, or a sequence of 1-d arrays / None) as vectors of
+    `model_id`, in one round trip; returns how many rows were new.
+
+    Rows already stored (same user_id, msg_id) and rows of a forgotten user
+    at or below the tombstone are skipped. NUL characters, which Postgres
+    text cannot hold, are stored as U+FFFD. Each user's processed max_seq
+    advances for every row seen, inserted or not. All-zero vectors (text with
+    nothing to embed) are stored as NULL. `watermark`, when given, raises the
+    global progress mark (`applied_seq`) in the same transaction: pass the
+    highest stream seq of a batch only if every lower seq is processed.
+    """
+    if not rows:
+        if watermark is not None:
+            await _run(pool.execute, _COMMON["watermark"], watermark)
+        return 0
+    if len(vectors) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(vectors)} vectors")
+    if not _MODEL_ID_RE.match(model_id):
+        raise ValueError(f"model id {model_id!r} has characters other than [A-Za-z0-9._:@/+=-]")
+    return await _run(
+        pool.fetchval,
+        _COMMON["upsert"],
+        [_pg_text(r.user_id) for r in rows],
+        [r.seq for r in rows],
+        [_pg_text(r.msg_id) for r in rows],
+        [_pg_text(r.bot_id) for r in rows],
+        [_pg_text(r.role) for r in rows],
+        [_pg_text(r.text) for r in rows],
+        [_to_datetime(r.ts) for r in rows],
+        encode_vectors(vectors),
+        model_id,
+        watermark,
+    )
+
+
+def encode_vectors(vectors: Any) -> list[bytes | None]:
+    """Rows of `vectors` in pgvector's binary format, for a `vector[]`
+    parameter (one numpy conversion for the whole batch). Zero, non-finite
+    and None rows become None (no vector)."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
+        matrix = vectors.astype(np.float32, copy=False)
+        usable = np.isfinite(matrix).all(axis=1) & matrix.any(axis=1)
+        big_endian = matrix.astype(">f4")
+        header = _VEC_HEADER.pack(matrix.shape[1], 0)
+        return [header + big_endian[i].tobytes() if ok else None for i, ok in enumerate(usable)]
+    out: list[bytes | None] = []
+    for v in vectors:
+        if v is None:
+            out.append(None)
+            continue
+        arr = np.asarray(v, dtype=np.float32).reshape(-1)
+        out.append(encode_vector(arr) if np.isfinite(arr).all() and arr.any() else None)
+    return out
+
+
+async def forget(pool: Pool, user_id: str, upto_seq: int) -> int:
+    """Delete the user's rows with seq <= upto_seq and leave a tombstone so
+    that re-deliveries at or below it are never stored again; returns the
+    number of rows deleted. Rows above upto_seq (appended after the purge
+    point) stay. Waits for an in-flight batch holding the user's lock."""
+    return await _run(pool.fetchval, _COMMON["forget"], user_id, upto_seq)
+
+
+# --------------------------------------------------------------------------
+# reads
+
+
+async def recent(pool: Pool, user_id: str, n: int) -> tuple[list[Message], int]:
+    """The user's newest `n` messages, oldest first, and the newest seq of the
+    user this tier has processed (0: none; it can be above the last message's
+    when newer ones were forgotten or skipped). One index range scan."""
+    rows = await _run(pool.fetch, _COMMON["recent"], user_id, n)
+    return [_message(r) for r in rows if r["seq"] is not None], rows[0]["max_seq"] or 0
+
+
+async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: int,
+                 model_id: str, *, plan: str = "auto", exact_max_rows: int = EXACT_MAX_ROWS,
+                 fusion_candidates: int = FUSION_CANDIDATES) -> tuple[list[Message], int]:
+    """Up to `k` of the user's messages closest to the query, best first, with
+    `score` = cosine similarity (higher is better), and the user's newest
+    processed seq.
+
+    Only this user's rows, and only vectors of `model_id` (the query's
+    space), are ever considered. `plan`: "auto" = exact scan of the user's
+    vectors when the user has at most `exact_max_rows` rows (recall 1.0),
+    else the model's HNSW index with iterative scan (and, should that scan
+    stop short of k rows, exact after all); "exact" / "hnsw" force one
+    (tests, benchmarks). A zero query vector (nothing to embed) matches
+    nothing. `query_text` is used only when `fusion_candidates` > 0: then the
+    top full-text candidates (ts_rank_cd over the query's words, OR-ed) are
+    fused with as many vector candidates by reciprocal rank fusion and
+    `score` is the fused RRF score. Off by default: on our measurements it
+    did not improve paraphrase recall (bench/results/search_quality.md).
+    """
+    if plan not in ("auto", "exact", "hnsw"):
+        raise ValueError(f"plan must be auto, exact or hnsw, not {plan!r}")
+    vec = np.asarray(query_vec, dtype=np.float32).reshape(-1)
+    sql = _statements(model_id, vec.shape[0])
+    if not np.isfinite(vec).all() or not vec.any():
+        return [], await user_seq(pool, user_id)
+    encoded = encode_vector(vec)
+    if fusion_candidates > 0:
+        rows = await _run(pool.fetch, sql["search_fused_" + plan], user_id, encoded, k,
+                          exact_max_rows, max(fusion_candidates, k), query_text or "", RRF_K)
+    else:
+        rows = await _run(pool.fetch, sql["search_" + plan], user_id, encoded, k, exact_max_rows)
+        found = sum(1 for r in rows if r["seq"] is not None)
+        if plan == "auto" and found < k and (rows[0]["n_rows"] or 0) > exact_max_rows:
+            # the HNSW scan stopped (hnsw.max_scan_tuples) before k rows of
+            # this user passed the filter: answer completely, exactly
+            rows = await _run(pool.fetch, sql["search_exact"], user_id, encoded, k, exact_max_rows)
+    return ([_message(r, r["score"]) for r in rows if r["seq"] is not None],
+            rows[0]["max_seq"] or 0)
+
+
+async def fulltext(pool: Pool, user_id: str, query_text: str, k: int) -> list[Message]:
+    """The user's full-text matches of any of the query's words, best
+    `ts_rank_cd` first (score = that rank). For benchmarks and diagnostics."""
+    rows = await _run(pool.fetch, _COMMON["fulltext"], user_id, query_text, k)
+    return [_message(r, r["score"]) for r in rows]
+
+
+async def user_seq(pool: Pool, user_id: str) -> int:
+    """Newest seq of the user this tier has processed (0: none)."""
+    return await _run(pool.fetchval, _COMMON["user_seq"], user_id) or 0
+
+
+async def applied_seq(pool: Pool) -> int:
+    """Global progress: the highest `watermark` given to `upsert_batch` (0: none)."""
+    return await _run(pool.fetchval, _COMMON["applied_seq"]) or 0
+
+
+async def max_seq(pool: Pool) -> int:
+    """Highest seq processed for any user, or the watermark if higher (0: empty)."""
+    return await _run(pool.fetchval, _COMMON["max_seq"]) or 0
+
+
+# --------------------------------------------------------------------------
+# model changes
+
+
+async def stale_rows(pool: Pool, model_id: str) -> int:
+    """Rows whose vector is of another model than `model_id` (invisible to
+    vector search with that model until `reembed` has run)."""
+    return await _run(pool.fetchval, _COMMON["stale_count"], model_id)
+
+
+async def reembed(pool: Pool, embedder: Any, *, batch: int = 256) -> int:
+    """Re-embed with `embedder`, in batches, every row whose `embedding_model`
+    differs from `embedder.model_id`; returns the number of rows updated.
+
+    Registers the model (and its index) first. Safe while the indexer writes
+    (a row is updated only if it still has the old model) and safe to
+    interrupt and re-run. Afterwards drops the HNSW index of every model
+    that no row uses any more.
+    """
+    await ensure_model(pool, embedder.model_id, embedder.dim)
+    total = 0
+    after = ("", "")
+    while True:
+        rows = await _run(pool.fetch, _COMMON["stale_batch"], after[0], after[1], batch,
+                          embedder.model_id)
+        if not rows:
+            break
+        after = (rows[-1]["user_id"], rows[-1]["msg_id"])
+        vectors = await embedder.embed([r["text"] for r in rows], input_type="document")
+        status = await _run(
+            pool.execute,
+            _COMMON["reembed_update"],
+            [r["user_id"] for r in rows],
+            [r["msg_id"] for r in rows],
+            [r["embedding_model"] for r in rows],
+            encode_vectors(vectors),
+            embedder.model_id,
+        )
+        total += int(status.split()[-1])  # "UPDATE <n>"
+    await drop_unused_models(pool, embedder.model_id)
+    return total
+
+
+async def drop_unused_models(pool: Pool, keep_model_id: str) -> list[str]:
+    """Drop the HNSW index and registration of every model other than
+    `keep_model_id` that no row uses any more; returns the ids dropped."""
+    dropped = []
+    async with _connection(pool) as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATE_LOCK)
+        for r in await conn.fetch(_COMMON["unused_models"], keep_model_id):
+            if r["index_name"]:
+                await conn.execute(f"DROP INDEX IF EXISTS {SCHEMA}.{r['index_name']}")
+            await conn.execute(f"DELETE FROM {SCHEMA}.embedding_models WHERE model_id = $1",
+                               r["model_id"])
+            dropped.append(r["model_id"])
+    return dropped
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+async def _run(call, *args):
+    """Run one pool call, turning "try again later" failures into TransientError."""
+    try:
+        return await call(*args)
+    except _TRANSIENT as exc:
+        raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _pg_text(value: str) -> str:
+    """Postgres text cannot hold NUL ("\\u0000" is valid JSON): store U+FFFD
+    instead, so one such message cannot fail its whole batch forever."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _to_datetime(ts: datetime | str) -> datetime:
+    if isinstance(ts, datetime):
+        return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+    parsed = datetime.fromisoformat(ts)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _message(r: asyncpg.Record, score: float | None = None) -> Message:
+    return Message(seq=r["seq"], msg_id=r["msg_id"], role=r["role"], bot_id=r["bot_id"],
+                   text=r["text"], ts=format_ts(r["ts"]),
+                   score=None if score is None else float(score))
+
+
+COLUMNS = "m.seq, m.msg_id, m.role, m.bot_id, m.text, m.ts"
+# full-text query of the text's words, any of them (websearch_to_tsquery and
+# plainto_tsquery AND every word, which a paraphrase rarely satisfies)
+_TSQUERY = "(SELECT replace(plainto_tsquery('english', {p})::text, ' & ', ' | ')::tsquery AS q) qq"
+
+
+def _build_common_sql() -> dict[str, str]:
+    """The statements that do not depend on the embedding model."""
+    cols = COLUMNS
+    return {
+        "upsert": f"SELECT {SCHEMA}.upsert_messages($1, $2, $3, $4, $5, $6, $7, $8::vector[], $9, $10)",
+        "forget": f"SELECT {SCHEMA}.forget($1, $2)",
+        "watermark": f"""
+            INSERT INTO {SCHEMA}.progress AS p (name, applied_seq) VALUES ('log', $1)
+            ON CONFLICT (name) DO UPDATE SET applied_seq = greatest(p.applied_seq, excluded.applied_seq)""",
+        # LEFT JOINs from a one-row relation: max_seq comes back even when
+        # the user has no message (then one row of NULL message columns)
+        "recent": f"""
+            SELECT s.max_seq, r.*
+            FROM (SELECT 1) one
+            LEFT JOIN {SCHEMA}.user_state s ON s.user_id = $1
+            LEFT JOIN LATERAL (
+                SELECT {cols} FROM {SCHEMA}.messages m
+                WHERE m.user_id = $1 ORDER BY m.seq DESC LIMIT $2
+            ) r ON true
+            ORDER BY r.seq""",
+        "fulltext": f"""
+            SELECT {cols}, ts_rank_cd(m.tsv, qq.q) AS score
+            FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$2')}
+            WHERE m.user_id = $1 AND m.tsv @@ qq.q
+            ORDER BY score DESC
+            LIMIT $3""",
+        "user_seq": f"SELECT max_seq FROM {SCHEMA}.user_state WHERE user_id = $1",
+        "applied_seq": f"SELECT applied_seq FROM {SCHEMA}.progress WHERE name = 'log'",
+        "max_seq": f"""SELECT greatest((SELECT max(max_seq) FROM {SCHEMA}.user_state),
+                                       (SELECT applied_seq FROM {SCHEMA}.progress WHERE name = 'log'))""",
+        "stale_count": f"SELECT count(*) FROM {SCHEMA}.messages WHERE embedding_model <> $1",
+        # keyset pagination over the primary key: each batch is an index range
+        "stale_batch": f"""
+            SELECT user_id, msg_id, text, embedding_model FROM {SCHEMA}.messages
+            WHERE (user_id, msg_id) > ($1, $2) AND embedding_model <> $4
+            ORDER BY user_id, msg_id LIMIT $3""",
+        # only rows still of their old model: a concurrent write is not undone
+        "reembed_update": f"""
+            UPDATE {SCHEMA}.messages m SET embedding = u.embedding, embedding_model = $5
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::vector[])
+                 AS u(user_id, msg_id, old_model, embedding)
+            WHERE m.user_id = u.user_id AND m.msg_id = u.msg_id
+              AND m.embedding_model = u.old_model""",
+        "unused_models": f"""
+            SELECT model_id, index_name FROM {SCHEMA}.embedding_models e
+            WHERE model_id <> $1
+              AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.messages WHERE embedding_model = e.model_id)""",
+    }
+
+
+def _build_sql(model_id: str, dim: int) -> dict[str, str]:
+    """The search statements of one model. The model id and dim are literals
+    (validated by _MODEL_ID_RE, never user input) so that the planner can
+    prove the partial HNSW index applies even to a generic prepared plan."""
+    m = _sql_literal(model_id)
+    expr = _index_expression(dim)
+    cast = expr[0] if expr else f"vector({dim})"
+    cols = COLUMNS
+    state = f"(SELECT n_rows, max_seq FROM {SCHEMA}.user_state WHERE user_id = $1)"
+    # exact: all of the user's vectors of this model, via (user_id, seq); the
+    # ORDER BY uses the uncast column, which no HNSW index can serve.
+    exact = f"""
+        SELECT {cols}, 1 - (m.embedding <=> $2) AS score
+        FROM {SCHEMA}.messages m
+        WHERE m.user_id = $1 AND m.embedding_model = {m} AND m.embedding IS NOT NULL
+        ORDER BY m.embedding <=> $2
+        LIMIT $3"""
+    # hnsw: the partial index of this model; the iterative scan goes on until
+    # k rows pass the user filter; relaxed order, so re-sorted outside. The
+    # user filter is written so that no user index can serve it: otherwise a
+    # generic prepared plan (asyncpg prepares every statement) may pick the
+    # (user_id, seq) index + sort here too, and big users never get HNSW.
+    hnsw = f"""
+        SELECT {cols}, 1 - (m.embedding::{cast} <=> $2::vector::{cast}) AS score
+        FROM {SCHEMA}.messages m
+        WHERE (m.user_id || '') = $1 AND m.embedding_model = {m}
+        ORDER BY m.embedding::{cast} <=> $2::vector::{cast}
+        LIMIT $3"""
+    if expr is None:
+        hnsw = exact
+
+    def gated(body_exact: str, body_hnsw: str, plan: str) -> str:
+        # ($4 appears in every variant so its type is always known)
+        if plan == "exact":
+            cond_e, cond_h = "$4::bigint IS NOT NULL OR true", "false"
+        elif plan == "hnsw":
+            cond_e, cond_h = "false", "$4::bigint IS NOT NULL OR true"
+        else:
+            cond_e = "coalesce((SELECT n_rows FROM st), 0) <= $4"
+            cond_h = "coalesce((SELECT n_rows FROM st), 0) > $4"
+        # Both branches are planned; their one-time filters (InitPlans on
+        # st) let only the chosen one run. The LEFT JOIN from a one-row
+        # relation returns max_seq even when nothing matches.
+        return f"""
+        WITH st AS MATERIALIZED {state},
+        hits AS MATERIALIZED (
+            (SELECT * FROM ({body_exact}) e WHERE {cond_e})
+            UNION ALL
+            (SELECT * FROM ({body_hnsw}) h WHERE {cond_h})
+        )
+        SELECT (SELECT max_seq FROM st) AS max_seq, (SELECT n_rows FROM st) AS n_rows, hits.*
+        FROM (SELECT 1) one LEFT JOIN hits ON true
+        ORDER BY hits.score DESC NULLS LAST"""
+
+    def fused(plan: str) -> str:
+        # reciprocal rank fusion of the top $5 vector and top $5 full-text hits
+        vec = gated(exact.replace("LIMIT $3", "LIMIT $5"), hnsw.replace("LIMIT $3", "LIMIT $5"), plan)
+        return f"""
+        WITH v AS ({vec}),
+        vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC) AS r
+               FROM v WHERE msg_id IS NOT NULL),
+        tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qq.q) DESC) AS r
+               FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$6')}
+               WHERE m.user_id = $1 AND m.tsv @@ qq.q
+               ORDER BY ts_rank_cd(m.tsv, qq.q) DESC LIMIT $5),
+        f AS (SELECT msg_id, sum(1.0 / ($7 + r)) AS rrf FROM
+              (SELECT msg_id, r FROM vr UNION ALL SELECT msg_id, r FROM tr) c GROUP BY msg_id
+              ORDER BY rrf DESC LIMIT $3)
+        SELECT (SELECT max(max_seq) FROM v) AS max_seq, {cols}, f.rrf AS score
+        FROM (SELECT 1) one
+        LEFT JOIN (f JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = f.msg_id) ON true
+        ORDER BY f.rrf DESC NULLS LAST"""
+
+    sql = {}
+    for plan in ("auto", "exact", "hnsw"):
+        sql["search_" + plan] = gated(exact, hnsw, plan)
+        sql["search_fused_" + plan] = fused(plan)
+    return sql
+
+
+_COMMON = _build_common_sql()

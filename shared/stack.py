@@ -1,0 +1,470 @@
+"""`python -m shared.stack up|down|status`: the whole system on one machine, as separate processes.
+
+Why: production runs every service as its own process talking over NATS; the
+dev box and the end-to-end tests should too. `up` starts NATS, Redis and
+Postgres (or uses `NATS_URL` / `REDIS_URL` / `DATABASE_URL` when set), then
+every service in `SERVICES`, and returns only when each one answers the NATS
+service API ping. If anything fails it stops what it started, so nothing is
+left behind. Every started pid is recorded with its start time in
+`<state>/stack.json`, so `down` stops exactly those processes and never a
+recycled pid. `<state>/stack.env` holds the URLs for clients and tools.
+
+State folder: `TIERMEM_STATE_DIR`, default `.tiermem/` at the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shared import servers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str  # NATS service API name, also the log file name
+    module: str  # started as `python -m <module>`
+
+
+# Every service of the stack, in start order. Add new services here.
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("memory-l1", "services.memory_l1"),
+    ServiceSpec("l2-gateway", "services.l2_gateway"),
+    ServiceSpec("l3-semantic-indexer", "services.l3_semantic_indexer"),
+)
+
+# (server name, env var that points at an existing server instead, starter)
+SERVERS = (
+    ("nats", "NATS_URL", servers.start_nats),
+    ("redis", "REDIS_URL", servers.start_redis),
+    ("postgres", "DATABASE_URL", servers.start_postgres),
+)
+
+DEFAULT_UP_TIMEOUT = 60.0  # the l3 indexer loads an embedding model
+SERVICE_STOP_TIMEOUT = 10.0
+
+
+class StackError(RuntimeError):
+    """`up` failed; the message names the culprit and carries its log tail."""
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("TIERMEM_STATE_DIR") or REPO_ROOT / ".tiermem").resolve()
+
+
+def metrics_env_name(service: str) -> str:
+    return service.upper().replace("-", "_") + "_METRICS_URL"
+
+
+def load_env(state: Path | None = None) -> dict[str, str]:
+    """The URLs of a running stack, from `<state>/stack.env` ({} when the stack is down)."""
+    path = (state or state_dir()) / "stack.env"
+    env: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.startswith("#"):
+                env[key.strip()] = value.strip()
+    return env
+
+
+# --------------------------------------------------------------------------- state file
+
+
+class _State:
+    """`stack.json`: every process `up` started, rewritten after each start (a crash mid-`up` is still cleanable)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "stack.json"
+        self.env_path = root / "stack.env"
+        self.processes: list[dict] = []
+        self.urls: dict[str, str] = {}
+
+    def load(self) -> _State:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            data = json.loads(self.path.read_text())
+            self.processes = data.get("processes", [])
+            self.urls = data.get("urls", {})
+        return self
+
+    def add(self, record: dict) -> None:
+        self.processes.append(record)
+        self.save()
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"processes": self.processes, "urls": self.urls}, indent=2))
+        tmp.replace(self.path)
+
+    def clear(self) -> None:
+        self.processes, self.urls = [], {}
+        for p in (self.path, self.env_path):
+            p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """One `up`/`down` at a time per state folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (a CI timeout, say) during `up` cleans up like Ctrl-C does."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --------------------------------------------------------------------------- up
+
+
+def up(
+    *,
+    services: list[str] | None = None,
+    timeout: float = DEFAULT_UP_TIMEOUT,
+    root: Path | None = None,
+) -> dict[str, str]:
+    """Start servers and services; return the stack.env mapping. Raises StackError after cleaning up.
+
+    `services`: names from SERVICES to start (None = all, [] = servers only).
+    """
+    root = root or state_dir()
+    specs = _select(services)
+    with _locked(root):
+        state = _State(root).load()
+        if state.processes:
+            alive = [p for p in state.processes if servers.process_alive(p["pid"], p["start_time"])]
+            wanted = {s.name for s in specs} | {n for n, var, _ in SERVERS if not os.environ.get(var)}
+            if len(alive) == len(state.processes) and wanted <= {p["name"] for p in alive}:
+                _say(f"stack already up (state {state.path}); `down` first to restart")
+                return load_env(root)
+            _say("stopping the leftovers of a previous stack")
+            _stop_all(state)
+        state.clear()
+        t0 = time.monotonic()
+        try:
+            env = _start_servers(state, root)
+            _write_env(state, env)
+            procs = _start_services(state, root, specs, env)
+            _write_env(state, env)
+            _wait_for_services(env["NATS_URL"], procs, timeout)
+        except BaseException as e:
+            known = isinstance(e, (StackError, servers.ServerStartError))
+            why = "see below" if known else "interrupted" if isinstance(e, KeyboardInterrupt) else repr(e)
+            _say(f"up failed ({why}); stopping what was started")
+            with _signals_ignored():  # a second Ctrl-C must not leave half the stack running
+                _stop_all(state)
+                state.clear()
+            if known:
+                raise StackError(str(e)) from e
+            raise
+        _say(f"stack up in {time.monotonic() - t0:.1f} s; environment in {state.env_path}")
+        return env
+
+
+def _select(names: list[str] | None) -> list[ServiceSpec]:
+    if names is None:
+        return list(SERVICES)
+    by_name = {s.name: s for s in SERVICES}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise StackError(f"unknown service(s) {unknown}; known: {[s.name for s in SERVICES]}")
+    return [by_name[n] for n in names]
+
+
+def _start_servers(state: _State, root: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for name, var, start in SERVERS:
+        given = os.environ.get(var)
+        if given:
+            _check_reachable(var, given)
+            env[var] = given
+            _say(f"{name:<9} using {var}={given}")
+            continue
+        t = time.monotonic()
+        server = start(root / name, log_path=root / "logs" / f"{name}.log")
+        state.add(server.record())
+        env[var] = server.url
+        _say(f"{name:<9} started on {servers.HOST}:{server.port} (pid {server.pid}, "
+             f"{time.monotonic() - t:.1f} s, log {server.log_path})")
+    state.urls = dict(env)
+    state.save()
+    return env
+
+
+_DEFAULT_PORTS = {"NATS_URL": 4222, "REDIS_URL": 6379, "DATABASE_URL": 5432}
+
+
+def _check_reachable(var: str, url: str) -> None:
+    """A stale URL (say, a sourced stack.env of a stack that is down) must fail here, not in every service."""
+    parts = urlsplit(url.split(",")[0])
+    host, port = parts.hostname or "127.0.0.1", parts.port or _DEFAULT_PORTS[var]
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as e:
+        raise StackError(f"{var}={url} is not reachable ({e}); unset {var} to start a local server") from e
+
+
+@dataclass(frozen=True)
+class _Started:
+    proc: subprocess.Popen
+    log_path: Path
+    log_offset: int  # where this run's output starts in the log
+
+    def failure(self, name: str, what: str) -> str:
+        tail = servers.log_tail(self.log_path, since=self.log_offset)
+        return f"service {name} {what}; last lines of {self.log_path}:\n{tail}"
+
+
+def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: dict[str, str]) -> dict[str, _Started]:
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, _Started] = {}
+    ports: set[int] = set()
+    for spec in specs:
+        if not _module_exists(spec.module):
+            raise StackError(f"service {spec.name}: module {spec.module} has no __main__.py (not written yet?)")
+        while (port := servers.free_port()) in ports:
+            pass
+        ports.add(port)
+        cmd = [sys.executable, "-m", spec.module]
+        log_path = logs / f"{spec.name}.log"
+        since = log_path.stat().st_size if log_path.exists() else 0
+        child_env = {**os.environ, **{k: env[k] for k in ("NATS_URL", "REDIS_URL", "DATABASE_URL")},
+                     "METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+        proc = servers.spawn(spec.name, cmd, log_path=log_path, env=child_env, cwd=REPO_ROOT)
+        metrics_url = f"http://{servers.HOST}:{port}/metrics"
+        state.add({"name": spec.name, "kind": "service", "pid": proc.pid,
+                   "start_time": servers.process_start_time(proc.pid), "stop_signal": int(signal.SIGTERM),
+                   "log": str(log_path), "cmd": cmd, "metrics_url": metrics_url})
+        env[metrics_env_name(spec.name)] = metrics_url
+        procs[spec.name] = _Started(proc, log_path, since)
+        _say(f"{spec.name:<9} started (pid {proc.pid}, metrics {metrics_url}, log {log_path})")
+    return procs
+
+
+def _module_exists(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    return bool(spec and spec.submodule_search_locations and any(
+        (Path(p) / "__main__.py").exists() for p in spec.submodule_search_locations))
+
+
+def _write_env(state: _State, env: dict[str, str]) -> None:
+    state.root.mkdir(parents=True, exist_ok=True)
+    state.env_path.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+
+
+def _wait_for_services(nats_url: str, procs: dict[str, _Started], timeout: float) -> None:
+    if procs:
+        asyncio.run(_ping_until_up(nats_url, procs, timeout))
+
+
+async def _ping_until_up(nats_url: str, procs: dict[str, _Started], timeout: float) -> None:
+    import nats
+
+    t0 = time.monotonic()
+    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
+    try:
+        pending = dict(procs)
+        while pending:
+            for name, started in list(pending.items()):
+                if (rc := started.proc.poll()) is not None:
+                    raise StackError(started.failure(name, f"exited with code {rc}"))
+            answered = await asyncio.gather(*(_ping(nc, n, s.proc.pid) for n, s in pending.items()))
+            for name, ok in list(zip(pending, answered)):
+                if ok:
+                    _say(f"{name:<9} up ({time.monotonic() - t0:.1f} s)")
+                    del pending[name]
+            if pending and time.monotonic() - t0 > timeout:
+                name, *others = pending
+                also = f" (nor did {', '.join(others)})" if others else ""
+                raise StackError(pending[name].failure(
+                    name, f"did not answer $SRV.PING.{name} within {timeout:.0f} s{also}"))
+            if pending:
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+async def _ping(nc, name: str, pid: int | None = None, timeout: float = 0.3) -> bool:
+    """True when an instance of `name` answers $SRV.PING.<name>.
+
+    Every instance on this NATS answers; when a reply carries `metadata.pid`,
+    only the one with our `pid` counts, so another stack's instance sharing
+    the server cannot make ours look up.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(f"$SRV.PING.{name}", b"", reply=inbox)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            info = json.loads((await sub.next_msg(timeout=left)).data)
+            theirs = (info.get("metadata") or {}).get("pid")
+            if info.get("name") == name and (pid is None or theirs is None or theirs == str(pid)):
+                return True
+    except Exception:  # timeout (nobody answered yet) or an odd reply: not up
+        pass
+    finally:
+        await sub.unsubscribe()
+    return False
+
+
+# --------------------------------------------------------------------------- down / status
+
+
+def down(*, root: Path | None = None) -> int:
+    """Stop every process `up` recorded, services first. Idempotent; returns how many were stopped."""
+    root = root or state_dir()
+    with _locked(root):
+        state = _State(root).load()
+        if not state.processes:
+            _say(f"nothing to stop (no processes recorded in {state.path})")
+            state.clear()
+            return 0
+        stopped = _stop_all(state)
+        state.clear()
+        return stopped
+
+
+def _stop_all(state: _State) -> int:
+    """Services (in parallel, SIGTERM then SIGKILL after 10 s), then servers in reverse start order."""
+    services = [p for p in state.processes if p.get("kind") == "service"]
+    others = [p for p in state.processes if p.get("kind") != "service"]
+
+    def stop(p: dict) -> str:
+        t = time.monotonic()
+        done = servers.stop_process(p["pid"], start_time=p["start_time"], sig=p.get("stop_signal", signal.SIGTERM),
+                                    timeout=SERVICE_STOP_TIMEOUT, group=p.get("kind") == "service")
+        if done:
+            return f"stopped {p['name']} (pid {p['pid']}, {time.monotonic() - t:.1f} s)"
+        return f"{p['name']} (pid {p['pid']}) was not running"
+
+    count = 0
+    if services:
+        with ThreadPoolExecutor(max_workers=len(services)) as pool:
+            for line in pool.map(stop, reversed(services)):
+                _say(line)
+                count += line.startswith("stopped")
+    for p in reversed(others):
+        line = stop(p)
+        _say(line)
+        count += line.startswith("stopped")
+    return count
+
+
+def status(*, root: Path | None = None) -> int:
+    """Print what runs; exit code 0 when everything recorded is alive, 1 when not, 3 when the stack is down."""
+    root = root or state_dir()
+    state = _State(root).load()
+    if not state.processes:
+        _say(f"stack is down (no processes recorded in {state.path})")
+        for var, url in state.urls.items():
+            _say(f"  {var}={url}")
+        return 3
+    pings: dict[str, bool] = {}
+    services = {p["name"]: p["pid"] for p in state.processes if p.get("kind") == "service"}
+    nats_url = load_env(root).get("NATS_URL")
+    if services and nats_url:
+        with contextlib.suppress(Exception):
+            pings = asyncio.run(_ping_all(nats_url, services))
+    all_ok = True
+    for p in state.processes:
+        alive = servers.process_alive(p["pid"], p["start_time"])
+        where = p.get("url") or p.get("metrics_url", "")
+        extra = ""
+        if p.get("kind") == "service":
+            extra = " ping ok" if pings.get(p["name"]) else " no ping reply"
+            all_ok &= bool(pings.get(p["name"]))
+        all_ok &= alive
+        _say(f"{p['name']:<20} pid {p['pid']:<8} {'running' if alive else 'DEAD':<8} {where}{extra if alive else ''}")
+    for var, url in load_env(root).items():
+        if var in ("NATS_URL", "REDIS_URL", "DATABASE_URL"):
+            _say(f"  {var}={url}")
+    return 0 if all_ok else 1
+
+
+async def _ping_all(nats_url: str, services: dict[str, int]) -> dict[str, bool]:
+    import nats
+
+    nc = await nats.connect(nats_url, connect_timeout=2, allow_reconnect=False)
+    try:
+        answers = await asyncio.gather(*(_ping(nc, n, pid) for n, pid in services.items()))
+        return dict(zip(services, answers))
+    finally:
+        await nc.close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.stack", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start servers and services; wait until every service answers a ping")
+    p_up.add_argument("--no-services", action="store_true", help="start only NATS, Redis and Postgres")
+    p_up.add_argument("--services", help="comma-separated service names to start (default: all)")
+    p_up.add_argument("--timeout", type=float,
+                      default=float(os.environ.get("TIERMEM_UP_TIMEOUT", DEFAULT_UP_TIMEOUT)),
+                      help="seconds to wait for every service's ping (default 60)")
+    sub.add_parser("down", help="stop what `up` started")
+    sub.add_parser("status", help="show what runs")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        signal.signal(signal.SIGTERM, _interrupt)
+        names = [] if args.no_services else (
+            [n.strip() for n in args.services.split(",") if n.strip()] if args.services else None)
+        try:
+            up(services=names, timeout=args.timeout)
+        except StackError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    if args.command == "down":
+        down()
+        return 0
+    return status()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

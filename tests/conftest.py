@@ -1,0 +1,172 @@
+"""Real servers for tests: NATS+JetStream, Redis-compatible, Postgres+pgvector.
+
+Why: service tests run against the real thing, not mocks (STYLE.md, habit 9).
+Each server starts lazily, once per session, on a free loopback port under a
+temp folder, and dies with the test process even if pytest is killed. Set
+`NATS_URL` / `REDIS_URL` / `DATABASE_URL` to test against existing servers
+instead; those are never flushed unless `TIERMEM_TESTS_MAY_FLUSH=1`.
+
+Fixtures (session): `nats_url`, `redis_url`, `database_url`, `server_env`
+(the three as an env dict, for spawning service processes).
+Fixtures (function): `clean_nats`, `clean_redis`, `clean_db`, `clean_state`
+(all three, before the test), and `reset_state` (an async callable, to reset
+in the middle of a test). Plain helpers for module-scoped fixtures:
+`may_flush(name)`, `delete_jetstream(url)`, `flush_redis(url)`,
+`recreate_database(url)`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from shared import servers
+
+_STARTED: dict[str, servers.Server] = {}  # name -> server this session started (ours to flush)
+
+
+def may_flush(name: str) -> bool:
+    """May tests wipe server `name` ("nats", "redis", "postgres")? Only ours, or with TIERMEM_TESTS_MAY_FLUSH=1."""
+    return name in _STARTED or os.environ.get("TIERMEM_TESTS_MAY_FLUSH") == "1"
+
+
+_may_flush = may_flush  # older spelling, used by tests/test_e2e_memory.py
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+def _server(name: str, var: str, start, folder: Path):
+    given = os.environ.get(var)
+    if given:
+        yield given
+        return
+    server = start(folder / name, die_with_parent=True)
+    _STARTED[name] = server
+    try:
+        yield server.url
+    finally:
+        _STARTED.pop(name, None)
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(servers_dir):
+    yield from _server("nats", "NATS_URL", servers.start_nats, servers_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers_dir):
+    yield from _server("redis", "REDIS_URL", servers.start_redis, servers_dir)
+
+
+@pytest.fixture(scope="session")
+def database_url(servers_dir):
+    yield from _server("postgres", "DATABASE_URL", servers.start_postgres, servers_dir)
+
+
+@pytest.fixture(scope="session")
+def server_env(nats_url, redis_url, database_url) -> dict[str, str]:
+    """Env vars that point a service process (or `shared.stack up`) at the test servers."""
+    return {"NATS_URL": nats_url, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+def _skip_flush(name: str) -> bool:
+    if may_flush(name):
+        return False
+    warnings.warn(f"not resetting {name}: it was given by URL (set TIERMEM_TESTS_MAY_FLUSH=1 to allow)",
+                  stacklevel=3)
+    return True
+
+
+async def flush_redis(url: str) -> None:
+    import redis.asyncio as redis
+
+    client = redis.from_url(url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+
+
+async def delete_jetstream(url: str) -> None:
+    """Delete every stream (their consumers, KV buckets and object stores go with them)."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+    try:
+        jsm = nc.jsm()
+        while streams := await jsm.streams_info():
+            for info in streams:
+                await jsm.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
+async def recreate_database(url: str) -> None:
+    """DROP DATABASE ... WITH (FORCE) + CREATE: a clean schema in ~100 ms, even with clients connected."""
+    import asyncpg
+
+    parts = urlsplit(url)
+    dbname = parts.path.lstrip("/") or "postgres"
+    if dbname == "postgres":
+        raise RuntimeError("refusing to drop the 'postgres' database")
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    conn = await asyncpg.connect(admin_url)
+    try:
+        ident = '"' + dbname.replace('"', '""') + '"'
+        await conn.execute(f"DROP DATABASE IF EXISTS {ident} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {ident}")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def clean_nats(nats_url):
+    if not _skip_flush("nats"):
+        await delete_jetstream(nats_url)
+    return nats_url
+
+
+@pytest.fixture
+async def clean_redis(redis_url):
+    if not _skip_flush("redis"):
+        await flush_redis(redis_url)
+    return redis_url
+
+
+@pytest.fixture
+async def clean_db(database_url):
+    if not _skip_flush("postgres"):
+        await recreate_database(database_url)
+    return database_url
+
+
+@pytest.fixture
+async def clean_state(clean_nats, clean_redis, clean_db) -> dict[str, str]:
+    """Empty JetStream, Redis and database before the test; returns the env dict like `server_env`."""
+    return {"NATS_URL": clean_nats, "REDIS_URL": clean_redis, "DATABASE_URL": clean_db}
+
+
+@pytest.fixture
+def reset_state(nats_url, redis_url, database_url):
+    """`await reset_state()` empties all three servers mid-test (same rules as `clean_state`)."""
+
+    async def reset() -> None:
+        if not _skip_flush("nats"):
+            await delete_jetstream(nats_url)
+        if not _skip_flush("redis"):
+            await flush_redis(redis_url)
+        if not _skip_flush("postgres"):
+            await recreate_database(database_url)
+
+    return reset
