@@ -104,7 +104,7 @@ async def test_concurrent_migrations_do_not_fail(new_database, embedder):
                                      for _ in range(6)))
     try:
         n = await results[0].fetchval("SELECT count(*) FROM l3.schema_migrations")
-        assert n == len(store._migration_files(store.MIGRATIONS_DIR))
+        assert n == len(list(store.MIGRATIONS_DIR.glob("*.sql")))
         models = await results[0].fetch("SELECT model_id FROM l3.embedding_models")
         assert [r["model_id"] for r in models] == [embedder.model_id]
     finally:

@@ -56,7 +56,7 @@ import re
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import asyncpg
 import msgspec
@@ -64,17 +64,15 @@ import numpy as np
 import structlog
 
 from shared.contract import Message, format_ts
+from shared.pg import MIGRATE_LOCK, Pool, connection
+from shared.pg import migrate as _migrate
 
 log = structlog.get_logger()
 
-Pool = Union[asyncpg.Pool, asyncpg.Connection]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SCHEMA = "l3"
 
-#: advisory lock (namespace, key) that serialises every migration run of the
-#: database (any component), so concurrent starts are safe
-MIGRATE_LOCK = (1953064306, 0)  # 'tier'
 #: namespace of the per-user locks taken in migrations/0002 ('l3mu')
 USER_LOCK_NS = 1815309685
 
@@ -169,6 +167,11 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     """Pool release hook: nothing to undo (see module doc)."""
 
 
+async def migrate(target: Pool) -> list[str]:
+    """Apply L3's migrations (see `shared.pg.migrate`)."""
+    return await _migrate(target, schema=SCHEMA, directory=MIGRATIONS_DIR)
+
+
 async def create_pool(dsn: str, *, model_id: str | None = None, dim: int | None = None,
                       min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
     """Migrate the database, register `model_id` (if given) and its HNSW
@@ -202,68 +205,7 @@ _CONNECT_KW = frozenset({"ssl", "timeout", "command_timeout", "server_settings",
 # migrations
 
 
-def _migration_files(directory: Path) -> list[tuple[int, str, Path]]:
-    files = []
-    for path in sorted(directory.glob("*.sql")):
-        head = path.name.split("_", 1)[0]
-        if not head.isdigit():
-            raise RuntimeError(f"migration file {path.name} must start with a number")
-        files.append((int(head), path.name, path))
-    versions = [v for v, _, _ in files]
-    if len(set(versions)) != len(versions):
-        raise RuntimeError(f"duplicate migration numbers in {directory}")
-    return files
 
-
-async def migrate(target: Pool, *, schema: str = SCHEMA,
-                  directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply the numbered SQL files of `directory` that `schema.schema_migrations`
-    does not list, in order; return the names applied (empty: nothing to do).
-
-    The whole run is one transaction under a database-wide advisory lock, so
-    concurrent starts wait for each other and then find nothing to do, and a
-    failing file leaves nothing half-applied. Reusable by other components
-    with their own schema and directory. `target`: a connection or a pool.
-    """
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", schema):
-        raise ValueError(f"bad schema name {schema!r}")
-    files = _migration_files(directory)
-    applied_now: list[str] = []
-    async with _connection(target) as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATE_LOCK)
-        await conn.execute(
-            f"CREATE SCHEMA IF NOT EXISTS {schema};"
-            f"CREATE TABLE IF NOT EXISTS {schema}.schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL, sha256 text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["version"]: r for r in await conn.fetch(
-            f"SELECT version, name, sha256 FROM {schema}.schema_migrations")}
-        for version, name, path in files:
-            sql = path.read_text()
-            digest = hashlib.sha256(sql.encode()).hexdigest()
-            if version in done:
-                if done[version]["sha256"] != digest:
-                    log.warning("migration_changed_after_apply", schema=schema, migration=name)
-                continue
-            await conn.execute(sql)
-            await conn.execute(
-                f"INSERT INTO {schema}.schema_migrations (version, name, sha256) VALUES ($1, $2, $3)",
-                version, name, digest,
-            )
-            applied_now.append(name)
-    if applied_now:
-        log.info("migrations_applied", schema=schema, applied=applied_now)
-    return applied_now
-
-
-@contextlib.asynccontextmanager
-async def _connection(target: Pool):
-    if isinstance(target, asyncpg.Pool):
-        async with target.acquire() as conn:
-            yield conn
-    else:
-        yield target
 
 
 def _index_expression(dim: int) -> tuple[str, str] | None:
@@ -288,7 +230,7 @@ async def ensure_model(target: Pool, model_id: str, dim: int) -> str | None:
         raise ValueError(f"model id {model_id!r} has characters other than [A-Za-z0-9._:@/+=-]")
     index_name = "messages_hnsw_" + hashlib.sha256(model_id.encode()).hexdigest()[:16]
     expr = _index_expression(dim)
-    async with _connection(target) as conn, conn.transaction():
+    async with connection(target) as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATE_LOCK)
         known = await conn.fetchval(f"SELECT dim FROM {SCHEMA}.embedding_models WHERE model_id = $1", model_id)
         if known is not None and known != dim:
@@ -507,7 +449,7 @@ async def drop_unused_models(pool: Pool, keep_model_id: str) -> list[str]:
     """Drop the HNSW index and registration of every model other than
     `keep_model_id` that no row uses any more; returns the ids dropped."""
     dropped = []
-    async with _connection(pool) as conn, conn.transaction():
+    async with connection(pool) as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATE_LOCK)
         for r in await conn.fetch(_COMMON["unused_models"], keep_model_id):
             if r["index_name"]:
