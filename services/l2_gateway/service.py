@@ -82,10 +82,12 @@ async def build(rt: Runtime) -> None:
         upto = await stream.last_seq(rt.js)
         purged = await stream.purge_user(rt.nc, req.user_id, upto + 1)
         await window.forget(req.user_id, upto)
-        l3 = await rt.request(subjects.MEMORY_L3_FORGET,
-                              L3ForgetRequest(user_id=req.user_id, upto_seq=upto), ForgetReply)
+        # Tell L1s and the llm-broker before L3: if L3 is down the caller gets a 503 and
+        # retries, but no cache keeps serving what the log no longer holds meanwhile.
         event = Changed(op="forget", user_id=req.user_id, seq=upto, prev_seq=0, count=0)
         await rt.nc.publish(subjects.changed_subject(req.user_id), encode(event))
+        l3 = await rt.request(subjects.MEMORY_L3_FORGET,
+                              L3ForgetRequest(user_id=req.user_id, upto_seq=upto), ForgetReply)
         log.info("user_forgotten", user_id=req.user_id, purged=purged, l3_deleted=l3.deleted)
         return ForgetReply(user_id=req.user_id, deleted=max(purged, l3.deleted))
 

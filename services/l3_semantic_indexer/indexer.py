@@ -46,7 +46,7 @@ class Indexer:
         while True:
             try:
                 msgs = await psub.fetch(self.batch, timeout=1.0)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):  # fetch raises either when idle
                 continue
             await self._index(msgs)
 

@@ -1,0 +1,72 @@
+"""Trivial NATS responders in their own process, for the bare baselines.
+
+    python -m bench.echo NATS_URL SUBJECT            plain subscription, replies with the request body
+    python -m bench.echo --service NATS_URL SUBJECT  the same through `shared.service.run_service`:
+                                                     decode a GetRequest, reply an empty GetReply
+
+The first is the bare request/reply round trip. The second is the floor of
+our service framework (nats.micro, decode, span, metrics, encode) with no
+work inside, which splits a tier's overhead into "framework" and "the tier's
+own work". Both print `ready` once the server has the subscription and exit
+on SIGTERM/SIGINT (and, started by the bench, when the bench dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import nats
+import uvloop
+
+
+async def serve(url: str, subject: str) -> None:
+    nc = await nats.connect(url, name="bench-echo", allow_reconnect=False)
+
+    async def echo(msg) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(subject, cb=echo)
+    await nc.flush()
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await nc.drain()
+
+
+async def serve_framework(url: str, subject: str) -> None:
+    from shared.contract import GetReply, GetRequest
+    from shared.service import run_service
+    from shared.settings import Settings
+
+    async def build(rt) -> None:
+        async def get(req: GetRequest) -> GetReply:
+            return GetReply(user_id=req.user_id, tier="echo", seq=0, messages=[])
+
+        rt.endpoint("get", subject, GetRequest, get)
+
+    ready = asyncio.Event()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    settings = Settings.from_env({"NATS_URL": url, "LOG_LEVEL": "warning"})
+    task = asyncio.create_task(run_service("bench-echo", "bench: framework floor", build,
+                                           settings=settings, stop=stop, ready=ready))
+    await ready.wait()
+    print("ready", flush=True)
+    await task
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    framework = bool(args) and args[0] == "--service"
+    if framework:
+        args = args[1:]
+    if len(args) != 2:
+        raise SystemExit("usage: python -m bench.echo [--service] NATS_URL SUBJECT")
+    uvloop.run((serve_framework if framework else serve)(*args))

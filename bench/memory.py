@@ -1,0 +1,897 @@
+"""The memory benchmark: every tier as a client sees it, next to its bare building blocks.
+
+Order of a run (each step reports "skipped: <why>" instead of crashing):
+
+1. the stack: `python -m shared.stack up` in a temp state folder (every
+   service as its own process), or an already running one (`--stack-env`);
+2. machine facts and server versions;
+3. baselines: bare NATS round trip to another process, bare LRANGE 10, bare
+   Postgres primary-key and newest-n lookups, bare JetStream publish;
+4. load: `messages` appends across `users` users with `in_flight` requests in
+   flight (durable appends/s), then wait until the indexer has caught up;
+5. reads, one request in flight: L1 hit (recent n=5), L2 hit (n=50), L3
+   (n=500), search (op=search k=5 over everything loaded); every reply's
+   `tier` is checked and mismatches counted;
+6. append latency with one request in flight, against a bare JetStream publish.
+
+Users are named `bench<run>-lead-<i>` so a run against a shared stack never
+mixes with anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import msgspec
+
+from bench import baselines, corpus
+from bench.stats import Summary, fmt_us, ratio, summarize
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+SERVICE_ERROR = "Nats-Service-Error"
+
+
+# --------------------------------------------------------------------------- options and results
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool = False
+    users: int = 1000
+    messages: int = 100_000
+    long_users: int = 5  # users with `long_len` messages, for recent n=500
+    long_len: int = 600
+    in_flight: int = 128
+    samples: int = 5000  # per latency measurement (L3 and search use fewer)
+    heavy_samples: int = 2000
+    warmup: int = 300
+    index_timeout_s: float = 900.0
+    stack_env: Path | None = None  # use a running stack instead of starting one
+    keep: bool = False
+    seed: int = 42
+
+    @classmethod
+    def make(cls, quick: bool, **overrides) -> Options:
+        base = (dict(users=100, messages=10_000, long_users=2, samples=1000, heavy_samples=300,
+                     warmup=100, index_timeout_s=300.0) if quick else {})
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(quick=quick, **base)
+
+
+@dataclass
+class Target:
+    text: str
+    passed: bool
+    observed: str
+
+
+@dataclass
+class Result:
+    """One row of the report: our figure, the baseline it is compared with, the targets."""
+
+    key: str
+    title: str
+    kind: str = "latency"  # or "throughput"
+    summary: Summary | None = None
+    baseline_label: str = ""
+    baseline: Summary | None = None  # composed baselines add percentiles of their parts
+    ratio_p50: float | None = None
+    rate: float | None = None  # throughput: per second
+    baseline_rate: float | None = None
+    targets: list[Target] = field(default_factory=list)
+    skipped: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    options: Options
+    facts: dict = field(default_factory=dict)
+    baselines: dict[str, Summary] = field(default_factory=dict)
+    baseline_labels: dict[str, str] = field(default_factory=dict)
+    results: list[Result] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    started: str = ""
+    duration_s: float = 0.0
+
+
+Say = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+SERVICES = ("memory-l1", "l2-gateway", "l3-semantic-indexer")
+
+
+def _service_modules() -> dict[str, str]:
+    from shared import stack
+
+    return {s.name: s.module for s in stack.SERVICES}
+
+
+def _module_ready(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    return bool(spec and spec.submodule_search_locations and any(
+        (Path(p) / "__main__.py").exists() for p in spec.submodule_search_locations))
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            env[key.strip()] = value.strip()
+    return env
+
+
+class Stack:
+    """The stack under test: started by us in a temp folder (and stopped), or borrowed."""
+
+    def __init__(self, opts: Options, say: Say) -> None:
+        self.opts = opts
+        self.say = say
+        self.root: Path | None = None
+        self.env: dict[str, str] = {}
+        self.started_services: list[str] = []
+        self.problem = ""  # why some services are not there
+        self.keep_logs = False  # set when a step failed: the logs say why
+
+    async def start(self) -> None:
+        if self.opts.stack_env:
+            self.env = _read_env(self.opts.stack_env)
+            self.say(f"using the running stack of {self.opts.stack_env}")
+            return
+        modules = _service_modules()
+        ready = [name for name, mod in modules.items() if _module_ready(mod)]
+        missing = [name for name in modules if name not in ready]
+        if missing:
+            self.problem = f"not written yet: {', '.join(missing)}"
+            self.say(f"services without __main__.py, not started: {', '.join(missing)}")
+        self.root = Path(tempfile.mkdtemp(prefix="tiermem-bench-"))
+        problems = [f"not written yet: {', '.join(missing)}"] if missing else []
+        while True:
+            self.say(f"starting the stack in {self.root} (services: {', '.join(ready) or 'none'})")
+            ok, out = await self._up(ready)
+            if ok:
+                break
+            failed = _failed_service(out, ready)
+            if failed is None:
+                raise RuntimeError(f"could not start the stack:\n{out[-2000:]}")
+            problems.append(f"{failed} failed to start: {_last_error(out)}")
+            self.say(f"{failed} failed to start ({_last_error(out)}); retrying without it")
+            self.keep_logs = True
+            ready = [s for s in ready if s != failed]
+        self.problem = "; ".join(problems)
+        self.started_services = ready
+        self.env = _read_env(self.root / "stack.env")
+
+    async def _up(self, services: list[str]) -> tuple[bool, str]:
+        args = ["--services", ",".join(services)] if services else ["--no-services"]
+        env = {**os.environ, "TIERMEM_STATE_DIR": str(self.root), "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shared.stack", "up", *args, "--timeout", "120",
+            cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        lines = []
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            self.say(f"  stack: {line}")
+        return await proc.wait() == 0, "\n".join(lines)
+
+    def stop(self) -> None:
+        if self.root is None:
+            return
+        if self.opts.keep:
+            self.say(f"stack left running: TIERMEM_STATE_DIR={self.root} python -m shared.stack down")
+            return
+        self._down()
+        if self.keep_logs and (self.root / "logs").is_dir():
+            kept = Path(tempfile.mkdtemp(prefix="tiermem-bench-logs-"))
+            shutil.copytree(self.root / "logs", kept, dirs_exist_ok=True)
+            self.say(f"something failed: the services' logs are kept in {kept}")
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root = None
+
+    def _down(self) -> None:
+        from shared import stack
+
+        try:
+            stack.down(root=self.root)
+        except Exception as exc:  # noqa: BLE001 - report and go on cleaning
+            self.say(f"stack down failed: {exc}")
+
+    @property
+    def logs(self) -> Path | None:
+        return self.root / "logs" if self.root else None
+
+
+def _failed_service(out: str, candidates: list[str]) -> str | None:
+    """The service `stack up` blamed, if any."""
+    for line in reversed(out.splitlines()):
+        for name in candidates:
+            if f"service {name} " in line:
+                return name
+    return None
+
+
+def _last_error(out: str) -> str:
+    """The most telling line of a failed `stack up`: the exception from the service's log."""
+    lines = out.splitlines()
+    for line in reversed(lines):
+        text = line.strip()
+        head = text.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Exit")) and " " not in head:
+            return text[:300]
+    for line in reversed(lines):
+        if line.startswith(("error:", "up failed:")):
+            return line.split(";", 1)[0][:300]
+    return (lines or ["no output"])[-1][:300]
+
+
+# --------------------------------------------------------------------------- client helpers
+
+
+class ServiceError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+
+
+class Message(msgspec.Struct):
+    seq: int
+    msg_id: str
+    role: str
+    text: str
+    score: float | None = None
+
+
+class GetReply(msgspec.Struct):
+    user_id: str
+    tier: str
+    seq: int
+    messages: list[Message]
+
+
+class AppendReply(msgspec.Struct):
+    user_id: str
+    seq: int
+    duplicate: bool
+
+
+_get_reply = msgspec.json.Decoder(GetReply)
+_append_reply = msgspec.json.Decoder(AppendReply)
+_encode = msgspec.json.Encoder().encode
+
+
+def decode(msg, decoder):
+    code = (msg.headers or {}).get(SERVICE_ERROR_CODE)
+    if code:
+        raise ServiceError(int(code), (msg.headers or {}).get(SERVICE_ERROR, ""))
+    return decoder.decode(msg.data)
+
+
+async def ping(nc, name: str) -> bool:
+    try:
+        msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=1)
+        return json.loads(msg.data).get("name") == name
+    except Exception:  # noqa: BLE001 - not answering is the answer
+        return False
+
+
+class TierCheck:
+    """Counts replies whose tier or size is not what the measurement is about."""
+
+    def __init__(self, tier: str, size: int | None) -> None:
+        self.tier, self.size = tier, size
+        self.wrong_tier: dict[str, int] = {}
+        self.wrong_size = 0
+
+    def __call__(self, msg) -> None:
+        reply = decode(msg, _get_reply)
+        if reply.tier != self.tier:
+            self.wrong_tier[reply.tier] = self.wrong_tier.get(reply.tier, 0) + 1
+        if self.size is not None and len(reply.messages) != self.size:
+            self.wrong_size += 1
+
+    def notes(self, n: int) -> list[str]:
+        bad = sum(self.wrong_tier.values())
+        out = [f"tier check: {n - bad}/{n} replies from {self.tier}"
+               + (f"; others: {self.wrong_tier}" if bad else "")]
+        if self.wrong_size:
+            out.append(f"{self.wrong_size} replies did not have {self.size} messages")
+        return out
+
+    @property
+    def mismatches(self) -> int:
+        return sum(self.wrong_tier.values())
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    """1/5/15-minute load: other work on the box shows up in the tails."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+async def machine_facts(nc, env: dict[str, str]) -> dict:
+    facts = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "git": _git_commit(),
+        "embedder": os.environ.get("EMBEDDER", "wordllama (default)"),
+        "libraries": {d: _version(d) for d in (
+            "nats-py", "redis", "hiredis", "asyncpg", "uvloop", "msgspec", "wordllama", "numpy")},
+        "hiredis_in_use": baselines.hiredis_in_use(),
+        "load_average_at_start": load_average(),
+    }
+    v = nc.connected_server_version
+    facts["nats_server"] = f"{v.major}.{v.minor}.{v.patch}"
+    with contextlib.suppress(Exception):
+        import redis.asyncio as redis
+
+        r = redis.from_url(env["REDIS_URL"])
+        try:
+            info = await r.info("server")
+            name = "valkey" if "valkey_version" in info else "redis"
+            facts["redis_server"] = f"{name} {info.get('valkey_version') or info.get('redis_version')}"
+        finally:
+            await r.aclose()
+    with contextlib.suppress(Exception):
+        import asyncpg
+
+        conn = await asyncpg.connect(env["DATABASE_URL"])
+        try:
+            facts["postgres"] = await conn.fetchval("SHOW server_version")
+            facts["pgvector"] = (await conn.fetchval(
+                "SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+                or await conn.fetchval("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+                or "not available")
+        finally:
+            await conn.close()
+    return facts
+
+
+# --------------------------------------------------------------------------- the plan of users and messages
+
+
+@dataclass
+class Plan:
+    """Who says what: user ids, their conversations, and the append bodies in send order."""
+
+    run: str
+    users: list[str]
+    convs: list[list[corpus.Turn]]
+    long_users: list[int]  # indexes into users
+    bodies: list[bytes]
+    owner: list[int]  # user index of each body
+
+    @classmethod
+    def build(cls, opts: Options, text: corpus.Corpus, run: str) -> Plan:
+        n_long = min(opts.long_users, opts.users)
+        rest_users = opts.users - n_long
+        rest_msgs = max(0, opts.messages - n_long * opts.long_len)
+        per, extra = divmod(rest_msgs, rest_users) if rest_users else (0, 0)
+        lengths = [opts.long_len] * n_long + [per + (1 if i < extra else 0) for i in range(rest_users)]
+        users = [f"bench{run}-lead-{i:05d}" for i in range(opts.users)]
+        stride = max(1, len(text.dialogs) // max(1, opts.users))
+        convs = [text.conversation(i * stride, n) for i, n in enumerate(lengths)]
+        bodies, owner = [], []
+        # Round-robin by turn: like a fleet where every lead talks a little at a time.
+        for t in range(max(lengths, default=0)):
+            for u, conv in enumerate(convs):
+                if t < len(conv):
+                    bodies.append(_encode({"user_id": users[u], "bot_id": "sales-1", "role": conv[t].role,
+                                           "text": conv[t].text, "msg_id": f"{run}-{u}-{t}"}))
+                    owner.append(u)
+        return cls(run, users, convs, list(range(n_long)), bodies, owner)
+
+    @property
+    def normal_users(self) -> list[int]:
+        return [i for i in range(len(self.users)) if i not in set(self.long_users)]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, opts: Options, say: Say) -> None:
+        self.opts = opts
+        self.say = say
+        self.report = Report(options=opts)
+        self.run_id = secrets.token_hex(3)
+        self.nc = None
+        self.bare: baselines.Bare | None = None
+        self.env: dict[str, str] = {}
+        self.up: set[str] = set()
+        self.stack_problem = ""
+        self.logs: Path | None = None
+        self.failed = False
+        self.plan: Plan | None = None
+        self.last_seq = 0
+        self.rng = random.Random(opts.seed)
+
+    # -- helpers
+
+    def add(self, result: Result) -> Result:
+        self.report.results.append(result)
+        if result.skipped:
+            self.say(f"{result.title}: skipped: {result.skipped}")
+        elif result.summary is not None:
+            s = result.summary
+            extra = f", {result.ratio_p50:.2f}× baseline p50" if result.ratio_p50 else ""
+            self.say(f"{result.title}: p50 {fmt_us(s.p50)}, p95 {fmt_us(s.p95)}, p99 {fmt_us(s.p99)}{extra}")
+        for t in result.targets:
+            self.say(f"  target {t.text}: {'PASS' if t.passed else 'FAIL'} ({t.observed})")
+        return result
+
+    def baseline(self, key: str, samples: list[float], label: str | None = None) -> Summary:
+        s = summarize(samples)
+        self.report.baselines[key] = s
+        self.report.baseline_labels[key] = label or baselines.LABELS[key]
+        self.say(f"baseline {self.report.baseline_labels[key]}: "
+                 f"p50 {fmt_us(s.p50)}, p95 {fmt_us(s.p95)}, p99 {fmt_us(s.p99)}")
+        return s
+
+    def need(self, *services: str) -> str:
+        """'' when every service answers, else why not."""
+        missing = [s for s in services if s not in self.up]
+        if not missing:
+            return ""
+        return f"{', '.join(missing)} not running" + (f" ({self.stack_problem})" if self.stack_problem else "")
+
+    def _loaded_or(self, *services: str) -> str:
+        return self.need(*services) or ("" if self.last_seq else "nothing was loaded")
+
+    def bare_calls(self, *keys: str) -> dict:
+        """The bare calls `keys`, or raise naming the one that is missing and why."""
+        for k in keys:
+            if k not in self.bare.calls:
+                raise RuntimeError(f"baseline {k} unavailable: {self.bare.problems.get(k, 'not set up')}")
+        return {k: self.bare.calls[k] for k in keys}
+
+    async def step(self, title: str, coro_fn) -> None:
+        """Run one step; an exception becomes a skipped row, not a crash."""
+        try:
+            await coro_fn()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self.failed = True
+            why = f"{type(exc).__name__}: {exc}".strip()[:400]
+            self.add(Result(key=title.lower().replace(" ", "_"), title=title, skipped=f"failed: {why}"))
+
+    # -- main
+
+    async def run(self) -> Report:
+        import nats
+
+        t0 = time.monotonic()
+        self.report.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stack = Stack(self.opts, self.say)
+        try:
+            await stack.start()
+            self.stack_problem = stack.problem
+            self.logs = stack.logs
+            self.env = stack.env
+            self.nc = await nats.connect(self.env["NATS_URL"], name="bench", allow_reconnect=False,
+                                         max_reconnect_attempts=1, connect_timeout=5,
+                                         pending_size=64 * 1024 * 1024)
+            self.up = {s for s in SERVICES if await ping(self.nc, s)}
+            self.say(f"services answering: {', '.join(sorted(self.up)) or 'none'}")
+            self.report.facts = await machine_facts(self.nc, self.env)
+            text = corpus.load(seed=self.opts.seed)
+            self.report.facts["corpus"] = text.source
+            self.plan = Plan.build(self.opts, text, self.run_id)
+            self.bare = baselines.Bare(self.nc, self.env, self.run_id)
+            await self.bare.start(_encode({"user_id": self.plan.users[0], "op": "recent", "n": 5}),
+                                  self.plan.bodies[:10])
+            for key, why in self.bare.problems.items():
+                self.say(f"baseline {key} unavailable: {why}")
+
+            await self.step("Baselines", self.measure_baselines)
+            await self.step("Durable appends", self.load)
+            await self.step("Indexer catch-up", self.wait_for_indexer)
+            await self.step("L1 hit", self.l1_hit)
+            await self.step("L2 hit", self.l2_hit)
+            await self.step("L3 recent", self.l3_recent)
+            await self.step("Search", self.search)
+            await self.step("Append, one in flight", self.append_single)
+        finally:
+            self.report.facts["load_average_at_end"] = load_average()
+            stack.keep_logs |= self.failed or sys.exc_info()[0] is not None
+            if self.bare is not None:
+                with contextlib.suppress(Exception):
+                    await self.bare.stop()
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+            await asyncio.shield(asyncio.to_thread(stack.stop))
+            self.report.duration_s = time.monotonic() - t0
+        return self.report
+
+    # -- baselines, each on its own (the measurements below interleave theirs)
+
+    async def measure_baselines(self) -> None:
+        o = self.opts
+        for key, (call, check) in self.bare.calls.items():
+            n = o.heavy_samples if key in ("pg_newest500", "js_publish") else o.samples
+            self.baseline(key, await baselines.sample(call, n, o.warmup, check))
+        if "js_publish" in self.bare.calls:
+            n_pub = min(len(self.plan.bodies), 50_000)
+            many = await self.bare.js_rate(self.plan.bodies[:n_pub], o.in_flight)
+            self.js_rate = many.rate
+            self.baseline("js_publish_many", many.latencies,
+                          f"JetStream publish, {o.in_flight} in flight ({many.rate:,.0f}/s over {n_pub:,})")
+            if many.errors:
+                self.say(f"  {many.errors} publish errors: {many.first_error}")
+
+    # -- load
+
+    async def load(self) -> None:
+        o, plan = self.opts, self.plan
+        result = Result(key="appends", title=f"Durable appends, {o.in_flight} in flight", kind="throughput")
+        if why := self.need("l2-gateway"):
+            result.skipped = why
+            self.add(result)
+            return
+        max_seq = [0] * len(plan.users)
+        dups = 0
+
+        async def append(i: int) -> None:
+            nonlocal dups
+            msg = await self.nc.request("memory.append", plan.bodies[i], timeout=15)
+            reply = decode(msg, _append_reply)
+            dups += reply.duplicate
+            u = plan.owner[i]
+            if reply.seq > max_seq[u]:
+                max_seq[u] = reply.seq
+
+        self.say(f"loading {len(plan.bodies):,} messages for {len(plan.users):,} users "
+                 f"({o.in_flight} in flight; corpus: {self.report.facts.get('corpus')})")
+        self.load_started = time.monotonic()
+        done = await baselines.run_concurrent(
+            append, len(plan.bodies), o.in_flight, progress=lambda n: self.say(f"  {n:,} appended"))
+        self.last_seq = max(max_seq, default=0)
+        self.last_user = plan.users[max(range(len(max_seq)), key=max_seq.__getitem__)]
+        result.summary = summarize(done.latencies)
+        result.rate = done.rate
+        base = getattr(self, "js_rate", None)
+        result.baseline_rate = base
+        result.baseline_label = f"bare JetStream publish, {o.in_flight} in flight"
+        result.baseline = self.report.baselines.get("js_publish_many")
+        result.ratio_p50 = ratio(result.summary.p50, result.baseline.p50) if result.baseline else None
+        result.targets.append(Target("≥ 5,000 durable appends/s", done.rate >= 5000, f"{done.rate:,.0f}/s"))
+        result.notes.append(f"{done.count:,} appends in {done.elapsed_s:.1f} s, {done.errors} errors, "
+                            f"{dups} duplicates"
+                            + ("; the indexer consumed the log at the same time"
+                               if "l3-semantic-indexer" in self.up else "; no indexer was running"))
+        if base:
+            result.notes.append(f"{done.rate / base:.2f}× the bare JetStream publish rate ({base:,.0f}/s)")
+        if done.errors:
+            result.notes.append(f"first error: {done.first_error}")
+        self.add(result)
+
+    async def wait_for_indexer(self) -> None:
+        result = Result(key="indexer", title="Indexer catch-up", kind="throughput")
+        if why := self._loaded_or("l3-semantic-indexer"):
+            result.skipped = why
+            self.add(result)
+            return
+        body = _encode({"user_id": self.last_user, "op": "recent", "n": 1, "min_seq": self.last_seq})
+        deadline = time.monotonic() + self.opts.index_timeout_s
+        next_note = time.monotonic() + 5
+        lag_at_end = None
+        while True:
+            try:
+                decode(await self.nc.request("memory.l3.get", body, timeout=10), _get_reply)
+                break
+            except ServiceError as exc:  # 503 until it has caught up
+                if exc.code != 503:
+                    raise
+            except Exception:  # noqa: BLE001, S110 - a timeout: still busy
+                pass
+            if lag_at_end is None:
+                lag_at_end = await self._pending()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"L3 had not indexed seq {self.last_seq} after "
+                                   f"{self.opts.index_timeout_s:.0f} s (pending {await self._pending()})")
+            if time.monotonic() > next_note:
+                if not await ping(self.nc, "l3-semantic-indexer"):
+                    self.up.discard("l3-semantic-indexer")
+                    self.stack_problem = "it stopped answering $SRV.PING while indexing the load"
+                    raise RuntimeError("l3-semantic-indexer stopped answering (crashed?)"
+                                       + (f"; see {self.logs}/l3-semantic-indexer.log" if self.logs else ""))
+                self.say(f"  waiting for the indexer: {await self._pending()} messages pending")
+                next_note = time.monotonic() + 5
+            await asyncio.sleep(0.2)
+        elapsed = time.monotonic() - self.load_started
+        n = len(self.plan.bodies)
+        result.rate = n / elapsed
+        result.notes.append(f"all {n:,} messages searchable {elapsed:.1f} s after the load started "
+                            f"({result.rate:,.0f} messages/s embedded and stored)"
+                            + (f"; {lag_at_end} were pending when the load finished" if lag_at_end else ""))
+        self.add(result)
+
+    async def _pending(self):
+        with contextlib.suppress(Exception):
+            info = await self.nc.jetstream().consumer_info("MEMORY", "l3-semantic-indexer")
+            return info.num_pending + info.num_ack_pending
+        return "?"
+
+    # -- reads: each interleaved with its own baseline
+
+    async def _measure(self, r: Result, bodies: list[bytes], check, bare: tuple[str, ...], n: int,
+                       warmup: int) -> tuple[Summary, dict[str, Summary]]:
+        """memory.get with `bodies` (cycled), interleaved with the bare calls `bare`."""
+        async def ours(i: int):
+            return await self.nc.request("memory.get", bodies[i % len(bodies)], timeout=10)
+
+        calls = {"ours": (ours, check), **self.bare_calls(*bare)}
+        out = await baselines.interleaved(calls, n, warmup)
+        r.summary = summarize(out.pop("ours"))
+        parts = {k: summarize(v) for k, v in out.items()}
+        r.notes.append("baseline interleaved with the measurement in blocks of 50: "
+                       + ", ".join(f"{baselines.LABELS[k]} p50 {fmt_us(s.p50)}" for k, s in parts.items()))
+        return r.summary, parts
+
+    def _tier_target(self, r: Result, check: TierCheck, n: int) -> None:
+        r.notes.extend(check.notes(n))
+        r.targets.append(Target(f"every reply from {check.tier}", check.mismatches == 0,
+                                f"{check.mismatches} mismatches"))
+
+    async def l1_hit(self) -> None:
+        o = self.opts
+        r = Result(key="l1_hit", title="L1 hit: memory.get recent n=5", baseline_label="bare NATS round trip")
+        if why := self._loaded_or("memory-l1", "l2-gateway"):
+            r.skipped = why
+            self.add(r)
+            return
+        hot = self.plan.normal_users[:200]
+        bodies = [_encode({"user_id": self.plan.users[u], "op": "recent", "n": 5}) for u in hot]
+        for _ in range(2):  # read twice: the first may have to fill the sidecar's window
+            for body in bodies:
+                await self.nc.request("memory.get", body, timeout=10)
+        check = TierCheck("l1", 5)
+        extra = ("framework_floor",) if "framework_floor" in self.bare.calls else ()
+        s, parts = await self._measure(r, bodies, check, ("nats_rt", *extra), o.samples, o.warmup)
+        rt = r.baseline = parts["nats_rt"]
+        if extra:
+            floor = parts["framework_floor"]
+            r.notes.append(f"of the {fmt_us(s.p50 - rt.p50)} L1 adds to a bare round trip at p50, "
+                           f"{fmt_us(floor.p50 - rt.p50)} is the service framework with no work inside "
+                           f"(its p50 {fmt_us(floor.p50)}, p99 {fmt_us(floor.p99)})")
+        r.ratio_p50 = ratio(s.p50, rt.p50)
+        r.targets.append(Target("p50 ≤ 1.2× bare NATS round trip", s.p50 <= 1.2 * rt.p50, f"{r.ratio_p50:.2f}×"))
+        r.targets.append(Target("p99 ≤ 1 ms", s.p99 <= 1000, fmt_us(s.p99)))
+        self._tier_target(r, check, o.samples)
+        self.add(r)
+
+    async def l2_hit(self) -> None:
+        o = self.opts
+        r = Result(key="l2_hit", title="L2 hit: memory.get recent n=50",
+                   baseline_label="2× NATS round trip + LRANGE 10")
+        if why := self._loaded_or("memory-l1", "l2-gateway"):
+            r.skipped = why
+            self.add(r)
+            return
+        users = [u for u in self.plan.normal_users if len(self.plan.convs[u]) >= 50][:500]
+        if not users:
+            r.skipped = "no user has 50 messages (raise --messages)"
+            self.add(r)
+            return
+        bodies = [_encode({"user_id": self.plan.users[u], "op": "recent", "n": 50}) for u in users]
+        check = TierCheck("l2", 50)
+        s, parts = await self._measure(r, bodies, check, ("nats_rt", "redis_lrange10"), o.samples, o.warmup)
+        r.baseline = _compose([(2, parts["nats_rt"]), (1, parts["redis_lrange10"])])
+        r.ratio_p50 = ratio(s.p50, r.baseline.p50)
+        r.targets.append(Target("p50 ≤ 1.2× (2× round trip + LRANGE)", s.p50 <= 1.2 * r.baseline.p50,
+                                f"{r.ratio_p50:.2f}×"))
+        self._tier_target(r, check, o.samples)
+        r.notes.append("L1 holds 10 messages, so it passes n=50 to L2; the reply carries 50 messages "
+                       "while the LRANGE baseline reads 10")
+        self.add(r)
+
+    async def l3_recent(self) -> None:
+        o = self.opts
+        r = Result(key="l3_recent", title="L3: memory.get recent n=500",
+                   baseline_label="3× NATS round trip + Postgres newest 500")
+        if why := self._loaded_or("memory-l1", "l2-gateway", "l3-semantic-indexer"):
+            r.skipped = why
+            self.add(r)
+            return
+        users = [u for u in self.plan.long_users if len(self.plan.convs[u]) >= 500]
+        if not users:
+            r.skipped = "no user has 500 messages"
+            self.add(r)
+            return
+        bodies = [_encode({"user_id": self.plan.users[u], "op": "recent", "n": 500}) for u in users]
+        check = TierCheck("l3", 500)
+        s, parts = await self._measure(r, bodies, check, ("nats_rt", "pg_newest500"),
+                                       o.heavy_samples, o.warmup // 2)
+        r.baseline = _compose([(3, parts["nats_rt"]), (1, parts["pg_newest500"])])
+        r.ratio_p50 = ratio(s.p50, r.baseline.p50)
+        r.targets.append(Target("p95 < 50 ms (the design's L3 figure)", s.p95 < 50_000, fmt_us(s.p95)))
+        self._tier_target(r, check, o.heavy_samples)
+        self.add(r)
+
+    async def search(self) -> None:
+        o = self.opts
+        n_msgs = len(self.plan.bodies)
+        r = Result(key="search", title=f"Search: memory.get op=search k=5 ({n_msgs:,} stored)",
+                   baseline_label="3× NATS round trip + embed + store.search in-process")
+        if why := self._loaded_or("memory-l1", "l2-gateway", "l3-semantic-indexer"):
+            r.skipped = why
+            self.add(r)
+            return
+        n = o.heavy_samples
+        queries = self._queries(min(2000, n))
+        bodies = [_encode({"user_id": self.plan.users[u], "op": "search", "query": q, "k": 5})
+                  for u, q, _ in queries]
+        check = TierCheck("l3", None)
+        hits = 0
+
+        def check_and_score(msg) -> None:
+            nonlocal hits
+            check(msg)
+            target = queries[check_and_score.i % len(queries)][2]
+            check_and_score.i += 1
+            hits += any(m.text == target for m in decode(msg, _get_reply).messages)
+
+        check_and_score.i = 0  # checks run only on the timed calls, in order
+        async with self._inproc_search(queries) as inproc:
+            extra = {"inproc": inproc} if inproc else {}
+            async def ours(i: int):
+                return await self.nc.request("memory.get", bodies[i % len(bodies)], timeout=10)
+
+            calls = {"ours": (ours, check_and_score), **self.bare_calls("nats_rt"), **extra}
+            out = await baselines.interleaved(calls, n, o.warmup // 2)
+        s = r.summary = summarize(out["ours"])
+        rt = summarize(out["nats_rt"])
+        if "inproc" in out:
+            part = self.baseline("l3_search_inproc", out["inproc"],
+                                 "embed + store.search in this process, no NATS (interleaved with search)")
+            r.baseline = _compose([(3, rt), (1, part)])
+            r.ratio_p50 = ratio(s.p50, r.baseline.p50)
+        else:
+            r.baseline_label = "3× NATS round trip (no in-process L3 baseline)"
+            r.baseline = _compose([(3, rt)])
+            r.ratio_p50 = ratio(s.p50, r.baseline.p50)
+        r.targets.append(Target("p95 ≤ 15 ms including embedding", s.p95 <= 15_000, fmt_us(s.p95)))
+        self._tier_target(r, check, n)
+        per_user = sum(len(self.plan.convs[u]) for u, _, _ in queries) / len(queries)
+        r.notes.append(f"quality: the reworded message was in the top 5 of the user's ~{per_user:.0f} messages "
+                       f"for {hits}/{n} queries ({100 * hits / n:.0f} %); e.g. {queries[0][1]!r} "
+                       f"for {queries[0][2]!r}")
+        self.add(r)
+
+    @contextlib.asynccontextmanager
+    async def _inproc_search(self, queries):
+        """embed + store.search in this process (what L3 itself does), or None if unavailable."""
+        try:
+            from services.l3_semantic_indexer import store
+            from shared.embeddings import embedder_from_settings
+            from shared.settings import Settings
+
+            settings = Settings.from_env({**os.environ, **self.env})
+            embedder = embedder_from_settings(settings)
+            pool = await store.create_pool(self.env["DATABASE_URL"], model_id=embedder.model_id,
+                                           dim=embedder.dim, min_size=1, max_size=1)
+        except Exception as exc:  # noqa: BLE001 - the measurement goes on without it
+            self.say(f"no in-process search baseline: {type(exc).__name__}: {exc}")
+            yield None
+            return
+        users = self.plan.users
+
+        async def call(i: int):
+            u, q, _ = queries[i % len(queries)]
+            vec = (await embedder.embed([q], input_type="query"))[0]
+            return await store.search(pool, users[u], q, vec, 5, embedder.model_id)
+
+        try:
+            yield (call, None)
+        finally:
+            await pool.close()
+            with contextlib.suppress(Exception):
+                await embedder.aclose()
+
+    def _queries(self, count: int) -> list[tuple[int, str, str]]:
+        """(user index, paraphrased query, the text it should find)."""
+        out = []
+        users = self.plan.normal_users or list(range(len(self.plan.users)))
+        for i in range(count):
+            u = users[(i * 7919) % len(users)]
+            conv = self.plan.convs[u]
+            targets = list(corpus.good_query_targets(conv)) or list(range(len(conv)))
+            t = conv[self.rng.choice(targets)].text
+            out.append((u, corpus.paraphrase(t, self.rng), t))
+        return out
+
+    async def append_single(self) -> None:
+        o = self.opts
+        r = Result(key="append_one", title="Append, one in flight: memory.append",
+                   baseline_label="bare JetStream publish, one in flight")
+        if why := self.need("l2-gateway"):
+            r.skipped = why
+            self.add(r)
+            return
+        user = f"bench{self.run_id}-single"
+        n = max(300, o.heavy_samples // 2)
+        bodies = [_encode({"user_id": user, "bot_id": "sales-1", "role": "user",
+                           "text": f"single append number {i}", "msg_id": f"{self.run_id}-single-{i}"})
+                  for i in range(n + o.warmup)]
+        sent = 0
+
+        async def ours(_i: int):
+            nonlocal sent
+            sent += 1
+            return decode(await self.nc.request("memory.append", bodies[sent - 1], timeout=10), _append_reply)
+
+        out = await baselines.interleaved({"ours": (ours, None), **self.bare_calls("js_publish")},
+                                          n, o.warmup // 2)
+        s = r.summary = summarize(out["ours"])
+        r.baseline = summarize(out["js_publish"])
+        r.ratio_p50 = ratio(s.p50, r.baseline.p50)
+        r.notes.append("memory.append replies after the stream's ack and (bounded) after L2 applied it, "
+                       "so the next read hits L2; baseline interleaved in blocks of 50")
+        self.add(r)
+
+
+def _compose(parts: list[tuple[int, Summary]]) -> Summary:
+    """A baseline made of sequential steps: percentiles added (an upper bound for p95/p99)."""
+    def total(attr: str) -> float:
+        return sum(k * getattr(s, attr) for k, s in parts)
+
+    return Summary(n=min(s.n for _, s in parts), p50=total("p50"), p95=total("p95"), p99=total("p99"),
+                   mean=total("mean"), min=total("min"), max=total("max"))

@@ -1,0 +1,111 @@
+"""Latency statistics and the tables the report prints. Pure code, no I/O.
+
+Samples are durations in seconds (from `time.perf_counter`); summaries hold
+microseconds, the unit every figure in the report uses. Percentiles use
+linear interpolation between closest ranks (numpy's default), so p50 of an
+even-sized sample is the mean of the two middle values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+__all__ = ["Summary", "percentile", "summarize", "ratio", "fmt_us", "fmt_ratio", "markdown_table"]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One measurement's latency distribution, in microseconds."""
+
+    n: int
+    p50: float
+    p95: float
+    p99: float
+    mean: float
+    min: float
+    max: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0..100) of an already sorted, non-empty sequence."""
+    if not sorted_values:
+        raise ValueError("percentile of an empty sample")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def summarize(samples_s: Sequence[float]) -> Summary:
+    """Summary in microseconds of durations given in seconds."""
+    if not samples_s:
+        raise ValueError("no samples")
+    us = sorted(s * 1e6 for s in samples_s)
+    return Summary(
+        n=len(us),
+        p50=percentile(us, 50),
+        p95=percentile(us, 95),
+        p99=percentile(us, 99),
+        mean=sum(us) / len(us),
+        min=us[0],
+        max=us[-1],
+    )
+
+
+def ratio(ours: float, baseline: float) -> float:
+    """ours / baseline; inf when the baseline is zero (and nan when both are)."""
+    if baseline == 0:
+        return math.nan if ours == 0 else math.inf
+    return ours / baseline
+
+
+def fmt_us(value: float | None) -> str:
+    """A latency for humans: µs below 1 ms, ms with two decimals above."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if value < 1000:
+        return f"{value:.0f} µs"
+    return f"{value / 1000:.2f} ms"
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    if math.isinf(value):
+        return "∞"
+    return f"{value:.2f}×"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                   align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table; `align` per column is 'l' or 'r' (default: l then r)."""
+    if align is None:
+        align = ["l"] + ["r"] * (len(headers) - 1)
+    if len(align) != len(headers):
+        raise ValueError("one alignment per column")
+    cells = [[_cell(c) for c in row] for row in rows]
+    for row in cells:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, the table has {len(headers)} columns")
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1))
+                          for w, a in zip(widths, align)) + "|"
+    return "\n".join([line(headers), rule] + [line(r) for r in cells])
+
+
+def _cell(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
