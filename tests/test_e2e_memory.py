@@ -203,6 +203,18 @@ async def test_forget_removes_one_user_everywhere_and_keeps_the_others(stack, lo
         await r.aclose()
 
 
+async def test_services_survive_a_quiet_log(stack, loaded):
+    """Idle consumers time out their fetches; that must not end the service."""
+    await asyncio.sleep(3)
+    async with client(stack["env"]["NATS_URL"]) as nc:
+        for name in ("memory-l1", "l2-gateway", "l3-semantic-indexer"):
+            msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=5)
+            assert json.loads(msg.data)["name"] == name
+    records = json.loads((stack["state"] / "stack.json").read_text())["processes"]
+    for record in records:
+        os.kill(record["pid"], 0)  # raises if the process is gone
+
+
 async def test_indexer_killed_mid_stream_leaves_every_message_exactly_once(stack, loaded):
     """Runs last: it replaces the stack's indexer with one of its own."""
     env = stack["env"]
