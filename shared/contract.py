@@ -188,3 +188,95 @@ encode = msgspec.json.Encoder().encode
 def decoder(kind: type) -> msgspec.json.Decoder:
     """One decoder per type, built once at import time by whoever needs it."""
     return msgspec.json.Decoder(kind)
+
+
+# --- llm.complete ------------------------------------------------------------
+
+MAX_MODEL_CHARS = 128
+Task = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class TextBlock(msgspec.Struct):
+    text: str
+    type: Literal["text"] = "text"
+
+
+class ChatMessage(msgspec.Struct):
+    role: Literal["user", "assistant"]
+    content: str | list[TextBlock]
+
+    def plain(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(b.text for b in self.content)
+
+
+class CacheOptions(msgspec.Struct):
+    volatility: str = "static"
+    mode: Literal["semantic", "exact", "off"] = "semantic"
+    scope: Literal["user", "global"] = "user"
+
+
+class CompleteRequest(msgspec.Struct):
+    task: Task
+    user_id: Id
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_CHARS)]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    system: str | list[TextBlock] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=128_000)] = 1024
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stop_sequences: list[str] | None = None
+    tools: list[dict] | None = None
+    cache: CacheOptions = msgspec.field(default_factory=CacheOptions)
+    bot_id: Id | None = None
+
+    def system_text(self) -> str:
+        if self.system is None or isinstance(self.system, str):
+            return self.system or ""
+        return "".join(b.text for b in self.system)
+
+
+def check_complete(req: CompleteRequest, max_prompt_chars: int) -> CompleteRequest:
+    """Rules the Messages API enforces, checked before anything costs money."""
+    for i, msg in enumerate(req.messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg.role != expected:
+            raise BadRequest(f"messages must alternate user/assistant starting with user; "
+                             f"messages[{i}] is {msg.role!r}")
+        if not msg.plain().strip():
+            raise BadRequest(f"messages[{i}] has no text")
+    if req.messages[-1].role != "user":
+        raise BadRequest("the last message must be from the user")
+    size = len(req.system_text()) + sum(len(m.plain()) for m in req.messages)
+    if size > max_prompt_chars:
+        raise PayloadTooLarge(f"prompt is {size} characters; the limit is {max_prompt_chars}")
+    for text in [req.system_text(), *(m.plain() for m in req.messages)]:
+        _reject_surrogates(text, "prompt")
+    return req
+
+
+class Usage(msgspec.Struct):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class CacheInfo(msgspec.Struct):
+    status: Literal["hit", "miss", "off"]
+    match: Literal["exact", "semantic"] | None = None
+    similarity: float | None = None
+    age_s: float | None = None
+
+
+class CompleteReply(msgspec.Struct):
+    text: str
+    content: list[TextBlock]
+    model: str
+    stop_reason: str | None
+    usage: Usage
+    cost_usd: float
+    saved_usd: float
+    cache: CacheInfo

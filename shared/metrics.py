@@ -29,3 +29,13 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
     """Start the /metrics HTTP server in a daemon thread (port 0: disabled)."""
     if port:
         start_http_server(port, addr=host)
+
+llm_requests = Counter("tiermem_llm_requests", "llm.complete requests by cache outcome",
+                       ["model", "task", "bot", "status", "match"])
+llm_tokens = Counter("tiermem_llm_tokens", "Upstream tokens paid for, by kind",
+                     ["model", "task", "bot", "kind"])
+llm_cost = Counter("tiermem_llm_cost_usd", "Upstream spend in USD", ["model", "task", "bot"])
+llm_saved = Counter("tiermem_llm_saved_usd", "Spend avoided by cache hits in USD",
+                    ["model", "task", "bot"])
+llm_refused = Counter("tiermem_llm_semantic_refused",
+                      "Semantic candidates the guard refused, by reason", ["task", "reason"])

@@ -46,9 +46,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     l3_batch: int = 256
     l3_min_seq_wait_s: float = 2.0
 
+    anthropic_base_url: str = ""  # the local simulator; empty with a key: Claude itself
+    anthropic_api_key: str = ""
+    llm_timeout_s: float = 60.0
+    llm_max_retries: int = 2
+    llm_max_concurrency: int = 32
+    llm_config: str = ""  # TOML with volatility classes and prices (default: the broker's own)
+    llm_max_prompt_chars: int = 400_000
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
+
     def __repr__(self) -> str:  # hide secrets, keep the rest readable
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
-        for secret in ("embedder_api_key",):
+        for secret in ("embedder_api_key", "anthropic_api_key"):
             if shown[secret]:
                 shown[secret] = "***"
         for url in ("nats_url", "redis_url", "database_url"):

@@ -9,6 +9,7 @@ Public (other teams' clients use these; see the design's contract):
     memory.l2.get            -> l2-gateway   Redis tier
     memory.l3.get            -> l3-semantic-indexer   Postgres + pgvector
     llm.complete             -> llm-broker
+    llm.stats                -> llm-broker   running totals: calls, hits, tokens, cost, savings
     audit.stats              -> freshness-auditor
 
 Internal:
@@ -29,6 +30,7 @@ MEMORY_L2_GET = "memory.l2.get"
 MEMORY_L3_GET = "memory.l3.get"
 MEMORY_L3_FORGET = "memory.l3.forget"
 LLM_COMPLETE = "llm.complete"
+LLM_STATS = "llm.stats"
 AUDIT_STATS = "audit.stats"
 
 STREAM = "MEMORY"

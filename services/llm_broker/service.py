@@ -1,0 +1,200 @@
+"""llm-broker: answers `llm.complete` from cache when, and only when, that is right.
+
+Order of a request: validate (no upstream call for bad input) -> exact tier
+(Redis) -> semantic tier (Postgres, inside the partition, every candidate
+through the guard) -> single-flight upstream call -> store. Hits never extend
+an entry's life. `memory.changed` drives invalidation: a user's new message
+drops their entries of invalidating classes; a forget drops all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import metrics, subjects
+from shared.contract import (
+    CacheInfo, Changed, CompleteReply, CompleteRequest, TextBlock, check_complete, decoder,
+)
+from shared.embeddings import embedder_from_settings
+from shared.service import Runtime
+from shared.telemetry import tracer
+
+from . import guard, stats
+from .cache import ResponseCache
+from .policy import Config, Entry, cost_usd, exact_key, latest_user_text, new_entry, partition_key
+from .upstream import Upstream, make_client
+
+log = structlog.get_logger()
+_changed = decoder(Changed)
+
+
+class Broker:
+    """The request path; `clock` is injectable so TTL tests never sleep."""
+
+    def __init__(self, config: Config, cache: ResponseCache, upstream: Upstream, embedder,
+                 redis: Redis, max_prompt_chars: int, clock=time.time) -> None:
+        self.config = config
+        self.cache = cache
+        self.upstream = upstream
+        self.embedder = embedder
+        self.redis = redis
+        self.max_prompt_chars = max_prompt_chars
+        self.clock = clock
+        self._flights: dict[str, asyncio.Future] = {}
+
+    async def complete(self, req: CompleteRequest) -> CompleteReply:
+        check_complete(req, self.max_prompt_chars)
+        volatility = self.config.volatility_of(req.cache.volatility)
+        labels = (req.model, req.task, req.bot_id or "")
+        if req.cache.mode == "off":
+            answer, cost = await self._call(req, labels)
+            return await self._reply(req, labels, answer.text, answer.stop_reason, answer.usage,
+                                     cost, 0.0, CacheInfo(status="off"), "uncached")
+        partition = partition_key(req)
+        key = exact_key(partition, req)
+        now = self.clock()
+        entry = await self._exact(key, now)
+        if entry is not None:
+            return await self._hit(req, labels, entry, "exact", 1.0, now)
+        vector = None
+        if req.cache.mode == "semantic":
+            with tracer.start_as_current_span("embed query"):
+                vector = (await self.embedder.embed([latest_user_text(req)], input_type="query"))[0]
+            found = await self._semantic(req, partition, vector, now)
+            if found is not None:
+                return await self._hit(req, labels, found[0], "semantic", found[1], now)
+        entry, cost, leader = await self._single_flight(req, key, partition, volatility, vector,
+                                                        labels)
+        if not leader:  # answered by a concurrent identical request's upstream call
+            return await self._hit(req, labels, entry, "exact", 1.0, self.clock())
+        return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage, cost,
+                                 0.0, CacheInfo(status="miss"), "misses")
+
+    async def _exact(self, key: str, now: float) -> Entry | None:
+        try:
+            with tracer.start_as_current_span("redis get", attributes={"db.system": "redis"}):
+                entry = await self.cache.get_exact(key)
+        except (RedisError, OSError) as exc:
+            log.warning("exact_tier_unavailable", error=str(exc))
+            return None
+        return entry if entry is not None and entry.fresh(now) else None
+
+    async def _semantic(self, req: CompleteRequest, partition: str, vector, now: float):
+        with tracer.start_as_current_span("postgres nearest", attributes={"db.system": "postgresql"}):
+            try:
+                candidates = await self.cache.nearest(partition, vector, now)
+            except OSError as exc:
+                log.warning("semantic_tier_unavailable", error=str(exc))
+                return None
+        query = latest_user_text(req)
+        for cand in candidates:
+            verdict = guard.decide(query, cand.entry.query, cand.similarity,
+                                   space=self.embedder.model_id)
+            if verdict.serve and cand.entry.fresh(now):
+                log.info("semantic_hit", similarity=round(cand.similarity, 4), reason=verdict.reason)
+                return cand.entry, cand.similarity
+            metrics.llm_refused.labels(req.task, verdict.reason).inc()
+            log.info("semantic_refused", similarity=round(cand.similarity, 4), reason=verdict.reason)
+        return None
+
+    async def _single_flight(self, req, key, partition, volatility, vector, labels):
+        """One upstream call per exact key at a time; followers share its entry."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            entry, cost = await asyncio.shield(flight)
+            return entry, cost, False
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            started = self.clock()
+            answer, cost = await self._call(req, labels)
+            entry = new_entry(req, partition, answer.text, answer.stop_reason, answer.usage, cost,
+                              volatility, self.clock())
+            try:
+                stored = await self.cache.put(entry, vector, computed_at=started)
+                log.info("cached" if stored else "not_cached_user_spoke", volatility=entry.volatility)
+            except (RedisError, OSError) as exc:
+                log.warning("cache_store_failed", error=str(exc))
+            flight.set_result((entry, cost))
+            return entry, cost, True
+        except BaseException as exc:
+            flight.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            flight.exception()  # retrieved, in case nobody waits
+            raise
+        finally:
+            self._flights.pop(key, None)
+
+    async def _call(self, req: CompleteRequest, labels):
+        answer = await self.upstream.complete(req)
+        cost = cost_usd(self.config.price_of(req.model), answer.usage)
+        for kind in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                     "cache_read_input_tokens"):
+            metrics.llm_tokens.labels(*labels, kind).inc(getattr(answer.usage, kind))
+        metrics.llm_cost.labels(*labels).inc(cost)
+        return answer, cost
+
+    async def _hit(self, req, labels, entry: Entry, match: str, similarity: float, now: float):
+        info = CacheInfo(status="hit", match=match, similarity=round(similarity, 4),
+                         age_s=round(entry.age(now), 3))
+        metrics.llm_saved.labels(*labels).inc(entry.cost_usd)
+        return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage,
+                                 0.0, entry.cost_usd, info, f"hits_{match}")
+
+    async def _reply(self, req, labels, text, stop_reason, usage, cost, saved, info, outcome):
+        metrics.llm_requests.labels(*labels, info.status, info.match or "").inc()
+        try:
+            paid = outcome in ("misses", "uncached")
+            await stats.record(self.redis, outcome, usage if paid else None, cost, saved)
+        except (RedisError, OSError) as exc:
+            log.warning("stats_not_recorded", error=str(exc))
+        structlog.contextvars.bind_contextvars(cache=info.status, match=info.match)
+        return CompleteReply(text=text, content=[TextBlock(text=text)], model=req.model,
+                             stop_reason=stop_reason, usage=usage, cost_usd=round(cost, 8),
+                             saved_usd=round(saved, 8), cache=info)
+
+    async def on_changed(self, msg) -> None:
+        try:
+            event = _changed.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("bad_change_event", error=str(exc))
+            return
+        try:
+            if event.op == "forget":
+                dropped = await self.cache.forget(event.user_id)
+                log.info("llm_cache_forgot_user", user_id=event.user_id, dropped=dropped)
+            elif event.message is not None and event.message.role == "user":
+                dropped = await self.cache.invalidate(event.user_id, self.config.invalidating(),
+                                                      self.clock())
+                if dropped:
+                    log.info("llm_cache_invalidated", user_id=event.user_id, dropped=dropped)
+        except (RedisError, OSError) as exc:
+            log.error("invalidation_failed", user_id=event.user_id, error=str(exc))
+
+
+async def build(rt: Runtime, *, clock=time.time) -> Broker:
+    s = rt.settings
+    config = Config.load(s.llm_config or None)
+    embedder = embedder_from_settings(s)
+    rt.on_close(embedder.aclose)
+    redis = Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    rt.on_close(redis.aclose)
+    cache = await ResponseCache.open(redis, s.database_url, embedder.model_id)
+    rt.on_close(cache.close)
+    client = make_client(s)
+    rt.on_close(client.close)
+    broker = Broker(config, cache, Upstream(client, s, clock), embedder, redis,
+                    s.llm_max_prompt_chars, clock)
+    # One replica handles each change event: the cache is shared.
+    await rt.nc.subscribe(subjects.CHANGED_ALL, queue="llm-broker", cb=broker.on_changed)
+
+    async def get_stats(_req: stats.StatsRequest) -> stats.StatsReply:
+        return await stats.read(redis)
+
+    rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
+    rt.endpoint("stats", subjects.LLM_STATS, stats.StatsRequest, get_stats)
+    return broker

@@ -1,0 +1,442 @@
+"""What the simulator answers: request JSON in, Anthropic Message JSON out. No I/O.
+
+The reply text comes from `rules` (labels by rules over the content, free
+text derived from the request); this module validates, counts tokens, keeps
+the prompt cache and shapes the Message.
+
+Validation follows the real API: 400 `invalid_request_error` with the
+field's path in the message; consecutive same-role turns are combined (the
+API documents that), the first turn must be a user turn, `max_tokens` 0 is
+allowed (it only warms the prompt cache), a model not named `claude-*` gets
+404 `not_found_error`. Tools, tool_choice, thinking and metadata are accepted
+and ignored (tools still cost input tokens).
+
+Tokens: ceil(chars / 4) per text block (non-text blocks: their JSON; an image
+counts 1,600). `max_tokens` cuts the text at 4 chars a token (stop_reason
+"max_tokens"); a stop sequence in the text cuts it there ("stop_sequence").
+Prompt caching follows the real API: a `cache_control` breakpoint caches the
+prefix tools -> system -> messages up to and including its block when that
+prefix has at least `min_tokens`; the first request reports those tokens as
+`cache_creation_input_tokens`, a later request with the same prefix (same
+model) within the TTL (5 min, or 1 h with `ttl: "1h"`; refreshed on each
+hit) reports them as `cache_read_input_tokens`, and `input_tokens` counts
+only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from services.llm_simulator.rules import bucket, classify_intent, detect_task, free_text, score_lead
+
+CHARS_PER_TOKEN = 4
+IMAGE_TOKENS = 1600
+MAX_BREAKPOINTS = 4
+TTL_S = {"5m": 300.0, "1h": 3600.0}
+
+
+class ApiError(Exception):
+    """An error the real API would return: HTTP status, Anthropic error type, message."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.kind = kind
+
+    def body(self, request_id: str) -> dict:
+        return {"type": "error", "error": {"type": self.kind, "message": self.message},
+                "request_id": request_id}
+
+
+# --------------------------------------------------------------------------- request
+
+
+@dataclass
+class Block:
+    """One cacheable unit of the prompt: a tool, a system block or a message block."""
+
+    text: str  # what the rules read ("" for non-text blocks)
+    tokens: int
+    canonical: bytes  # what the prompt-cache prefix hash covers
+    ttl: str | None = None  # cache_control breakpoint on this block
+
+
+@dataclass
+class Turn:
+    role: str
+    blocks: list[Block]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(b.text for b in self.blocks if b.text)
+
+
+@dataclass
+class MessagesRequest:
+    model: str
+    max_tokens: int
+    tools: list[Block]
+    system: list[Block]
+    turns: list[Turn]  # consecutive same-role messages merged, like the real API
+    stop_sequences: list[str] = field(default_factory=list)
+    stream: bool = False
+
+    @property
+    def system_text(self) -> str:
+        return "\n".join(b.text for b in self.system)
+
+    def blocks(self) -> list[Block]:
+        return [*self.tools, *self.system, *(b for t in self.turns for b in t.blocks)]
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(b.tokens for b in self.blocks())
+
+    @property
+    def prefill(self) -> str:
+        return self.turns[-1].text if self.turns[-1].role == "assistant" else ""
+
+    def latest_user_text(self) -> str:
+        return next((t.text for t in reversed(self.turns) if t.role == "user"), "")
+
+
+def count_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _canonical(obj: Any) -> bytes:
+    return msgspec.json.encode(obj, order="sorted")
+
+
+def _cache_ttl(where: str, raw: dict) -> str | None:
+    cc = raw.get("cache_control")
+    if cc is None:
+        return None
+    if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
+        raise ApiError(f"{where}.cache_control.type: Input should be 'ephemeral'")
+    ttl = cc.get("ttl", "5m")
+    if ttl not in TTL_S:
+        raise ApiError(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+    return ttl
+
+
+def _text_block(where: str, raw: Any) -> Block:
+    if not isinstance(raw, dict):
+        raise ApiError(f"{where}: Input should be a valid dictionary")
+    if raw.get("type") != "text":
+        raise ApiError(f"{where}.type: Input should be 'text'")
+    text = raw.get("text")
+    if not isinstance(text, str):
+        raise ApiError(f"{where}.text: Field required" if text is None
+                       else f"{where}.text: Input should be a valid string")
+    if not text:
+        raise ApiError(f"{where}: text content blocks must be non-empty")
+    return Block(text, count_tokens(text), _canonical(["text", text]), _cache_ttl(where, raw))
+
+
+_OTHER_BLOCKS = {"image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
+                 "search_result", "server_tool_use", "web_search_tool_result"}
+
+
+def _content_block(where: str, raw: Any) -> Block:
+    if not isinstance(raw, dict):
+        raise ApiError(f"{where}: Input should be a valid dictionary")
+    kind = raw.get("type")
+    if kind == "text":
+        return _text_block(where, raw)
+    if kind not in _OTHER_BLOCKS:
+        raise ApiError(f"{where}: Input tag '{kind}' found using 'type' does not match any of "
+                       f"the expected tags")
+    body = {k: v for k, v in raw.items() if k != "cache_control"}
+    text = ""
+    if kind == "tool_result":  # its text content is part of the conversation
+        content = raw.get("content")
+        text = content if isinstance(content, str) else " ".join(
+            c.get("text", "") for c in content or [] if isinstance(c, dict))
+    tokens = IMAGE_TOKENS if kind == "image" else count_tokens(_canonical(body).decode())
+    return Block(text, tokens, _canonical(body), _cache_ttl(where, raw))
+
+
+def _number(body: dict, name: str, lo: float, hi: float | None) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(f"{name}: Input should be a valid number")
+    if value < lo:
+        raise ApiError(f"{name}: Input should be greater than or equal to {lo:g}")
+    if hi is not None and value > hi:
+        raise ApiError(f"{name}: Input should be less than or equal to {hi:g}")
+
+
+def parse_request(body: Any, *, max_output_tokens: int = 128_000) -> MessagesRequest:
+    """Validate a Messages API request body like the real API does (400 on bad input)."""
+    if not isinstance(body, dict):
+        raise ApiError("request body must be a JSON object")
+    for name in ("model", "max_tokens", "messages"):
+        if name not in body:
+            raise ApiError(f"{name}: Field required")
+
+    model = body["model"]
+    if not isinstance(model, str):
+        raise ApiError("model: Input should be a valid string")
+    if not model.startswith("claude-"):
+        raise ApiError(f"model: {model}", status=404, kind="not_found_error")
+
+    max_tokens = body["max_tokens"]
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise ApiError("max_tokens: Input should be a valid integer")
+    if max_tokens < 0:  # 0 is allowed: it pre-warms the prompt cache without generating
+        raise ApiError("max_tokens: Input should be greater than or equal to 0")
+    if max_tokens > max_output_tokens:
+        raise ApiError(f"max_tokens: {max_tokens} > {max_output_tokens}, which is the maximum "
+                       f"allowed number of output tokens for {model}")
+
+    _number(body, "temperature", 0, 1)
+    _number(body, "top_p", 0, 1)
+    top_k = body.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ApiError("top_k: Input should be a non-negative integer")
+
+    stops = body.get("stop_sequences")
+    if stops is None:
+        stops = []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError("stop_sequences: Input should be a valid list of strings")
+    if any(not s.strip() for s in stops):
+        raise ApiError("stop_sequences: each stop sequence must contain non-whitespace")
+
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError("stream: Input should be a valid boolean")
+
+    tools_raw = body.get("tools") or []
+    if not isinstance(tools_raw, list):
+        raise ApiError("tools: Input should be a valid list")
+    tools = []
+    for i, tool in enumerate(tools_raw):  # accepted and ignored, but they cost tokens
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise ApiError(f"tools.{i}.name: Field required")
+        plain = {k: v for k, v in tool.items() if k != "cache_control"}
+        blob = _canonical(plain)
+        tools.append(Block("", count_tokens(blob.decode()), blob, _cache_ttl(f"tools.{i}", tool)))
+
+    system_raw = body.get("system")
+    if system_raw is None or system_raw == "":
+        system = []
+    elif isinstance(system_raw, str):
+        system = [Block(system_raw, count_tokens(system_raw), _canonical(["text", system_raw]))]
+    elif isinstance(system_raw, list):
+        system = [_text_block(f"system.{i}", b) for i, b in enumerate(system_raw)]
+    else:
+        raise ApiError("system: Input should be a valid string or a list of text blocks")
+
+    turns = _parse_messages(body["messages"])
+    request = MessagesRequest(model, max_tokens, tools, system, turns, stops, stream)
+
+    top_cc = body.get("cache_control")
+    if top_cc is not None:  # marks the last cacheable block
+        request.blocks()[-1].ttl = _cache_ttl("request", {"cache_control": top_cc})
+    marked = sum(1 for b in request.blocks() if b.ttl)
+    if marked > MAX_BREAKPOINTS:
+        raise ApiError(f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be "
+                       f"provided. Found {marked}.")
+    if request.prefill and request.prefill != request.prefill.rstrip():
+        raise ApiError("messages: final assistant content cannot end with trailing whitespace")
+    return request
+
+
+def _parse_messages(raw: Any) -> list[Turn]:
+    if not isinstance(raw, list):
+        raise ApiError("messages: Input should be a valid list")
+    if not raw:
+        raise ApiError("messages: at least one message is required")
+    turns: list[Turn] = []
+    for i, msg in enumerate(raw):
+        where = f"messages.{i}"
+        if not isinstance(msg, dict):
+            raise ApiError(f"{where}: Input should be a valid dictionary")
+        role = msg.get("role")
+        if role not in ("user", "assistant"):
+            raise ApiError(f"{where}.role: Input should be 'user' or 'assistant'")
+        content = msg.get("content")
+        last = i == len(raw) - 1
+        if isinstance(content, str):
+            blocks = [Block(content, count_tokens(content), _canonical(["text", content]))] if content else []
+        elif isinstance(content, list):
+            blocks = [_content_block(f"{where}.content.{j}", b) for j, b in enumerate(content)]
+        elif content is None:
+            raise ApiError(f"{where}.content: Field required")
+        else:
+            raise ApiError(f"{where}.content: Input should be a valid string or list")
+        if not blocks and not (last and role == "assistant"):
+            raise ApiError(f"{where}: all messages must have non-empty content except for the "
+                           f"optional final assistant message")
+        if turns and turns[-1].role == role:
+            turns[-1].blocks.extend(blocks)  # consecutive same-role turns are combined
+        else:
+            turns.append(Turn(role, blocks))
+    if turns[0].role != "user":
+        raise ApiError('messages: first message must use the "user" role')
+    return turns
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _digest(request: MessagesRequest) -> int:
+    canon = _canonical([request.model, request.system_text,
+                        [[t.role, t.text] for t in request.turns]])
+    return int.from_bytes(hashlib.blake2b(canon, digest_size=8).digest(), "big")
+
+
+def generate(request: MessagesRequest) -> tuple[str, str]:
+    """(task, full reply text before max_tokens and stop sequences)."""
+    task = detect_task(request.system_text)
+    wants_json = "json" in request.system_text.lower()
+    if task == "intent":
+        label = classify_intent(request.latest_user_text())
+        text = msgspec.json.encode({"intent": label}).decode() if wants_json else label
+    elif task == "lead_score":
+        score = score_lead([t.text for t in request.turns if t.role == "user"])
+        if wants_json:
+            text = msgspec.json.encode({"score": score, "bucket": bucket(score)}).decode()
+        elif re.search(r"\b(?:hot|warm|cold)\b", request.system_text.lower()):
+            text = bucket(score)
+        else:
+            text = str(score)
+    else:
+        text = free_text(request.latest_user_text(), request.system_text, _digest(request))
+    prefill = request.prefill
+    if prefill and text.startswith(prefill):  # the reply continues the prefilled turn
+        text = text[len(prefill):]
+    return task, text
+
+
+# --------------------------------------------------------------------------- prompt cache
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    input_tokens: int
+    creation_tokens: int = 0
+    read_tokens: int = 0
+    creation_5m: int = 0
+    creation_1h: int = 0
+
+
+class PromptCache:
+    """Prefix hash -> expiry, like the API's ephemeral prompt cache. `now` is passed in."""
+
+    def __init__(self, min_tokens: int = 1024, max_entries: int = 100_000) -> None:
+        self.min_tokens = min_tokens
+        self.max_entries = max_entries
+        self._expiry: dict[bytes, float] = {}
+
+    def clear(self) -> None:
+        self._expiry.clear()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def account(self, request: MessagesRequest, now: float) -> CacheUsage:
+        total = request.input_tokens
+        points: list[tuple[bytes, int, str]] = []  # (prefix hash, prefix tokens, ttl) per breakpoint
+        digest = hashlib.blake2b(request.model.encode(), digest_size=16)
+        tokens = 0
+        for block in request.blocks():
+            digest.update(hashlib.blake2b(block.canonical, digest_size=16).digest())
+            tokens += block.tokens
+            if block.ttl:
+                points.append((digest.copy().digest(), tokens, block.ttl))
+        if not points:
+            return CacheUsage(total)
+
+        hit = -1
+        for i in range(len(points) - 1, -1, -1):  # longest cached prefix wins
+            key, _, ttl = points[i]
+            if self._expiry.get(key, -math.inf) > now:
+                self._expiry[key] = now + TTL_S[ttl]  # a hit refreshes the TTL
+                hit = i
+                break
+        read = points[hit][1] if hit >= 0 else 0
+
+        created = {"5m": 0, "1h": 0}
+        covered = read
+        for key, prefix_tokens, ttl in points[hit + 1:]:
+            if prefix_tokens < self.min_tokens:
+                continue  # too short to cache, like the real API (no error)
+            self._store(key, now + TTL_S[ttl], now)
+            created[ttl] += prefix_tokens - covered
+            covered = prefix_tokens
+        creation = created["5m"] + created["1h"]
+        return CacheUsage(total - read - creation, creation, read, created["5m"], created["1h"])
+
+    def _store(self, key: bytes, expiry: float, now: float) -> None:
+        if len(self._expiry) >= self.max_entries:
+            for k in [k for k, e in self._expiry.items() if e <= now]:
+                del self._expiry[k]
+            while len(self._expiry) >= self.max_entries:  # still full: drop the oldest inserted
+                del self._expiry[next(iter(self._expiry))]
+        self._expiry[key] = expiry
+
+
+# --------------------------------------------------------------------------- response
+
+
+@dataclass(frozen=True)
+class Reply:
+    task: str
+    text: str
+    stop_reason: str
+    stop_sequence: str | None
+    output_tokens: int
+    usage: CacheUsage
+
+    def message(self, msg_id: str, model: str) -> dict:
+        return {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": self.text}] if self.text else [],
+            "stop_reason": self.stop_reason,
+            "stop_sequence": self.stop_sequence,
+            "usage": self.usage_json(),
+        }
+
+    def usage_json(self) -> dict:
+        return {
+            "input_tokens": self.usage.input_tokens,
+            "cache_creation_input_tokens": self.usage.creation_tokens,
+            "cache_read_input_tokens": self.usage.read_tokens,
+            "cache_creation": {"ephemeral_5m_input_tokens": self.usage.creation_5m,
+                               "ephemeral_1h_input_tokens": self.usage.creation_1h},
+            "output_tokens": self.output_tokens,
+            "service_tier": "standard",
+        }
+
+
+def finish(text: str, max_tokens: int, stop_sequences: list[str]) -> tuple[str, str, str | None]:
+    """Apply stop sequences and max_tokens: (text, stop_reason, stop_sequence)."""
+    limit = max_tokens * CHARS_PER_TOKEN
+    first = min(((text.find(s), s) for s in stop_sequences if s in text), default=None)
+    if first is not None and first[0] < limit:
+        return text[:first[0]], "stop_sequence", first[1]
+    if len(text) > limit:
+        return text[:limit], "max_tokens", None
+    return text, "end_turn", None
+
+
+def respond(request: MessagesRequest, cache: PromptCache, now: float) -> Reply:
+    task, full = generate(request)
+    text, stop_reason, stop_sequence = finish(full, request.max_tokens, request.stop_sequences)
+    output_tokens = 0 if request.max_tokens == 0 else max(1, count_tokens(text))
+    return Reply(task, text, stop_reason, stop_sequence, output_tokens, cache.account(request, now))
