@@ -658,3 +658,37 @@ def _psql(bins: Path, port: int, sql: str, *, db: str) -> str:
     if out.returncode != 0:
         raise ServerStartError(f"psql {sql!r} failed: {out.stderr.strip()}")
     return out.stdout.strip()
+
+
+def start_simulator(
+    folder: Path | str,
+    *,
+    port: int | None = None,
+    log_path: Path | str | None = None,
+    timeout: float = 30.0,
+    die_with_parent: bool = False,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """The local Anthropic-compatible simulator (services.llm_simulator), for runs without a key."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = Path(log_path) if log_path else folder / "llm-simulator.log"
+
+    def build(p: int):
+        cmd = [sys.executable, "-m", "services.llm_simulator", "--port", str(p)]
+
+        def probe(proc) -> bool:
+            try:
+                with socket.create_connection((HOST, p), timeout=1) as s:
+                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    return b"200" in s.recv(64)
+            except OSError:
+                return False
+
+        kwargs = {"cwd": str(Path(__file__).resolve().parents[1])}
+        if env is not None:
+            kwargs["env"] = env
+        return cmd, kwargs, probe, f"http://{HOST}:{p}"
+
+    return _start("llm-simulator", port=port, build=build, log_path=log, data_dir=folder,
+                  stop_signal=signal.SIGTERM, timeout=timeout, die_with_parent=die_with_parent)

@@ -48,6 +48,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("memory-l1", "services.memory_l1"),
     ServiceSpec("l2-gateway", "services.l2_gateway"),
     ServiceSpec("l3-semantic-indexer", "services.l3_semantic_indexer"),
+    ServiceSpec("llm-broker", "services.llm_broker"),
 )
 
 # (server name, env var that points at an existing server instead, starter)
@@ -55,6 +56,8 @@ SERVERS = (
     ("nats", "NATS_URL", servers.start_nats),
     ("redis", "REDIS_URL", servers.start_redis),
     ("postgres", "DATABASE_URL", servers.start_postgres),
+    # The Claude API stand-in; not started when ANTHROPIC_API_KEY is set (Claude itself).
+    ("llm-simulator", "ANTHROPIC_BASE_URL", servers.start_simulator),
 )
 
 DEFAULT_UP_TIMEOUT = 60.0  # the l3 indexer loads an embedding model
@@ -213,8 +216,12 @@ def _start_servers(state: _State, root: Path) -> dict[str, str]:
     env: dict[str, str] = {}
     for name, var, start in SERVERS:
         given = os.environ.get(var)
+        if var == "ANTHROPIC_BASE_URL" and not given and os.environ.get("ANTHROPIC_API_KEY"):
+            _say(f"{name:<9} not started: ANTHROPIC_API_KEY is set, the llm-broker calls Claude")
+            continue
         if given:
-            _check_reachable(var, given)
+            if var in _DEFAULT_PORTS:
+                _check_reachable(var, given)
             env[var] = given
             _say(f"{name:<9} using {var}={given}")
             continue
@@ -267,7 +274,7 @@ def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: di
         cmd = [sys.executable, "-m", spec.module]
         log_path = logs / f"{spec.name}.log"
         since = log_path.stat().st_size if log_path.exists() else 0
-        child_env = {**os.environ, **{k: env[k] for k in ("NATS_URL", "REDIS_URL", "DATABASE_URL")},
+        child_env = {**os.environ, **{var: env[var] for _, var, _ in SERVERS if var in env},
                      "METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"}
         proc = servers.spawn(spec.name, cmd, log_path=log_path, env=child_env, cwd=REPO_ROOT)
         metrics_url = f"http://{servers.HOST}:{port}/metrics"
