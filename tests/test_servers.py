@@ -18,7 +18,7 @@ import pytest
 from shared import servers, stack
 
 REPO = Path(__file__).resolve().parents[1]
-URL_VARS = ("NATS_URL", "REDIS_URL", "DATABASE_URL")
+URL_VARS = ("NATS_URL", "REDIS_URL", "DATABASE_URL", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -243,7 +243,7 @@ def test_stack_up_writes_env_and_down_leaves_no_process(tmp_path, redis_url):
     assert env["NATS_URL"].startswith("nats://127.0.0.1:") and env["NATS_URL"] != "nats://127.0.0.1:4222"
     assert env["DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
     recorded = json.loads((state / "stack.json").read_text())["processes"]
-    assert sorted(p["name"] for p in recorded) == ["nats", "postgres"]
+    assert sorted(p["name"] for p in recorded) == ["llm-simulator", "nats", "postgres"]
     assert all(servers.process_alive(p["pid"], p["start_time"]) for p in recorded)
     assert _stack(["status"], state).returncode == 0
 
@@ -302,6 +302,7 @@ def _in_thread(fn, *args, **kwargs):
 def test_stack_up_waits_for_every_service_ping_then_down_stops_them(tmp_path, monkeypatch, server_env):
     for k, v in server_env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "unused")  # no simulator: only the fakes start
     _fake_services(tmp_path, monkeypatch, {"fake-a": FAKE_SERVICE, "fake-b": FAKE_SERVICE})
     state = tmp_path / "state"
 
