@@ -1,0 +1,352 @@
+"""memory-l1 against a real NATS, with a fake L2 that answers from a dict and counts calls.
+
+The sidecar runs in this process (`build` gets the test's `WindowStore`, so a
+test can wait until an event has been applied instead of sleeping); the fake
+L2 is a plain subscription on `memory.l2.get`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+import nats
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
+
+from services.memory_l1.service import build
+from services.memory_l1.window import WindowStore
+from shared import subjects, telemetry
+from shared.contract import Changed, GetReply, GetRequest, Message, encode
+from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
+from shared.servers import start_nats
+from tests.helpers import call, ok, running
+
+_request = msgspec.json.Decoder(GetRequest)
+
+
+def msg(seq: int) -> Message:
+    return Message(seq=seq, msg_id=f"m{seq}", role="user", bot_id="bot", text=f"text {seq}",
+                   ts="2026-11-26T07:00:00.000Z")
+
+
+class FakeL2:
+    """Answers `memory.l2.get` from `users` (tier "l2"), recording every request."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, list[Message]] = {}
+        self.calls: list[GetRequest] = []
+        self.delay = 0.0
+        self.error: tuple[int, str] | None = None
+        self.nc = None
+
+    def add(self, user: str, *seqs: int) -> int:
+        self.users.setdefault(user, []).extend(msg(s) for s in seqs)
+        return self.users[user][-1].seq
+
+    def calls_for(self, user: str) -> list[GetRequest]:
+        return [c for c in self.calls if c.user_id == user]
+
+    async def handle(self, m) -> None:
+        req = _request.decode(m.data)
+        self.calls.append(req)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error:
+            code, text = self.error
+            await self.nc.publish(m.reply, encode({"error": {"code": code, "message": text}}),
+                                  headers={ERROR_HEADER: text, ERROR_CODE_HEADER: str(code)})
+            return
+        msgs = self.users.get(req.user_id, [])
+        seq = msgs[-1].seq if msgs else 0
+        if req.op == "search":
+            found = [Message(**{**msgspec.structs.asdict(x), "score": 0.5}) for x in msgs[:req.k]]
+            reply = GetReply(req.user_id, "l3", seq, found)
+        else:
+            reply = GetReply(req.user_id, "l2", seq, msgs[-req.n:])
+        await m.respond(encode(reply))
+
+
+@dataclass
+class L1:
+    nc: object
+    store: WindowStore
+    l2: FakeL2
+    direct: str
+
+    async def get(self, user: str, *, subject: str | None = None, **body) -> dict:
+        return await ok(self.nc, subject or self.direct, {"user_id": user, **body})
+
+    async def publish(self, event: Changed) -> None:
+        await self.nc.publish(subjects.changed_subject(event.user_id), encode(event))
+        await self.nc.flush()
+
+    async def until(self, condition, timeout: float = 5.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, "timed out"
+            await asyncio.sleep(0.005)
+
+
+async def start_l1(nats_url: str, **settings):
+    l1_id = f"t{uuid.uuid4().hex[:10]}"
+    env = {"NATS_URL": nats_url, "L1_ID": l1_id, "LOG_LEVEL": "warning",
+           **{k.upper(): str(v) for k, v in settings.items()}}
+    store = WindowStore(int(env.get("L1_WINDOW", 10)), int(env.get("L1_MAX_USERS", 50_000)))
+    l2 = FakeL2()
+    nc = await nats.connect(nats_url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        l2.nc = nc
+        await nc.subscribe(subjects.MEMORY_L2_GET, cb=l2.handle)
+        await nc.flush()
+        async with running("memory-l1", functools.partial(build, store=store), env):
+            yield L1(nc, store, l2, subjects.memory_get_direct(l1_id))
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def l1(nats_url):
+    async for sidecar in start_l1(nats_url):
+        yield sidecar
+
+
+@pytest.fixture
+async def small_l1(nats_url):
+    async for sidecar in start_l1(nats_url, l1_max_users=3):
+        yield sidecar
+
+
+def user() -> str:
+    return f"lead-{uuid.uuid4().hex[:8]}"
+
+
+def seqs(reply: dict) -> list[int]:
+    return [m["seq"] for m in reply["messages"]]
+
+
+def counted(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(f"tiermem_memory_{name}_total", labels) or 0.0
+
+
+async def test_a_first_read_is_passed_to_l2_and_fills_the_window_for_the_next(l1):
+    u = user()
+    l1.l2.add(u, *range(1, 31))
+    misses, hits = counted("passed_down", tier="l1", reason="miss"), counted(
+        "answers", tier="l1", op="recent")
+
+    first = await l1.get(u, n=3)
+    assert first["tier"] == "l2" and first["seq"] == 30 and seqs(first) == [28, 29, 30]
+    assert [(c.op, c.n) for c in l1.l2.calls_for(u)] == [("recent", 10)]  # asked for a window
+
+    second = await l1.get(u, n=10)
+    assert second["tier"] == "l1" and second["seq"] == 30 and seqs(second) == list(range(21, 31))
+    assert len(l1.l2.calls_for(u)) == 1
+    assert counted("passed_down", tier="l1", reason="miss") == misses + 1
+    assert counted("answers", tier="l1", op="recent") == hits + 1
+
+
+async def test_a_user_with_few_messages_is_served_whole_from_l1(l1):
+    u = user()
+    l1.l2.add(u, 4, 7)
+    await l1.get(u, n=1)
+    reply = await l1.get(u, n=10)
+    assert reply["tier"] == "l1" and seqs(reply) == [4, 7]
+
+
+async def test_a_change_event_keeps_the_window_fresh_for_read_your_writes(l1):
+    u = user()
+    l1.l2.add(u, *range(1, 13))
+    await l1.get(u, n=5)
+    await l1.publish(Changed(op="append", user_id=u, seq=40, prev_seq=12, count=13, message=msg(40)))
+    await l1.until(lambda: l1.store.window(u).seq == 40)
+
+    reply = await l1.get(u, n=2, min_seq=40)
+    assert reply["tier"] == "l1" and reply["seq"] == 40 and seqs(reply) == [12, 40]
+    assert len(l1.l2.calls_for(u)) == 1
+
+
+async def test_a_read_behind_min_seq_is_passed_down_and_refills(l1):
+    u = user()
+    l1.l2.add(u, 1, 2, 3)
+    await l1.get(u, n=3)
+    l1.l2.add(u, 5)  # appended, but this sidecar has not seen the event yet
+    reply = await l1.get(u, n=3, min_seq=5)
+    assert reply["tier"] == "l2" and seqs(reply) == [2, 3, 5]
+    assert l1.l2.calls_for(u)[-1].min_seq == 5
+    again = await l1.get(u, n=4, min_seq=5)
+    assert again["tier"] == "l1" and seqs(again) == [1, 2, 3, 5]
+
+
+async def test_a_gap_in_the_events_sends_the_next_read_to_l2(l1):
+    u = user()
+    l1.l2.add(u, *range(1, 11))
+    await l1.get(u, n=5)
+    l1.l2.add(u, 11, 12)
+    await l1.publish(Changed(op="append", user_id=u, seq=12, prev_seq=11, count=12, message=msg(12)))
+    await l1.until(lambda: l1.store.window(u) is None)
+
+    reply = await l1.get(u, n=5)
+    assert reply["tier"] == "l2" and seqs(reply) == [8, 9, 10, 11, 12]
+    assert len(l1.l2.calls_for(u)) == 2
+
+
+async def test_forget_drops_the_window(l1):
+    u = user()
+    l1.l2.add(u, 1, 2, 3)
+    await l1.get(u, n=3)
+    l1.l2.users[u] = []
+    await l1.publish(Changed(op="forget", user_id=u, seq=9, prev_seq=0, count=0))
+    await l1.until(lambda: l1.store.window(u) is None)
+
+    reply = await l1.get(u, n=3)
+    assert reply["tier"] == "l2" and reply["messages"] == []
+
+
+async def test_the_queue_group_subject_and_this_sidecars_subject_both_answer(l1):
+    u = user()
+    l1.l2.add(u, 1, 2)
+    assert (await l1.get(u, n=2, subject=subjects.MEMORY_GET))["tier"] == "l2"
+    assert (await l1.get(u, n=2, subject=l1.direct))["tier"] == "l1"
+
+
+async def test_search_and_more_than_the_window_are_forwarded_as_they_are(l1):
+    u = user()
+    l1.l2.add(u, *range(1, 31))
+    found = await l1.get(u, op="search", query="house", k=2)
+    assert found["tier"] == "l3" and [m["score"] for m in found["messages"]] == [0.5, 0.5]
+    many = await l1.get(u, n=25)
+    assert many["tier"] == "l2" and seqs(many) == list(range(6, 31))
+    assert [(c.op, c.n) for c in l1.l2.calls_for(u)] == [("search", 10), ("recent", 25)]
+    assert l1.store.window(u) is None  # neither fills a window
+    assert (await l1.get(u, n=1))["tier"] == "l2"
+
+
+async def test_concurrent_misses_for_one_user_share_one_l2_read(l1):
+    u = user()
+    l1.l2.add(u, *range(1, 21))
+    l1.l2.delay = 0.1
+    replies = await asyncio.gather(*(l1.get(u, n=n) for n in (1, 3, 5, 10, 2)))
+    assert [len(r["messages"]) for r in replies] == [1, 3, 5, 10, 2]
+    assert all(r["tier"] == "l2" and r["seq"] == 20 for r in replies)
+    assert len(l1.l2.calls_for(u)) == 1
+
+
+async def test_an_l2_error_reaches_the_caller_with_its_code_and_fills_nothing(l1):
+    u = user()
+    l1.l2.error = (503, "no tier can answer")
+    code, body = await call(l1.nc, l1.direct, {"user_id": u, "n": 3})
+    assert code == 503 and body["error"]["code"] == 503
+    assert l1.store.window(u) is None
+    l1.l2.error = None
+    l1.l2.add(u, 1)
+    assert (await l1.get(u, n=1))["tier"] == "l2"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"user_id": "lead-1", "n": ',  # malformed JSON
+    b'{"user_id": "lead-1", "n": 0}',
+    b'{"user_id": "lead-1", "n": 1001}',
+    b'{"n": 5}',  # no user_id
+    b'{"user_id": "lead-1", "op": "summarize"}',
+    b'{"user_id": "lead-\xff"}',  # not UTF-8
+    b'{"user_id": "lead 1"}',  # not a valid id
+    b'{"user_id": "lead-1", "op": "search"}',  # search without a query
+    b'[]',
+], ids=["malformed", "n=0", "n=1001", "no-user", "unknown-op", "bad-utf8", "bad-id",
+        "search-no-query", "not-an-object"])
+async def test_bad_input_gets_400_and_the_sidecar_keeps_answering(l1, body):
+    msg = await l1.nc.request(l1.direct, body, timeout=5)
+    assert msg.headers[ERROR_CODE_HEADER] == "400"
+    assert msg.headers[ERROR_HEADER]
+    error = msgspec.json.decode(msg.data)["error"]
+    assert error["code"] == 400 and error["message"]
+    assert not l1.l2.calls
+
+    u = user()
+    l1.l2.add(u, 1)
+    assert (await l1.get(u, n=1))["tier"] == "l2"
+
+
+async def test_the_lru_bound_is_respected(small_l1):
+    l1 = small_l1
+    users = [user() for _ in range(5)]
+    for i, u in enumerate(users):
+        l1.l2.add(u, i + 1)
+        await l1.get(u, n=1)
+    assert len(l1.store) == 3
+    for u in reversed(users[2:]):  # the three most recent are still here
+        assert (await l1.get(u, n=1))["tier"] == "l1"
+    for u in users[:2]:
+        assert (await l1.get(u, n=1))["tier"] == "l2"
+    assert len(l1.store) == 3
+
+
+async def test_a_reconnect_drops_every_window_since_events_may_be_lost(tmp_path):
+    server = start_nats(tmp_path / "nats", die_with_parent=True)
+    try:
+        async for l1 in start_l1(server.url):
+            u = user()
+            l1.l2.add(u, 1, 2)
+            await l1.get(u, n=2)
+            assert (await l1.get(u, n=2))["tier"] == "l1"
+
+            server.stop()  # a forget published now would never reach the sidecar
+            server = start_nats(tmp_path / "nats", port=server.port, die_with_parent=True)
+            reply = None
+            for _ in range(100):
+                try:
+                    msg = await l1.nc.request(l1.direct, encode({"user_id": u, "n": 2}), timeout=0.5)
+                    reply = msgspec.json.decode(msg.data)
+                    break
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    await asyncio.sleep(0.05)
+            assert reply is not None and reply["tier"] == "l2"
+            assert len(l1.l2.calls_for(u)) == 2
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def spans():
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    yield exporter
+    processor.shutdown()
+
+
+async def test_a_hit_is_in_the_callers_trace_and_skips_the_span_when_not_sampled(l1, spans):
+    u = user()
+    l1.l2.add(u, 1, 2)
+    body = encode({"user_id": u, "n": 2})
+    process = f"{l1.direct} process"
+
+    def served(parent=None) -> list:
+        return [s for s in spans.get_finished_spans() if s.name == process
+                and (parent is None or (s.parent and s.parent.span_id == parent))]
+
+    await l1.get(u, n=2)  # a miss: the full path, with its span
+    await l1.until(lambda: served())
+    with telemetry.tracer.start_as_current_span("caller") as caller:
+        msg = await l1.nc.request(l1.direct, body, headers=telemetry.inject(), timeout=5)
+    assert b'"tier":"l1"' in msg.data
+    await l1.until(lambda: served(caller.get_span_context().span_id))
+
+    spans.clear()
+    unsampled = {"traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-00"}
+    msg = await l1.nc.request(l1.direct, body, headers=unsampled, timeout=5)
+    assert b'"tier":"l1"' in msg.data
+    await asyncio.sleep(0.05)
+    assert not served()
