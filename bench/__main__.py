@@ -1,16 +1,21 @@
-"""`python -m bench [--quick] [--out bench/results]`: run the memory benchmark, write the report.
+"""`python -m bench [--quick] [--only memory|llm|all] [--out bench/results]`: run the benchmarks, write the reports.
 
-Starts its own stack (servers and services as separate processes, in a temp
-state folder) unless `--stack-env` points at a running one, and stops what
-it started on success, failure, Ctrl-C or SIGTERM. Exit code: 0 when every
-target passed, 1 when a target failed or a measurement was skipped, 2 when
-the run itself failed, 130 when interrupted.
+`memory` is the memory tiers (bench/memory.py, `memory.md`), `llm` the
+llm-broker (bench/llm.py, `llm.md`); `all` runs both, llm after memory, on one
+stack. Starts its own stack (servers and services as separate processes, in a
+temp state folder, the LLM simulator with a 5 ms median latency unless
+`SIMULATOR_LATENCY_*` say otherwise) unless `--stack-env` points at a running
+one, and stops what it started on success, failure, Ctrl-C or SIGTERM. Exit
+code: 0 when every target passed, 1 when a target failed or a measurement was
+skipped, 2 when the run itself failed, 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import signal
 import sys
 import time
@@ -18,8 +23,9 @@ from pathlib import Path
 
 import uvloop
 
+from bench import llm as llm_mod
 from bench import report as report_mod
-from bench.memory import Bench, Options
+from bench.memory import Bench, Options, Stack
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -27,7 +33,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="10k messages over 100 users and fewer samples (about a minute)")
+                   help="10k messages over 100 users, 1,000 dev pairs and fewer samples (a few minutes)")
+    p.add_argument("--only", choices=("memory", "llm", "all"), default="all",
+                   help="which benchmark to run (default all: memory, then llm, on one stack)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--stack-env", type=Path,
                    help="use the running stack described by this stack.env instead of starting one")
@@ -47,36 +55,70 @@ def main(argv: list[str] | None = None) -> int:
     def say(line: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {line}", flush=True)
 
+    # The simulator stands in for Claude; its default latency (0.8 s median) would only make
+    # the bench's misses slow. Only read when the bench starts the stack.
+    os.environ.setdefault("SIMULATOR_LATENCY_MEDIAN_S", "0.005")
+    os.environ.setdefault("SIMULATOR_LATENCY_P95_S", "0.01")
     try:
-        rep = uvloop.run(_run(opts, say))
+        rep, llm_rep = uvloop.run(_run(opts, say, args.only))
     except KeyboardInterrupt:
         say("interrupted; everything the bench started has been stopped")
         return 130
     except Exception as exc:  # noqa: BLE001 - one clear line, then the exit code
         say(f"bench failed: {type(exc).__name__}: {exc}")
         return 2
-    paths = report_mod.write(rep, args.out)
+    paths, bad = [], False
     print()
-    for r in rep.results:
-        print("  " + report_mod.result_line(r))
-        for t in r.targets:
-            print(f"      {'PASS' if t.passed else 'FAIL'}  {t.text} ({t.observed})")
+    if rep is not None:
+        paths += report_mod.write(rep, args.out)
+        for r in rep.results:
+            print("  " + report_mod.result_line(r))
+            for t in r.targets:
+                print(f"      {'PASS' if t.passed else 'FAIL'}  {t.text} ({t.observed})")
+        bad |= any(r.skipped or any(not t.passed for t in r.targets) for r in rep.results)
+    if llm_rep is not None:
+        paths += llm_mod.write(llm_rep, args.out)
+        for line in llm_mod.console_lines(llm_rep):
+            print(line)
+        bad |= any(llm_mod.counts_as_failure(r) for r in llm_rep.results)
     print()
     for path in paths:
         print(f"wrote {path}")
-    failed = any(not t.passed for r in rep.results for t in r.targets)
-    skipped = any(r.skipped for r in rep.results)
-    return 1 if failed or skipped else 0
+    return 1 if bad else 0
 
 
-async def _run(opts: Options, say):
+async def _run(opts: Options, say, only: str = "memory"):
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, task.cancel)  # SIGTERM cleans up like Ctrl-C
     try:
-        return await Bench(opts, say).run()
+        if only == "memory":
+            return await Bench(opts, say).run(), None
+        return await _with_llm(opts, say, only == "all")
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
+
+
+async def _with_llm(opts: Options, say, memory_too: bool):
+    """One stack for both: started here (or borrowed); the memory bench borrows it via its stack.env."""
+    stack = Stack(opts, say)
+    rep = None
+    try:
+        await stack.start()
+        if memory_too:
+            borrowed = dataclasses.replace(opts, stack_env=stack.root / "stack.env") if stack.root else opts
+            rep = await Bench(borrowed, say).run()
+            rep.options = opts
+            stack.keep_logs |= any(r.skipped.startswith("failed") for r in rep.results)
+        say("llm-broker benchmark")
+        llm_rep = await llm_mod.LlmBench(opts, stack.env, say, stack_problem=stack.problem).run()
+        stack.keep_logs |= any(r.skipped.startswith("failed") for r in llm_rep.results)
+    except BaseException:
+        stack.keep_logs = True
+        raise
+    finally:
+        await asyncio.shield(asyncio.to_thread(stack.stop))
+    return rep, llm_rep
 
 
 if __name__ == "__main__":

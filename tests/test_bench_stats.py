@@ -8,6 +8,8 @@ import random
 import numpy as np
 import pytest
 
+from bench.llm import DevTally, counts_as_failure, read_mrpc, sample_pairs, variants, wilson
+from bench.memory import Result, Target
 from bench.stats import Summary, fmt_ratio, fmt_us, markdown_table, percentile, ratio, summarize
 
 
@@ -74,3 +76,63 @@ def test_markdown_table_aligns_columns_and_escapes_pipes():
 def test_markdown_table_rejects_ragged_rows():
     with pytest.raises(ValueError):
         markdown_table(["a", "b"], [["only one"]])
+
+
+# --------------------------------------------------------------------------- bench/llm.py's pure helpers
+
+
+def test_read_mrpc_strips_the_bom_keeps_quotes_and_skips_bad_rows(tmp_path):
+    path = tmp_path / "mrpc.txt"
+    path.write_bytes("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n"
+                     '1\t11\t12\tHe said "the witness" lied.\t"The witness" lied, he said.\r\n'
+                     "0\t21\t22\tPrices rose 3%.\tPrices fell 3%.\n"
+                     "x\t31\t32\tbad quality\tbad\n"
+                     "1\t41\tonly four fields\tz\n".encode("utf-8"))
+    pairs = read_mrpc(path)
+    assert [(p.quality, p.id1, p.id2) for p in pairs] == [(1, "11", "12"), (0, "21", "22")]
+    assert pairs[0].s1 == 'He said "the witness" lied.' and pairs[0].s2 == '"The witness" lied, he said.'
+
+
+def test_sample_pairs_is_deterministic_in_file_order_and_all_when_asked():
+    pairs = list(range(50))
+    a, b = sample_pairs(pairs, 20, seed=42), sample_pairs(pairs, 20, seed=42)
+    assert a == b and len(a) == 20 and a == sorted(a)
+    assert sample_pairs(pairs, 20, seed=7) != a
+    assert sample_pairs(pairs, None, seed=42) == pairs == sample_pairs(pairs, 500, seed=42)
+
+
+def test_wilson_interval_contains_the_rate_and_is_honest_at_the_edges():
+    lo, hi = wilson(3, 304)
+    assert lo < 3 / 304 < hi and hi > 0.01  # 3 of 304 does not prove "<= 1 %"
+    assert wilson(0, 100)[0] == 0.0 and 0 < wilson(0, 100)[1] < 0.05
+    assert wilson(100, 100)[1] == pytest.approx(1.0) and wilson(100, 100)[0] > 0.95
+    assert wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson(5, 4)
+
+
+def test_dev_tally_rates():
+    t = DevTally()
+    for quality, hit in [(1, True)] * 8 + [(1, False)] * 2 + [(0, True)] + [(0, False)] * 99:
+        t.add(quality, hit)
+    r = t.rates()
+    assert (t.paraphrases, t.negatives, r["served"]) == (10, 100, 9)
+    assert r["hit_rate"] == pytest.approx(0.8) and r["false_hit_rate"] == pytest.approx(0.01)
+    assert r["precision"] == pytest.approx(8 / 9)
+    assert math.isnan(DevTally().rates()["precision"])
+
+
+def test_variants_differ_from_the_question():
+    q = "Is the house on Main Street still available?"
+    out = variants(q, "Is the house on Main Street available still?")
+    assert len(out) == 9 and all(text != q for _, text in out)
+    # a rewording equal to the question is dropped, not sent as a "semantic" probe
+    assert all(t != "no punctuation" for _, t in variants("no punctuation", "no punctuation"))
+
+
+def test_only_absent_dev_data_is_an_acceptable_skip():
+    assert not counts_as_failure(Result(key="llm_dev", title="dev", skipped="no dev data (absent)"))
+    assert counts_as_failure(Result(key="llm_dev", title="dev", skipped="failed: TimeoutError"))
+    assert counts_as_failure(Result(key="llm_exact", title="exact", skipped="no dev data"))
+    assert counts_as_failure(Result(key="x", title="x", targets=[Target("t", False, "")]))
+    assert not counts_as_failure(Result(key="x", title="x", targets=[Target("t", True, "")]))

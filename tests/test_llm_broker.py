@@ -292,7 +292,11 @@ async def test_llm_stats_add_up(broker):
     a = await ok(nc, subjects.LLM_COMPLETE, req("Is it available?"))
     b = await ok(nc, subjects.LLM_COMPLETE, req("Is it available?"))
     c = await ok(nc, subjects.LLM_COMPLETE, req("Cache off please?", mode="off"))
-    stats = await ok(nc, subjects.LLM_STATS, {})
+    for _ in range(50):  # totals are written just after each reply
+        stats = await ok(nc, subjects.LLM_STATS, {})
+        if stats["requests"] == 3:
+            break
+        await asyncio.sleep(0.02)
     assert stats["requests"] == 3 and stats["hits_exact"] == 1
     assert stats["misses"] == 1 and stats["uncached"] == 1 and stats["upstream_calls"] == 2
     assert stats["cost_usd"] == pytest.approx(a["cost_usd"] + c["cost_usd"])
