@@ -302,3 +302,18 @@ async def test_llm_stats_add_up(broker):
     assert stats["cost_usd"] == pytest.approx(a["cost_usd"] + c["cost_usd"])
     assert stats["saved_usd"] == pytest.approx(b["saved_usd"])
     assert stats["input_tokens"] == a["usage"]["input_tokens"] + c["usage"]["input_tokens"]
+
+
+async def test_long_system_prompt_uses_prompt_caching_at_the_discounted_price(broker):
+    nc, sim, _, _ = broker
+    system = "You are a careful real-estate assistant. " * 150  # ~6,000 chars, over the minimum
+    first = await ok(nc, subjects.LLM_COMPLETE, req("Tell me about the area?", mode="off", system=system))
+    second = await ok(nc, subjects.LLM_COMPLETE, req("And the schools?", mode="off", system=system))
+    assert first["usage"]["cache_creation_input_tokens"] > 0
+    assert second["usage"]["cache_read_input_tokens"] == first["usage"]["cache_creation_input_tokens"]
+    price = Config.load().price_of("claude-haiku-4-5")
+    assert second["cost_usd"] == pytest.approx(cost_usd(price, Usage(**second["usage"])), abs=1e-8)
+    uncached = Usage(input_tokens=second["usage"]["input_tokens"]
+                     + second["usage"]["cache_read_input_tokens"],
+                     output_tokens=second["usage"]["output_tokens"])
+    assert second["cost_usd"] < cost_usd(price, uncached)

@@ -153,7 +153,9 @@ class Broker:
         task = asyncio.create_task(self._record(outcome, usage if paid else None, cost, saved))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
-        structlog.contextvars.bind_contextvars(cache=info.status, match=info.match)
+        (log.debug if info.status == "hit" else log.info)(
+            "llm_answer", cache=info.status, match=info.match, similarity=info.similarity,
+            task=req.task, model=req.model, cost_usd=cost, saved_usd=saved)
         return CompleteReply(text=text, content=[TextBlock(text=text)], model=req.model,
                              stop_reason=stop_reason, usage=usage, cost_usd=round(cost, 8),
                              saved_usd=round(saved, 8), cache=info)
