@@ -215,6 +215,23 @@ async def test_services_survive_a_quiet_log(stack, loaded):
         os.kill(record["pid"], 0)  # raises if the process is gone
 
 
+async def test_every_service_serves_prometheus_metrics(stack, loaded):
+    import httpx
+
+    from shared.stack import load_env
+
+    env = load_env(stack["state"])
+    urls = {k: v for k, v in env.items() if k.endswith("_METRICS_URL")}
+    assert len(urls) >= 4
+    async with httpx.AsyncClient() as http:
+        for name, url in urls.items():
+            text = (await http.get(url, timeout=5)).text
+            assert "tiermem_requests_total" in text or "tiermem_llm" in text, name
+        l2 = (await http.get(env["L2_GATEWAY_METRICS_URL"], timeout=5)).text
+        assert 'tiermem_requests_total{code="200",endpoint="append",service="l2-gateway"}' in l2
+        assert 'tiermem_memory_answers_total{op="recent",tier="l2"}' in l2
+
+
 async def test_indexer_killed_mid_stream_leaves_every_message_exactly_once(stack, loaded):
     """Runs last: it replaces the stack's indexer with one of its own."""
     env = stack["env"]
