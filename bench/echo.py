@@ -5,8 +5,8 @@
                                                      decode a GetRequest, reply an empty GetReply
 
 The first is the bare request/reply round trip. The second is the floor of
-our service framework (nats.micro, decode, span, metrics, encode) with no
-work inside, which splits a tier's overhead into "framework" and "the tier's
+our service framework (nats.micro, a task, decode, metrics, encode; a span
+only when spans are exported) with no work inside, which splits a tier's overhead into "framework" and "the tier's
 own work". Both print `ready` once the server has the subscription and exit
 on SIGTERM/SIGINT (and, started by the bench, when the bench dies).
 """

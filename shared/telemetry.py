@@ -7,6 +7,13 @@ message and `extract` continues it on the other side.
 Exporters, by setting: `OTEL_EXPORTER_OTLP_ENDPOINT` (needs the `otlp` extra)
 for a collector; `TRACE_FILE` for JSON lines of finished spans (the demo draws
 its waterfall from them). Tests install their own in-memory exporter.
+
+Spans are made only when something keeps them: an SDK span costs ~25 µs here
+even with nowhere to go, several times a cache hit's own work. So `tracer`
+skips spans while the tracer provider has no span processor (`recording()`),
+and the endpoint wrapper then passes the caller's trace context through
+unchanged (`continue_trace`): logs still carry the caller's trace id, and a
+downstream tier that does export parents its spans to the caller's.
 """
 
 from __future__ import annotations
@@ -31,7 +38,48 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _propagator = TraceContextTextMapPropagator()
-tracer = trace.get_tracer("tiermem")
+
+
+def recording() -> bool:
+    """Does this process keep spans: has its tracer provider a span processor?
+
+    Asked per span, because tests add processors after start-up. Looks at an
+    SDK attribute; if that ever moves, the answer is "yes" (slower, still right).
+    """
+    provider = trace.get_tracer_provider()
+    processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", None)
+    return processors is None or bool(processors)
+
+
+class _NoSpan:
+    """What `tracer.start_as_current_span` gives when no span would be kept."""
+
+    def __enter__(self) -> trace.Span:
+        return trace.get_current_span()
+
+    def __exit__(self, *exc_info) -> bool:
+        return False
+
+
+_NO_SPAN = _NoSpan()
+
+
+class _Tracer:
+    """The OpenTelemetry tracer, minus spans nobody keeps (see `recording`)."""
+
+    def __init__(self, real: trace.Tracer) -> None:
+        self._real = real
+
+    def start_as_current_span(self, name: str, **kwargs):
+        if not recording():
+            return _NO_SPAN
+        return self._real.start_as_current_span(name, **kwargs)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._real, attr)
+
+
+tracer = _Tracer(trace.get_tracer("tiermem"))
 
 
 def configure_logging(service: str, level: str = "info") -> None:
@@ -122,10 +170,43 @@ def span_record(span: ReadableSpan) -> dict:
 
 
 def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
-    """Headers carrying the current trace context to the next hop."""
+    """Headers carrying the current trace context to the next hop (empty if none:
+    pass `inject() or None` to nats-py, which sends an empty dict as a header block)."""
     headers = {} if headers is None else headers
     _propagator.inject(headers)
     return headers
+
+
+def traced(headers: Mapping[str, str] | None) -> bool:
+    """Will this request's span be kept? Only if this process records spans and
+    the caller did not turn sampling off in its `traceparent` (no header: a new
+    trace). Untraced requests skip the span (and cache hits the task too)."""
+    if not recording():
+        return False
+    parent = headers.get("traceparent") if headers else None
+    if not parent:
+        return True
+    try:
+        return bool(int(parent[-2:], 16) & 1)  # the trace-flags' sampled bit
+    except ValueError:
+        return True  # malformed: let the propagator decide
+
+
+def continue_trace(headers: Mapping[str, str] | None) -> object | None:
+    """Make the caller's trace context current without a span of our own.
+
+    For requests that are not traced here: outgoing requests then carry the
+    caller's context on, and log lines its trace id. Returns the token for
+    `end_trace` (None when the caller sent no context: nothing to undo).
+    """
+    if not headers or "traceparent" not in headers:
+        return None
+    return otel_context.attach(_propagator.extract(headers))
+
+
+def end_trace(token: object | None) -> None:
+    if token is not None:
+        otel_context.detach(token)
 
 
 def extract(headers: Mapping[str, str] | None) -> otel_context.Context:

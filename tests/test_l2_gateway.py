@@ -99,6 +99,17 @@ async def test_user_with_few_messages_is_answered_completely(gateway):
     assert l3.gets == []
 
 
+async def test_min_seq_past_the_users_newest_message_is_proved_by_the_log_position(gateway):
+    nc, l3 = gateway
+    mine = (await ok(nc, subjects.MEMORY_APPEND, append_body("lead-6", 0)))["seq"]
+    later = (await ok(nc, subjects.MEMORY_APPEND, append_body("lead-7", 0)))["seq"]
+    for min_seq in (mine, later):  # the window alone, then the window and the position
+        reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-6", "min_seq": min_seq})
+        assert reply["tier"] == "l2" and [m["seq"] for m in reply["messages"]] == [mine]
+    new = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-new", "min_seq": later})
+    assert new["tier"] == "l2" and new["messages"] == [] and not l3.gets
+
+
 async def test_min_seq_beyond_what_redis_applied_goes_to_l3(gateway):
     nc, l3 = gateway
     seq = (await ok(nc, subjects.MEMORY_APPEND, append_body("lead-5", 0)))["seq"]

@@ -15,6 +15,8 @@ cannot be trusted, so it is wiped and rebuilt from the start of the log.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -34,6 +36,23 @@ _entry = msgspec.json.Decoder(LogEntry)
 MAX_BATCH = 512
 
 
+def _stream_seq(reply: str) -> int:
+    """A delivered message's stream sequence, read from its ack subject.
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`,
+    or with `<domain>.<account hash>` after `ACK` (and a token at the end) on
+    newer servers. `msg.metadata` parses the same subject into dataclasses and a
+    datetime, ~3 % of the gateway's CPU under an append load.
+    """
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def _settle(fut: asyncio.Future, applied: bool) -> None:
+    if not fut.done():
+        fut.set_result(applied)
+
+
 class RedisLost(Exception):
     """Redis lost the applied position: its windows cannot be trusted."""
 
@@ -43,21 +62,26 @@ class Applier:
         self.rt = rt
         self.window = window
         self.position = 0  # every log message <= position is applied by us
-        self._waiters: dict[int, asyncio.Future] = {}
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []  # heap by seq
+        self._waiter_ids = itertools.count()
         self._queue: asyncio.Queue = asyncio.Queue()
 
     async def wait_applied(self, seq: int, timeout: float) -> bool:
-        """Wait until the message at `seq` is in Redis; False if that took too long."""
+        """Wait until the message at `seq` is in Redis; False if that took too long.
+
+        Every append waits here, so it is a bare future and a timer rather than
+        `wait_for(shield(...))`: the future's result says which came first.
+        """
         if seq <= self.position:
             return True
-        fut = self._waiters.get(seq)
-        if fut is None:
-            fut = self._waiters[seq] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        heapq.heappush(self._waiters, (seq, next(self._waiter_ids), fut))
+        timer = loop.call_later(timeout, _settle, fut, False)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            return await fut
+        finally:
+            timer.cancel()
 
     async def run(self) -> None:
         backoff = 0.1
@@ -96,7 +120,7 @@ class Applier:
                 batch.append(queue.get_nowait())
             items = []
             for msg in batch:
-                seq = msg.metadata.sequence.stream
+                seq = _stream_seq(msg.reply)
                 if seq <= self.position:
                     continue  # redelivered after a consumer reset
                 entry = _entry.decode(msg.data)
@@ -126,11 +150,9 @@ class Applier:
         self._wake()
 
     def _wake(self) -> None:
-        done = [s for s in self._waiters if s <= self.position]
-        for seq in done:
-            fut = self._waiters.pop(seq)
-            if not fut.done():
-                fut.set_result(None)
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self.position:
+            _settle(heapq.heappop(waiters)[2], True)
 
     async def _wipe(self) -> None:
         """Drop every tiermem key so the replay from seq 1 rebuilds clean windows."""

@@ -10,12 +10,22 @@ has been applied: it is what lets L2 prove read-your-writes (`min_seq`).
 Writes only come from the applier, in stream order, through `APPLY`, whose
 guard (seq above `last` and `floor`) makes replays and several appliers
 harmless. Reads go through one script so a reply is one consistent snapshot.
+
+Scripts are called by SHA (`EVALSHA`), alone or in pipelines: redis-py's
+registered scripts send `SCRIPT EXISTS` before every pipeline, a second round
+trip on every read and every applied batch. Here a script is loaded only when
+Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`), and the call re-run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from hashlib import sha1
+
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from shared.contract import Message
 from shared.errors import Unavailable
@@ -45,10 +55,11 @@ end
 return prev
 """
 
+# `last` -1: Redis holds no state for this user (never seen, or Redis lost it).
 READ = """
 local h = redis.call('HMGET', KEYS[2], 'last', 'count', 'floor')
 local msgs = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-return {h[1] or '0', h[2] or '0', h[3] or '0', msgs}
+return {h[1] or '-1', h[2] or '0', h[3] or '0', msgs}
 """
 
 FORGET = """
@@ -60,7 +71,6 @@ redis.call('HSET', KEYS[2], 'floor', floor, 'last', 0, 'count', 0)
 return floor
 """
 
-_message = msgspec.json.Decoder(Message)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -71,25 +81,64 @@ def keys(user_id: str) -> list[str]:
 class Snapshot(msgspec.Struct):
     """One user's window as read in one step, with the global position read before it."""
 
-    applied: int  # every log message <= applied is in Redis
+    applied: int  # every log message <= applied is in Redis (0: not read, not needed)
     last: int
     count: int
     floor: int
-    messages: list[Message]
+    # Each message's JSON as the applier stored it (an encoded `Message`),
+    # oldest first: replies splice it in rather than decode and re-encode.
+    messages: list[msgspec.Raw]
 
     def complete_through(self) -> int:
         """The highest seq up to which this window is known to hold all of the user's messages."""
         return max(self.applied, self.last, self.floor)
 
 
+class _Script:
+    """A Lua script called by its SHA1 (`EVALSHA`)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = sha1(source.encode()).hexdigest()
+
+    def queue(self, pipe: Pipeline, keys: list[str], *args) -> None:
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
 class RedisWindow:
     def __init__(self, redis: Redis, window: int) -> None:
         self.redis = redis
         self.window = window
-        self._apply = redis.register_script(APPLY)
-        self._advance = redis.register_script(ADVANCE)
-        self._read = redis.register_script(READ)
-        self._forget = redis.register_script(FORGET)
+        self._apply = _Script(APPLY)
+        self._advance = _Script(ADVANCE)
+        self._read = _Script(READ)
+        self._forget = _Script(FORGET)
+        self._scripts = (self._apply, self._advance, self._read, self._forget)
+
+    async def _run(self, build: Callable[[Pipeline], None]) -> list:
+        """Run the commands `build` queues, in one round trip; load the scripts if Redis lost them.
+
+        A re-run is safe: reads change nothing, and applying is guarded by seq.
+        """
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return await pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
+                for script in self._scripts:
+                    await self.redis.script_load(script.source)
+        raise AssertionError("unreachable")
+
+    async def _call(self, script: _Script, keys: list[str], *args):
+        """One script call on its own (no pipeline: cheaper), loading it if Redis lost it."""
+        try:
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.redis.script_load(script.source)
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
     async def apply_batch(self, items: list[tuple[str, Message]]) -> tuple[list, bytes | None]:
         """Apply messages (in stream order) and advance the global position.
@@ -97,27 +146,43 @@ class RedisWindow:
         Returns one `(applied, prev_seq, count)` per item, and what the global
         position was before (None means Redis lost its data: replay needed).
         """
-        pipe = self.redis.pipeline(transaction=False)
-        for user_id, msg in items:
-            await self._apply(keys=keys(user_id), args=[msg.seq, _encode(msg), self.window],
-                              client=pipe)
-        await self._advance(keys=[APPLIED], args=[items[-1][1].seq], client=pipe)
-        results = await pipe.execute()
+        def build(pipe: Pipeline) -> None:
+            for user_id, msg in items:
+                self._apply.queue(pipe, keys(user_id), msg.seq, _encode(msg), self.window)
+            self._advance.queue(pipe, [APPLIED], items[-1][1].seq)
+
+        results = await self._run(build)
         return results[:-1], results[-1]
 
     async def position(self) -> int | None:
         raw = await self.redis.get(APPLIED)
         return None if raw is None else int(raw)
 
-    async def read(self, user_id: str, n: int) -> Snapshot:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(APPLIED)  # first: the window read after it holds at least this much
-        await self._read(keys=keys(user_id), args=[n], client=pipe)
-        applied, (last, count, floor, raw) = await pipe.execute()
+    async def read(self, user_id: str, n: int, min_seq: int | None = None) -> Snapshot:
+        """The user's newest `n` messages and what proves them complete, as one snapshot.
+
+        Usually one command: when Redis holds the user's state and it is already
+        as new as `min_seq`, the window alone proves it holds everything up to
+        `min_seq` (the applier goes in log order: all before the user's last
+        applied message is applied too). Otherwise the global position is read
+        too, first, in the same round trip (the window read after it holds at
+        least that much), which also tells a new user from a Redis that lost
+        its data.
+        """
+        last, count, floor, raw = await self._call(self._read, keys(user_id), n)
+        last, floor = int(last), int(floor)
+        if last >= 0 and (min_seq is None or max(last, floor) >= min_seq):
+            return Snapshot(0, last, int(count), floor, [msgspec.Raw(m) for m in raw])
+
+        def build(pipe: Pipeline) -> None:
+            pipe.get(APPLIED)
+            self._read.queue(pipe, keys(user_id), n)
+
+        applied, (last, count, floor, raw) = await self._run(build)
         if applied is None:
             raise Unavailable("L2 has not been initialised from the log yet")
-        return Snapshot(int(applied), int(last), int(count), int(floor),
-                        [_message.decode(m) for m in raw])
+        return Snapshot(int(applied), max(int(last), 0), int(count), int(floor),
+                        [msgspec.Raw(m) for m in raw])
 
     async def forget(self, user_id: str, upto_seq: int) -> None:
-        await self._forget(keys=keys(user_id), args=[upto_seq])
+        await self._call(self._forget, keys(user_id), upto_seq)

@@ -10,15 +10,15 @@ when it provably holds everything the request needs; anything else goes to L3.
 
 from __future__ import annotations
 
+import msgspec
 import structlog
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.errors import TimeoutError as NatsTimeout
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import metrics, stream, subjects
 from shared.contract import (
-    AppendReply, AppendRequest, Changed, ForgetReply, ForgetRequest, GetReply,
+    AppendReply, AppendRequest, Changed, ForgetReply, ForgetRequest,
     GetRequest, L3ForgetRequest, check_append, check_get, encode,
 )
 from shared.errors import Unavailable
@@ -30,6 +30,7 @@ from .redis_window import RedisWindow, Snapshot
 
 log = structlog.get_logger()
 TIER = "l2"
+APPEND_CONCURRENCY = 512
 
 
 async def build(rt: Runtime) -> None:
@@ -41,14 +42,15 @@ async def build(rt: Runtime) -> None:
     window = RedisWindow(redis, settings.l2_window)
     applier = Applier(rt, window)
     rt.spawn(applier.run(), "applier")
+    answered = metrics.answers.labels(TIER, "recent")
+    passed_down = {r: metrics.passed_down.labels(TIER, r) for r in _REASONS}
 
     async def append(req: AppendRequest) -> AppendReply:
         entry = check_append(req, settings.max_text_bytes)
         try:
-            ack = await rt.js.publish(subjects.log_subject(req.user_id), encode(entry),
-                                      headers={"Nats-Msg-Id": req.msg_id},
-                                      timeout=settings.request_timeout_s)
-        except (NatsTimeout, NoRespondersError, NoStreamResponseError, APIError) as exc:
+            ack = await stream.publish(rt.request_msg, subjects.log_subject(req.user_id), encode(entry),
+                                       req.msg_id, settings.request_timeout_s)
+        except (NatsTimeout, stream.PublishError) as exc:
             raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
                               "retry with the same msg_id, it is deduplicated") from None
         if not ack.duplicate:
@@ -56,7 +58,7 @@ async def build(rt: Runtime) -> None:
                 log.warning("append_not_yet_in_l2", seq=ack.seq)
         return AppendReply(user_id=req.user_id, seq=ack.seq, duplicate=bool(ack.duplicate))
 
-    async def get(req: GetRequest) -> GetReply:
+    async def get(req: GetRequest) -> L2Reply | msgspec.Raw:
         check_get(req)
         if req.op != "recent":
             return await _down(req, "search")
@@ -64,19 +66,20 @@ async def build(rt: Runtime) -> None:
             return await _down(req, "too_many")
         try:
             with tracer.start_as_current_span("redis read", attributes={"db.system": "redis"}):
-                snap = await window.read(req.user_id, req.n)
+                snap = await window.read(req.user_id, req.n, req.min_seq)
         except (RedisError, OSError, Unavailable) as exc:
             log.warning("l2_unavailable", error=str(exc))
             return await _down(req, "redis_unavailable")
         reason = _why_not(snap, req)
         if reason:
             return await _down(req, reason)
-        metrics.answers.labels(TIER, "recent").inc()
-        return GetReply(user_id=req.user_id, tier=TIER, seq=snap.last, messages=snap.messages)
+        answered.inc()
+        return L2Reply(user_id=req.user_id, tier=TIER, seq=snap.last, messages=snap.messages)
 
-    async def _down(req: GetRequest, reason: str) -> GetReply:
-        metrics.passed_down.labels(TIER, reason).inc()
-        return await rt.request(subjects.MEMORY_L3_GET, req, GetReply)
+    async def _down(req: GetRequest, reason: str) -> msgspec.Raw:
+        """L3's reply, passed on as it came (up to 1,000 messages: no decode and re-encode)."""
+        passed_down[reason].inc()
+        return await rt.request(subjects.MEMORY_L3_GET, req, msgspec.Raw)
 
     async def forget(req: ForgetRequest) -> ForgetReply:
         upto = await stream.last_seq(rt.js)
@@ -91,9 +94,27 @@ async def build(rt: Runtime) -> None:
         log.info("user_forgotten", user_id=req.user_id, purged=purged, l3_deleted=l3.deleted)
         return ForgetReply(user_id=req.user_id, deleted=max(purged, l3.deleted))
 
-    rt.endpoint("append", subjects.MEMORY_APPEND, AppendRequest, append)
+    # An append mostly waits (for the stream's ack, then for the applier), and the
+    # applier's batches grow with the appends waiting on them: many in flight is
+    # cheap. With 128 clients in flight, 64 capped the batches; 512 measured ~15 %
+    # more appends/s and ~8 % less CPU per append.
+    rt.endpoint("append", subjects.MEMORY_APPEND, AppendRequest, append,
+                concurrency=max(settings.concurrency, APPEND_CONCURRENCY))
     rt.endpoint("get", subjects.MEMORY_L2_GET, GetRequest, get)
     rt.endpoint("forget", subjects.MEMORY_FORGET, ForgetRequest, forget, concurrency=8)
+
+
+class L2Reply(msgspec.Struct):
+    """`GetReply` as L2 sends it: the messages are the JSON Redis holds, spliced
+    in as is (decoding and re-encoding 50 of them cost ~23 µs a read)."""
+
+    user_id: str
+    tier: str
+    seq: int
+    messages: list[msgspec.Raw]
+
+
+_REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq")
 
 
 def _why_not(snap: Snapshot, req: GetRequest) -> str:
