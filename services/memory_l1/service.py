@@ -90,7 +90,7 @@ class Sidecar:
             return answer
         return None
 
-    async def get(self, req: GetRequest) -> GetReply:
+    async def get(self, req: GetRequest) -> GetReply | msgspec.Raw:
         check_get(req)
         self._check_reconnected()
         if req.op == "recent":
@@ -104,7 +104,8 @@ class Sidecar:
         self._down[reason].inc()
         trace.get_current_span().set_attribute("tiermem.l1.passed_down", reason)
         if reason == TOO_MANY or reason == SEARCH:
-            return await self.rt.request(subjects.MEMORY_L2_GET, req, GetReply, decoder=_reply)
+            # nothing to fill from: pass the lower tier's JSON through undecoded
+            return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
         return await self._fill(req)
 
     async def _fill(self, req: GetRequest) -> GetReply:
