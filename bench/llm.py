@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from bench import baselines
+from bench.report import atomic_write, jsonable, targets_summary
 from bench.memory import REPO_ROOT, Options, Result, Target, load_average, machine_facts, ping
 from bench.stats import Summary, fmt_ratio, fmt_us, markdown_table, ratio, summarize
 
@@ -825,8 +826,8 @@ def summarize_plain(values: list[float]) -> dict | None:
 def write(report: LlmReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{NAME}.md", out / f"{NAME}.json"]
-    _atomic(paths[0], markdown(report))
-    _atomic(paths[1], json.dumps(_jsonable(to_dict(report)), indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths[0], markdown(report))
+    atomic_write(paths[1], json.dumps(jsonable(to_dict(report)), indent=2, ensure_ascii=False) + "\n")
     png = out / f"{NAME}.png"
     try:
         if plot(report, png):
@@ -836,30 +837,10 @@ def write(report: LlmReport, out: Path) -> list[Path]:
     return paths
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def to_dict(report: LlmReport) -> dict:
     d = asdict(report)
-    d["summary"] = {
-        "targets": [{"measurement": r.title, **asdict(t)} for r in report.results for t in r.targets],
-        "all_targets_passed": all(t.passed for r in report.results for t in r.targets),
-        "skipped": {r.title: r.skipped for r in report.results if r.skipped},
-    }
+    d["summary"] = targets_summary(report.results)
     return d
-
-
-def _jsonable(value):
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def markdown(report: LlmReport) -> str:

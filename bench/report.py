@@ -16,8 +16,8 @@ NAME = "memory"
 def write(report: Report, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{NAME}.md", out / f"{NAME}.json"]
-    _atomic(paths[0], markdown(report))
-    _atomic(paths[1], json.dumps(_jsonable(to_dict(report)), indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths[0], markdown(report))
+    atomic_write(paths[1], json.dumps(jsonable(to_dict(report)), indent=2, ensure_ascii=False) + "\n")
     png = out / f"{NAME}.png"
     try:
         plot(report, png)
@@ -27,7 +27,7 @@ def write(report: Report, out: Path) -> list[Path]:
     return paths
 
 
-def _atomic(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -39,21 +39,26 @@ def _atomic(path: Path, text: str) -> None:
 def to_dict(report: Report) -> dict:
     d = asdict(report)
     d["options"]["stack_env"] = str(report.options.stack_env) if report.options.stack_env else None
-    d["summary"] = {
-        "targets": [{"measurement": r.title, **asdict(t)} for r in report.results for t in r.targets],
-        "all_targets_passed": all(t.passed for r in report.results for t in r.targets),
-        "skipped": {r.title: r.skipped for r in report.results if r.skipped},
-    }
+    d["summary"] = targets_summary(report.results)
     return d
 
 
-def _jsonable(value):
+def targets_summary(results) -> dict:
+    """Every target with its verdict, for the JSON files of both reports."""
+    return {
+        "targets": [{"measurement": r.title, **asdict(t)} for r in results for t in r.targets],
+        "all_targets_passed": all(t.passed for r in results for t in r.targets),
+        "skipped": {r.title: r.skipped for r in results if r.skipped},
+    }
+
+
+def jsonable(value):
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 

@@ -8,10 +8,6 @@ from redis.asyncio import Redis
 from shared.contract import Usage
 
 KEY = "llm:stats"
-FIELDS = ("requests", "hits_exact", "hits_semantic", "misses", "uncached", "upstream_calls",
-          "input_tokens", "output_tokens", "cache_creation_input_tokens",
-          "cache_read_input_tokens", "cost_usd", "saved_usd")
-
 
 class StatsRequest(msgspec.Struct):
     pass
@@ -39,7 +35,7 @@ async def record(redis: Redis, outcome: str, usage: Usage | None, cost: float, s
     pipe.hincrby(KEY, outcome, 1)
     if usage is not None:
         pipe.hincrby(KEY, "upstream_calls", 1)
-        for field in FIELDS[6:10]:
+        for field in Usage.__struct_fields__:
             pipe.hincrby(KEY, field, getattr(usage, field))
     pipe.hincrbyfloat(KEY, "cost_usd", cost)
     pipe.hincrbyfloat(KEY, "saved_usd", saved)
