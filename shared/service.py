@@ -356,9 +356,12 @@ async def run_service(name: str, description: str,
         service = await add_service(nc, name=name, version=VERSION, description=description,
                                     metadata={"instance": settings.l1_id,
                                               "pid": str(os.getpid())})
+        # nats.micro puts an endpoint without a queue group into "q"; a group of its
+        # own per process is what "every replica gets it" takes.
+        solo = f"{name}-{service.id}"
         for ep in rt.endpoints:
             await service.add_endpoint(name=ep.name, subject=ep.subject,
-                                       handler=_wrap(rt, ep), queue_group=ep.queue_group)
+                                       handler=_wrap(rt, ep), queue_group=ep.queue_group or solo)
         # The server has our subscriptions before we say we're up. Twice: nats-py
         # 2.16 writes a flush's PING straight to the socket, ahead of SUBs still
         # in its pending buffer; the second PING goes out after them.
