@@ -32,6 +32,7 @@ from .upstream import Upstream, make_client
 
 log = structlog.get_logger()
 _changed = decoder(Changed)
+STATS_FLUSH_S = 0.5
 
 
 class Broker:
@@ -47,7 +48,7 @@ class Broker:
         self.max_prompt_chars = max_prompt_chars
         self.clock = clock
         self._flights: dict[str, asyncio.Future] = {}
-        self._pending: set[asyncio.Task] = set()
+        self.totals = stats.Totals()
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
         check_complete(req, self.max_prompt_chars)
@@ -149,10 +150,7 @@ class Broker:
     async def _reply(self, req, labels, text, stop_reason, usage, cost, saved, info, outcome):
         metrics.llm_requests.labels(*labels, info.status, info.match or "").inc()
         paid = outcome in ("misses", "uncached")
-        # Off the reply path: awaiting this Redis write cost ~150 µs on every hit.
-        task = asyncio.create_task(self._record(outcome, usage if paid else None, cost, saved))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self.totals.add(outcome, usage if paid else None, cost, saved)
         (log.debug if info.status == "hit" else log.info)(
             "llm_answer", cache=info.status, match=info.match, similarity=info.similarity,
             task=req.task, model=req.model, cost_usd=cost, saved_usd=saved)
@@ -160,16 +158,17 @@ class Broker:
                              stop_reason=stop_reason, usage=usage, cost_usd=round(cost, 8),
                              saved_usd=round(saved, 8), cache=info)
 
-    async def _record(self, outcome, usage, cost, saved) -> None:
-        try:
-            await stats.record(self.redis, outcome, usage, cost, saved)
-        except (RedisError, OSError) as exc:
-            log.warning("stats_not_recorded", error=str(exc))
+    async def flush_stats(self, every_s: float = STATS_FLUSH_S) -> None:
+        """Background loop: add the counted totals to Redis for `llm.stats`."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.drain()
 
     async def drain(self) -> None:
-        """Let the last stats writes land before Redis is closed."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=2)
+        try:
+            await self.totals.flush(self.redis)
+        except (RedisError, OSError) as exc:
+            log.warning("stats_not_flushed", error=str(exc))
 
     async def on_changed(self, msg) -> None:
         try:
@@ -203,11 +202,13 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
     rt.on_close(client.close)
     broker = Broker(config, cache, Upstream(client, s, clock), embedder, redis,
                     s.llm_max_prompt_chars, clock)
-    rt.on_close(broker.drain)  # runs before Redis closes (hooks run in reverse)
+    rt.on_close(broker.drain)  # the last counts land before Redis closes (hooks run in reverse)
+    rt.spawn(broker.flush_stats(), "stats-flush")
     # One replica handles each change event: the cache is shared.
     await rt.nc.subscribe(subjects.CHANGED_ALL, queue="llm-broker", cb=broker.on_changed)
 
     async def get_stats(_req: stats.StatsRequest) -> stats.StatsReply:
+        await broker.drain()  # this replica's latest counts, then everyone's
         return await stats.read(redis)
 
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
