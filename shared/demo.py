@@ -181,6 +181,21 @@ async def script(s: Session, *, has_l3: bool) -> int:
                f"duplicate={reply.get('duplicate')}, seq {reply.get('seq')} (the original)" if code == 200
                else _err(code, reply), ms=ms, ok=dup))
 
+    # The llm-broker: the same intent question twice, then a rewording (exact, then semantic).
+    for question in ("Is the Main St house still available?", "Is the Main St house still available?",
+                     "is the main st house still available"):
+        code, reply, ms = await s.call(subjects.LLM_COMPLETE, {
+            "task": "intent", "user_id": maria, "model": "claude-haiku-4-5",
+            "system": "Classify the lead's intent. Answer with one label.", "max_tokens": 50,
+            "messages": [{"role": "user", "content": question}],
+            "cache": {"volatility": "lead_intent", "mode": "semantic", "scope": "user"}}, timeout=30)
+        cache = reply.get("cache", {})
+        s.add(Step(f"llm.complete intent {question!r}", subjects.LLM_COMPLETE,
+                   f"{reply.get('text')!r}, cache {cache.get('status')}"
+                   f"{'/' + cache['match'] if cache.get('match') else ''}, cost ${reply.get('cost_usd'):.6f},"
+                   f" saved ${reply.get('saved_usd'):.6f}" if code == 200 else _err(code, reply),
+                   ms=ms, ok=code == 200))
+
     code, reply, ms = await s.call(subjects.MEMORY_FORGET, {"user_id": tom})
     s.add(Step(f"forget {tom}", subjects.MEMORY_FORGET,
                f"deleted {reply.get('deleted')}" if code == 200 else _err(code, reply),
