@@ -11,8 +11,6 @@ import asyncio
 import functools
 import os
 import random
-import subprocess
-import sys
 import time
 
 import httpx
@@ -37,25 +35,10 @@ class Clock:
 
 @pytest.fixture(scope="module")
 def simulator(tmp_path_factory):
-    port = servers.free_port()
-    log = tmp_path_factory.mktemp("sim") / "simulator.log"
     env = {**os.environ, "SIMULATOR_LATENCY_MEDIAN_S": "0.002", "SIMULATOR_LATENCY_P95_S": "0.004"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.llm_simulator", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/health", timeout=0.5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError(f"simulator did not start: {servers.log_tail(log)}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    sim = servers.start_simulator(tmp_path_factory.mktemp("sim"), env=env, die_with_parent=True)
+    yield sim.url
+    sim.stop()
 
 
 class Sim:

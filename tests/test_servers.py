@@ -236,16 +236,20 @@ def _stack(args: list[str], state: Path, **env: str) -> subprocess.CompletedProc
 def test_stack_up_writes_env_and_down_leaves_no_process(tmp_path, redis_url):
     state = tmp_path / "state"
     up = _stack(["up", "--no-services"], state, REDIS_URL=redis_url)
-    assert up.returncode == 0, up.stdout + up.stderr
-    assert "using REDIS_URL" in up.stdout
-    env = stack.load_env(state)
-    assert env["REDIS_URL"] == redis_url
-    assert env["NATS_URL"].startswith("nats://127.0.0.1:") and env["NATS_URL"] != "nats://127.0.0.1:4222"
-    assert env["DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
-    recorded = json.loads((state / "stack.json").read_text())["processes"]
-    assert sorted(p["name"] for p in recorded) == ["llm-simulator", "nats", "postgres"]
-    assert all(servers.process_alive(p["pid"], p["start_time"]) for p in recorded)
-    assert _stack(["status"], state).returncode == 0
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "using REDIS_URL" in up.stdout
+        env = stack.load_env(state)
+        assert env["REDIS_URL"] == redis_url
+        assert env["NATS_URL"].startswith("nats://127.0.0.1:") and env["NATS_URL"] != "nats://127.0.0.1:4222"
+        assert env["DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
+        recorded = json.loads((state / "stack.json").read_text())["processes"]
+        assert sorted(p["name"] for p in recorded) == ["llm-simulator", "nats", "postgres"]
+        assert all(servers.process_alive(p["pid"], p["start_time"]) for p in recorded)
+        assert _stack(["status"], state).returncode == 0
+    except BaseException:
+        _stack(["down"], state)  # a failed assertion must not leave servers running
+        raise
 
     down = _stack(["down"], state)
     assert down.returncode == 0, down.stdout + down.stderr
