@@ -47,9 +47,9 @@ from urllib.parse import urlsplit
 import msgspec
 
 from bench import baselines
-from bench.report import atomic_write, jsonable, targets_summary
+from bench.report import atomic_write, jsonable, targets_summary, targets_table
 from bench.memory import REPO_ROOT, Options, Result, Target, load_average, machine_facts, ping
-from bench.stats import Summary, fmt_ratio, fmt_us, markdown_table, ratio, summarize
+from bench.stats import Summary, announce, fmt_ratio, fmt_us, markdown_table, ratio, summarize
 
 NAME = "llm"
 MRPC = REPO_ROOT.parent / "shared" / "data" / "mrpc" / "msr_paraphrase_train.txt"
@@ -327,14 +327,7 @@ class LlmBench:
 
     def add(self, result: Result) -> Result:
         self.report.results.append(result)
-        if result.skipped:
-            self.say(f"{result.title}: skipped: {result.skipped}")
-        elif result.summary is not None:
-            s = result.summary
-            extra = f", {result.ratio_p50:.2f}× bare round trip p50" if result.ratio_p50 else ""
-            self.say(f"{result.title}: p50 {fmt_us(s.p50)}, p95 {fmt_us(s.p95)}, p99 {fmt_us(s.p99)}{extra}")
-        for t in result.targets:
-            self.say(f"  target {t.text}: {'PASS' if t.passed else 'FAIL'} ({t.observed})")
+        announce(self.say, result, "bare round trip")
         return result
 
     def baseline(self, key: str, samples: list[float]) -> Summary:
@@ -859,14 +852,7 @@ def markdown(report: LlmReport) -> str:
         "## Targets",
         "",
     ]
-    targets = [(r.title, t) for r in report.results for t in r.targets]
-    if targets:
-        lines.append(markdown_table(
-            ["measurement", "target", "observed", "result"],
-            [[title, t.text, t.observed, "PASS" if t.passed else "**FAIL**"] for title, t in targets],
-            align=["l", "l", "r", "l"]))
-    else:
-        lines.append("No target could be checked in this run.")
+    lines.append(targets_table(report.results))
     lat = [r for r in report.results if r.kind == "latency" and not r.skipped and r.summary]
     if lat:
         lines += ["", "## Hit latency", ""]

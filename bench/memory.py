@@ -42,7 +42,7 @@ from pathlib import Path
 import msgspec
 
 from bench import baselines, corpus
-from bench.stats import Summary, fmt_us, ratio, summarize
+from bench.stats import Summary, announce, fmt_us, ratio, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -466,14 +466,7 @@ class Bench:
 
     def add(self, result: Result) -> Result:
         self.report.results.append(result)
-        if result.skipped:
-            self.say(f"{result.title}: skipped: {result.skipped}")
-        elif result.summary is not None:
-            s = result.summary
-            extra = f", {result.ratio_p50:.2f}× baseline p50" if result.ratio_p50 else ""
-            self.say(f"{result.title}: p50 {fmt_us(s.p50)}, p95 {fmt_us(s.p95)}, p99 {fmt_us(s.p99)}{extra}")
-        for t in result.targets:
-            self.say(f"  target {t.text}: {'PASS' if t.passed else 'FAIL'} ({t.observed})")
+        announce(self.say, result)
         return result
 
     def baseline(self, key: str, samples: list[float], label: str | None = None) -> Summary:

@@ -43,6 +43,17 @@ def to_dict(report: Report) -> dict:
     return d
 
 
+def targets_table(results) -> str:
+    """The Markdown table of every target and its verdict, shared by both reports."""
+    targets = [(r.title, t) for r in results for t in r.targets]
+    if not targets:
+        return "No target could be checked in this run."
+    return markdown_table(
+        ["measurement", "target", "observed", "result"],
+        [[title, t.text, t.observed, "PASS" if t.passed else "**FAIL**"] for title, t in targets],
+        align=["l", "l", "r", "l"])
+
+
 def targets_summary(results) -> dict:
     """Every target with its verdict, for the JSON files of both reports."""
     return {
@@ -79,14 +90,7 @@ def markdown(report: Report) -> str:
         "## Targets",
         "",
     ]
-    targets = [(r.title, t) for r in report.results for t in r.targets]
-    if targets:
-        lines.append(markdown_table(
-            ["measurement", "target", "observed", "result"],
-            [[title, t.text, t.observed, "PASS" if t.passed else "**FAIL**"] for title, t in targets],
-            align=["l", "l", "r", "l"]))
-    else:
-        lines.append("No target could be checked in this run.")
+    lines.append(targets_table(report.results))
     lat = [r for r in report.results if r.kind == "latency" and not r.skipped and r.summary]
     lines += ["", "## Latency", ""]
     if lat:

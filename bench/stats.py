@@ -109,3 +109,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
 def _cell(value: object) -> str:
     text = "" if value is None else str(value)
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def announce(say, result, baseline: str = "baseline") -> None:
+    """One progress line per result (and per target) while a bench runs."""
+    if result.skipped:
+        say(f"{result.title}: skipped: {result.skipped}")
+    elif result.summary is not None:
+        s = result.summary
+        extra = f", {result.ratio_p50:.2f}× {baseline} p50" if result.ratio_p50 else ""
+        say(f"{result.title}: p50 {fmt_us(s.p50)}, p95 {fmt_us(s.p95)}, p99 {fmt_us(s.p99)}{extra}")
+    for t in result.targets:
+        say(f"  target {t.text}: {'PASS' if t.passed else 'FAIL'} ({t.observed})")

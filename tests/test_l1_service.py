@@ -15,10 +15,6 @@ from dataclasses import dataclass
 import msgspec
 import nats
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from services.memory_l1.service import build
@@ -312,19 +308,6 @@ async def test_a_reconnect_drops_every_window_since_events_may_be_lost(tmp_path)
             assert len(l1.l2.calls_for(u)) == 2
     finally:
         server.stop()
-
-
-@pytest.fixture
-def spans():
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
 
 
 async def test_a_hit_is_in_the_callers_trace_and_skips_the_span_when_not_sampled(l1, spans):

@@ -10,30 +10,12 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
 from tests.helpers import client, ok, running
-
-
-@pytest.fixture
-def spans():
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
 
 
 def chain(finished, leaf_name: str) -> list[str]:
@@ -47,7 +29,7 @@ def chain(finished, leaf_name: str) -> list[str]:
     return names
 
 
-async def lookup(nc, body: dict, spans: InMemorySpanExporter):
+async def lookup(nc, body: dict, spans):
     spans.clear()
     with telemetry.tracer.start_as_current_span("caller") as caller:
         msg = await nc.request(subjects.MEMORY_GET, msgspec.json.encode(body), timeout=10,
