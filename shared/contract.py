@@ -280,3 +280,117 @@ class CompleteReply(msgspec.Struct):
     cost_usd: float
     saved_usd: float
     cache: CacheInfo
+
+
+# --- audit.served.* (internal) and audit.stats (public) ----------------------
+
+
+class ServedMemory(msgspec.Struct, kw_only=True):
+    """What one tier answered to one `memory.get`: enough to judge it later.
+
+    `at` is when the tier answered (unix seconds, its clock); `seq` the reply's
+    seq; `seqs` the seqs of the messages it returned, in reply order. `l1_id`
+    names the sidecar that answered (tier l1). `trace_id`/`span_id` link the
+    audit to the lookup it audits.
+    """
+
+    tier: str
+    user_id: str
+    op: str
+    n: int
+    min_seq: int | None
+    seq: int
+    seqs: list[int]
+    at: float
+    l1_id: str = ""
+    trace_id: str = ""
+    span_id: str = ""
+
+
+class ServedLLM(msgspec.Struct, kw_only=True):
+    """One llm-broker hit: the request as asked, the entry that answered it."""
+
+    entry_id: str
+    partition: str
+    match: str  # exact | semantic
+    similarity: float
+    age_s: float
+    saved_usd: float
+    text: str  # the answer served
+    request: CompleteRequest
+    at: float
+    trace_id: str = ""
+    span_id: str = ""
+
+
+class ServedBatch(msgspec.Struct, kw_only=True):
+    """Records are sent in batches: one NATS message per flush, not per request."""
+
+    source: str  # the publishing service, e.g. "memory-l1"
+    memory: list[ServedMemory] = []
+    llm: list[ServedLLM] = []
+    dropped: int = 0  # records the publisher shed since its last batch (queue full)
+
+
+class EvictRequest(msgspec.Struct):
+    """Internal: drop a user's window from a memory tier (the auditor found it stale)."""
+
+    user_id: Id
+    reason: str = ""
+
+
+class EvictReply(msgspec.Struct):
+    user_id: str
+    evicted: bool
+
+
+class LLMVerdict(msgspec.Struct):
+    """Internal, auditor -> llm-broker: an audited hit was right or wrong."""
+
+    entry_id: str
+    partition: str
+    match: str
+    wrong: bool
+
+
+class LLMVerdictReply(msgspec.Struct):
+    evicted: bool
+    threshold: float | None = None  # the partition's semantic threshold after the verdict
+
+
+class AuditStatsRequest(msgspec.Struct):
+    pass
+
+
+class Freshness(msgspec.Struct):
+    """Memory audits of one tier."""
+
+    served: int = 0  # records received (before sampling)
+    checked: int = 0
+    stale: int = 0
+    inconclusive: int = 0  # e.g. the user was forgotten after the read
+    evicted: int = 0
+    stale_rate: float = 0.0
+
+
+class Accuracy(msgspec.Struct):
+    """LLM hit audits of one volatility class or task."""
+
+    served: int = 0
+    checked: int = 0
+    wrong: int = 0
+    evicted: int = 0
+    false_hit_rate: float = 0.0
+
+
+class AuditStatsReply(msgspec.Struct):
+    since: str  # ISO time the counts start (the window they cover ends now)
+    window_s: float
+    memory: dict[str, Freshness]  # by tier: l1, l2, l3
+    llm_by_volatility: dict[str, Accuracy]
+    llm_by_task: dict[str, Accuracy]
+    audit_spend_usd: float = 0.0
+    saved_usd: float = 0.0  # what the audited hits' cache saved (the budget's base)
+    budget_fraction: float = 0.0
+    skipped_over_budget: int = 0
+    records_dropped: int = 0

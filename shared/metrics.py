@@ -39,3 +39,18 @@ llm_saved = Counter("tiermem_llm_saved_usd", "Spend avoided by cache hits in USD
                     ["model", "task", "bot"])
 llm_refused = Counter("tiermem_llm_semantic_refused",
                       "Semantic candidates the guard refused, by reason", ["task", "reason"])
+
+audit_served = Counter("tiermem_audit_served", "Served records the auditor received",
+                       ["kind", "tier"])
+audit_checks = Counter("tiermem_audit_checks",
+                       "Audits done, by verdict (memory: fresh|stale|inconclusive; llm: right|wrong)",
+                       ["kind", "tier", "volatility", "task", "verdict"])
+audit_evictions = Counter("tiermem_audit_evictions", "Evictions the auditor caused", ["target"])
+audit_spend = Counter("tiermem_audit_spend_usd", "Upstream spend on re-asking audited LLM hits")
+audit_skipped = Counter("tiermem_audit_skipped", "Audits not done, by reason", ["kind", "reason"])
+audit_stale_rate = Gauge("tiermem_audit_stale_rate", "Stale share of audited memory reads",
+                         ["tier"])
+audit_false_hit_rate = Gauge("tiermem_audit_false_hit_rate",
+                             "Wrong share of audited LLM cache hits", ["volatility", "task"])
+served_dropped = Counter("tiermem_served_records_dropped",
+                         "Served records shed because the publish queue was full", ["service"])

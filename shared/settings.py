@@ -56,6 +56,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
 
+    # freshness auditing: tiers and the broker publish what they served ...
+    served_publish_rate: float = 1.0  # share of answers recorded (0: none)
+    served_flush_s: float = 0.05  # batch interval of served records
+    served_queue_max: int = 10_000  # records kept at most between flushes; more are shed
+    # ... and the freshness-auditor checks a sample of them
+    audit_sample_rate: float = 0.1  # share of memory records checked against the log
+    audit_grace_s: float = 1.0  # a message stored this long before a read must be in it
+    audit_llm_budget: float = 0.05  # re-ask spend cap, as a fraction of what audited hits saved
+    audit_llm_agree_cosine: float = 0.9  # free-text answers agree at or above this
+
     def __repr__(self) -> str:  # hide secrets, keep the rest readable
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
         for secret in ("embedder_api_key", "anthropic_api_key"):

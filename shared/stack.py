@@ -49,6 +49,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("l2-gateway", "services.l2_gateway"),
     ServiceSpec("l3-semantic-indexer", "services.l3_semantic_indexer"),
     ServiceSpec("llm-broker", "services.llm_broker"),
+    ServiceSpec("freshness-auditor", "services.freshness_auditor"),
 )
 
 # (server name, env var that points at an existing server instead, starter)

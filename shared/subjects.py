@@ -10,13 +10,17 @@ Public (other teams' clients use these; see the design's contract):
     memory.l3.get            -> l3-semantic-indexer   Postgres + pgvector
     llm.complete             -> llm-broker
     llm.stats                -> llm-broker   running totals: calls, hits, tokens, cost, savings
-    audit.stats              -> freshness-auditor
+    audit.stats              -> freshness-auditor  stale and false-hit rates
 
 Internal:
 
     memory.log.<user>        JetStream stream MEMORY: the durable log
     memory.changed.<user>    broadcast after L2 applied a message or a forget
     memory.l3.forget         l2-gateway -> l3-semantic-indexer during forget
+    audit.served.<source>    tiers and llm-broker -> freshness-auditor, batches of served records
+    memory.l1.evict          freshness-auditor -> every memory-l1: drop a user's window
+    memory.l2.evict          freshness-auditor -> l2-gateway: drop a user's Redis window
+    llm.verdict              freshness-auditor -> llm-broker: an audited hit was right/wrong
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ MEMORY_L3_FORGET = "memory.l3.forget"
 LLM_COMPLETE = "llm.complete"
 LLM_STATS = "llm.stats"
 AUDIT_STATS = "audit.stats"
+AUDIT_SERVED_PREFIX = "audit.served"
+AUDIT_SERVED_ALL = f"{AUDIT_SERVED_PREFIX}.*"
+MEMORY_L1_EVICT = "memory.l1.evict"
+MEMORY_L2_EVICT = "memory.l2.evict"
+LLM_VERDICT = "llm.verdict"
 
 STREAM = "MEMORY"
 LOG_PREFIX = "memory.log"
@@ -41,6 +50,10 @@ CHANGED_ALL = f"{CHANGED_PREFIX}.*"
 
 # Durable JetStream consumer of the indexer; shared by all its replicas.
 L3_CONSUMER = "l3-semantic-indexer"
+
+
+def audit_served(source: str) -> str:
+    return f"{AUDIT_SERVED_PREFIX}.{source}"
 
 
 def memory_get_direct(l1_id: str) -> str:
