@@ -12,7 +12,9 @@ Order of a run (each step reports "skipped: <why>" instead of crashing):
 5. reads, one request in flight: L1 hit (recent n=5), L2 hit (n=50), L3
    (n=500), search (op=search k=5 over everything loaded); every reply's
    `tier` is checked and mismatches counted;
-6. append latency with one request in flight, against a bare JetStream publish.
+6. append latency with one request in flight, against a bare JetStream publish;
+7. auditing overhead: L1 hits from two extra sidecars, served records on and
+   off, interleaved (the freshness-auditor runs throughout).
 
 Users are named `bench<run>-lead-<i>` so a run against a shared stack never
 mixes with anything else.
@@ -40,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import msgspec
+import nats
 
 from bench import baselines, corpus
 from bench.stats import Summary, announce, fmt_us, ratio, summarize
@@ -222,6 +225,42 @@ class Stack:
     @property
     def logs(self) -> Path | None:
         return self.root / "logs" if self.root else None
+
+
+@contextlib.asynccontextmanager
+async def _sidecars(env: dict[str, str], rates: dict[str, str]):
+    """Extra memory-l1 processes, `SERVED_PUBLISH_RATE` per name; yields name -> l1 id."""
+    procs, ids = [], {}
+    try:
+        for name, rate in rates.items():
+            l1_id = f"bench-audit-{name}-{os.getpid()}"
+            ids[name] = l1_id
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.memory_l1", cwd=REPO_ROOT,
+                env={**os.environ, **env, "L1_ID": l1_id, "SERVED_PUBLISH_RATE": rate,
+                     "METRICS_PORT": "0"},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+        nc = await nats.connect(env["NATS_URL"])
+        try:
+            for l1_id in ids.values():
+                for _ in range(200):
+                    try:
+                        await nc.request(f"memory.get.{l1_id}", b'{"user_id": "warm", "n": 1}',
+                                         timeout=1)
+                        break
+                    except Exception:  # noqa: BLE001 - not subscribed yet
+                        await asyncio.sleep(0.1)
+                else:
+                    raise RuntimeError(f"sidecar {l1_id} did not come up")
+        finally:
+            await nc.close()
+        yield ids
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in procs:
+            await proc.wait()
 
 
 def _failed_service(out: str, candidates: list[str]) -> str | None:
@@ -541,6 +580,7 @@ class Bench:
             await self.step("L3 recent", self.l3_recent)
             await self.step("Search", self.search)
             await self.step("Append, one in flight", self.append_single)
+            await self.step("Auditing overhead", self.audit_overhead)
         finally:
             self.report.facts["load_average_at_end"] = load_average()
             stack.keep_logs |= self.failed or sys.exc_info()[0] is not None
@@ -709,6 +749,44 @@ class Bench:
         r.targets.append(Target("p50 ≤ 1.2× bare NATS round trip", s.p50 <= 1.2 * rt.p50, f"{r.ratio_p50:.2f}×"))
         r.targets.append(Target("p99 ≤ 1 ms", s.p99 <= 1000, fmt_us(s.p99)))
         self._tier_target(r, check, o.samples)
+        self.add(r)
+
+    async def audit_overhead(self) -> None:
+        """L1 hits from two extra sidecars, one recording what it serves for the
+        freshness-auditor and one not, interleaved: what auditing costs a hit."""
+        o = self.opts
+        r = Result(key="audit_overhead", title="Auditing overhead: L1 hit, served records on vs off",
+                   baseline_label="the same sidecar code with SERVED_PUBLISH_RATE=0")
+        if why := self._loaded_or("memory-l1", "l2-gateway"):
+            r.skipped = why
+            self.add(r)
+            return
+        hot = self.plan.normal_users[:200]
+        users = [self.plan.users[u] for u in hot]
+        async with _sidecars(self.env, {"on": "1.0", "off": "0"}) as ids:
+            bodies = [_encode({"user_id": u, "op": "recent", "n": 5}) for u in users]
+            for sidecar in ids.values():  # fill both sidecars' windows
+                for body in bodies:
+                    await self.nc.request(f"memory.get.{sidecar}", body, timeout=10)
+
+            def direct(sidecar: str):
+                async def call(i: int):
+                    return await self.nc.request(f"memory.get.{sidecar}", bodies[i % len(bodies)],
+                                                 timeout=10)
+                return call
+
+            on, off = TierCheck("l1", 5), TierCheck("l1", 5)
+            out = await baselines.interleaved({"on": (direct(ids["on"]), on),
+                                               "off": (direct(ids["off"]), off)},
+                                              o.samples, o.warmup)
+        r.summary, r.baseline = summarize(out["on"]), summarize(out["off"])
+        r.ratio_p50 = ratio(r.summary.p50, r.baseline.p50)
+        r.notes.append(f"auditing off p50 {fmt_us(r.baseline.p50)} p95 {fmt_us(r.baseline.p95)} "
+                       f"p99 {fmt_us(r.baseline.p99)}; the freshness-auditor ran throughout, "
+                       "checking its sample of the records")
+        r.targets.append(Target("p50 with auditing within 5 % of auditing off",
+                                r.ratio_p50 <= 1.05, f"{r.ratio_p50:.3f}×"))
+        self._tier_target(r, on, o.samples)
         self.add(r)
 
     async def l2_hit(self) -> None:

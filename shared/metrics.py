@@ -1,4 +1,4 @@
-"""Prometheus metrics shared by every service, served over HTTP.
+"""Prometheus metrics shared by every service, served over HTTP by `shared.health`.
 
 Metrics are module-level (one registry per process); the `service` label
 keeps several services apart when tests run them in one process.
@@ -6,7 +6,7 @@ keeps several services apart when tests run them in one process.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 # Latency buckets from 50 µs to 5 s: tiers answer in well under a millisecond.
 _BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -23,12 +23,6 @@ answers = Counter("tiermem_memory_answers", "memory reads answered, by tier and 
 passed_down = Counter("tiermem_memory_passed_down",
                       "memory reads a tier passed to the next, by reason",
                       ["tier", "reason"])
-
-
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Start the /metrics HTTP server in a daemon thread (port 0: disabled)."""
-    if port:
-        start_http_server(port, addr=host)
 
 llm_requests = Counter("tiermem_llm_requests", "llm.complete requests by cache outcome",
                        ["model", "task", "bot", "status", "match"])

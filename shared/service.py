@@ -2,7 +2,9 @@
 
 `run_service` connects to NATS, lets the service's `build` function create its
 resources and endpoints on a `Runtime`, registers the endpoints with the NATS
-service API (`$SRV.PING/INFO/STATS`), serves Prometheus metrics, and on
+service API (`$SRV.PING/INFO/STATS`), serves `/metrics`, `/livez` and `/readyz`
+on the metrics port (`shared.health`; readiness asks NATS and whatever the
+service registered with `Runtime.ready_check`), and on
 SIGTERM/SIGINT stops taking requests, lets in-flight ones finish, stops
 background tasks, runs close hooks in reverse order and drains the connection.
 
@@ -47,6 +49,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from shared import metrics, telemetry
 from shared.contract import ErrorDetail, ErrorReply, encode
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout, from_code
+from shared.health import Health, HealthServer
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -82,6 +85,8 @@ class Runtime:
     _in_flight: set[asyncio.Task] = field(default_factory=set)
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     replies: Replies | None = None  # set by run_service once connected
+    readiness: Health = field(default_factory=Health)  # what /readyz asks
+    _http: HealthServer | None = None
 
     def endpoint(self, name: str, subject: str, request_type: type[T],
                  handler: Callable[[T], Awaitable[msgspec.Struct | msgspec.Raw]], *,
@@ -99,6 +104,10 @@ class Runtime:
         self.endpoints.append(_Endpoint(
             name, subject, handler, msgspec.json.Decoder(request_type),
             queue_group, concurrency or self.settings.concurrency, fast))
+
+    def ready_check(self, name: str, check: Callable[[], Awaitable[object]]) -> None:
+        """`/readyz` also asks `check()` (e.g. `redis.ping`), only when probed; NATS always."""
+        self.readiness.add(name, check)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(closer)
@@ -352,6 +361,10 @@ async def run_service(name: str, description: str,
                  replies=await Replies(nc).start())
     service = None
     try:
+        rt.ready_check("nats", lambda: _nats_answers(nc))
+        if settings.metrics_port:  # up during build: /livez answers, /readyz says "starting"
+            rt._http = HealthServer(rt.readiness)
+            await rt._http.start(settings.metrics_host, settings.metrics_port)
         await build(rt)
         service = await add_service(nc, name=name, version=VERSION, description=description,
                                     metadata={"instance": settings.l1_id,
@@ -367,7 +380,7 @@ async def run_service(name: str, description: str,
         # in its pending buffer; the second PING goes out after them.
         await nc.flush()
         await nc.flush()
-        metrics.serve(settings.metrics_port, settings.metrics_host)
+        rt.readiness.phase = "up"
         log.info("service_started", subjects=[e.subject for e in rt.endpoints],
                  metrics_port=settings.metrics_port, settings=repr(settings))
         if ready is not None:
@@ -383,6 +396,7 @@ async def run_service(name: str, description: str,
 
 async def _shutdown(rt: Runtime, service) -> None:
     log.info("service_stopping", in_flight=len(rt._in_flight))
+    rt.readiness.phase = "stopping"
     if service is not None:
         await service.stop()  # no new requests
     if rt._in_flight:
@@ -398,7 +412,12 @@ async def _shutdown(rt: Runtime, service) -> None:
     try:
         await asyncio.wait_for(rt.nc.drain(), timeout=5)
     except Exception:
-        await rt.nc.close()
+        try:
+            await rt.nc.close()
+        except Exception:  # NATS already gone: nothing left to flush
+            log.warning("nats_close_failed")
+    if rt._http is not None:
+        await rt._http.close()
     telemetry.shutdown_tracing()
     log.info("service_stopped")
 
@@ -408,6 +427,13 @@ def main(name: str, description: str, build: Callable[[Runtime], Awaitable[None]
     import uvloop
 
     raise SystemExit(uvloop.run(run_service(name, description, build)))
+
+
+async def _nats_answers(nc: NATS) -> None:
+    """Readiness: connected, and the server answers a PING."""
+    if not nc.is_connected:
+        raise ConnectionError("not connected to NATS")
+    await nc.flush(timeout=1)
 
 
 async def _nats_error(exc: Exception) -> None:

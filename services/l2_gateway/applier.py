@@ -24,7 +24,7 @@ import structlog
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from redis.exceptions import RedisError
 
-from shared import subjects
+from shared import stream, subjects
 from shared.contract import Changed, LogEntry, Message, encode
 from shared.service import Runtime
 from shared.telemetry import tracer
@@ -34,6 +34,7 @@ from .redis_window import RedisWindow
 log = structlog.get_logger()
 _entry = msgspec.json.Decoder(LogEntry)
 MAX_BATCH = 512
+_REPAIR = object()  # queued to wake the consumer for pending repairs
 
 
 def _stream_seq(reply: str) -> int:
@@ -65,6 +66,23 @@ class Applier:
         self._waiters: list[tuple[int, int, asyncio.Future]] = []  # heap by seq
         self._waiter_ids = itertools.count()
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._repairs: dict[str, asyncio.Future] = {}
+
+    async def repair(self, user_id: str, timeout: float) -> bool:
+        """Rebuild the user's window from the log, between two applied batches.
+
+        Done by the applier itself so that no batch is applied while the
+        window is replaced: the log as of `position` is exactly what Redis
+        must hold. False if it did not happen within `timeout`.
+        """
+        fut = self._repairs.get(user_id)
+        if fut is None:
+            fut = self._repairs[user_id] = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(_REPAIR)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            return False
 
     async def wait_applied(self, seq: int, timeout: float) -> bool:
         """Wait until the message at `seq` is in Redis; False if that took too long.
@@ -120,6 +138,8 @@ class Applier:
                 batch.append(queue.get_nowait())
             items = []
             for msg in batch:
+                if msg is _REPAIR:
+                    continue
                 seq = _stream_seq(msg.reply)
                 if seq <= self.position:
                     continue  # redelivered after a consumer reset
@@ -127,6 +147,22 @@ class Applier:
                 items.append((entry.user_id, entry.at(seq)))
             if items:
                 await self._apply(items)
+            if self._repairs:
+                await self._run_repairs()
+
+    async def _run_repairs(self) -> None:
+        repairs, self._repairs = self._repairs, {}
+        for user_id, fut in repairs.items():
+            try:
+                log_ = [m for m in await stream.user_log(self.rt.nc, user_id)
+                        if m.seq <= self.position]
+                done = await self.window.rebuild(
+                    user_id, [m.entry.at(m.seq) for m in log_[-self.window.window:]], len(log_))
+                log.info("l2_window_repaired", user_id=user_id, messages=len(log_), done=done)
+                _settle(fut, done)
+            except Exception as exc:  # noqa: BLE001 - a failed repair must not stop applying
+                log.error("l2_window_repair_failed", user_id=user_id, error=str(exc))
+                _settle(fut, False)
 
     async def _apply(self, items: list[tuple[str, Message]]) -> None:
         backoff = 0.05

@@ -71,6 +71,18 @@ redis.call('HSET', KEYS[2], 'floor', floor, 'last', 0, 'count', 0)
 return floor
 """
 
+# Replace one user's window with what the log holds (the auditor found it stale).
+# Refused (0) if a newer message was applied meanwhile: the caller's read is older.
+REBUILD = """
+local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '0')
+if last > tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 4, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
+redis.call('HSET', KEYS[2], 'last', ARGV[1], 'count', ARGV[2])
+return 1
+"""
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -113,7 +125,8 @@ class RedisWindow:
         self._advance = _Script(ADVANCE)
         self._read = _Script(READ)
         self._forget = _Script(FORGET)
-        self._scripts = (self._apply, self._advance, self._read, self._forget)
+        self._rebuild = _Script(REBUILD)
+        self._scripts = (self._apply, self._advance, self._read, self._forget, self._rebuild)
 
     async def _run(self, build: Callable[[Pipeline], None]) -> list:
         """Run the commands `build` queues, in one round trip; load the scripts if Redis lost them.
@@ -183,6 +196,12 @@ class RedisWindow:
             raise Unavailable("L2 has not been initialised from the log yet")
         return Snapshot(int(applied), max(int(last), 0), int(count), int(floor),
                         [msgspec.Raw(m) for m in raw])
+
+    async def rebuild(self, user_id: str, messages: list[Message], count: int) -> bool:
+        """Make the user's window the newest `messages` of the log (`count` in all)."""
+        last = messages[-1].seq if messages else 0
+        pairs = [part for m in messages[-self.window:] for part in (m.seq, _encode(m))]
+        return bool(await self._call(self._rebuild, keys(user_id), last, count, self.window, *pairs))
 
     async def forget(self, user_id: str, upto_seq: int) -> None:
         await self._call(self._forget, keys(user_id), upto_seq)

@@ -18,10 +18,11 @@ from redis.exceptions import RedisError
 
 from shared import metrics, stream, subjects
 from shared.contract import (
-    AppendReply, AppendRequest, Changed, ForgetReply, ForgetRequest,
+    AppendReply, AppendRequest, Changed, EvictReply, EvictRequest, ForgetReply, ForgetRequest,
     GetRequest, L3ForgetRequest, check_append, check_get, encode,
 )
 from shared.errors import Unavailable
+from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
@@ -39,9 +40,12 @@ async def build(rt: Runtime) -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
                            health_check_interval=10)
     rt.on_close(redis.aclose)
+    rt.ready_check("redis", redis.ping)
     window = RedisWindow(redis, settings.l2_window)
     applier = Applier(rt, window)
     rt.spawn(applier.run(), "applier")
+    served = Served.from_settings(rt.nc, "l2-gateway", settings)
+    rt.spawn(served.run(), "served-records")
     answered = metrics.answers.labels(TIER, "recent")
     passed_down = {r: metrics.passed_down.labels(TIER, r) for r in _REASONS}
 
@@ -74,6 +78,7 @@ async def build(rt: Runtime) -> None:
         if reason:
             return await _down(req, reason)
         answered.inc()
+        served.memory(TIER, req.user_id, "recent", req.n, req.min_seq, snap.last, snap.messages)
         return L2Reply(user_id=req.user_id, tier=TIER, seq=snap.last, messages=snap.messages)
 
     async def _down(req: GetRequest, reason: str) -> msgspec.Raw:
@@ -102,6 +107,14 @@ async def build(rt: Runtime) -> None:
                 concurrency=max(settings.concurrency, APPEND_CONCURRENCY))
     rt.endpoint("get", subjects.MEMORY_L2_GET, GetRequest, get)
     rt.endpoint("forget", subjects.MEMORY_FORGET, ForgetRequest, forget, concurrency=8)
+
+    async def evict(req: EvictRequest) -> EvictReply:
+        """The auditor found this user's window stale: rebuild it from the log."""
+        done = await applier.repair(req.user_id, settings.request_timeout_s)
+        log.warning("l2_window_evicted", user_id=req.user_id, reason=req.reason, rebuilt=done)
+        return EvictReply(user_id=req.user_id, evicted=done)
+
+    rt.endpoint("evict", subjects.MEMORY_L2_EVICT, EvictRequest, evict, concurrency=8)
 
 
 class L2Reply(msgspec.Struct):

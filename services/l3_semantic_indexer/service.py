@@ -12,6 +12,7 @@ from shared import metrics, stream, subjects
 from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest, check_get
 from shared.embeddings import embedder_from_settings
 from shared.errors import Unavailable
+from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
@@ -29,9 +30,12 @@ async def build(rt: Runtime) -> None:
     pool = await store.create_pool(settings.database_url, model_id=embedder.model_id,
                                    dim=embedder.dim)
     rt.on_close(pool.close)
+    rt.ready_check("postgres", lambda: pool.fetchval("SELECT 1"))
     await stream.ensure_stream(rt.js, settings.stream_replicas)
     indexer = Indexer(rt, pool, embedder)
     rt.spawn(indexer.run(), "indexer")
+    served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
+    rt.spawn(served.run(), "served-records")
 
     async def get(req: GetRequest) -> GetReply:
         check_get(req)
@@ -48,6 +52,8 @@ async def build(rt: Runtime) -> None:
             with tracer.start_as_current_span("postgres recent", attributes={"db.system": "postgresql"}):
                 messages, seq = await store.recent(pool, req.user_id, req.n)
         metrics.answers.labels(TIER, req.op).inc()
+        served.memory(TIER, req.user_id, req.op, req.k if req.op == "search" else req.n,
+                      req.min_seq, seq, messages)
         return GetReply(user_id=req.user_id, tier=TIER, seq=seq, messages=messages)
 
     async def forget(req: L3ForgetRequest) -> ForgetReply:

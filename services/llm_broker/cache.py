@@ -105,9 +105,11 @@ class ResponseCache:
                 vector, _enc.encode(entry), entry.expires_at)
         return bool(stored)
 
-    async def evict(self, entry: Entry) -> None:
-        await self.redis.delete(f"llm:x:{entry.id}")
-        await self.pool.execute("DELETE FROM llm.entries WHERE id = $1", entry.id)
+    async def evict_id(self, entry_id: str) -> bool:
+        """Drop one entry from both tiers; True if either held it."""
+        in_redis = await self.redis.delete(f"llm:x:{entry_id}")
+        in_pg = await self.pool.execute("DELETE FROM llm.entries WHERE id = $1", entry_id)
+        return bool(in_redis) or in_pg != "DELETE 0"
 
     async def invalidate(self, user_id: str, classes: list[str], now: float) -> int:
         """The user spoke: drop their entries of the invalidating classes."""

@@ -39,6 +39,8 @@ class Price(msgspec.Struct, frozen=True):
 class Config(msgspec.Struct, frozen=True):
     volatility: dict[str, Volatility]
     prices: dict[str, Price]
+    # Tasks whose answer is a label: the auditor wants the same label, not similar text.
+    label_tasks: list[str] = []
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Config":

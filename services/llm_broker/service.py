@@ -19,13 +19,16 @@ from redis.exceptions import RedisError
 
 from shared import metrics, subjects
 from shared.contract import (
-    CacheInfo, Changed, CompleteReply, CompleteRequest, TextBlock, check_complete, decoder,
+    CacheInfo, Changed, CompleteReply, CompleteRequest, LLMVerdict, LLMVerdictReply, TextBlock,
+    check_complete, decoder,
 )
 from shared.embeddings import embedder_from_settings
+from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
 from . import guard, stats
+from .thresholds import Thresholds
 from .cache import ResponseCache
 from .policy import Config, Entry, cost_usd, exact_key, latest_user_text, new_entry, partition_key
 from .upstream import Upstream, make_client
@@ -39,7 +42,8 @@ class Broker:
     """The request path; `clock` is injectable so TTL tests never sleep."""
 
     def __init__(self, config: Config, cache: ResponseCache, upstream: Upstream, embedder,
-                 redis: Redis, max_prompt_chars: int, clock=time.time) -> None:
+                 redis: Redis, max_prompt_chars: int, clock=time.time,
+                 served: Served | None = None) -> None:
         self.config = config
         self.cache = cache
         self.upstream = upstream
@@ -49,6 +53,8 @@ class Broker:
         self.clock = clock
         self._flights: dict[str, asyncio.Future] = {}
         self.totals = stats.Totals()
+        self.served = served
+        self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id))
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
         check_complete(req, self.max_prompt_chars)
@@ -95,9 +101,10 @@ class Broker:
                 log.warning("semantic_tier_unavailable", error=str(exc))
                 return None
         query = latest_user_text(req)
+        threshold = self.thresholds.get(partition)
         for cand in candidates:
             verdict = guard.decide(query, cand.entry.query, cand.similarity,
-                                   space=self.embedder.model_id)
+                                   threshold=threshold, space=self.embedder.model_id)
             if verdict.serve and cand.entry.fresh(now):
                 log.info("semantic_hit", similarity=round(cand.similarity, 4), reason=verdict.reason)
                 return cand.entry, cand.similarity
@@ -144,6 +151,9 @@ class Broker:
         info = CacheInfo(status="hit", match=match, similarity=round(similarity, 4),
                          age_s=round(entry.age(now), 3))
         metrics.llm_saved.labels(*labels).inc(entry.cost_usd)
+        if self.served is not None:
+            self.served.llm(entry.id, entry.partition, match, similarity, info.age_s,
+                            entry.cost_usd, entry.text, req)
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage,
                                  0.0, entry.cost_usd, info, f"hits_{match}")
 
@@ -157,6 +167,17 @@ class Broker:
         return CompleteReply(text=text, content=[TextBlock(text=text)], model=req.model,
                              stop_reason=stop_reason, usage=usage, cost_usd=round(cost, 8),
                              saved_usd=round(saved, 8), cache=info)
+
+    async def verdict(self, v: LLMVerdict) -> LLMVerdictReply:
+        """The auditor re-asked an audited hit: count it; a wrong one is evicted and,
+        for a semantic match, tightens its partition's threshold."""
+        evicted = False
+        if v.wrong:
+            evicted = await self.cache.evict_id(v.entry_id)
+            log.warning("llm_wrong_hit_evicted", entry_id=v.entry_id, match=v.match)
+        threshold = await self.thresholds.record(v.partition, v.wrong,
+                                                 tighten=v.match == "semantic")
+        return LLMVerdictReply(evicted=evicted, threshold=threshold)
 
     async def flush_stats(self, every_s: float = STATS_FLUSH_S) -> None:
         """Background loop: add the counted totals to Redis for `llm.stats`."""
@@ -196,12 +217,18 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
     rt.on_close(embedder.aclose)
     redis = Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
+    rt.ready_check("redis", redis.ping)
     cache = await ResponseCache.open(redis, s.database_url, embedder.model_id)
     rt.on_close(cache.close)
+    rt.ready_check("postgres", lambda: cache.pool.fetchval("SELECT 1"))
     client = make_client(s)
     rt.on_close(client.close)
+    served = Served.from_settings(rt.nc, "llm-broker", s)
+    rt.spawn(served.run(), "served-records")
     broker = Broker(config, cache, Upstream(client, s, clock), embedder, redis,
-                    s.llm_max_prompt_chars, clock)
+                    s.llm_max_prompt_chars, clock, served)
+    await broker.thresholds.load()
+    rt.spawn(broker.thresholds.follow(), "thresholds")
     rt.on_close(broker.drain)  # the last counts land before Redis closes (hooks run in reverse)
     rt.spawn(broker.flush_stats(), "stats-flush")
     # One replica handles each change event: the cache is shared.
@@ -213,4 +240,5 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
 
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
     rt.endpoint("stats", subjects.LLM_STATS, stats.StatsRequest, get_stats)
+    rt.endpoint("verdict", subjects.LLM_VERDICT, LLMVerdict, broker.verdict, concurrency=16)
     return broker

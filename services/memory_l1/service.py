@@ -23,7 +23,8 @@ from opentelemetry import trace
 
 from services.memory_l1.window import BEHIND, MISS, TOO_MANY, WindowStore
 from shared import metrics, subjects
-from shared.contract import Changed, GetReply, GetRequest, check_get, decoder
+from shared.served import Served
+from shared.contract import Changed, EvictRequest, GetReply, GetRequest, check_get, decoder
 from shared.errors import Unavailable
 from shared.ids import from_token
 from shared.service import Runtime
@@ -32,6 +33,7 @@ log = structlog.get_logger()
 
 _changed = decoder(Changed)
 _reply = decoder(GetReply)
+_evict = decoder(EvictRequest)
 SEARCH = "search"
 # The events subscription's queue; reaching it means nats-py dropped events.
 EVENTS_PENDING_MSGS = 65_536
@@ -44,6 +46,7 @@ async def build(rt: Runtime, *, store: WindowStore | None = None) -> None:
     if store is None:
         store = WindowStore(s.l1_window, s.l1_max_users)
     sidecar = Sidecar(rt, store)
+    rt.spawn(sidecar.served.run(), "served-records")
     await sidecar.listen()
     rt.endpoint("get", subjects.MEMORY_GET, GetRequest, sidecar.get, fast=sidecar.hit)
     # The subject is this sidecar's alone (nats.micro puts it in queue group "q" anyway).
@@ -70,6 +73,8 @@ class Sidecar:
         self._events = None
         self._flights: dict[str, _Flight] = {}
         self._hit = metrics.answers.labels("l1", "recent")
+        self.served = Served.from_settings(rt.nc, "memory-l1", rt.settings)
+        self._l1_id = rt.settings.l1_id
         self._down = {r: metrics.passed_down.labels("l1", r)
                       for r in (MISS, BEHIND, TOO_MANY, SEARCH)}
 
@@ -77,6 +82,8 @@ class Sidecar:
         self._events = await self.rt.nc.subscribe(
             subjects.CHANGED_ALL, cb=self.on_changed,
             pending_msgs_limit=EVENTS_PENDING_MSGS, pending_bytes_limit=EVENTS_PENDING_BYTES)
+        # Every sidecar drops the window: any of them may hold the same stale copy.
+        await self.rt.nc.subscribe(subjects.MEMORY_L1_EVICT, cb=self.on_evict)
 
     # --- reads ---------------------------------------------------------------
 
@@ -86,7 +93,7 @@ class Sidecar:
             return None
         answer = self.store.recent(req.user_id, req.n, req.min_seq)
         if answer.__class__ is GetReply:
-            self._hit.inc()
+            self._answered(req, answer)
             return answer
         return None
 
@@ -96,7 +103,7 @@ class Sidecar:
         if req.op == "recent":
             answer = self.store.recent(req.user_id, req.n, req.min_seq)
             if answer.__class__ is GetReply:
-                self._hit.inc()
+                self._answered(req, answer)
                 return answer
             reason = answer
         else:
@@ -107,6 +114,11 @@ class Sidecar:
             # nothing to fill from: pass the lower tier's JSON through undecoded
             return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
         return await self._fill(req)
+
+    def _answered(self, req: GetRequest, answer: GetReply) -> None:
+        self._hit.inc()
+        self.served.memory("l1", req.user_id, "recent", req.n, req.min_seq, answer.seq,
+                           answer.messages, self._l1_id)
 
     async def _fill(self, req: GetRequest) -> GetReply:
         flight = self._flights.get(req.user_id)
@@ -160,6 +172,15 @@ class Sidecar:
             self.store.drop(user)
             return
         self.store.apply(ev)
+
+    async def on_evict(self, msg: Msg) -> None:
+        try:
+            user = _evict.decode(msg.data).user_id
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            log.warning("bad_evict_request", error=str(exc))
+            return
+        self.store.drop(user)
+        log.warning("l1_window_evicted", user_id=user)
 
     def _check_reconnected(self) -> None:
         if self._stats["reconnects"] != self._reconnects:

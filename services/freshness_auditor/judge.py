@@ -1,0 +1,107 @@
+"""The auditor's verdicts: pure functions over what was served and what is true.
+
+Memory: a reply is *stale* when it lacks a message the log had stored at
+least `grace_s` before the read (or any message with seq <= the request's
+`min_seq`: read-your-writes is exact), among the newest `n` the user had at
+that moment; or when it holds a message the log does not have (never
+acknowledged, or forgotten before the read). Messages stored within
+`grace_s` of the read may be missing: tiers learn of an append a few
+milliseconds after its ack, and the clocks of two machines differ a little.
+When the user was forgotten after the read, what the log lacks now proves
+nothing: the verdict is *inconclusive*.
+
+LLM: a hit is *right* when a fresh answer to the same request agrees with
+the one served: the same label for label-like tasks (lead score, intent),
+the same meaning for free text (embedding cosine at or above a threshold, and
+none of the guard's hard differences: numbers, negation, options, entities).
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from services.llm_broker import guard
+from shared.contract import ServedMemory
+from shared.stream import Logged
+
+
+class MemoryVerdict(msgspec.Struct):
+    verdict: str  # fresh | stale | inconclusive
+    missing: list[int] = []  # seqs the reply should have held
+    unknown: list[int] = []  # seqs it held that the log does not
+
+
+def log_start(rec: ServedMemory) -> int:
+    """The first seq of the log the verdict needs: a full reply bounds it below."""
+    if rec.op == "recent" and rec.seqs and len(rec.seqs) >= rec.n:
+        return min(rec.seqs)
+    return 1
+
+
+def judge_memory(rec: ServedMemory, log: list[Logged], *, grace_s: float,
+                 forgotten_at: float | None = None) -> MemoryVerdict:
+    """`log`: the user's messages from `log_start(rec)` on, as the stream holds them now."""
+    stored = {m.seq: m.stored_at for m in log}
+    unknown = [s for s in rec.seqs if stored.get(s, float("inf")) > rec.at + grace_s]
+    missing: list[int] = []
+    if rec.op == "recent":
+        held = set(rec.seqs)
+        as_of = [m for m in log if m.stored_at <= rec.at][-rec.n:]
+        min_seq = rec.min_seq or 0
+        missing = [m.seq for m in as_of
+                   if m.seq not in held and (m.stored_at <= rec.at - grace_s or m.seq <= min_seq)]
+    if not (missing or unknown):
+        return MemoryVerdict("fresh")
+    if forgotten_at is not None and forgotten_at >= rec.at - grace_s:
+        return MemoryVerdict("inconclusive", missing, unknown)
+    return MemoryVerdict("stale", missing, unknown)
+
+
+_space = re.compile(r"\s+")
+
+
+def normalise_label(text: str) -> str:
+    return _space.sub(" ", text).strip().strip(".!").casefold()
+
+
+def answers_agree(served: str, fresh: str, *, label: bool, cosine: float | None,
+                  min_cosine: float) -> tuple[bool, str]:
+    """Do two answers to one request say the same? Returns (agree, reason)."""
+    if normalise_label(served) == normalise_label(fresh):
+        return True, "same"
+    if label:
+        return False, "label_differs"
+    veto = guard.veto(served, fresh)
+    if veto is not None:
+        return False, veto
+    if cosine is None or cosine < min_cosine:
+        return False, "meaning_differs"
+    return True, "same_meaning"
+
+
+class Budget:
+    """Re-asking costs money: spend at most `fraction` of what the audited cache saved.
+
+    `earn` adds every hit's saving; `reserve` admits an audit only if its
+    estimated cost still fits, and books it at once (audits run concurrently);
+    `settle` corrects the booking to what the call really cost.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = max(fraction, 0.0)
+        self.saved = 0.0
+        self.spent = 0.0
+
+    def earn(self, saved_usd: float) -> None:
+        self.saved += max(saved_usd, 0.0)
+
+    def reserve(self, estimate_usd: float) -> bool:
+        if self.spent + estimate_usd > self.fraction * self.saved + 1e-12:
+            return False
+        self.spent += estimate_usd
+        return True
+
+    def settle(self, estimate_usd: float, actual_usd: float) -> None:
+        self.spent += actual_usd - estimate_usd

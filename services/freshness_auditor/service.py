@@ -1,0 +1,306 @@
+"""freshness-auditor: how often do the caches serve stale or wrong answers?
+
+Every memory tier and the llm-broker publish batches of what they served
+(`shared.served`, subject `audit.served.<source>`; one auditor replica gets
+each batch through the queue group). The auditor:
+
+- checks a sample (`audit_sample_rate`) of memory answers against the durable
+  log, as of the moment each was served (`judge.judge_memory`); a stale one
+  is counted and its user's window evicted from the tier that served it
+  (every L1 drops it; L2 rebuilds it from the log, and the L1s drop their
+  copies, which were filled from L2; L3 is the log's own index and is only
+  counted);
+- re-asks the model for LLM hits while the spend stays within
+  `audit_llm_budget` of what the audited hits saved, compares the answers
+  (`judge.answers_agree`), and tells the broker each verdict (`llm.verdict`):
+  a wrong hit is evicted and tightens its partition's matching;
+- answers `audit.stats` with the counts and rates (kept in Redis, `tally`).
+
+Each audit is a span in the trace of the lookup it audits, so a stale
+finding opens on the request that served it. Audits run in a few worker
+tasks behind bounded queues: a backlog sheds audits (counted), never memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import OrderedDict
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.llm_broker.policy import Config, cost_usd
+from services.llm_broker.upstream import Upstream, make_client
+from shared import metrics, stream, subjects
+from shared.contract import (
+    AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
+    ServedBatch, ServedLLM, ServedMemory, encode,
+)
+from shared.embeddings import embedder_from_settings
+from shared.errors import TierError
+from shared.ids import to_token
+from shared.service import Runtime
+from shared.telemetry import tracer
+
+from . import judge
+from .tally import Tally
+
+log = structlog.get_logger()
+_batch = msgspec.json.Decoder(ServedBatch)
+MEMORY_WORKERS = 4
+LLM_WORKERS = 2
+QUEUE_MAX = 5_000
+AUDIT_BATCH = 256  # records a memory worker takes at once, grouped by user
+FORGOTTEN_MAX = 100_000  # users whose forget time is remembered
+FLUSH_S = 0.5
+ESTIMATE_MARGIN = 1.25  # a re-ask is booked at this multiple of the hit's original cost
+
+
+class Auditor:
+    def __init__(self, rt: Runtime, tally: Tally, upstream: Upstream, config: Config,
+                 embedder, *, rng: random.Random | None = None) -> None:
+        s = rt.settings
+        self.rt = rt
+        self.tally = tally
+        self.upstream = upstream
+        self.config = config
+        self.embedder = embedder
+        self.sample_rate = s.audit_sample_rate
+        self.grace_s = s.audit_grace_s
+        self.agree_cosine = s.audit_llm_agree_cosine
+        self.budget = judge.Budget(s.audit_llm_budget)
+        self.rng = rng or random.Random()
+        self.memory_queue: asyncio.Queue[ServedMemory] = asyncio.Queue(QUEUE_MAX)
+        self.llm_queue: asyncio.Queue[tuple[ServedLLM, float]] = asyncio.Queue(QUEUE_MAX)
+        self.forgotten: OrderedDict[str, float] = OrderedDict()
+        self._checks: dict[tuple[str, str], list[int]] = {}  # (volatility, task) -> [checked, wrong]
+
+    # --- intake --------------------------------------------------------------
+
+    async def on_served(self, msg: Msg) -> None:
+        try:
+            batch = _batch.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("bad_served_batch", subject=msg.subject, error=str(exc))
+            return
+        if batch.dropped:
+            self.tally.add("records_dropped", batch.dropped)
+        for rec in batch.memory:
+            self.tally.memory(rec.tier, "served")
+            metrics.audit_served.labels("memory", rec.tier).inc()
+            if self.rng.random() < self.sample_rate:
+                self._enqueue(self.memory_queue, rec, "memory")
+        for hit in batch.llm:
+            vol, task = hit.request.cache.volatility, hit.request.task
+            self.tally.llm(vol, task, "served")
+            metrics.audit_served.labels("llm", hit.match).inc()
+            self.tally.add("saved_usd", hit.saved_usd)
+            self.budget.earn(hit.saved_usd)
+            estimate = hit.saved_usd * ESTIMATE_MARGIN
+            if self.budget.reserve(estimate):
+                if not self._enqueue(self.llm_queue, (hit, estimate), "llm"):
+                    self.budget.settle(estimate, 0.0)
+            else:
+                self.tally.add("skipped_over_budget")
+                metrics.audit_skipped.labels("llm", "over_budget").inc()
+
+    def _enqueue(self, queue: asyncio.Queue, item, kind: str) -> bool:
+        try:
+            queue.put_nowait(item)
+            return True
+        except asyncio.QueueFull:
+            metrics.audit_skipped.labels(kind, "backlog").inc()
+            return False
+
+    async def on_changed(self, msg: Msg) -> None:
+        """Remember when users were forgotten: a read just before that is not judged by the log after."""
+        if b'"op":"forget"' not in msg.data:
+            return
+        user = msg.subject.rpartition(".")[2]
+        self.forgotten[user] = time.time()
+        self.forgotten.move_to_end(user)
+        while len(self.forgotten) > FORGOTTEN_MAX:
+            self.forgotten.popitem(last=False)
+
+    # --- memory audits -------------------------------------------------------
+
+    async def memory_worker(self) -> None:
+        """Audit what is queued, one log read per user for all of that user's records."""
+        while True:
+            batch = [await self.memory_queue.get()]
+            while len(batch) < AUDIT_BATCH and not self.memory_queue.empty():
+                batch.append(self.memory_queue.get_nowait())
+            by_user: dict[str, list[ServedMemory]] = {}
+            for rec in batch:
+                by_user.setdefault(rec.user_id, []).append(rec)
+            for user_id, recs in by_user.items():
+                try:
+                    await self.audit_memory(user_id, recs)
+                except Exception as exc:  # noqa: BLE001 - one failed audit must not stop auditing
+                    metrics.audit_skipped.labels("memory", "error").inc(len(recs))
+                    log.warning("memory_audit_failed", user_id=user_id, error=repr(exc))
+
+    async def audit_memory(self, user_id: str, recs: list[ServedMemory]) -> list[judge.MemoryVerdict]:
+        """Judge one user's served records against one read of the log; evict each stale tier once."""
+        entries = await stream.user_log(self.rt.nc, user_id, min(map(judge.log_start, recs)))
+        forgotten = self.forgotten.get(to_token(user_id))
+        verdicts, stale_tiers = [], set()
+        for rec in recs:
+            with _audit_span("audit memory", rec.trace_id, rec.span_id,
+                             {"tiermem.tier": rec.tier, "tiermem.user_id": user_id}) as span:
+                first = judge.log_start(rec)
+                verdict = judge.judge_memory(rec, [e for e in entries if e.seq >= first],
+                                             grace_s=self.grace_s, forgotten_at=forgotten)
+                span.set_attribute("tiermem.audit.verdict", verdict.verdict)
+            verdicts.append(verdict)
+            self.tally.memory(rec.tier, "inconclusive" if verdict.verdict == "inconclusive"
+                              else "checked")
+            metrics.audit_checks.labels("memory", rec.tier, "", "", verdict.verdict).inc()
+            if verdict.verdict == "stale":
+                self.tally.memory(rec.tier, "stale")
+                stale_tiers.add(rec.tier)
+                log.warning("stale_read", tier=rec.tier, user_id=user_id, op=rec.op,
+                            missing=verdict.missing[:10], unknown=verdict.unknown[:10],
+                            served_trace_id=rec.trace_id)
+        for tier in sorted(stale_tiers):
+            if await self.evict(tier, user_id):
+                self.tally.memory(tier, "evicted")
+        return verdicts
+
+    async def evict(self, tier: str, user_id: str) -> bool:
+        body = encode(EvictRequest(user_id=user_id, reason="stale"))
+        if tier == "l2":
+            try:
+                reply = await self.rt.request(subjects.MEMORY_L2_EVICT,
+                                              EvictRequest(user_id=user_id, reason="stale"),
+                                              EvictReply)
+            except TierError as exc:
+                log.error("l2_evict_failed", user_id=user_id, error=exc.message)
+                return False
+            if not reply.evicted:
+                return False
+            metrics.audit_evictions.labels("l2").inc()
+        elif tier != "l1":
+            return False  # L3 is rebuilt from the log by its indexer, not evicted
+        # L1 windows are filled from L2: after either, every sidecar drops its copy.
+        await self.rt.nc.publish(subjects.MEMORY_L1_EVICT, body)
+        metrics.audit_evictions.labels("l1").inc()
+        return True
+
+    # --- LLM hit audits ------------------------------------------------------
+
+    async def llm_worker(self) -> None:
+        while True:
+            hit, estimate = await self.llm_queue.get()
+            try:
+                await self.audit_llm(hit, estimate)
+            except Exception as exc:  # noqa: BLE001
+                self.budget.settle(estimate, 0.0)
+                metrics.audit_skipped.labels("llm", "error").inc()
+                log.warning("llm_audit_failed", entry_id=hit.entry_id, error=repr(exc))
+
+    async def audit_llm(self, hit: ServedLLM, estimate: float) -> bool:
+        """Re-ask, compare, report; returns whether the hit was wrong."""
+        req = hit.request
+        vol, task = req.cache.volatility, req.task
+        with _audit_span("audit llm hit", hit.trace_id, hit.span_id,
+                         {"tiermem.task": task, "tiermem.volatility": vol,
+                          "tiermem.match": hit.match}) as span:
+            answer = await self.upstream.complete(req)
+            spent = cost_usd(self.config.price_of(req.model), answer.usage)
+            self.budget.settle(estimate, spent)
+            self.tally.add("spend_usd", spent)
+            metrics.audit_spend.inc(spent)
+            label = task in self.config.label_tasks
+            cosine = None
+            if not label:
+                a, b = await self.embedder.embed([hit.text, answer.text], input_type="document")
+                cosine = float(a @ b)
+            agree, reason = judge.answers_agree(hit.text, answer.text, label=label,
+                                                cosine=cosine, min_cosine=self.agree_cosine)
+            wrong = not agree
+            span.set_attribute("tiermem.audit.verdict", "wrong" if wrong else "right")
+            self.tally.llm(vol, task, "checked")
+            counts = self._checks.setdefault((vol, task), [0, 0])
+            counts[0] += 1
+            metrics.audit_checks.labels("llm", hit.match, vol, task,
+                                        "wrong" if wrong else "right").inc()
+            if wrong:
+                counts[1] += 1
+                self.tally.llm(vol, task, "wrong")
+                log.warning("wrong_llm_hit", task=task, volatility=vol, match=hit.match,
+                            similarity=hit.similarity, reason=reason, entry_id=hit.entry_id,
+                            served_trace_id=hit.trace_id)
+            metrics.audit_false_hit_rate.labels(vol, task).set(counts[1] / counts[0])
+            verdict = await self.rt.request(
+                subjects.LLM_VERDICT, LLMVerdict(entry_id=hit.entry_id, partition=hit.partition,
+                                                 match=hit.match, wrong=wrong), LLMVerdictReply)
+            if wrong and verdict.evicted:
+                self.tally.llm(vol, task, "evicted")
+                metrics.audit_evictions.labels("llm").inc()
+            return wrong
+
+    # --- reporting -----------------------------------------------------------
+
+    async def flush(self) -> None:
+        try:
+            await self.tally.flush()
+        except (RedisError, OSError) as exc:
+            log.warning("audit_counts_not_flushed", error=str(exc))
+
+    async def flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            await self.flush()
+
+    async def stats(self, _req: AuditStatsRequest) -> AuditStatsReply:
+        await self.flush()
+        return await self.tally.read()
+
+    async def idle(self) -> None:
+        """Wait until every queued audit is done (tests and the demo's final table)."""
+        while not (self.memory_queue.empty() and self.llm_queue.empty()):
+            await asyncio.sleep(0.01)
+
+
+def _audit_span(name: str, trace_id: str, span_id: str, attributes: dict):
+    """A span in the audited request's trace (child of, and linked to, the span that served it)."""
+    if not trace_id:
+        return tracer.start_as_current_span(name, attributes=attributes)
+    served = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                         trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return tracer.start_as_current_span(
+        name, context=trace.set_span_in_context(NonRecordingSpan(served)),
+        links=[Link(served, {"tiermem.link": "audited"})], attributes=attributes)
+
+
+async def build(rt: Runtime) -> Auditor:
+    s = rt.settings
+    redis = Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    rt.on_close(redis.aclose)
+    rt.ready_check("redis", redis.ping)
+    embedder = embedder_from_settings(s)
+    rt.on_close(embedder.aclose)
+    client = make_client(s)
+    rt.on_close(client.close)
+    config = Config.load(s.llm_config or None)
+    auditor = Auditor(rt, Tally(redis, s.audit_llm_budget), Upstream(client, s), config, embedder)
+    rt.on_close(auditor.flush)
+    for i in range(MEMORY_WORKERS):
+        rt.spawn(auditor.memory_worker(), f"memory-audit-{i}")
+    for i in range(LLM_WORKERS):
+        rt.spawn(auditor.llm_worker(), f"llm-audit-{i}")
+    rt.spawn(auditor.flush_loop(), "audit-flush")
+    await rt.nc.subscribe(subjects.AUDIT_SERVED_ALL, queue="freshness-auditor",
+                          cb=auditor.on_served, pending_msgs_limit=100_000)
+    await rt.nc.subscribe(subjects.CHANGED_ALL, cb=auditor.on_changed,
+                          pending_msgs_limit=1_000_000)
+    rt.endpoint("stats", subjects.AUDIT_STATS, AuditStatsRequest, auditor.stats)
+    return auditor

@@ -1,0 +1,278 @@
+"""freshness-auditor against real NATS, Redis, Postgres and the simulator.
+
+Memory: the tiers run in this process with every answer recorded and every
+record audited. Stale windows are planted by writing Redis around the
+applier's guard and by forging a change event to the sidecars; each must be
+found, evicted and counted exactly once, while thousands of honest reads
+raise no alarm. LLM: a wrong answer is planted in the broker's exact tier;
+the auditor must re-ask the simulator, find it wrong, have it evicted, and
+stay within its spend budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from services.freshness_auditor.service import build as build_auditor
+from services.l2_gateway.redis_window import keys as l2_keys
+from services.l2_gateway.service import build as build_l2
+from services.l3_semantic_indexer.service import build as build_l3
+from services.llm_broker import thresholds
+from services.llm_broker.policy import Entry, exact_key, partition_key
+from services.llm_broker.service import build as build_broker
+from services.memory_l1.service import build as build_l1
+from shared import servers, subjects, telemetry
+from shared.contract import Changed, CompleteRequest, Message, encode
+from tests.helpers import client, ok, running
+
+GRACE_S = 0.3
+AUDIT = {"served_flush_s": 0.02, "audit_sample_rate": 1.0, "audit_grace_s": GRACE_S}
+NO_MODEL = "http://127.0.0.1:9"  # memory tests never call the model
+
+
+async def audit_stats(nc) -> dict:
+    return await ok(nc, subjects.AUDIT_STATS, {})
+
+
+async def stats_until(nc, done, timeout: float = 20.0) -> dict:
+    """Poll `audit.stats` until `done(stats)`; the last stats on timeout (the assert shows them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await audit_stats(nc)
+        if done(stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
+
+
+def tier(stats: dict, name: str) -> dict:
+    return stats["memory"].get(name, {"served": 0, "checked": 0, "stale": 0, "evicted": 0})
+
+
+@pytest.fixture
+async def memory_stack(clean_state):
+    env = {**clean_state, "ANTHROPIC_BASE_URL": NO_MODEL}
+    async with running("l2-gateway", build_l2, env, **AUDIT), \
+            running("l3-semantic-indexer", build_l3, env, **AUDIT), \
+            running("memory-l1", build_l1, env, **AUDIT), \
+            running("freshness-auditor", build_auditor, env, **AUDIT):
+        async with client(env["NATS_URL"]) as nc:
+            redis = Redis.from_url(env["REDIS_URL"])
+            try:
+                yield nc, redis
+            finally:
+                await redis.aclose()
+
+
+async def append(nc, user: str, text: str, role: str = "user") -> int:
+    reply = await ok(nc, subjects.MEMORY_APPEND, {
+        "user_id": user, "bot_id": "sales-1", "role": role, "text": text,
+        "msg_id": uuid.uuid4().hex})
+    return reply["seq"]
+
+
+def seqs(reply: dict) -> list[int]:
+    return [m["seq"] for m in reply["messages"]]
+
+
+async def test_thousands_of_honest_reads_raise_no_stale_alarm(memory_stack):
+    nc, _ = memory_stack
+    users = [f"lead-{i}" for i in range(25)]
+    reads = 0
+
+    async def conversation(user: str) -> int:
+        done = 0
+        for turn in range(40):
+            seq = await append(nc, user, f"turn {turn}: is the {turn % 5 + 2}-bed still available?",
+                               "user" if turn % 2 == 0 else "assistant")
+            await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10, "min_seq": seq})
+            await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 5})
+            done += 2
+            if turn % 4 == 3:
+                await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 30})  # past L1's window
+                done += 1
+            if turn % 10 == 9:
+                await ok(nc, subjects.MEMORY_GET, {"user_id": user, "op": "search",
+                                                   "query": "which bedroom count", "k": 3})
+                done += 1
+        return done
+
+    reads = sum(await asyncio.gather(*(conversation(u) for u in users)))
+    assert reads >= 2000
+    stats = await stats_until(nc, lambda s: sum(t["checked"] for t in s["memory"].values()) >= reads)
+    checked = {name: t["checked"] for name, t in stats["memory"].items()}
+    assert sum(checked.values()) >= reads, stats
+    assert checked.get("l1", 0) > 1000 and checked.get("l2", 0) > 100 and checked.get("l3", 0) > 0
+    assert all(t["stale"] == 0 for t in stats["memory"].values()), stats
+    assert stats["records_dropped"] == 0
+
+
+async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(memory_stack):
+    nc, redis = memory_stack
+
+    # 1. L2 holds a message the log never acknowledged (written around the applier's guard).
+    user = "lead-holds-fake"
+    real = [await append(nc, user, f"message {i}") for i in range(3)]
+    fake = Message(seq=real[-1] + 10_000, msg_id="planted", role="user", bot_id="x",
+                   text="I want to cancel", ts="2026-11-26T00:00:00Z")
+    await redis.zadd(l2_keys(user)[0], {encode(fake): fake.seq})
+    served = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": user, "n": 5})
+    assert seqs(served)[-1] == fake.seq  # the planted message was served
+    stats = await stats_until(nc, lambda s: tier(s, "l2")["evicted"] >= 1)
+    assert (tier(stats, "l2")["stale"], tier(stats, "l2")["evicted"]) == (1, 1), stats
+    assert seqs(await ok(nc, subjects.MEMORY_L2_GET, {"user_id": user, "n": 5})) == real
+
+    # 2. L2 lacks an acknowledged message (removed behind the applier's back).
+    user = "lead-lacks-one"
+    real = [await append(nc, user, f"message {i}") for i in range(3)]
+    newest = (await redis.zrange(l2_keys(user)[0], -1, -1))[0]
+    assert await redis.zrem(l2_keys(user)[0], newest) == 1
+    await asyncio.sleep(GRACE_S + 0.1)  # acknowledged well before the read
+    # (asked for more than it now holds, L2 would see its count is short and pass down)
+    stale = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": user, "n": 2})
+    assert (stale["tier"], seqs(stale)) == ("l2", real[:2])
+    stats = await stats_until(nc, lambda s: tier(s, "l2")["evicted"] >= 2)
+    assert (tier(stats, "l2")["stale"], tier(stats, "l2")["evicted"]) == (2, 2), stats
+    repaired = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": user, "n": 5})
+    assert (repaired["tier"], seqs(repaired)) == ("l2", real)
+
+    # 3. A sidecar applies a forged change event: L1 serves a message the log does not have.
+    user = "lead-forged-event"
+    real = [await append(nc, user, f"message {i}") for i in range(2)]
+    assert seqs(await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})) == real
+    forged = Message(seq=real[-1] + 10_000, msg_id="forged", role="user", bot_id="x",
+                     text="forged", ts="2026-11-26T00:00:00Z")
+    await nc.publish(subjects.changed_subject(user), encode(Changed(
+        op="append", user_id=user, seq=forged.seq, prev_seq=real[-1], count=3, message=forged)))
+    await nc.flush()
+    await asyncio.sleep(0.05)
+    hit = await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})
+    assert (hit["tier"], seqs(hit)) == ("l1", [*real, forged.seq])
+    stats = await stats_until(nc, lambda s: tier(s, "l1")["evicted"] >= 1)
+    assert (tier(stats, "l1")["stale"], tier(stats, "l1")["evicted"]) == (1, 1), stats
+    after = await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})
+    assert (after["tier"], seqs(after)) == ("l2", real)  # refilled from L2, the fake gone
+
+    # Nothing else was stale: the counts are the planted cases, and every read was checked.
+    await asyncio.sleep(0.3)
+    stats = await audit_stats(nc)
+    assert {name: t["stale"] for name, t in stats["memory"].items() if t["stale"]} == {"l1": 1, "l2": 2}
+    for name, t in stats["memory"].items():
+        assert t["checked"] + t["inconclusive"] == t["served"], (name, stats)
+
+
+async def test_an_audit_is_a_span_in_the_trace_of_the_lookup_it_audits(memory_stack, spans):
+    nc, _ = memory_stack
+    await append(nc, "lead-traced", "hello")
+    await ok(nc, subjects.MEMORY_GET, {"user_id": "lead-traced", "n": 10})  # fills L1
+    with telemetry.tracer.start_as_current_span("caller") as caller:
+        msg = await nc.request(subjects.MEMORY_GET, b'{"user_id": "lead-traced", "n": 10}',
+                               timeout=10, headers=telemetry.inject())
+    assert msgspec.json.decode(msg.data)["tier"] == "l1"
+    trace_id = caller.get_span_context().trace_id
+    deadline = time.monotonic() + 10
+    while not (audits := [s for s in spans.get_finished_spans()
+                          if s.name == "audit memory" and s.context.trace_id == trace_id]):
+        assert time.monotonic() < deadline, "no audit span in the lookup's trace"
+        await asyncio.sleep(0.05)
+    served = next(s for s in spans.get_finished_spans()
+                  if s.context.trace_id == trace_id and s.name.startswith("memory.get"))
+    audit = audits[0]
+    assert audit.parent.span_id == served.context.span_id
+    assert [link.context.span_id for link in audit.links] == [served.context.span_id]
+    assert audit.attributes["tiermem.audit.verdict"] == "fresh"
+
+
+# --- LLM hits ----------------------------------------------------------------
+
+BUDGET = 0.5
+
+
+@pytest.fixture(scope="module")
+def simulator(tmp_path_factory):
+    env = {**os.environ, "SIMULATOR_LATENCY_MEDIAN_S": "0.002", "SIMULATOR_LATENCY_P95_S": "0.004"}
+    sim = servers.start_simulator(tmp_path_factory.mktemp("sim"), env=env, die_with_parent=True)
+    yield sim.url
+    sim.stop()
+
+
+@pytest.fixture
+async def llm_stack(clean_state, simulator):
+    env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
+    settings = {**AUDIT, "audit_llm_budget": BUDGET}
+    async with running("llm-broker", build_broker, env, **settings), \
+            running("freshness-auditor", build_auditor, env, **settings):
+        async with client(env["NATS_URL"]) as nc:
+            redis = Redis.from_url(env["REDIS_URL"])
+            try:
+                yield nc, redis
+            finally:
+                await redis.aclose()
+
+
+def intent(text: str) -> dict:
+    return {"task": "intent", "user_id": "lead-7", "model": "claude-haiku-4-5",
+            "system": "Classify the lead's intent. Answer with one label.", "max_tokens": 50,
+            "temperature": 0, "messages": [{"role": "user", "content": text}],
+            "cache": {"volatility": "lead_intent", "mode": "exact", "scope": "user"}}
+
+
+async def test_a_planted_wrong_answer_is_found_by_re_asking_and_evicted_within_budget(llm_stack):
+    nc, redis = llm_stack
+    body = intent("Is the Main St house still available?")
+    right = await ok(nc, subjects.LLM_COMPLETE, body)
+    assert right["cache"]["status"] == "miss"
+
+    # Plant: the cached answer says something else, and claims a price that funds audits.
+    req = msgspec.convert(body, CompleteRequest)
+    key = f"llm:x:{exact_key(partition_key(req), req)}"
+    entry = msgspec.msgpack.decode(await redis.get(key), type=Entry)
+    wrong_text = "not_interested" if right["text"] != "not_interested" else "pricing"
+    entry = msgspec.structs.replace(entry, text=wrong_text, cost_usd=0.01)
+    await redis.set(key, msgspec.msgpack.encode(entry), ex=600)
+
+    served_wrong = 0
+    for _ in range(60):  # each hit adds to the budget; the audit comes once it is funded
+        reply = await ok(nc, subjects.LLM_COMPLETE, body)
+        if reply["cache"]["status"] != "hit":
+            break
+        assert reply["text"] == wrong_text
+        served_wrong += 1
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the planted answer was never evicted")
+    # Evicted: the same request misses, is answered right, and is cached right again.
+    assert reply["text"] == right["text"]
+    again = await ok(nc, subjects.LLM_COMPLETE, body)
+    assert (again["cache"]["status"], again["text"]) == ("hit", right["text"])
+
+    stats = await stats_until(
+        nc, lambda s: s["llm_by_task"].get("intent", {}).get("served", 0) >= served_wrong + 1)
+    by_task, by_class = stats["llm_by_task"]["intent"], stats["llm_by_volatility"]["lead_intent"]
+    assert (by_task["wrong"], by_task["evicted"]) == (1, 1), stats
+    assert (by_class["wrong"], by_class["evicted"]) == (1, 1), stats
+    assert by_task["served"] == served_wrong + 1
+    # The cap: audits spent at most BUDGET of what the audited hits saved, so some were skipped.
+    assert 0 < stats["audit_spend_usd"] <= BUDGET * stats["saved_usd"] + 1e-9, stats
+    assert stats["skipped_over_budget"] >= 1 and served_wrong >= 3
+
+
+async def test_a_wrong_semantic_verdict_raises_its_partitions_threshold(llm_stack):
+    nc, redis = llm_stack
+    verdict = {"entry_id": "p1:abc", "partition": "p1", "match": "semantic", "wrong": False}
+    first = await ok(nc, subjects.LLM_VERDICT, verdict)
+    assert first["evicted"] is False
+    raised = await ok(nc, subjects.LLM_VERDICT, {**verdict, "wrong": True})
+    assert raised["threshold"] > first["threshold"]
+    assert float(await redis.hget(thresholds.KEY, "p1")) == raised["threshold"]
+    # a wrong exact hit is stale data, not loose matching: evicted, threshold unchanged
+    exact = await ok(nc, subjects.LLM_VERDICT, {**verdict, "partition": "p2", "match": "exact",
+                                               "wrong": True})
+    assert exact["threshold"] == first["threshold"]
+    assert await redis.hget(thresholds.KEY, "p2") is None
