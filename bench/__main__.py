@@ -2,7 +2,8 @@
 
 `memory` is the memory tiers (bench/memory.py, `memory.md`), `llm` the
 llm-broker (bench/llm.py, `llm.md`); `all` runs both, llm after memory, on one
-stack. Starts its own stack (servers and services as separate processes, in a
+stack. `summary.md` (+ `summary.png`) puts every measurement of the run in one
+table with its baseline and ratio. Starts its own stack (servers and services as separate processes, in a
 temp state folder, the LLM simulator with a 5 ms median latency unless
 `SIMULATOR_LATENCY_*` say otherwise) unless `--stack-env` points at a running
 one, and stops what it started on success, failure, Ctrl-C or SIGTERM. Exit
@@ -25,6 +26,7 @@ import uvloop
 
 from bench import llm as llm_mod
 from bench import report as report_mod
+from bench import summary as summary_mod
 from bench.memory import Bench, Options, Stack
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in llm_mod.console_lines(llm_rep):
             print(line)
         bad |= any(llm_mod.counts_as_failure(r) for r in llm_rep.results)
+    parts = [(area, r.results) for area, r in (("memory", rep), ("llm", llm_rep)) if r is not None]
+    if parts:
+        paths += summary_mod.write(parts, (rep or llm_rep).started, args.out)
     print()
     for path in paths:
         print(f"wrote {path}")

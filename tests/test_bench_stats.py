@@ -136,3 +136,25 @@ def test_only_absent_dev_data_is_an_acceptable_skip():
     assert counts_as_failure(Result(key="llm_exact", title="exact", skipped="no dev data"))
     assert counts_as_failure(Result(key="x", title="x", targets=[Target("t", False, "")]))
     assert not counts_as_failure(Result(key="x", title="x", targets=[Target("t", True, "")]))
+
+
+def test_the_summary_puts_every_measurement_in_one_table_with_a_plot(tmp_path):
+    from bench import summary
+    from bench.memory import Result, Target
+    from bench.stats import Summary
+
+    lat = Result(key="l1_hit", title="L1 hit", summary=Summary(100, 250.0, 500.0, 900.0, 260.0, 200.0, 1e3),
+                 baseline_label="bare NATS round trip",
+                 baseline=Summary(100, 200.0, 400.0, 800.0, 210.0, 150.0, 900.0), ratio_p50=1.25,
+                 targets=[Target("p50 ≤ 1.2×", False, "1.25×")])
+    thr = Result(key="appends", title="appends", kind="throughput", rate=5000.0, baseline_rate=20000.0,
+                 baseline_label="bare JetStream publish")
+    skipped = Result(key="l3", title="L3 recent", skipped="not loaded")
+    paths = summary.write([("memory", [lat, thr]), ("llm", [skipped])], "2026-11-26T12:00Z", tmp_path)
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert ["memory", "L1 hit", "250 µs", "500 µs", "900 µs", "bare NATS round trip",
+            "200 µs / 400 µs / 800 µs", "1.25×", "**FAIL**: p50 ≤ 1.2×"] in rows
+    assert ["memory", "appends", "5,000/s", "", "", "bare JetStream publish", "20,000/s", "0.25×", ""] in rows
+    assert rows[-1][:3] == ["llm", "L3 recent", "skipped"]
+    assert (tmp_path / "summary.png").stat().st_size > 1000 and len(paths) == 2
