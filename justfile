@@ -57,23 +57,9 @@ down:
 status:
     -.venv/bin/python -m shared.stack status
 
-# bring the stack up, run the demo, bring it down again (also on failure or Ctrl-C)
+# a fresh stack, the lead fleet, the results table and an HTML report; stops everything, also on Ctrl-C
 demo *args: setup
-    #!/usr/bin/env bash
-    set -euo pipefail
-    if .venv/bin/python -m shared.stack status >/dev/null 2>&1; then
-        echo "a stack is already up: the demo uses it and leaves it up"
-    else
-        trap '.venv/bin/python -m shared.stack down' EXIT
-        trap 'exit 130' INT TERM
-    fi
-    .venv/bin/python -m shared.stack up
-    set -a; . "${TIERMEM_STATE_DIR:-.tiermem}/stack.env"; set +a
-    if .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("shared.demo") is None)'; then
-        .venv/bin/python -m shared.demo "$@"
-    else
-        echo "shared.demo is not written yet: nothing to show beyond the stack coming up"
-    fi
+    .venv/bin/python -m demo "$@"
 
 # run the benchmarks (args go to `python -m bench`)
 bench *args: setup

@@ -1,0 +1,178 @@
+"""The results table, computed only from the workers' call logs and the price table.
+
+Nothing here trusts a service's own counters: the share of each tier is what
+the `tier` field of each `memory.get` reply said, latency is what the worker
+measured, and every dollar is recomputed from the tokens each reply reported
+and the broker's price table (`cost_usd` of the replies is kept only as a
+cross-check). Cost per month = the fleet's cost per simulated day x 30.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import msgspec
+
+TIERS = ("l1", "l2", "l3")
+TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+PRICE_FIELDS = {"input_tokens": "input", "output_tokens": "output",
+                "cache_creation_input_tokens": "cache_write", "cache_read_input_tokens": "cache_read"}
+
+
+def read_logs(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        with open(path, "rb") as f:
+            records.extend(msgspec.json.decode(line) for line in f if line.strip())
+    return records
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest rank: the smallest value with at least p % of the values at or below it."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def cost_usd(record: dict, prices: dict) -> float:
+    price = prices.get(record["model"]) or prices["default"]
+    return sum(record.get(kind, 0) * price[PRICE_FIELDS[kind]] for kind in TOKEN_KINDS) / 1_000_000
+
+
+def tokens(record: dict) -> int:
+    return sum(record.get(kind, 0) for kind in TOKEN_KINDS)
+
+
+def _latency(values: list[float]) -> dict:
+    return {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
+            "p99": percentile(values, 99)}
+
+
+def summarize(records: list[dict], *, prices: dict, days: int, leads: int) -> dict:
+    calls = [r for r in records if r.get("kind") in ("append", "get", "search", "llm")]
+    lookups = [r for r in calls if r["kind"] in ("get", "search") and r["code"] == 200]
+    by_tier: dict[str, list[float]] = defaultdict(list)
+    for r in lookups:
+        by_tier[r["tier"]].append(r["ms"])
+    shares = {t: len(by_tier[t]) / len(lookups) if lookups else 0.0 for t in TIERS}
+
+    llm = [r for r in calls if r["kind"] == "llm" and r["code"] == 200]
+    hits = [r for r in llm if r["status"] == "hit"]
+    paid = [r for r in llm if r["status"] != "hit"]
+    without = sum(cost_usd(r, prices) for r in llm)
+    with_cache = sum(cost_usd(r, prices) for r in paid)
+    interactions = [r for r in records if r.get("kind") == "interaction"]
+    by_task: dict[str, Counter] = defaultdict(Counter)
+    for r in llm:
+        by_task[r["task"]][r["status"]] += 1
+    return {
+        "calls": len(calls),
+        "errors": sum(r["code"] != 200 for r in calls),
+        "errors_by_code": dict(Counter(str(r["code"]) for r in calls if r["code"] != 200)),
+        "interactions": len(interactions),
+        "interactions_per_day": len(interactions) / days,
+        "lateness_ms": _latency([r["late_ms"] for r in interactions]),
+        "lookups": {"count": len(lookups), "share": shares,
+                    "by_op": dict(Counter(r["kind"] for r in lookups)),
+                    "latency": {**{t: _latency(by_tier[t]) for t in TIERS},
+                                "all": _latency([r["ms"] for r in lookups])}},
+        "appends": _latency([r["ms"] for r in calls if r["kind"] == "append" and r["code"] == 200]),
+        "llm": {
+            "calls": len(llm),
+            "hits": len(hits),
+            "hits_exact": sum(r["match"] == "exact" for r in hits),
+            "hits_semantic": sum(r["match"] == "semantic" for r in hits),
+            "misses": len(paid),
+            "hit_rate": len(hits) / len(llm) if llm else 0.0,
+            "by_task": {t: dict(c) for t, c in sorted(by_task.items())},
+            "tokens": sum(tokens(r) for r in llm),
+            "tokens_avoided": sum(tokens(r) for r in hits),
+            "hit_latency": _latency([r["ms"] for r in hits]),
+            "cost_without_usd": without,
+            "cost_with_usd": with_cache,
+            "reported_cost_usd": sum(r["cost_usd"] for r in paid),
+            "reported_saved_usd": sum(r["saved_usd"] for r in hits),
+        },
+        "month": {
+            "days": days,
+            "without_usd": without / days * 30,
+            "with_usd": with_cache / days * 30,
+            "per_lead_without_usd": without / days * 30 / leads,
+            "per_lead_with_usd": with_cache / days * 30 / leads,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- text table
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} ms"
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f} %"
+
+
+def _usd(v: float) -> str:
+    return f"${v:,.2f}"
+
+
+def format_table(s: dict, *, header: str, audit: dict | None) -> str:
+    lk, llm, month = s["lookups"], s["llm"], s["month"]
+    lines = [header, ""]
+    rows = [("memory lookups", "share", "count", "p50", "p95", "p99")]
+    for tier in (*TIERS, "all"):
+        lat = lk["latency"][tier]
+        share = "100.0 %" if tier == "all" else _pct(lk["share"][tier])
+        rows.append((f"  {tier.upper() if tier != 'all' else 'all tiers'}", share, f"{lat['count']:,}",
+                     _ms(lat["p50"]), _ms(lat["p95"]), _ms(lat["p99"])))
+    ap = s["appends"]
+    rows.append(("  (appends)", "", f"{ap['count']:,}", _ms(ap["p50"]), _ms(ap["p95"]), _ms(ap["p99"])))
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+    lines.append("")
+    saved = 1 - month["with_usd"] / month["without_usd"] if month["without_usd"] else 0.0
+    lines += [
+        f"LLM calls           {llm['calls']:,}: {llm['hits']:,} answered from cache ({_pct(llm['hit_rate'])}; "
+        f"exact {llm['hits_exact']:,}, semantic {llm['hits_semantic']:,}), {llm['misses']:,} sent to the model",
+        f"LLM calls avoided   {llm['hits']:,}   tokens avoided {llm['tokens_avoided']:,} of {llm['tokens']:,} "
+        f"({_pct(llm['tokens_avoided'] / llm['tokens'] if llm['tokens'] else 0)})",
+        f"cache hit latency   p50 {_ms(llm['hit_latency']['p50'])}  p95 {_ms(llm['hit_latency']['p95'])}",
+        f"cost per month      without cache {_usd(month['without_usd'])}   with cache {_usd(month['with_usd'])}"
+        f"   (-{_pct(saved)})",
+        f"cost per lead/month without cache {_usd(month['per_lead_without_usd'])}   "
+        f"with cache {_usd(month['per_lead_with_usd'])}",
+        f"                    (at {s['interactions_per_day']:,.0f} interactions a day x 30, "
+        f"price table of the llm-broker)",
+        "",
+    ]
+    lines += _audit_lines(audit)
+    return "\n".join(lines)
+
+
+def _audit_lines(audit: dict | None) -> list[str]:
+    if audit is None:
+        return ["stale / false-hit rates  n/a (the freshness-auditor is not running)"]
+    mem = audit.get("memory") or {}
+    parts = []
+    for tier in TIERS:
+        f = mem.get(tier)
+        if f:
+            parts.append(f"{tier.upper()} {_pct(f.get('stale_rate', 0.0))} ({f.get('stale', 0)}/{f.get('checked', 0)})")
+        else:
+            parts.append(f"{tier.upper()} n/a")
+    lines = ["stale rate (audited)     " + "   ".join(parts)]
+    llm = audit.get("llm_by_volatility") or {}
+    if llm:
+        lines.append("false-hit rate (audited) " + "   ".join(
+            f"{k} {_pct(v.get('false_hit_rate', 0.0))} ({v.get('wrong', 0)}/{v.get('checked', 0)})"
+            for k, v in sorted(llm.items())))
+    else:
+        lines.append("false-hit rate (audited) n/a (no LLM hits audited yet)")
+    lines.append(f"                         (freshness-auditor, window {audit.get('window_s', 0):.0f} s)")
+    return lines

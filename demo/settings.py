@@ -1,0 +1,62 @@
+"""The demo's knobs: environment variables, overridden by command-line flags.
+
+| variable | flag | default | meaning |
+|---|---|---|---|
+| `DEMO_LEADS` | `--leads` | 500 | leads in the fleet |
+| `DEMO_BOTS` | `--bots` | 3 | sales bots (a lead talks to one bot) |
+| `DEMO_DAYS` | `--days` | 2 | simulated days (07:00 on day 1 to 23:00 on the last) |
+| `DEMO_SPEED` | `--speed` | 1440 | simulated seconds per wall second (1440: a day a minute) |
+| `DEMO_WORKERS` | `--workers` | 1 | agent-worker processes (leads are sharded across them) |
+| `DEMO_MIX` | `--mix` | "" | call mix over `services/agent_worker/scenario.py` `Mix.DEFAULTS`, e.g. `search=0.1,market=0.8` |
+| `DEMO_L1_USERS` | `--l1-users` | 100 | leads a memory-l1 sidecar keeps windows for (`L1_MAX_USERS`) |
+| `DEMO_SEED` | `--seed` | 1 | the plan's random seed |
+| `DEMO_DIR` | `--dir` | `.tiermem/demo` | state of the demo's own stack (wiped each run) and its outputs |
+| `DEMO_REAL_LLM` | | 0 | with `ANTHROPIC_API_KEY` set the broker would call Claude (and spend money): set 1 to allow |
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    leads: int = 500
+    bots: int = 3
+    days: int = 2
+    speed: float = 1440.0
+    workers: int = 1
+    mix: str = ""
+    l1_users: int = 100
+    seed: int = 1
+    dir: Path = REPO / ".tiermem" / "demo"
+    real_llm: bool = False
+    up_timeout: float = 60.0
+
+    @classmethod
+    def load(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> "DemoSettings":
+        env = dict(os.environ if env is None else env)
+        d = cls()
+        p = argparse.ArgumentParser(prog="python -m demo", description="Run the lead fleet against a "
+                                    "fresh tiermem stack; print the results table; write an HTML report.")
+        p.add_argument("--leads", type=int, default=int(env.get("DEMO_LEADS", d.leads)))
+        p.add_argument("--bots", type=int, default=int(env.get("DEMO_BOTS", d.bots)))
+        p.add_argument("--days", type=int, default=int(env.get("DEMO_DAYS", d.days)))
+        p.add_argument("--speed", type=float, default=float(env.get("DEMO_SPEED", d.speed)))
+        p.add_argument("--workers", type=int, default=int(env.get("DEMO_WORKERS", d.workers)))
+        p.add_argument("--mix", default=env.get("DEMO_MIX", d.mix))
+        p.add_argument("--l1-users", type=int, default=int(env.get("DEMO_L1_USERS", d.l1_users)))
+        p.add_argument("--seed", type=int, default=int(env.get("DEMO_SEED", d.seed)))
+        p.add_argument("--dir", type=Path, default=Path(env.get("DEMO_DIR") or d.dir))
+        a = p.parse_args(argv)
+        if min(a.leads, a.bots, a.days, a.workers, a.l1_users) < 1 or a.speed <= 0:
+            p.error("leads, bots, days, workers and l1-users must be >= 1 and speed > 0")
+        return cls(leads=a.leads, bots=a.bots, days=a.days, speed=a.speed, workers=min(a.workers, a.leads),
+                   mix=a.mix, l1_users=a.l1_users, seed=a.seed, dir=a.dir.resolve(),
+                   real_llm=env.get("DEMO_REAL_LLM") == "1",
+                   up_timeout=float(env.get("TIERMEM_UP_TIMEOUT", d.up_timeout)))

@@ -1,0 +1,165 @@
+"""Run a shard of the simulated lead fleet against tiermem until the plan ends or SIGTERM.
+
+Settings (environment, read once at start):
+
+| variable | default | meaning |
+|---|---|---|
+| `NATS_URL` | `.tiermem/stack.env` | the stack |
+| `WORKER_ID` | `POD_NAME`, else `worker-<host>-<pid>` | names this worker in its call log |
+| `L1_ID` | `POD_NAME` | read through this sidecar (`memory.get.<L1_ID>`); unset: the `memory.get` queue group |
+| `WORKER_LOG` | stdout | JSON-lines call log |
+| `WORKER_SHARD`, `WORKER_SHARDS` | 0, 1 | this worker takes leads with index % shards == shard |
+| `DEMO_LEADS`, `DEMO_BOTS`, `DEMO_DAYS` | 500, 3, 2 | the fleet and how many simulated days |
+| `DEMO_SPEED` | 1440 | simulated seconds per wall second (1440: a day a minute) |
+| `DEMO_MIX` | see `scenario.Mix` | the call mix, e.g. `search=0.1,market=0.8` |
+| `DEMO_SEED`, `DEMO_RUN` | 1, random | the plan's seed; the run id that prefixes lead ids |
+| `DEMO_T0` | after seeding | unix time simulated time starts (the demo sets it for every worker) |
+| `DEMO_SEED_HISTORY` | 1 | append each lead's imported history first |
+| `DEMO_DATE` | 2026-03-02 | day 1 of simulated time (message timestamps) |
+
+The llm-broker's TTLs and the model's latency are wall-clock: against a stack
+that `just demo` did not start (it scales them, see demo/run.py), run at
+`DEMO_SPEED=1` (real time) or the compressed days will find answers fresher
+than they would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import socket
+import time
+from typing import Mapping
+
+import msgspec
+import nats
+
+from services.agent_worker import scenario
+from services.agent_worker.bot import Bot, CallLog, SimClock, sim_start
+from services.agent_worker.client import Tiermem
+from services.agent_worker.scenario import Mix
+
+SEED_CONCURRENCY = 32
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str
+    worker_id: str
+    l1_id: str = ""
+    log_path: str = ""
+    shard: int = 0
+    shards: int = 1
+    leads: int = 500
+    bots: int = 3
+    days: int = 2
+    speed: float = 1440.0
+    mix: str = ""
+    seed: int = 1
+    run: str = ""
+    t0: float = 0.0
+    seed_history: bool = True
+    date: str = "2026-03-02"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
+        if env is None:
+            from shared.stack import load_env
+
+            env = {**load_env(), **os.environ}
+        pod = env.get("POD_NAME", "")
+        raw = {
+            "nats_url": env.get("NATS_URL"),
+            "worker_id": env.get("WORKER_ID") or pod or f"worker-{socket.gethostname()}-{os.getpid()}",
+            "l1_id": env.get("L1_ID") or pod,
+            "log_path": env.get("WORKER_LOG"),
+            "shard": env.get("WORKER_SHARD"), "shards": env.get("WORKER_SHARDS"),
+            "leads": env.get("DEMO_LEADS"), "bots": env.get("DEMO_BOTS"), "days": env.get("DEMO_DAYS"),
+            "speed": env.get("DEMO_SPEED"), "mix": env.get("DEMO_MIX"), "seed": env.get("DEMO_SEED"),
+            "run": env.get("DEMO_RUN") or secrets.token_hex(3), "t0": env.get("DEMO_T0"),
+            "seed_history": env.get("DEMO_SEED_HISTORY"), "date": env.get("DEMO_DATE"),
+        }
+        values = {k: v for k, v in raw.items() if v not in (None, "")}
+        if "nats_url" not in values:
+            raise SystemExit("NATS_URL is not set: run `just up` or point NATS_URL at a server")
+        try:
+            settings = msgspec.convert(values, cls, strict=False)
+            Mix.parse(settings.mix)
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise SystemExit(f"bad setting: {exc}") from None
+        if settings.speed <= 0 or settings.days < 1 or settings.leads < 1 or settings.bots < 1:
+            raise SystemExit("bad setting: DEMO_SPEED > 0, DEMO_DAYS, DEMO_LEADS, DEMO_BOTS >= 1")
+        return settings
+
+
+async def run(s: WorkerSettings, stop: asyncio.Event) -> int:
+    mix = Mix.parse(s.mix)
+    plans = scenario.plan_fleet(s.leads, run=s.run, bots=s.bots, days=s.days, mix=mix, seed=s.seed,
+                                shard=s.shard, shards=s.shards)
+    nc = await nats.connect(s.nats_url, name=f"agent-worker {s.worker_id}", max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.5, connect_timeout=5)
+    calls = CallLog(s.log_path, s.worker_id)
+    client = Tiermem(nc, sidecar=s.l1_id, trace_share=mix["trace"],
+                     rng=random.Random(f"{s.seed}:{s.shard}"))
+    try:
+        if s.seed_history:
+            t0 = time.perf_counter()
+            sent, errors = await seed(client, plans, sim_start(s.date))
+            calls.write({"kind": "seeded", "messages": sent, "errors": errors,
+                         "s": round(time.perf_counter() - t0, 2)})
+        clock = SimClock(s.t0 or time.time(), s.speed, sim_start(s.date))
+        calls.write({"kind": "start", "leads": len(plans), "events": sum(len(p.events) for p in plans),
+                     "t0": clock.t0, "speed": s.speed, "days": s.days, "run": s.run,
+                     "sidecar": s.l1_id or "(queue group)"})
+        bot = Bot(client, calls, clock, mix)
+        tasks = [asyncio.create_task(bot.run_lead(p)) for p in plans]
+        flusher = asyncio.create_task(_flush_every(calls, 0.5))
+        stopper = asyncio.create_task(stop.wait())
+        done = asyncio.gather(*tasks)
+        await asyncio.wait([done, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finished = done.done()
+        for t in (*tasks, flusher, stopper):
+            t.cancel()
+        await asyncio.gather(done, flusher, stopper, return_exceptions=True)
+        if finished and done.exception() is not None:
+            raise done.exception()
+        calls.write({"kind": "end", "finished": finished, "calls": calls.calls, "errors": calls.errors})
+        return 0
+    finally:
+        calls.close()
+        await nc.close()
+
+
+async def seed(client: Tiermem, plans: list[scenario.LeadPlan], start) -> tuple[int, int]:
+    """Append every lead's imported history (in order per lead, leads in parallel); (sent, errors)."""
+    stamp = SimClock(0, 1, start).iso
+    sem = asyncio.Semaphore(SEED_CONCURRENCY)
+    sent = errors = 0
+
+    async def one(plan: scenario.LeadPlan) -> None:
+        nonlocal sent, errors
+        async with sem:
+            for j, (role, text, at) in enumerate(plan.history):
+                c = await client.append(plan.user_id, plan.bot_id, role, text, f"{plan.user_id}:h{j}",
+                                        stamp(at))
+                sent += 1
+                errors += not c.ok
+
+    await asyncio.gather(*(one(p) for p in plans))
+    return sent, errors
+
+
+async def seed_fleet(nats_url: str, plans: list[scenario.LeadPlan], date: str = "2026-03-02") -> tuple[int, int]:
+    """`seed` over a connection of its own (the demo seeds once for all its workers)."""
+    nc = await nats.connect(nats_url, connect_timeout=5)
+    try:
+        return await seed(Tiermem(nc), plans, sim_start(date))
+    finally:
+        await nc.close()
+
+
+async def _flush_every(calls: CallLog, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        calls.flush()

@@ -1,0 +1,183 @@
+"""`just demo` end to end, as processes: the table is what the workers' logs say.
+
+The short run starts its own stack (servers included), runs a few leads
+through one simulated day, and every figure of the table is recomputed here
+from the workers' call logs and the broker's price table, with code of its
+own (numpy's nearest-rank percentiles, not demo/results.py). The failure
+tests break a server and a service and check the demo says so, exits non-zero
+and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demo.run import write_scaled_config
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
+PRICES = tomllib.loads((REPO / "services" / "llm_broker" / "config.toml").read_text())["prices"]
+LEADS, DAYS = 24, 1
+
+
+def demo_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DEMO_", "NATS_URL", "REDIS_URL", "DATABASE_URL", "ANTHROPIC_", "TRACE_FILE"))}
+    return {**env, "DEMO_DIR": str(tmp / "demo"), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def processes_of(demo_dir: Path) -> list[str]:
+    """Every live process whose environment names this demo's state folder."""
+    marker = f"TIERMEM_STATE_DIR={demo_dir / 'stack'}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{proc.name} {cmdline}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    out = subprocess.run([sys.executable, "-m", "demo", "--leads", str(LEADS), "--days", str(DAYS),
+                          "--speed", "8000", "--mix", "trace=0.5,search=0.2,history_read=0.1"],
+                         cwd=REPO, env=demo_env(tmp), capture_output=True, text=True, timeout=240)
+    run_dir = tmp / "demo" / "run"
+    yield {"out": out, "run": run_dir, "dir": tmp / "demo"}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = []
+    for path in sorted(run_dir.glob("calls-*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines
+
+
+def _pct(values, p):
+    return float(np.percentile(np.array(values), p, method="inverted_cdf")) if values else None
+
+
+def test_short_demo_runs_and_stops_everything(short_run):
+    out = short_run["out"]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert processes_of(short_run["dir"]) == []
+    results = json.loads((short_run["run"] / "results.json").read_text())
+    assert results["table"] in out.stdout
+    assert results["errors"] == 0, results["errors_by_code"]
+
+
+def test_table_equals_counts_recomputed_from_the_workers_logs(short_run):
+    results = json.loads((short_run["run"] / "results.json").read_text())
+    records = _records(short_run["run"])
+    starts = [r for r in records if r["kind"] == "start"]
+    assert sum(s["events"] for s in starts) == results["interactions"] > 0
+    lookups = [r for r in records if r["kind"] in ("get", "search") and r["code"] == 200]
+    tiers = Counter(r["tier"] for r in lookups)
+    assert results["lookups"]["count"] == len(lookups)
+    assert set(tiers) <= {"l1", "l2", "l3"} and len(tiers) == 3, tiers  # every tier earned a share
+    for tier in ("l1", "l2", "l3"):
+        assert results["lookups"]["share"][tier] == pytest.approx(tiers[tier] / len(lookups))
+        lat = [r["ms"] for r in lookups if r["tier"] == tier]
+        for p in (50, 95, 99):
+            assert results["lookups"]["latency"][tier][f"p{p}"] == pytest.approx(_pct(lat, p))
+    for p in (50, 95, 99):
+        assert results["lookups"]["latency"]["all"][f"p{p}"] == pytest.approx(_pct([r["ms"] for r in lookups], p))
+
+    llm = [r for r in records if r["kind"] == "llm" and r["code"] == 200]
+    hits = [r for r in llm if r["status"] == "hit"]
+    assert (results["llm"]["calls"], results["llm"]["hits"]) == (len(llm), len(hits))
+    assert results["llm"]["tokens_avoided"] == sum(
+        r["input_tokens"] + r["output_tokens"] + r["cache_creation_input_tokens"] + r["cache_read_input_tokens"]
+        for r in hits)
+    # The stack's own count agrees: every miss was one model call, every call one request.
+    assert results["broker"]["upstream_calls"] == len(llm) - len(hits)
+    assert results["broker"]["requests"] == len(llm)
+    # The printed table carries these numbers.
+    assert f"{len(llm):,}: {len(hits):,} answered from cache" in results["table"]
+    assert f"{tiers['l1']:,}" in results["table"]
+
+
+def test_cost_recomputes_from_the_price_table_and_tokens(short_run):
+    results = json.loads((short_run["run"] / "results.json").read_text())
+    llm = [r for r in _records(short_run["run"]) if r["kind"] == "llm" and r["code"] == 200]
+
+    def cost(r):
+        price = PRICES.get(r["model"], PRICES["default"])
+        return (r["input_tokens"] * price["input"] + r["output_tokens"] * price["output"]
+                + r["cache_creation_input_tokens"] * price["cache_write"]
+                + r["cache_read_input_tokens"] * price["cache_read"]) / 1e6
+
+    without = sum(cost(r) for r in llm)
+    with_cache = sum(cost(r) for r in llm if r["status"] != "hit")
+    month = results["month"]
+    assert month["without_usd"] == pytest.approx(without / DAYS * 30)
+    assert month["with_usd"] == pytest.approx(with_cache / DAYS * 30)
+    assert month["per_lead_with_usd"] == pytest.approx(with_cache / DAYS * 30 / LEADS)
+    # What the broker billed each miss agrees with the price table (to its 8-decimal rounding).
+    billed = sum(r["cost_usd"] for r in llm if r["status"] != "hit")
+    assert billed == pytest.approx(with_cache, abs=1e-8 * len(llm))
+    assert f"${month['with_usd']:,.2f}" in results["table"]
+
+
+def test_report_holds_its_plots(short_run):
+    html = (short_run["run"] / "report.html").read_text()
+    images = [part.split("'", 1)[0] for part in html.split("data:image/png;base64,")[1:]]
+    assert len(images) >= 4, "latency, time, shares and a trace waterfall"
+    for img in images:
+        assert base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Trace of one slow lookup: " in html and "answered by" in html
+
+
+def test_scaled_config_divides_ttls_and_keeps_prices(tmp_path):
+    scaled = tomllib.loads(write_scaled_config(REPO / "services/llm_broker/config.toml",
+                                               tmp_path / "c.toml", 1440).read_text())
+    original = tomllib.loads((REPO / "services/llm_broker/config.toml").read_text())
+    for name, v in original["volatility"].items():
+        assert scaled["volatility"][name]["ttl_s"] == pytest.approx(v["ttl_s"] / 1440)
+        assert scaled["volatility"][name]["invalidate_on_user_message"] == v.get("invalidate_on_user_message", False)
+    assert {k: v for k, v in scaled.items() if k != "volatility"} == \
+        {k: v for k, v in original.items() if k != "volatility"}
+
+
+BROKEN_POSTGRES = """
+import sys
+from shared import servers
+def broken(*a, **k):
+    raise servers.ServerStartError("postgres exited with code 1 during start-up (injected by the test)")
+servers.start_postgres = broken
+from shared import stack
+stack.SERVERS = tuple((n, v, broken if n == "postgres" else s) for n, v, s in stack.SERVERS)
+from demo.run import main
+sys.exit(main(["--leads", "3"]))
+"""
+
+
+@pytest.mark.parametrize("case", ["server", "service"])
+def test_demo_fails_clearly_and_leaves_nothing_behind(tmp_path, case):
+    if case == "server":  # NATS and Redis start, then Postgres cannot
+        cmd, env = [sys.executable, "-c", BROKEN_POSTGRES], demo_env(tmp_path)
+    else:  # every server starts; the services exit on a bad setting
+        cmd, env = [sys.executable, "-m", "demo", "--leads", "3"], demo_env(tmp_path, L2_WINDOW="lots")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "demo failed: the stack did not come up" in out.stderr
+    assert ("postgres" if case == "server" else "bad setting") in out.stderr
+    assert processes_of(tmp_path / "demo") == []
+    state = tmp_path / "demo" / "stack" / "stack.json"
+    assert not state.exists() or json.loads(state.read_text())["processes"] == []
