@@ -52,6 +52,7 @@ first match wins:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -223,15 +224,30 @@ def _intent_sentence(intent: str, h: int, noted: list[str]) -> str:
     return "Let me look into that and get back to you shortly."
 
 
+_HOME_KINDS = re.compile(r"\b(single-family|condos?|townhomes?|townhouses?|apartments?|duplex(?:es)?|"
+                         r"lofts?|land|lots?|multi-family|ranch(?:es)?)\b", re.IGNORECASE)
+
+
+def market_subject(text: str) -> str:
+    """What a market question is about: the places and numbers it names, and kinds of home."""
+    kinds = [k.lower() for k in _HOME_KINDS.findall(text)]
+    names = [w for w in details(text) if w.lower() not in ("market", "current")]
+    return " ".join(dict.fromkeys([*kinds, *names]))
+
+
 def free_text(latest: str, system_text: str, h: int) -> str:
     """A reply to the latest user turn; `h` (a hash of the request) picks among phrasings."""
     topic = " ".join(content_words(latest)) or "your question"
     noted = details(latest)
     if re.search(r"\bmarket\b", system_text.lower()):
-        median = 300_000 + (h >> 16) % 101 * 5_000
-        days = 10 + (h >> 24) % 50
-        trend = _pick(("rising", "flat", "falling"), h, 4)
-        text = (f"Market context for {topic}: median list price ${median:,}, "
+        # A market has one set of figures whoever asks and however: they follow from
+        # what the question names (the area, the kind of home), not from its wording.
+        subject = market_subject(latest)
+        m = int.from_bytes(hashlib.blake2b(subject.lower().encode(), digest_size=8).digest(), "big")
+        median = 300_000 + (m >> 16) % 101 * 5_000
+        days = 10 + (m >> 24) % 50
+        trend = _pick(("rising", "flat", "falling"), m, 4)
+        text = (f"Market context for {subject or 'your area'}: median list price ${median:,}, "
                 f"{days} days on market on average, inventory {trend} over the last month.")
     else:
         intent = classify_intent(latest)
