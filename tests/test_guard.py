@@ -348,12 +348,13 @@ def test_never_raises_on_any_text(q, c, cosine, threshold):
 
 def test_a_check_is_cheap():
     """Well under a millisecond of CPU per check for chat-length text never seen
-    before (~0.1 ms measured), analysis included. CPU time, not wall time: the
-    box is shared."""
+    before (~0.1 ms measured), analysis included. This thread's CPU time, not wall
+    time or the process's: the box is shared, and in the full suite other threads
+    of this process (services run in-process by other tests) burn CPU too."""
     pairs = [(f"Is the {i}-bed on Main St still available for {w}?", f"Is that {i}-bed still available, {w}?")
              for i in range(50) for w in ("me", "us", "them", "my wife")]
-    started = time.process_time()
+    started = time.thread_time()
     for q, c in pairs:
         decide(q, c, 0.9)
-    per_check = (time.process_time() - started) / len(pairs)
+    per_check = (time.thread_time() - started) / len(pairs)
     assert per_check < 1e-3, f"{per_check * 1e6:.0f} µs per check"

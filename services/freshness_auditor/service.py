@@ -264,11 +264,6 @@ class Auditor:
         await self.flush()
         return await self.tally.read()
 
-    async def idle(self) -> None:
-        """Wait until every queued audit is done (tests and the demo's final table)."""
-        while not (self.memory_queue.empty() and self.llm_queue.empty()):
-            await asyncio.sleep(0.01)
-
 
 def _audit_span(name: str, trace_id: str, span_id: str, attributes: dict):
     """A span in the audited request's trace (child of, and linked to, the span that served it)."""
