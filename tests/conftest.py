@@ -176,6 +176,15 @@ def reset_state(nats_url, redis_url, database_url):
     return reset
 
 
+@pytest.fixture(scope="module")
+def simulator(tmp_path_factory):
+    """The Claude API simulator as its own process, with near-zero model latency; its URL."""
+    env = {**os.environ, "SIMULATOR_LATENCY_MEDIAN_S": "0.002", "SIMULATOR_LATENCY_P95_S": "0.004"}
+    sim = servers.start_simulator(tmp_path_factory.mktemp("sim"), env=env, die_with_parent=True)
+    yield sim.url
+    sim.stop()
+
+
 @pytest.fixture
 def spans():
     """Finished spans of this process, in memory (added to whatever provider is installed)."""

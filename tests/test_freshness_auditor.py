@@ -12,7 +12,7 @@ stay within its spend budget.
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import time
 import uuid
 
@@ -28,7 +28,7 @@ from services.llm_broker import thresholds
 from services.llm_broker.policy import Entry, exact_key, partition_key
 from services.llm_broker.service import build as build_broker
 from services.memory_l1.service import build as build_l1
-from shared import servers, subjects, telemetry
+from shared import subjects, telemetry
 from shared.contract import Changed, CompleteRequest, Message, encode
 from tests.helpers import client, ok, running
 
@@ -55,6 +55,17 @@ def tier(stats: dict, name: str) -> dict:
     return stats["memory"].get(name, {"served": 0, "checked": 0, "stale": 0, "evicted": 0})
 
 
+@contextlib.asynccontextmanager
+async def _clients(env: dict[str, str]):
+    """A NATS client and a Redis client (to plant stale data around the services)."""
+    async with client(env["NATS_URL"]) as nc:
+        redis = Redis.from_url(env["REDIS_URL"])
+        try:
+            yield nc, redis
+        finally:
+            await redis.aclose()
+
+
 @pytest.fixture
 async def memory_stack(clean_state):
     env = {**clean_state, "ANTHROPIC_BASE_URL": NO_MODEL}
@@ -62,12 +73,8 @@ async def memory_stack(clean_state):
             running("l3-semantic-indexer", build_l3, env, **AUDIT), \
             running("memory-l1", build_l1, env, **AUDIT), \
             running("freshness-auditor", build_auditor, env, **AUDIT):
-        async with client(env["NATS_URL"]) as nc:
-            redis = Redis.from_url(env["REDIS_URL"])
-            try:
-                yield nc, redis
-            finally:
-                await redis.aclose()
+        async with _clients(env) as both:
+            yield both
 
 
 async def append(nc, user: str, text: str, role: str = "user") -> int:
@@ -194,26 +201,14 @@ async def test_an_audit_is_a_span_in_the_trace_of_the_lookup_it_audits(memory_st
 BUDGET = 0.5
 
 
-@pytest.fixture(scope="module")
-def simulator(tmp_path_factory):
-    env = {**os.environ, "SIMULATOR_LATENCY_MEDIAN_S": "0.002", "SIMULATOR_LATENCY_P95_S": "0.004"}
-    sim = servers.start_simulator(tmp_path_factory.mktemp("sim"), env=env, die_with_parent=True)
-    yield sim.url
-    sim.stop()
-
-
 @pytest.fixture
 async def llm_stack(clean_state, simulator):
     env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
     settings = {**AUDIT, "audit_llm_budget": BUDGET}
     async with running("llm-broker", build_broker, env, **settings), \
             running("freshness-auditor", build_auditor, env, **settings):
-        async with client(env["NATS_URL"]) as nc:
-            redis = Redis.from_url(env["REDIS_URL"])
-            try:
-                yield nc, redis
-            finally:
-                await redis.aclose()
+        async with _clients(env) as both:
+            yield both
 
 
 def intent(text: str) -> dict:

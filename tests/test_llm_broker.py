@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import random
 import time
 
@@ -20,7 +19,7 @@ import pytest
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.service import build as build_broker
-from shared import servers, subjects
+from shared import subjects
 from shared.contract import Usage
 from tests.helpers import call, client, ok, running
 
@@ -31,14 +30,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def simulator(tmp_path_factory):
-    env = {**os.environ, "SIMULATOR_LATENCY_MEDIAN_S": "0.002", "SIMULATOR_LATENCY_P95_S": "0.004"}
-    sim = servers.start_simulator(tmp_path_factory.mktemp("sim"), env=env, die_with_parent=True)
-    yield sim.url
-    sim.stop()
 
 
 class Sim:
