@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from demo.run import write_scaled_config
+from demo.settings import DemoSettings
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,8 @@ def test_table_equals_counts_recomputed_from_the_workers_logs(short_run):
     # The stack's own count agrees: every miss was one model call, every call one request.
     assert results["broker"]["upstream_calls"] == len(llm) - len(hits)
     assert results["broker"]["requests"] == len(llm)
+    # Prompts the size of the design's (~7.5k tokens an interaction on average).
+    assert 5_000 < results["llm"]["tokens"] / results["interactions"] < 11_000
     # The printed table carries these numbers.
     assert f"{len(llm):,}: {len(hits):,} answered from cache" in results["table"]
     assert f"{tiers['l1']:,}" in results["table"]
@@ -142,6 +145,40 @@ def test_report_holds_its_plots(short_run):
     for img in images:
         assert base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Trace of one slow lookup: " in html and "answered by" in html
+
+
+def test_default_plan_is_the_design_fleet():
+    """500 leads, 3 bots with roles, 4-6k interactions a simulated day (DESIGN.md's fleet)."""
+    from services.agent_worker import scenario
+
+    d = DemoSettings()
+    plans = scenario.plan_fleet(d.leads, run="r", bots=d.bots, days=d.days, mix=scenario.Mix.parse(""),
+                                seed=d.seed)
+    events = [(p, e) for p in plans for e in p.events]
+    assert 4_000 <= len(events) / d.days <= 6_000
+    roles = Counter(e.role for _, e in events)
+    assert set(roles) == set(scenario.ROLES) and roles["qualifier"] > roles["nurture"] > 0
+    for p, e in events:
+        assert e.bot == p.bots[e.role] and (e.kind == "inbound") == (e.why == "")
+    # Most interactions are the bots' own, as in a production fleet.
+    assert sum(e.kind == "review" for _, e in events) > 2 * sum(e.kind == "inbound" for _, e in events)
+
+
+def test_prompts_are_what_the_simulator_reads_them_as():
+    """Long, stable prompts; the simulator picks its task from the system prompt's words."""
+    import re
+
+    from services.agent_worker import bot
+    from services.llm_simulator.rules import detect_task
+
+    assert detect_task(bot.SCORE_SYSTEM) == "lead_score"
+    assert not re.search(r"\b(?:hot|warm|cold|json)\b", bot.SCORE_SYSTEM.lower())  # answers a number
+    assert detect_task(bot.INTENT_SYSTEM) == "intent"
+    assert detect_task(bot.MARKET_SYSTEM) == "free_text" and "market" in bot.MARKET_SYSTEM
+    for role, system in bot.REPLY_SYSTEMS.items():
+        assert detect_task(system) == "free_text" and not re.search(r"\bmarket\b", system.lower()), role
+        assert len(system) / 4 > 4_000  # role + playbook + listing sheet, marked for prompt caching
+    assert len(bot.SCORE_SYSTEM) / 4 > 2_000 and len(bot.INTENT_SYSTEM) / 4 > 2_000
 
 
 def test_scaled_config_divides_ttls_and_keeps_prices(tmp_path):

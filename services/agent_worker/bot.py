@@ -1,9 +1,7 @@
-"""What a sales bot does for one lead message, and what it measures.
+"""What the fleet's three bots do in one interaction with a lead, and what they measure.
 
-For each inbound SMS: append it; read the lead's recent messages (n=10,
-with `min_seq` = the append's seq, so the read includes it); sometimes a
-longer read (n=30..100) or the older history (n=101..500), sometimes a search
-of the history; then the LLM calls, each with the cache options its data
+An interaction is one bot acting on one lead (scenario.py plans when). Every
+call is one such a bot really makes, with the cache options its data
 deserves:
 
 | task           | volatility     | mode     | scope  | why                                           |
@@ -13,9 +11,45 @@ deserves:
 | market_context | market_context | semantic | global | many leads ask about the same area            |
 | reply          | lead_intent    | exact    | user   | depends on the conversation, rarely repeats   |
 
-then it appends its reply. A follow-up (the lead went quiet) re-reads the
-window, re-scores and re-classifies the unchanged conversation, and may send
-a nudge. Every call is written to the call log (`CallLog`) as it returns.
+**The lead texts** (inbound, the qualifier answers): append it; read the
+lead's recent messages (n=10, with `min_seq` = the append's seq, so the read
+includes it); sometimes a longer read (n=30..100) or the older history
+(n=101..500), sometimes a search of the history; then score, intent, and for
+half the messages the market context of the lead's area, then the reply,
+which it appends.
+
+**A bot reviews a quiet lead** (after a session, and in the morning and
+afternoon passes): it re-reads the lead's memory (n=10, and the longer reads
+and searches in the same shares), re-scores the conversation and
+re-classifies the lead's last text, because its decision depends on both and
+it cannot know whether another bot or the lead changed anything since it last
+looked; then it does its role's job:
+
+- qualifier: keeps the qualification current (the score is what the CRM
+  shows the sales team); a lead in the middle band (40-69) who went quiet may
+  get one qualifying question (budget, financing or timeline);
+- nurture: checks the market of the lead's area (for half its reviews: the
+  check-in's reason to write, "prices in Oak Park dipped") and may send a
+  keen lead (40+) a check-in;
+- scheduler: when the lead is keen (70+) or asked for a showing, may propose
+  two showing times.
+
+Only some reviews send a text (`nudge` of those that qualify), and the
+playbook's limits hold: no check-in while the lead texted in the last two
+hours (the scheduler excepted: a showing asked for is answered), none within
+four hours of another bot's check-in, at most two unanswered in a row.
+
+The score and intent prompts are the team's guides, the same for every bot
+(one score per lead, whoever asks), so the three bots reading an unchanged
+conversation a few minutes apart ask the same question: the first pays, the
+others may be answered from the cache while the answer is fresh (15 min for
+scores, 5 for intents, simulated). The texts each bot writes have its own
+system prompt (its role, the playbook and the listing sheet, long and stable,
+so the model's prompt cache serves it) and carry the lead's CRM record and
+conversation in the messages; they are never shared. Prompt sizes: about 5.5k
+tokens for a bot's text, 2-3k for the guides, a few hundred for market
+questions; ~7.5k tokens an interaction on average. Every call is written to
+the call log (`CallLog`) as it returns.
 """
 
 from __future__ import annotations
@@ -34,29 +68,31 @@ from services.agent_worker.scenario import LeadPlan, Mix
 
 HAIKU = "claude-haiku-4-5"
 SONNET = "claude-sonnet-4-5"
-SCORE_SYSTEM = ("You score real-estate leads for a sales team. Read the lead's messages and "
-                "give a score from 0 (not buying) to 100 (ready to buy now). Answer with the number only.")
-INTENT_SYSTEM = ("Classify the lead's intent from their latest text. Answer with one label: "
-                 "availability, pricing, schedule_viewing, financing, not_interested, other.")
-MARKET_SYSTEM = ("You are a real-estate market analyst. In two sentences, give the current market "
-                 "context an agent needs: median list price, days on market, inventory trend.")
+SCORE_SYSTEM = conv.score_guide()
+INTENT_SYSTEM = conv.intent_guide()
+MARKET_SYSTEM = conv.market_brief()
 MARKET_ASKS = ("Market update for {ptype} homes in {area}",
                "Market update for {ptype} homes in {area}",
                "Current market conditions for {ptype} homes in {area}")
-NUDGE = "(The lead has not answered yet. Write one short, friendly follow-up text.)"
+REPLY_SYSTEMS = {role: conv.reply_system(role) for role in conv.ROLE_PROMPTS}
+# What a bot asks the model to write when it texts first (the lead said nothing new).
+INSTRUCTIONS = {
+    "qualifier": "(The lead has gone quiet. Write one short text that asks about one thing we still "
+                 "do not know: their budget, how they will finance it, or their timeline.)",
+    "nurture": "(The lead has not answered yet. Write one short, friendly follow-up text.)",
+    "scheduler": "(The lead may be ready to see a home. Write one short text proposing two showing "
+                 "times that fit the listing's showing instructions.)",
+}
+NUDGE = INSTRUCTIONS["nurture"]
+LEAD_QUIET_S = 2 * 3600  # no check-in while the lead texted this recently (the scheduler excepted)
+CHECKIN_GAP_S = 4 * 3600  # ... nor this soon after another bot's check-in
+MAX_UNANSWERED = 2
 
 
-def reply_system() -> str:
-    """The reply bot's prompt: a stable playbook and listing sheet (long, so prompt-cached)."""
-    return ("You are a friendly, concise real-estate sales assistant texting leads by SMS for "
-            "Sunrise Realty. Keep replies under 300 characters, answer the question asked, never "
-            "invent facts that are not in the listing sheet, propose a concrete next step (a showing, "
-            "a call with a lender, sending details), and stop texting anyone who asks you to. "
-            "Quote prices from the sheet. Suggest showings on weekday evenings or weekends.\n\n"
-            "Listing sheet:\n" + conv.listings_text())
+def reply_system(role: str = "qualifier") -> str:
+    return REPLY_SYSTEMS[role]
 
 
-_REPLY_SYSTEM = reply_system()
 _encode = msgspec.json.Encoder().encode
 
 
@@ -126,33 +162,101 @@ class SimClock:
             await asyncio.sleep(delay)
 
 
+class LeadState:
+    """What the bots of one lead know about each other's texts (one worker runs all of a lead's events)."""
+
+    def __init__(self, plan: LeadPlan) -> None:
+        self.lead_at = max((at for role, _, at in plan.history if role == "user"), default=-1e12)
+        self.checkin_at = -1e12
+        self.unanswered = 0
+
+    def may_check_in(self, role: str, at: float) -> bool:
+        quiet = role == "scheduler" or at - self.lead_at >= LEAD_QUIET_S
+        return quiet and at - self.checkin_at >= CHECKIN_GAP_S and self.unanswered < MAX_UNANSWERED
+
+
 class Bot:
     def __init__(self, client: Tiermem, log: CallLog, clock: SimClock, mix: Mix) -> None:
         self.client, self.log, self.clock, self.mix = client, log, clock, mix
 
     async def run_lead(self, plan: LeadPlan) -> None:
         rng = random.Random(plan.user_id)  # the lead's own draws: same run, same calls
+        state = LeadState(plan)
         for i, ev in enumerate(plan.events):
             await self.clock.sleep_until(ev.at)
-            ctx = {"lead": plan.user_id, "bot": plan.bot_id, "ix": f"{plan.index}:{i}", "step": ev.kind}
+            bot = ev.bot or plan.bot_id
+            ctx = {"lead": plan.user_id, "bot": bot, "ix": f"{plan.index}:{i}", "step": ev.kind,
+                   "role": ev.role or "qualifier"}
+            if ev.why:
+                ctx["why"] = ev.why
             late_ms = (time.time() - self.clock.wall(ev.at)) * 1000
             t0 = time.perf_counter()
             if ev.kind == "inbound":
-                await self.inbound(plan, ev.text, i, ctx, rng)
+                state.lead_at, state.unanswered = ev.at, 0
+                await self.inbound(plan, bot, ev.text, i, ctx, rng)
             else:
-                await self.followup(plan, i, ctx, rng)
+                await self.review(plan, bot, ev.role or "qualifier", ev.at, i, ctx, rng, state)
             self.log.write({"kind": "interaction", **ctx, "sim": round(ev.at, 1),
                             "late_ms": round(late_ms, 1),
                             "ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-    async def inbound(self, plan: LeadPlan, text: str, i: int, ctx: dict, rng: random.Random) -> None:
+    async def inbound(self, plan: LeadPlan, bot: str, text: str, i: int, ctx: dict,
+                      rng: random.Random) -> None:
         user, c = plan.user_id, self.client
-        a = await c.append(user, plan.bot_id, "user", text, f"{user}:{i}:in", self.clock.iso())
+        a = await c.append(user, bot, "user", text, f"{user}:{i}:in", self.clock.iso())
         self.log.call(a, "append", ctx, role="user", seq=a.reply.get("seq"), dup=a.reply.get("duplicate"))
         if not a.ok:
             return
         seq = a.reply["seq"]
         window = await self.read(c.recent(user, 10, min_seq=seq), ctx, n=10)
+        await self.more_reads(user, seq, ctx, rng)
+        history = window or [{"role": "user", "text": text}]
+        asks = [self.llm(score_request(plan, history, bot), ctx),
+                self.llm(intent_request(plan, text, bot), ctx)]
+        if rng.random() < self.mix["market"]:
+            asks.append(self.llm(market_request(plan, rng, bot), ctx))
+        await asyncio.gather(*asks)
+        answer = await self.llm(reply_request(plan, history, bot=bot, role="qualifier"), ctx)
+        if answer is not None:
+            r = await c.append(user, bot, "assistant", answer, f"{user}:{i}:out", self.clock.iso())
+            self.log.call(r, "append", ctx, role="assistant", seq=r.reply.get("seq"))
+
+    async def review(self, plan: LeadPlan, bot: str, role: str, at: float, i: int, ctx: dict,
+                     rng: random.Random, state: LeadState) -> None:
+        """A bot looks at a quiet lead: re-read, re-score, re-classify, its role's job, maybe a text."""
+        user = plan.user_id
+        window = await self.read(self.client.recent(user, 10), ctx, n=10)
+        if not window:
+            return
+        await self.more_reads(user, None, ctx, rng)
+        last_lead = next((m["text"] for m in reversed(window) if m["role"] == "user"), None)
+        asks = [self.llm(score_request(plan, window, bot), ctx)]
+        if last_lead:
+            asks.append(self.llm(intent_request(plan, last_lead, bot), ctx))
+        if role == "nurture" and rng.random() < self.mix["market"]:
+            asks.append(self.llm(market_request(plan, rng, bot), ctx))
+        score, *rest = await asyncio.gather(*asks)
+        intent = rest[0] if last_lead else None
+        points = int(m.group()) if score and (m := re.match(r"\d+", score)) else None
+        if points is None:
+            return
+        wants = {"qualifier": 40 <= points < 70, "nurture": points >= 40,
+                 "scheduler": points >= 70 or (intent or "").strip() == "schedule_viewing"}[role]
+        if not (wants and state.may_check_in(role, at) and rng.random() < self.mix["nudge"]):
+            return
+        request = reply_request(plan, window, bot=bot, role=role, instruction=INSTRUCTIONS[role])
+        answer = await self.llm(request, ctx)
+        if answer is not None:
+            r = await self.client.append(user, bot, "assistant", answer, f"{user}:{i}:{role}",
+                                         self.clock.iso())
+            self.log.call(r, "append", ctx, role="assistant", seq=r.reply.get("seq"))
+            if r.ok:
+                state.checkin_at = at
+                state.unanswered += 1
+
+    async def more_reads(self, user: str, seq: int | None, ctx: dict, rng: random.Random) -> None:
+        """Sometimes more than the last 10: a longer read, the older history, a search."""
+        c = self.client
         if rng.random() < self.mix["long_read"]:
             n = rng.randint(30, 100)
             await self.read(c.recent(user, n, min_seq=seq), ctx, n=n)
@@ -163,33 +267,6 @@ class Bot:
             q = rng.choice(conv.SEARCH_QUERIES)
             s = await c.search(user, q, k=5)
             self.log.call(s, "search", ctx, tier=s.reply.get("tier"), count=len(s.reply.get("messages", [])))
-        history = window or [{"role": "user", "text": text}]
-        asks = [self.llm(score_request(plan, history), ctx), self.llm(intent_request(plan, text), ctx)]
-        if rng.random() < self.mix["market"]:
-            asks.append(self.llm(market_request(plan, rng), ctx))
-        await asyncio.gather(*asks)
-        answer = await self.llm(reply_request(plan, history), ctx)
-        if answer is not None:
-            r = await c.append(user, plan.bot_id, "assistant", answer, f"{user}:{i}:out", self.clock.iso())
-            self.log.call(r, "append", ctx, role="assistant", seq=r.reply.get("seq"))
-
-    async def followup(self, plan: LeadPlan, i: int, ctx: dict, rng: random.Random) -> None:
-        """The lead went quiet: re-read, re-score, re-classify; maybe nudge."""
-        window = await self.read(self.client.recent(plan.user_id, 10), ctx, n=10)
-        if not window:
-            return
-        last_lead = next((m["text"] for m in reversed(window) if m["role"] == "user"), None)
-        asks = [self.llm(score_request(plan, window), ctx)]
-        if last_lead:
-            asks.append(self.llm(intent_request(plan, last_lead), ctx))
-        score, *_ = await asyncio.gather(*asks)
-        keen = bool(score and re.match(r"\d+", score) and int(re.match(r"\d+", score).group()) >= 40)
-        if keen and rng.random() < self.mix["nudge"]:
-            answer = await self.llm(reply_request(plan, window, nudge=True), ctx)
-            if answer is not None:
-                r = await self.client.append(plan.user_id, plan.bot_id, "assistant", answer,
-                                             f"{plan.user_id}:{i}:nudge", self.clock.iso())
-                self.log.call(r, "append", ctx, role="assistant", seq=r.reply.get("seq"))
 
     async def read(self, pending, ctx: dict, *, n: int) -> list[dict]:
         call: Call = await pending
@@ -215,48 +292,62 @@ class Bot:
 # --------------------------------------------------------------------------- requests
 
 
-def _llm(plan: LeadPlan, task: str, model: str, system: str, messages: list[dict], max_tokens: int,
-         volatility: str, mode: str, scope: str) -> dict:
-    return {"task": task, "user_id": plan.user_id, "bot_id": plan.bot_id, "model": model,
+def _llm(plan: LeadPlan, bot: str, task: str, model: str, system: str, messages: list[dict],
+         max_tokens: int, volatility: str, mode: str, scope: str) -> dict:
+    return {"task": task, "user_id": plan.user_id, "bot_id": bot or plan.bot_id, "model": model,
             "system": system, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "cache": {"volatility": volatility, "mode": mode, "scope": scope}}
 
 
-def score_request(plan: LeadPlan, window: list[dict]) -> dict:
-    # The lead's own words only: the score should not change because the bot said something.
+def score_request(plan: LeadPlan, window: list[dict], bot: str = "") -> dict:
+    # The lead's own words only: the score should not change because a bot said something.
     transcript = "\n".join(f"lead: {m['text']}" for m in window if m["role"] == "user") or "(no texts yet)"
-    return _llm(plan, "lead_score", HAIKU, SCORE_SYSTEM, [{"role": "user", "content": transcript}], 8,
+    return _llm(plan, bot, "lead_score", HAIKU, SCORE_SYSTEM, [{"role": "user", "content": transcript}], 8,
                 "lead_score", "exact", "user")
 
 
-def intent_request(plan: LeadPlan, text: str) -> dict:
-    return _llm(plan, "intent", HAIKU, INTENT_SYSTEM, [{"role": "user", "content": text}], 8,
+def intent_request(plan: LeadPlan, text: str, bot: str = "") -> dict:
+    return _llm(plan, bot, "intent", HAIKU, INTENT_SYSTEM, [{"role": "user", "content": text}], 8,
                 "lead_intent", "semantic", "user")
 
 
-def market_request(plan: LeadPlan, rng: random.Random) -> dict:
+def market_request(plan: LeadPlan, rng: random.Random, bot: str = "") -> dict:
     p = plan.persona
     ask = rng.choice(MARKET_ASKS).format(ptype=p.property_type, area=p.area)
-    return _llm(plan, "market_context", HAIKU, MARKET_SYSTEM, [{"role": "user", "content": ask}], 150,
+    return _llm(plan, bot, "market_context", HAIKU, MARKET_SYSTEM, [{"role": "user", "content": ask}], 150,
                 "market_context", "semantic", "global")
 
 
-def reply_request(plan: LeadPlan, window: list[dict], *, nudge: bool = False) -> dict:
-    turns: list[dict] = []
+_PROFILES: dict[str, str] = {}
+
+
+def profile(plan: LeadPlan) -> str:
+    text = _PROFILES.get(plan.user_id)
+    if text is None:
+        text = _PROFILES[plan.user_id] = conv.profile_text(plan.persona, plan.user_id, plan.index)
+    return text
+
+
+def reply_request(plan: LeadPlan, window: list[dict], *, bot: str = "", role: str = "qualifier",
+                  instruction: str | None = None, nudge: bool = False) -> dict:
+    """A text the bot writes: its role's stable system prompt; the lead's CRM record, then the
+    conversation (consecutive same-role messages joined), then what to write when it texts first."""
+    if nudge and instruction is None:
+        instruction = INSTRUCTIONS[role]
+    turns: list[dict] = [{"role": "user", "content": profile(plan)}]
     for m in window:
-        role = "user" if m["role"] == "user" else "assistant"
-        if not turns and role == "assistant":
-            continue  # the Messages API starts with the user
-        if turns and turns[-1]["role"] == role:
+        role_ = "user" if m["role"] == "user" else "assistant"
+        if turns[-1]["role"] == role_:
             turns[-1]["content"] += "\n" + m["text"]
         else:
-            turns.append({"role": role, "content": m["text"]})
-    if not turns or turns[-1]["role"] == "assistant" or nudge:
-        if turns and turns[-1]["role"] == "user":
-            turns[-1]["content"] += "\n" + NUDGE
+            turns.append({"role": role_, "content": m["text"]})
+    if turns[-1]["role"] == "assistant" or instruction:
+        text = instruction or NUDGE
+        if turns[-1]["role"] == "user":
+            turns[-1]["content"] += "\n" + text
         else:
-            turns.append({"role": "user", "content": NUDGE})
-    return _llm(plan, "reply", SONNET, _REPLY_SYSTEM, turns, 300, "lead_intent", "exact", "user")
+            turns.append({"role": "user", "content": text})
+    return _llm(plan, bot, "reply", SONNET, REPLY_SYSTEMS[role], turns, 300, "lead_intent", "exact", "user")
 
 
 def sim_start(date: str) -> datetime:

@@ -9,8 +9,8 @@ Settings (environment, read once at start):
 | `L1_ID` | `POD_NAME` | read through this sidecar (`memory.get.<L1_ID>`); unset: the `memory.get` queue group |
 | `WORKER_LOG` | stdout | JSON-lines call log |
 | `WORKER_SHARD`, `WORKER_SHARDS` | 0, 1 | this worker takes leads with index % shards == shard |
-| `DEMO_LEADS`, `DEMO_BOTS`, `DEMO_DAYS` | 500, 3, 2 | the fleet and how many simulated days |
-| `DEMO_SPEED` | 1440 | simulated seconds per wall second (1440: a day a minute) |
+| `DEMO_LEADS`, `DEMO_BOTS`, `DEMO_DAYS` | 500, 3, 1 | the fleet (bots by role, see `scenario.ROLES`) and how many simulated days |
+| `DEMO_SPEED` | 240 | simulated seconds per wall second (240: the 16-hour day in 4 minutes) |
 | `DEMO_MIX` | see `scenario.Mix` | the call mix, e.g. `search=0.1,market=0.8` |
 | `DEMO_SEED`, `DEMO_RUN` | 1, random | the plan's seed; the run id that prefixes lead ids |
 | `DEMO_T0` | after seeding | unix time simulated time starts (the demo sets it for every worker) |
@@ -53,8 +53,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     shards: int = 1
     leads: int = 500
     bots: int = 3
-    days: int = 2
-    speed: float = 1440.0
+    days: int = 1
+    speed: float = 240.0
     mix: str = ""
     seed: int = 1
     run: str = ""
