@@ -228,6 +228,10 @@ _HOME_KINDS = re.compile(r"\b(single-family|condos?|townhomes?|townhouses?|apart
                          r"lofts?|land|lots?|multi-family|ranch(?:es)?)\b", re.IGNORECASE)
 
 
+def _subject_hash(subject: str) -> int:
+    return int.from_bytes(hashlib.blake2b(subject.lower().encode(), digest_size=8).digest(), "big")
+
+
 def market_subject(text: str) -> str:
     """What a market question is about: the places and numbers it names, and kinds of home."""
     kinds = [k.lower() for k in _HOME_KINDS.findall(text)]
@@ -243,7 +247,7 @@ def free_text(latest: str, system_text: str, h: int) -> str:
         # A market has one set of figures whoever asks and however: they follow from
         # what the question names (the area, the kind of home), not from its wording.
         subject = market_subject(latest)
-        m = int.from_bytes(hashlib.blake2b(subject.lower().encode(), digest_size=8).digest(), "big")
+        m = _subject_hash(subject)
         median = 300_000 + (m >> 16) % 101 * 5_000
         days = 10 + (m >> 24) % 50
         trend = _pick(("rising", "flat", "falling"), m, 4)
@@ -251,7 +255,9 @@ def free_text(latest: str, system_text: str, h: int) -> str:
                 f"{days} days on market on average, inventory {trend} over the last month.")
     else:
         intent = classify_intent(latest)
-        sentence = _intent_sentence(intent, h, noted)
+        # The facts (a price, a showing slot) follow from what the message names, as a
+        # model reading the listing sheet would give them; only the phrasing follows `h`.
+        sentence = _intent_sentence(intent, _subject_hash(" ".join(noted)), noted)
         if intent == "not_interested":
             return f"{sentence} Thanks for letting me know."
         text = f"{_pick(_OPENERS, h, 0)} You asked about {topic}. {sentence}"
