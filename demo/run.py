@@ -23,7 +23,6 @@ Everything started is stopped at the end, on failure and on Ctrl-C.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
@@ -95,7 +94,7 @@ class Demo:
             after = _request(env["NATS_URL"], "llm.stats")
         finally:
             self._stop_workers()
-            with _quiet_interrupts():
+            with stack.signals_ignored():
                 print("stopping the stack", flush=True)
                 stack.down(root=self.stack_dir)
         return self._results(audit, before, after, time.monotonic() - t_start)
@@ -268,17 +267,6 @@ def _request(nats_url: str, subject: str, timeout: float = 5.0) -> dict | None:
         return json.loads(msg.data)
 
     return asyncio.run(ask())
-
-
-@contextlib.contextmanager
-def _quiet_interrupts():
-    """A second Ctrl-C while stopping must not leave half the stack running."""
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
 
 
 class Progress:

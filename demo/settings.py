@@ -29,15 +29,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.agent_worker import scenario
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    leads: int = 500
-    bots: int = 3
-    days: int = 1
-    speed: float = 240.0
+    leads: int = scenario.LEADS
+    bots: int = scenario.BOTS
+    days: int = scenario.DAYS
+    speed: float = scenario.SPEED
     workers: int = 1
     mix: str = ""
     l1_users: int = 100

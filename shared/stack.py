@@ -139,7 +139,8 @@ def _say(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def _signals_ignored():
+def signals_ignored():
+    """Ctrl-C and SIGTERM are ignored while the block runs: stopping half a stack is worse."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -193,7 +194,7 @@ def up(
             known = isinstance(e, (StackError, servers.ServerStartError))
             why = "see below" if known else "interrupted" if isinstance(e, KeyboardInterrupt) else repr(e)
             _say(f"up failed ({why}); stopping what was started")
-            with _signals_ignored():  # a second Ctrl-C must not leave half the stack running
+            with signals_ignored():  # a second Ctrl-C must not leave half the stack running
                 _stop_all(state)
                 state.clear()
             if known:

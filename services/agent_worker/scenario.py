@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from services.agent_worker import conversations as conv
 
 DAY_S = 86_400
+# The default fleet (the design's) and its time compression: the worker's and the demo's.
+LEADS, BOTS, DAYS, SPEED = 500, 3, 1, 240.0
 START_HOUR = 7
 END_HOUR = 23
 # When people text, by hour of day (7..22): lunch and evening peaks.

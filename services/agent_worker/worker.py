@@ -51,10 +51,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_path: str = ""
     shard: int = 0
     shards: int = 1
-    leads: int = 500
-    bots: int = 3
-    days: int = 1
-    speed: float = 240.0
+    leads: int = scenario.LEADS
+    bots: int = scenario.BOTS
+    days: int = scenario.DAYS
+    speed: float = scenario.SPEED
     mix: str = ""
     seed: int = 1
     run: str = ""
