@@ -199,6 +199,7 @@ OPTIONS: tuple[str, ...] = (
     "encrypt | decrypt",
     "ascending | descending",
     "fixed | variable adjustable",
+    "single detached house | condo condominium apartment | townhome townhouse | duplex",
     "monday | tuesday | wednesday | thursday | friday | saturday | sunday",
     "january | february | march | april | june | july | august | september | october"
     " | november | december",
