@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import asyncpg
-import numpy as np
 
 from services.l3_semantic_indexer import store
 from shared.embeddings import make_embedder

@@ -162,21 +162,6 @@ def bot_message(p: Persona, rng: random.Random) -> str:
     return p.fill(rng.choice(BOT_LINES), rng)
 
 
-def listings_text() -> str:
-    """The reply bot's context: the listings it sells (a long, stable system prompt)."""
-    rng = random.Random(7)
-    lines = []
-    for area in AREAS:
-        for street in STREETS[:6]:
-            kind, _ = rng.choice(KINDS)
-            price = rng.randrange(250, 950, 5)
-            lines.append(f"- {kind} on {street}, {area}: ${price}k, {rng.randrange(900, 3600, 50)} sq ft, "
-                         f"built {rng.randrange(1955, 2024)}, HOA ${rng.choice((0, 0, 150, 250, 400))}/month, "
-                         f"{rng.choice(('garage', 'street parking', 'carport', '2-car garage'))}, "
-                         f"{rng.choice(('fenced yard', 'no yard', 'large lot', 'balcony'))}.")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- the bots' prompts
 #
 # What a production fleet sends with every call: a team playbook, the listing sheet, the scoring

@@ -49,7 +49,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import re
