@@ -16,6 +16,7 @@ Internal:
 
     memory.log.<user>        JetStream stream MEMORY: the durable log
     memory.changed.<user>    broadcast after L2 applied a message or a forget
+    memory.forgotten.<user>  broadcast after a forget (the same event), for whoever needs only those
     memory.l3.forget         l2-gateway -> l3-semantic-indexer during forget
     audit.served.<source>    tiers and llm-broker -> freshness-auditor, batches of served records
     memory.l1.evict          freshness-auditor -> every memory-l1: drop a user's window
@@ -47,6 +48,8 @@ LOG_PREFIX = "memory.log"
 LOG_ALL = f"{LOG_PREFIX}.*"
 CHANGED_PREFIX = "memory.changed"
 CHANGED_ALL = f"{CHANGED_PREFIX}.*"
+FORGOTTEN_PREFIX = "memory.forgotten"
+FORGOTTEN_ALL = f"{FORGOTTEN_PREFIX}.*"
 
 # Durable JetStream consumer of the indexer; shared by all its replicas.
 L3_CONSUMER = "l3-semantic-indexer"
@@ -66,3 +69,7 @@ def log_subject(user_id: str) -> str:
 
 def changed_subject(user_id: str) -> str:
     return f"{CHANGED_PREFIX}.{to_token(user_id)}"
+
+
+def forgotten_subject(user_id: str) -> str:
+    return f"{FORGOTTEN_PREFIX}.{to_token(user_id)}"

@@ -29,7 +29,9 @@ from services.llm_broker.policy import Entry, exact_key, partition_key
 from services.llm_broker.service import build as build_broker
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
-from shared.contract import Changed, CompleteRequest, Message, encode
+from shared.contract import (
+    Changed, CompleteRequest, Message, ServedBatch, ServedMemory, encode,
+)
 from tests.helpers import client, ok, running
 
 GRACE_S = 0.3
@@ -172,6 +174,26 @@ async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(mem
     assert {name: t["stale"] for name, t in stats["memory"].items() if t["stale"]} == {"l1": 1, "l2": 2}
     for name, t in stats["memory"].items():
         assert t["checked"] + t["inconclusive"] == t["served"], (name, stats)
+
+
+async def test_a_read_just_before_a_forget_is_inconclusive_and_one_after_it_stale(memory_stack):
+    nc, _ = memory_stack
+    user = "lead-forgotten"
+    real = [await append(nc, user, f"message {i}") for i in range(3)]
+    before = time.time()
+    await asyncio.sleep(GRACE_S + 0.1)
+    await ok(nc, subjects.MEMORY_FORGET, {"user_id": user})
+    await asyncio.sleep(GRACE_S + 0.1)
+    after = time.time()
+    # What a tier would report had it served the user's window at those two moments
+    # (tier l3: counted, never evicted, so nothing else happens).
+    served = [ServedMemory(tier="l3", user_id=user, op="recent", n=10, min_seq=None, seq=real[-1],
+                           seqs=real, at=at) for at in (before, after)]
+    await nc.publish(subjects.audit_served("test"), encode(ServedBatch(source="test", memory=served)))
+    stats = await stats_until(nc, lambda s: tier(s, "l3")["checked"]
+                              + tier(s, "l3").get("inconclusive", 0) >= 2)
+    l3 = tier(stats, "l3")
+    assert (l3["inconclusive"], l3["stale"], l3["checked"]) == (1, 1, 1), stats
 
 
 async def test_an_audit_is_a_span_in_the_trace_of_the_lookup_it_audits(memory_stack, spans):

@@ -119,10 +119,8 @@ class Auditor:
             metrics.audit_skipped.labels(kind, "backlog").inc()
             return False
 
-    async def on_changed(self, msg: Msg) -> None:
+    async def on_forgotten(self, msg: Msg) -> None:
         """Remember when users were forgotten: a read just before that is not judged by the log after."""
-        if b'"op":"forget"' not in msg.data:
-            return
         user = msg.subject.rpartition(".")[2]
         self.forgotten[user] = time.time()
         self.forgotten.move_to_end(user)
@@ -295,7 +293,7 @@ async def build(rt: Runtime) -> Auditor:
     rt.spawn(auditor.flush_loop(), "audit-flush")
     await rt.nc.subscribe(subjects.AUDIT_SERVED_ALL, queue="freshness-auditor",
                           cb=auditor.on_served, pending_msgs_limit=100_000)
-    await rt.nc.subscribe(subjects.CHANGED_ALL, cb=auditor.on_changed,
-                          pending_msgs_limit=1_000_000)
+    # Forgets only: `memory.changed.*` would bring every append too.
+    await rt.nc.subscribe(subjects.FORGOTTEN_ALL, cb=auditor.on_forgotten)
     rt.endpoint("stats", subjects.AUDIT_STATS, AuditStatsRequest, auditor.stats)
     return auditor

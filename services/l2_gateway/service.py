@@ -93,7 +93,9 @@ async def build(rt: Runtime) -> None:
         # Tell L1s and the llm-broker before L3: if L3 is down the caller gets a 503 and
         # retries, but no cache keeps serving what the log no longer holds meanwhile.
         event = Changed(op="forget", user_id=req.user_id, seq=upto, prev_seq=0, count=0)
-        await rt.nc.publish(subjects.changed_subject(req.user_id), encode(event))
+        body = encode(event)
+        await rt.nc.publish(subjects.changed_subject(req.user_id), body)
+        await rt.nc.publish(subjects.forgotten_subject(req.user_id), body)
         l3 = await rt.request(subjects.MEMORY_L3_FORGET,
                               L3ForgetRequest(user_id=req.user_id, upto_seq=upto), ForgetReply)
         log.info("user_forgotten", user_id=req.user_id, purged=purged, l3_deleted=l3.deleted)
