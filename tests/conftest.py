@@ -11,13 +11,16 @@ Fixtures (session): `nats_url`, `redis_url`, `database_url`, `server_env`
 Fixtures (function): `clean_nats`, `clean_redis`, `clean_db`, `clean_state`
 (all three, before the test), and `reset_state` (an async callable, to reset
 in the middle of a test). Plain helpers for module-scoped fixtures:
-`may_flush(name)`, `delete_jetstream(url)`, `flush_redis(url)`,
-`recreate_database(url)`.
+`reset_servers(nats_url, redis_url, database_url)` (what `reset_state` does)
+and `stack_processes(env, state)` (`python -m shared.stack up` ... `down`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -30,15 +33,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared import servers
 
+REPO = Path(__file__).resolve().parents[1]
+
 _STARTED: dict[str, servers.Server] = {}  # name -> server this session started (ours to flush)
 
 
 def may_flush(name: str) -> bool:
     """May tests wipe server `name` ("nats", "redis", "postgres")? Only ours, or with TIERMEM_TESTS_MAY_FLUSH=1."""
     return name in _STARTED or os.environ.get("TIERMEM_TESTS_MAY_FLUSH") == "1"
-
-
-_may_flush = may_flush  # older spelling, used by tests/test_e2e_memory.py
 
 
 @pytest.fixture(scope="session")
@@ -166,14 +168,34 @@ def reset_state(nats_url, redis_url, database_url):
     """`await reset_state()` empties all three servers mid-test (same rules as `clean_state`)."""
 
     async def reset() -> None:
-        if not _skip_flush("nats"):
-            await delete_jetstream(nats_url)
-        if not _skip_flush("redis"):
-            await flush_redis(redis_url)
-        if not _skip_flush("postgres"):
-            await recreate_database(database_url)
+        await reset_servers(nats_url, redis_url, database_url)
 
     return reset
+
+
+async def reset_servers(nats_url: str, redis_url: str, database_url: str) -> None:
+    """Empty JetStream, Redis and the database (each only if tests may flush it)."""
+    if not _skip_flush("nats"):
+        await delete_jetstream(nats_url)
+    if not _skip_flush("redis"):
+        await flush_redis(redis_url)
+    if not _skip_flush("postgres"):
+        await recreate_database(database_url)
+
+
+@contextlib.contextmanager
+def stack_processes(env: dict[str, str], state: Path):
+    """Every service as its own process (`python -m shared.stack up` with `env`, state
+    under `state`) until the block ends; `up` must succeed."""
+    env = {**env, "TIERMEM_STATE_DIR": str(state)}
+    run = lambda cmd: subprocess.run([sys.executable, "-m", "shared.stack", cmd], env=env,  # noqa: E731
+                                     cwd=REPO, capture_output=True, text=True, timeout=240)
+    started = run("up")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield env
+    finally:
+        run("down")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import asyncpg
 import msgspec
@@ -22,11 +21,10 @@ import redis.asyncio as aioredis
 from nats.js.errors import NotFoundError
 
 from shared import subjects
-from tests.conftest import _may_flush, delete_jetstream, flush_redis, recreate_database
+from tests.conftest import REPO, reset_servers, stack_processes
 from tests.helpers import call, client, ok
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[1]
 USERS, PER_USER = 50, 40
 
 TOPICS = ["the weather this weekend", "my kids' school schedule", "the car that broke down",
@@ -46,23 +44,11 @@ def body(user: str, i: int, text: str | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 async def stack(nats_url, redis_url, database_url, tmp_path_factory):
-    if _may_flush("nats"):
-        await delete_jetstream(nats_url)
-    if _may_flush("redis"):
-        await flush_redis(redis_url)
-    if _may_flush("postgres"):
-        await recreate_database(database_url)
+    await reset_servers(nats_url, redis_url, database_url)
     state = tmp_path_factory.mktemp("stack")
-    env = {**os.environ, "NATS_URL": nats_url, "REDIS_URL": redis_url,
-           "DATABASE_URL": database_url, "TIERMEM_STATE_DIR": str(state)}
-    run = lambda cmd: subprocess.run([sys.executable, "-m", "shared.stack", cmd], env=env,
-                                     cwd=REPO, capture_output=True, text=True, timeout=240)
-    started = run("up")
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
+    with stack_processes({**os.environ, "NATS_URL": nats_url, "REDIS_URL": redis_url,
+                          "DATABASE_URL": database_url}, state) as env:
         yield {"env": env, "state": state}
-    finally:
-        run("down")
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -27,12 +24,11 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import shared.metrics  # noqa: F401 - declares every tiermem metric (labels of sample-less ones)
-from shared import subjects
-from tests.conftest import delete_jetstream, flush_redis, may_flush, recreate_database
+from shared import stack, subjects
+from tests.conftest import REPO, reset_servers, stack_processes
 from tests.helpers import call, client, ok
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "tiermem.json"
 RULES = sorted((REPO / "deploy" / "alerts").glob("*.rules.yaml"))
 
@@ -59,22 +55,13 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", 
 @pytest.fixture(scope="module")
 async def scraped(nats_url, redis_url, database_url, tmp_path_factory):
     """{sample or exposed name: [label dicts of its samples]} from every service's /metrics."""
-    if may_flush("nats"):
-        await delete_jetstream(nats_url)
-    if may_flush("redis"):
-        await flush_redis(redis_url)
-    if may_flush("postgres"):
-        await recreate_database(database_url)
+    await reset_servers(nats_url, redis_url, database_url)
     state = tmp_path_factory.mktemp("dash-stack")
     env = {**os.environ, "NATS_URL": nats_url, "REDIS_URL": redis_url, "DATABASE_URL": database_url,
-           "TIERMEM_STATE_DIR": str(state), "AUDIT_SAMPLE_RATE": "1.0",
+           "AUDIT_SAMPLE_RATE": "1.0",
            "AUDIT_LLM_BUDGET": "10"}  # audit every memory read, and re-ask LLM hits at once
-    run = lambda cmd: subprocess.run([sys.executable, "-m", "shared.stack", cmd], env=env, cwd=REPO,
-                                     capture_output=True, text=True, timeout=240)
-    started = run("up")
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        urls = {k: v for k, v in _read_env(state / "stack.env").items() if k.endswith("_METRICS_URL")}
+    with stack_processes(env, state):
+        urls = {k: v for k, v in stack.load_env(state).items() if k.endswith("_METRICS_URL")}
         assert len(urls) >= 4, urls
         async with client(nats_url) as nc:
             await _traffic(nc)
@@ -87,8 +74,6 @@ async def scraped(nats_url, redis_url, database_url, tmp_path_factory):
                     break
                 await asyncio.sleep(0.5)
         yield exposed
-    finally:
-        run("down")
 
 
 async def _traffic(nc) -> None:
@@ -136,11 +121,6 @@ async def _scrape(urls) -> dict[str, list[dict]]:
                 for sample in family.samples:
                     exposed.setdefault(sample.name, []).append(dict(sample.labels))
     return exposed
-
-
-def _read_env(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
