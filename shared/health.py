@@ -31,6 +31,8 @@ import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
+from shared.http import StreamServer
+
 log = structlog.get_logger()
 
 Check = Callable[[], Awaitable[object]]
@@ -77,38 +79,18 @@ class Health:
         return "failed" if result is False else "ok"
 
 
-class HealthServer:
+class HealthServer(StreamServer):
     """Serves `Health` and the metrics registry on one port."""
 
     def __init__(self, health: Health, registry=REGISTRY) -> None:
+        super().__init__()
         self.health = health
         self.registry = registry
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task] = set()
         self._was_ready: bool | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (`port` 0 picks a free one)."""
-        self._server = await asyncio.start_server(self._on_connect, host, port)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._conns):
-            task.cancel()
-        await asyncio.gather(*self._conns, return_exceptions=True)
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._conns.add(task)
-        try:
-            await self._serve(reader, writer)
-        except (ConnectionError, h11.ProtocolError):
-            pass  # the client went away or spoke broken HTTP
-        finally:
-            self._conns.discard(task)
-            writer.close()
+        return (await self.listen(host, port))[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)

@@ -35,6 +35,7 @@ import structlog
 
 from services.llm_simulator import responder
 from services.llm_simulator.responder import ApiError
+from shared.http import StreamServer
 
 log = structlog.get_logger()
 
@@ -356,37 +357,19 @@ async def _sse(message: dict, delay: float) -> AsyncIterator[bytes]:
 # --------------------------------------------------------------------------- HTTP/1.1
 
 
-class HttpServer:
+class HttpServer(StreamServer):
     """HTTP/1.1 with keep-alive over asyncio streams; h11 does the protocol."""
 
+    closing_errors = (*StreamServer.closing_errors, asyncio.IncompleteReadError)
+
     def __init__(self, app: Simulator, max_body_bytes: int) -> None:
+        super().__init__()
         self.app = app
         self.max_body = max_body_bytes
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> str:
-        self._server = await asyncio.start_server(self._on_connect, host, port, backlog=1024)
-        bound_host, bound_port = self._server.sockets[0].getsockname()[:2]
+        bound_host, bound_port = await self.listen(host, port, backlog=1024)
         return f"http://{bound_host}:{bound_port}"
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._conns):
-            task.cancel()
-        await asyncio.gather(*self._conns, return_exceptions=True)
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._conns.add(task)
-        try:
-            await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, h11.ProtocolError):
-            pass  # the client went away or spoke broken HTTP: nothing to answer
-        finally:
-            self._conns.discard(task)
-            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
