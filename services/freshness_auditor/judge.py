@@ -42,7 +42,7 @@ def log_start(rec: ServedMemory) -> int:
 
 def judge_memory(rec: ServedMemory, log: list[Logged], *, grace_s: float,
                  forgotten_at: float | None = None) -> MemoryVerdict:
-    """`log`: the user's messages from `log_start(rec)` on, as the stream holds them now."""
+    """`log`: the user's messages from `log_start(rec)` (or earlier) on, as the stream holds them now."""
     stored = {m.seq: m.stored_at for m in log}
     unknown = [s for s in rec.seqs if stored.get(s, float("inf")) > rec.at + grace_s]
     missing: list[int] = []

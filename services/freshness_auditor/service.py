@@ -153,9 +153,10 @@ class Auditor:
         for rec in recs:
             with _audit_span("audit memory", rec.trace_id, rec.span_id,
                              {"tiermem.tier": rec.tier, "tiermem.user_id": user_id}) as span:
-                first = judge.log_start(rec)
-                verdict = judge.judge_memory(rec, [e for e in entries if e.seq >= first],
-                                             grace_s=self.grace_s, forgotten_at=forgotten)
+                # Read from the earliest start any record needs: older messages than a
+                # record's own start change nothing of its newest n.
+                verdict = judge.judge_memory(rec, entries, grace_s=self.grace_s,
+                                             forgotten_at=forgotten)
                 span.set_attribute("tiermem.audit.verdict", verdict.verdict)
             verdicts.append(verdict)
             self.tally.memory(rec.tier, "inconclusive" if verdict.verdict == "inconclusive"
