@@ -22,6 +22,9 @@ Internal:
     memory.l1.evict          freshness-auditor -> every memory-l1: drop a user's window
     memory.l2.evict          freshness-auditor -> l2-gateway: drop a user's Redis window
     llm.verdict              freshness-auditor -> llm-broker: an audited hit was right/wrong
+    memory.deadletter.<svc>  JetStream stream MEMORY_DEAD: log messages a consumer could not use
+
+Who may publish and subscribe to each subject: `shared.permissions`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ CHANGED_PREFIX = "memory.changed"
 CHANGED_ALL = f"{CHANGED_PREFIX}.*"
 FORGOTTEN_PREFIX = "memory.forgotten"
 FORGOTTEN_ALL = f"{FORGOTTEN_PREFIX}.*"
+DEAD_LETTER_STREAM = "MEMORY_DEAD"
+DEAD_LETTER_PREFIX = "memory.deadletter"
 
 # Durable JetStream consumer of the indexer; shared by all its replicas.
 L3_CONSUMER = "l3-semantic-indexer"
