@@ -86,12 +86,12 @@ class Demo:
         self._scaled_environment()
         try:
             env = self._stack_up()
-            before = _request(env["NATS_URL"], "llm.stats")
+            before = _request(env, "llm.stats")
             self._seed(env)
             self._start_workers(env)
             self._wait_for_workers()
-            audit = _request(env["NATS_URL"], "audit.stats")
-            after = _request(env["NATS_URL"], "llm.stats")
+            audit = _request(env, "audit.stats")
+            after = _request(env, "llm.stats")
         finally:
             self._stop_workers()
             with stack.signals_ignored():
@@ -137,7 +137,7 @@ class Demo:
 
         plans = self._plans()
         t0 = time.monotonic()
-        count, errors = asyncio.run(seed_fleet(env["NATS_URL"], plans))
+        count, errors = asyncio.run(seed_fleet(env, plans))
         print(f"imported the history of {len(plans)} leads: {count:,} messages in "
               f"{time.monotonic() - t0:.1f} s", flush=True)
         if errors:
@@ -249,13 +249,15 @@ def _broker_delta(before: dict | None, after: dict | None) -> dict | None:
     return {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float)) and k != "hit_rate"}
 
 
-def _request(nats_url: str, subject: str, timeout: float = 5.0) -> dict | None:
-    """One request, or None when nobody answers (a service not running)."""
-    import nats
+def _request(env: dict[str, str], subject: str, timeout: float = 5.0) -> dict | None:
+    """One request as the agent worker of `env`, or None when nobody answers (a service not running)."""
     from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
+    from shared.bus import connect_as
+    from shared.permissions import WORKER
+
     async def ask() -> dict | None:
-        nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
+        nc = await connect_as(env, WORKER, connect_timeout=5, allow_reconnect=False)
         try:
             msg = await nc.request(subject, b"{}", timeout=timeout)
         except (NoRespondersError, NatsTimeout):

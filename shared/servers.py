@@ -11,7 +11,8 @@ whatever else listens on the port), and a failed start raises
 Public API::
 
     free_port() -> int
-    start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False) -> Server
+    start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False,
+               users=None, tls=None) -> Server   # users: shared.permissions.nats_users(...)
     start_redis(folder, *, ...) -> Server
     start_postgres(folder, *, ..., database="tiermem") -> Server
     Server.url / .pid / .port / .log_path / .stop(timeout=10) / .alive() / .record()
@@ -378,8 +379,15 @@ def start_nats(
     timeout: float = 30.0,
     die_with_parent: bool = False,
     binary: Path | str | None = None,
+    users: list[dict] | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> Server:
-    """NATS with JetStream; streams live in `folder/jetstream` and survive a restart."""
+    """NATS with JetStream; streams live in `folder/jetstream` and survive a restart.
+
+    `users`: the `authorization.users` of the config (`shared.permissions.nats_users`);
+    then a client without credentials is refused. `tls`: (cert file, key file)
+    of the server's certificate; then clients must speak TLS.
+    """
     folder = Path(folder).resolve()
     store = folder / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
@@ -387,15 +395,27 @@ def start_nats(
     exe = Path(binary) if binary else nats_server_binary()
     _check_executable("nats", exe)
     server_name = f"tiermem-{uuid.uuid4().hex[:12]}"  # lets the probe tell our server from a squatter
+    config = folder / "nats.conf"
+    conf: dict = {}
+    if users:
+        conf["authorization"] = {"users": users}
+    if tls:
+        conf["tls"] = {"cert_file": tls[0], "key_file": tls[1]}
+    # JSON is valid nats-server config; owner-only, since it holds the passwords.
+    config.touch(mode=0o600, exist_ok=True)
+    config.chmod(0o600)
+    config.write_text(json.dumps(conf, indent=1))
 
     def build(p: int):
-        cmd = [str(exe), "-a", HOST, "-p", str(p), "-js", "-sd", str(store), "-n", server_name]
+        cmd = [str(exe), "-c", str(config), "-a", HOST, "-p", str(p), "-js", "-sd", str(store),
+               "-n", server_name]
 
         def probe(_proc) -> bool:
             info = _nats_info(p)
             return info.get("server_name") == server_name and bool(info.get("jetstream"))
 
-        return cmd, {}, probe, f"nats://{HOST}:{p}"
+        scheme = "tls" if tls else "nats"
+        return cmd, {}, probe, f"{scheme}://{HOST}:{p}"
 
     return _start("nats", port=port, build=build, log_path=log, data_dir=store,
                   stop_signal=signal.SIGTERM, timeout=timeout, die_with_parent=die_with_parent)

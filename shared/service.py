@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
-import nats
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -46,7 +45,7 @@ from nats.micro.request import Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from shared import metrics, telemetry
+from shared import bus, metrics, telemetry
 from shared.contract import ErrorDetail, ErrorReply, encode
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout, from_code
 from shared.health import Health, HealthServer
@@ -353,10 +352,10 @@ async def run_service(name: str, description: str,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-    nc = await nats.connect(settings.nats_url, name=name, max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.5, connect_timeout=5,
-                            error_cb=_nats_error, disconnected_cb=_nats_disconnected,
-                            reconnected_cb=_nats_reconnected)
+    nc = await bus.connect(settings.nats_url, bus.BusAuth.of(settings), role=name, name=name,
+                           max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
+                           error_cb=_nats_error, disconnected_cb=_nats_disconnected,
+                           reconnected_cb=_nats_reconnected)
     rt = Runtime(name=name, settings=settings, nc=nc, js=nc.jetstream(),
                  replies=await Replies(nc).start())
     service = None

@@ -20,6 +20,14 @@ STACK_ENV = Path(__file__).resolve().parent.parent / ".tiermem" / "stack.env"
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
+    # the service's identity on the bus (shared.bus): user/password, a .creds file or an nkey seed file
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_creds: str = ""
+    nats_nkey_seed: str = ""
+    nats_tls_ca: str = ""  # TLS to NATS: verify the server against this CA (also on for tls:// URLs)
+    nats_tls_cert: str = ""  # client certificate and key, for servers that ask for one
+    nats_tls_key: str = ""
     redis_url: str = ""
     database_url: str = ""
     metrics_port: int = 0  # 0: no metrics HTTP server
@@ -68,7 +76,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:  # hide secrets, keep the rest readable
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
-        for secret in ("embedder_api_key", "anthropic_api_key"):
+        for secret in ("embedder_api_key", "anthropic_api_key", "nats_password"):
             if shown[secret]:
                 shown[secret] = "***"
         for url in ("nats_url", "redis_url", "database_url"):

@@ -9,6 +9,15 @@ left behind. Every started pid is recorded with its start time in
 `<state>/stack.json`, so `down` stops exactly those processes and never a
 recycled pid. `<state>/stack.env` holds the URLs for clients and tools.
 
+The bus is locked: a NATS server that `up` starts gets one user per role of
+`shared.permissions`, with a fresh random password each `up`. Each service
+gets its own (`NATS_USER` / `NATS_PASSWORD` in its environment only);
+`stack.env` (owner-only) names the agent-worker and admin identities
+(`NATS_WORKER_*`, `NATS_ADMIN_*`). With `NATS_URL` given, the server's users
+are the operator's: `TIERMEM_NATS_IDENTITIES` may name a JSON file of
+role -> password for them (the tests do this), else every service inherits
+`NATS_USER` / `NATS_PASSWORD` / `NATS_CREDS` from the environment.
+
 State folder: `TIERMEM_STATE_DIR`, default `.tiermem/` at the repo root.
 """
 
@@ -32,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from shared import servers
+from shared import bus, permissions, servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +198,7 @@ def up(
             _write_env(state, env)
             procs = _start_services(state, root, specs, env)
             _write_env(state, env)
-            _wait_for_services(env["NATS_URL"], procs, timeout)
+            _wait_for_services(env, procs, timeout)
         except BaseException as e:
             known = isinstance(e, (StackError, servers.ServerStartError))
             why = "see below" if known else "interrupted" if isinstance(e, KeyboardInterrupt) else repr(e)
@@ -228,14 +237,55 @@ def _start_servers(state: _State, root: Path) -> dict[str, str]:
             _say(f"{name:<9} using {var}={given}")
             continue
         t = time.monotonic()
-        server = start(root / name, log_path=root / "logs" / f"{name}.log")
+        extra = {"users": permissions.nats_users(_new_identities(root))} if name == "nats" else {}
+        server = start(root / name, log_path=root / "logs" / f"{name}.log", **extra)
         state.add(server.record())
         env[var] = server.url
         _say(f"{name:<9} started on {servers.HOST}:{server.port} (pid {server.pid}, "
              f"{time.monotonic() - t:.1f} s, log {server.log_path})")
     state.urls = dict(env)
     state.save()
+    env.update(_tool_identities(identities(root)))
     return env
+
+
+IDENTITIES_FILE = "nats-identities.json"
+
+
+def _new_identities(root: Path) -> dict[str, str]:
+    """A fresh password per role for the NATS server `up` starts, kept owner-only in the state folder."""
+    import secrets
+
+    passwords = {name: secrets.token_urlsafe(24) for name in permissions.ROLES}
+    _write_private(root / IDENTITIES_FILE, json.dumps(passwords, indent=1))
+    return passwords
+
+
+def identities(root: Path | None = None) -> dict[str, str]:
+    """role -> NATS password: of the server `up` started, else of `TIERMEM_NATS_IDENTITIES` ({} if neither)."""
+    path = (root or state_dir()) / IDENTITIES_FILE
+    given = os.environ.get("TIERMEM_NATS_IDENTITIES")
+    if not os.environ.get("NATS_URL") and path.exists():
+        return json.loads(path.read_text())
+    if given:
+        return json.loads(Path(given).read_text())
+    return {}
+
+
+def _tool_identities(passwords: dict[str, str]) -> dict[str, str]:
+    """The stack.env lines that let tools and workers connect: worker and admin users."""
+    env = {}
+    for role, prefix in ((permissions.WORKER, "NATS_WORKER_"), (permissions.ADMIN, "NATS_ADMIN_")):
+        if role in passwords:
+            env[f"{prefix}USER"], env[f"{prefix}PASSWORD"] = role, passwords[role]
+    return env
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(text)
 
 
 _DEFAULT_PORTS = {"NATS_URL": 4222, "REDIS_URL": 6379, "DATABASE_URL": 5432}
@@ -267,6 +317,7 @@ def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: di
     logs.mkdir(parents=True, exist_ok=True)
     procs: dict[str, _Started] = {}
     ports: set[int] = set()
+    passwords = identities(root)
     for spec in specs:
         if not _module_exists(spec.module):
             raise StackError(f"service {spec.name}: module {spec.module} has no __main__.py (not written yet?)")
@@ -277,6 +328,7 @@ def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: di
         log_path = logs / f"{spec.name}.log"
         since = log_path.stat().st_size if log_path.exists() else 0
         child_env = {**os.environ, **{var: env[var] for _, var, _ in SERVERS if var in env},
+                     **_service_identity(spec.name, passwords),
                      "METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"}
         proc = servers.spawn(spec.name, cmd, log_path=log_path, env=child_env, cwd=REPO_ROOT)
         metrics_url = f"http://{servers.HOST}:{port}/metrics"
@@ -289,6 +341,13 @@ def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: di
     return procs
 
 
+def _service_identity(name: str, passwords: dict[str, str]) -> dict[str, str]:
+    """A service's own NATS user, when the stack knows the server's users (else it inherits the environment's)."""
+    if name not in passwords:
+        return {}
+    return {"NATS_USER": name, "NATS_PASSWORD": passwords[name], "NATS_CREDS": "", "NATS_NKEY_SEED": ""}
+
+
 def _module_exists(module: str) -> bool:
     spec = importlib.util.find_spec(module)
     return bool(spec and spec.submodule_search_locations and any(
@@ -296,20 +355,18 @@ def _module_exists(module: str) -> bool:
 
 
 def _write_env(state: _State, env: dict[str, str]) -> None:
-    state.root.mkdir(parents=True, exist_ok=True)
-    state.env_path.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    _write_private(state.env_path, "".join(f"{k}={v}\n" for k, v in env.items()))
 
 
-def _wait_for_services(nats_url: str, procs: dict[str, _Started], timeout: float) -> None:
+def _wait_for_services(env: dict[str, str], procs: dict[str, _Started], timeout: float) -> None:
     if procs:
-        asyncio.run(_ping_until_up(nats_url, procs, timeout))
+        asyncio.run(_ping_until_up(env, procs, timeout))
 
 
-async def _ping_until_up(nats_url: str, procs: dict[str, _Started], timeout: float) -> None:
-    import nats
-
+async def _ping_until_up(env: dict[str, str], procs: dict[str, _Started], timeout: float) -> None:
     t0 = time.monotonic()
-    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
+    nc = await bus.connect_as({**os.environ, **env}, permissions.ADMIN, connect_timeout=5,
+                              allow_reconnect=False)
     try:
         pending = dict(procs)
         while pending:
@@ -410,10 +467,10 @@ def status(*, root: Path | None = None) -> int:
         return 3
     pings: dict[str, bool] = {}
     services = {p["name"]: p["pid"] for p in state.processes if p.get("kind") == "service"}
-    nats_url = load_env(root).get("NATS_URL")
-    if services and nats_url:
+    env = load_env(root)
+    if services and env.get("NATS_URL"):
         with contextlib.suppress(Exception):
-            pings = asyncio.run(_ping_all(nats_url, services))
+            pings = asyncio.run(_ping_all(env, services))
     all_ok = True
     for p in state.processes:
         alive = servers.process_alive(p["pid"], p["start_time"])
@@ -430,10 +487,9 @@ def status(*, root: Path | None = None) -> int:
     return 0 if all_ok else 1
 
 
-async def _ping_all(nats_url: str, services: dict[str, int]) -> dict[str, bool]:
-    import nats
-
-    nc = await nats.connect(nats_url, connect_timeout=2, allow_reconnect=False)
+async def _ping_all(env: dict[str, str], services: dict[str, int]) -> dict[str, bool]:
+    nc = await bus.connect_as({**os.environ, **env}, permissions.ADMIN, connect_timeout=2,
+                              allow_reconnect=False)
     try:
         answers = await asyncio.gather(*(_ping(nc, n, pid) for n, pid in services.items()))
         return dict(zip(services, answers))

@@ -8,6 +8,12 @@ instead; those are never flushed unless `TIERMEM_TESTS_MAY_FLUSH=1`.
 
 Fixtures (session): `nats_url`, `redis_url`, `database_url`, `server_env`
 (the three as an env dict, for spawning service processes).
+
+The NATS server runs locked, as in production: one user per role of
+`shared.permissions`, passwords in `tests.helpers.IDENTITIES` (so
+`helpers.client` and `helpers.running` connect as the right role) and in a
+file named by `TIERMEM_NATS_IDENTITIES` (so `shared.stack up` against it gives
+each service its own identity).
 Fixtures (function): `clean_nats`, `clean_redis`, `clean_db`, `clean_state`
 (all three, before the test), and `reset_state` (an async callable, to reset
 in the middle of a test). Plain helpers for module-scoped fixtures:
@@ -18,6 +24,7 @@ and `stack_processes(env, state)` (`python -m shared.stack up` ... `down`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -31,7 +38,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared import servers
+from shared import bus, permissions, servers
+from tests import helpers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +72,22 @@ def _server(name: str, var: str, start, folder: Path):
 
 @pytest.fixture(scope="session")
 def nats_url(servers_dir):
-    yield from _server("nats", "NATS_URL", servers.start_nats, servers_dir)
+    if os.environ.get("NATS_URL"):
+        yield os.environ["NATS_URL"]  # its users, if any, are the operator's (NATS_USER...)
+        return
+    import json
+    import secrets
+
+    passwords = {name: secrets.token_urlsafe(16) for name in permissions.ROLES}
+    identities = servers_dir / "nats-identities.json"
+    identities.write_text(json.dumps(passwords))
+    start = functools.partial(servers.start_nats, users=permissions.nats_users(passwords))
+    os.environ["TIERMEM_NATS_IDENTITIES"] = str(identities)
+    for url in _server("nats", "NATS_URL", start, servers_dir):
+        helpers.IDENTITIES[url] = passwords
+        yield url
+        helpers.IDENTITIES.pop(url, None)
+    os.environ.pop("TIERMEM_NATS_IDENTITIES", None)
 
 
 @pytest.fixture(scope="session")
@@ -106,9 +129,8 @@ async def flush_redis(url: str) -> None:
 
 async def delete_jetstream(url: str) -> None:
     """Delete every stream (their consumers, KV buckets and object stores go with them)."""
-    import nats
-
-    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+    nc = await bus.connect(url, helpers.auth(url, permissions.ADMIN), connect_timeout=5,
+                           allow_reconnect=False)
     try:
         jsm = nc.jsm()
         while streams := await jsm.streams_info():

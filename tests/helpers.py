@@ -1,4 +1,10 @@
-"""Helpers shared by the service tests: run a service in-process, talk raw NATS."""
+"""Helpers shared by the service tests: run a service in-process, talk raw NATS.
+
+The test NATS server is locked (tests/conftest.py): `IDENTITIES` holds its
+role -> password table, and every connection here presents the identity of
+its role (a service in-process: its own, by name; a test client: admin unless
+asked otherwise).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,37 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import msgspec
-import nats
+import os
 
+import msgspec
+
+from shared import bus, permissions
 from shared.service import ERROR_CODE_HEADER, run_service
 from shared.settings import Settings
+
+IDENTITIES: dict[str, dict[str, str]] = {}  # NATS URL -> role -> password, of servers the tests started
+
+
+def auth(url: str, role: str) -> bus.BusAuth:
+    """Credentials of `role` on the server at `url` (a server given by NATS_URL: the environment's)."""
+    passwords = IDENTITIES.get(url)
+    if passwords is None:
+        return bus.BusAuth.from_env(os.environ, role if role in (permissions.WORKER, permissions.ADMIN) else None)
+    return bus.BusAuth(user=role, password=passwords[role])
+
+
+def identity_env(url: str, role: str) -> dict[str, str]:
+    """`NATS_USER` / `NATS_PASSWORD` of `role` for a service's settings ({} on a server given by URL)."""
+    passwords = IDENTITIES.get(url)
+    return {"NATS_USER": role, "NATS_PASSWORD": passwords[role]} if passwords else {}
 
 
 @contextlib.asynccontextmanager
 async def running(name: str, build, env: dict[str, str], **overrides) -> AsyncIterator[Settings]:
-    """Run one service's `build` in this process until the block ends."""
-    settings = Settings.from_env(env, **overrides)
+    """Run one service's `build` in this process until the block ends, as its own NATS
+    identity (a name that is no role, such as a probe, runs as admin)."""
+    role = name if name in permissions.ROLES else permissions.ADMIN
+    settings = Settings.from_env({**identity_env(env["NATS_URL"], role), **env}, **overrides)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_service(name, name, build, settings=settings,
                                            stop=stop, ready=ready))
@@ -36,8 +62,9 @@ async def running(name: str, build, env: dict[str, str], **overrides) -> AsyncIt
 
 
 @contextlib.asynccontextmanager
-async def client(url: str):
-    nc = await nats.connect(url)
+async def client(url: str, identity: str = permissions.ADMIN, **kwargs):
+    """A raw NATS connection as `identity` (admin: the tests' own view of the bus)."""
+    nc = await bus.connect(url, auth(url, identity), **kwargs)
     try:
         yield nc
     finally:

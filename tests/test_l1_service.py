@@ -19,11 +19,11 @@ from prometheus_client import REGISTRY
 
 from services.memory_l1.service import build
 from services.memory_l1.window import WindowStore
-from shared import subjects, telemetry
+from shared import bus, permissions, subjects, telemetry
 from shared.contract import Changed, GetReply, GetRequest, Message, encode
 from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
 from shared.servers import start_nats
-from tests.helpers import call, ok, running
+from tests.helpers import auth, call, ok, running
 
 _request = msgspec.json.Decoder(GetRequest)
 
@@ -97,7 +97,8 @@ async def start_l1(nats_url: str, **settings):
            **{k.upper(): str(v) for k, v in settings.items()}}
     store = WindowStore(int(env.get("L1_WINDOW", 10)), int(env.get("L1_MAX_USERS", 50_000)))
     l2 = FakeL2()
-    nc = await nats.connect(nats_url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    nc = await bus.connect(nats_url, auth(nats_url, permissions.ADMIN), reconnect_time_wait=0.1,
+                           max_reconnect_attempts=-1)
     try:
         l2.nc = nc
         await nc.subscribe(subjects.MEMORY_L2_GET, cb=l2.handle)

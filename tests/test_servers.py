@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import servers, stack
+from shared import bus, permissions, servers, stack
+from tests.helpers import auth
 
 REPO = Path(__file__).resolve().parents[1]
 URL_VARS = ("NATS_URL", "REDIS_URL", "DATABASE_URL", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")
@@ -70,9 +71,7 @@ def wait_no_new_children(before: set[int], timeout: float = 5.0) -> set[int]:
 
 
 async def test_jetstream_acks_a_published_message(nats_url, clean_nats):
-    import nats
-
-    nc = await nats.connect(nats_url)
+    nc = await bus.connect(nats_url, auth(nats_url, permissions.ADMIN))
     try:
         js = nc.jetstream()
         await js.add_stream(name="T", subjects=["t.>"])
@@ -120,7 +119,7 @@ async def test_reset_state_empties_every_server(nats_url, redis_url, database_ur
     import nats
     import redis.asyncio as redis
 
-    nc = await nats.connect(nats_url)
+    nc = await bus.connect(nats_url, auth(nats_url, permissions.ADMIN))
     r = redis.from_url(redis_url)
     try:
         await nc.jetstream().add_stream(name="R", subjects=["r.>"])
@@ -268,7 +267,8 @@ import nats
 from nats.micro import add_service
 
 async def main():
-    nc = await nats.connect(os.environ["NATS_URL"])
+    nc = await nats.connect(os.environ["NATS_URL"], user=os.environ.get("NATS_USER"),
+                            password=os.environ.get("NATS_PASSWORD"))
     svc = await add_service(nc, name="{name}", version="0.0.1", metadata={{"pid": str(os.getpid() + {pid_offset})}})
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -282,10 +282,15 @@ asyncio.run(main())
 
 
 def _fake_services(tmp_path: Path, monkeypatch, bodies: dict[str, str]) -> list[str]:
-    """Packages `fake_<n>` under tmp_path whose __main__ is the given code; SERVICES points at them."""
+    """Packages `fake_<n>` under tmp_path whose __main__ is the given code; SERVICES points at them.
+
+    Each fake is a NATS role of its own (it may serve the service API), so a
+    NATS server that `up` starts gives it an identity like a real service's.
+    """
     pkgs = tmp_path / "pkgs"
     specs = []
     for name, body in bodies.items():
+        monkeypatch.setitem(permissions.ROLES, name, permissions.Role(name, publish=(), subscribe=("$SRV.>",)))
         module = "fake_" + name.replace("-", "_") + "_" + uuid.uuid4().hex[:6]
         (pkgs / module).mkdir(parents=True)
         (pkgs / module / "__init__.py").write_text("")
@@ -297,6 +302,16 @@ def _fake_services(tmp_path: Path, monkeypatch, bodies: dict[str, str]) -> list[
     return [s.module for s in specs]
 
 
+def _servers_from_env(monkeypatch, server_env: dict[str, str]) -> None:
+    """`up` uses the test servers; services that are no role of the test server run as admin."""
+    for k, v in server_env.items():
+        monkeypatch.setenv(k, v)
+    admin = auth(server_env["NATS_URL"], permissions.ADMIN)
+    if admin.user:
+        monkeypatch.setenv("NATS_USER", admin.user)
+        monkeypatch.setenv("NATS_PASSWORD", admin.password)
+
+
 def _in_thread(fn, *args, **kwargs):
     """shared.stack uses asyncio.run: keep it off the test session's event loop."""
     with ThreadPoolExecutor(1) as pool:
@@ -304,8 +319,7 @@ def _in_thread(fn, *args, **kwargs):
 
 
 def test_stack_up_waits_for_every_service_ping_then_down_stops_them(tmp_path, monkeypatch, server_env):
-    for k, v in server_env.items():
-        monkeypatch.setenv(k, v)
+    _servers_from_env(monkeypatch, server_env)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "unused")  # no simulator: only the fakes start
     _fake_services(tmp_path, monkeypatch, {"fake-a": FAKE_SERVICE, "fake-b": FAKE_SERVICE})
     state = tmp_path / "state"
@@ -339,8 +353,7 @@ def test_stack_up_names_a_crashing_service_and_stops_everything(tmp_path, monkey
 
 
 def test_stack_up_times_out_on_a_silent_service_and_stops_it(tmp_path, monkeypatch, server_env):
-    for k, v in server_env.items():
-        monkeypatch.setenv(k, v)
+    _servers_from_env(monkeypatch, server_env)
     silent = "import time\nprint('loading model...', flush=True)\ntime.sleep(300)\n"
     modules = _fake_services(tmp_path, monkeypatch, {"fake-silent": silent})
     state = tmp_path / "state"
@@ -364,8 +377,7 @@ def test_stack_up_refuses_an_unreachable_url_and_stops_what_it_started(tmp_path)
 
 
 def test_stack_up_ignores_another_stacks_instance_of_the_same_service(tmp_path, monkeypatch, server_env):
-    for k, v in server_env.items():
-        monkeypatch.setenv(k, v)
+    _servers_from_env(monkeypatch, server_env)
     impostor_code = FAKE_SERVICE.replace("{pid_offset}", "1").format(name="fake-shared")  # claims another pid
     impostor = subprocess.Popen([sys.executable, "-c", impostor_code], env={**os.environ, "METRICS_PORT": "0"}, cwd=REPO,
                                 stdout=subprocess.PIPE, text=True)

@@ -5,6 +5,7 @@ Settings (environment, read once at start):
 | variable | default | meaning |
 |---|---|---|
 | `NATS_URL` | `.tiermem/stack.env` | the stack |
+| `NATS_WORKER_USER`, `NATS_WORKER_PASSWORD` | `.tiermem/stack.env` | the agent-worker identity (or `NATS_USER`/`NATS_PASSWORD`, `NATS_CREDS`; see `shared.bus`) |
 | `WORKER_ID` | `POD_NAME`, else `worker-<host>-<pid>` | names this worker in its call log |
 | `L1_ID` | `POD_NAME` | read through this sidecar (`memory.get.<L1_ID>`); unset: the `memory.get` queue group |
 | `WORKER_LOG` | stdout | JSON-lines call log |
@@ -34,12 +35,13 @@ import time
 from typing import Mapping
 
 import msgspec
-import nats
 
 from services.agent_worker import scenario
 from services.agent_worker.bot import Bot, CallLog, SimClock, sim_start
 from services.agent_worker.client import Tiermem
 from services.agent_worker.scenario import Mix
+from shared.bus import BusAuth, connect, connect_as
+from shared.permissions import WORKER
 
 SEED_CONCURRENCY = 32
 
@@ -47,6 +49,7 @@ SEED_CONCURRENCY = 32
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
     worker_id: str
+    auth: BusAuth = BusAuth()
     l1_id: str = ""
     log_path: str = ""
     shard: int = 0
@@ -70,7 +73,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
             env = {**load_env(), **os.environ}
         pod = env.get("POD_NAME", "")
         raw = {
-            "nats_url": env.get("NATS_URL"),
+            "nats_url": env.get("NATS_URL"), "auth": BusAuth.from_env(env, WORKER),
             "worker_id": env.get("WORKER_ID") or pod or f"worker-{socket.gethostname()}-{os.getpid()}",
             "l1_id": env.get("L1_ID") or pod,
             "log_path": env.get("WORKER_LOG"),
@@ -97,8 +100,8 @@ async def run(s: WorkerSettings, stop: asyncio.Event) -> int:
     mix = Mix.parse(s.mix)
     plans = scenario.plan_fleet(s.leads, run=s.run, bots=s.bots, days=s.days, mix=mix, seed=s.seed,
                                 shard=s.shard, shards=s.shards)
-    nc = await nats.connect(s.nats_url, name=f"agent-worker {s.worker_id}", max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.5, connect_timeout=5)
+    nc = await connect(s.nats_url, s.auth, name=f"agent-worker {s.worker_id}", max_reconnect_attempts=-1,
+                       reconnect_time_wait=0.5, connect_timeout=5)
     calls = CallLog(s.log_path, s.worker_id)
     client = Tiermem(nc, sidecar=s.l1_id, trace_share=mix["trace"],
                      rng=random.Random(f"{s.seed}:{s.shard}"))
@@ -150,9 +153,10 @@ async def seed(client: Tiermem, plans: list[scenario.LeadPlan], start) -> tuple[
     return sent, errors
 
 
-async def seed_fleet(nats_url: str, plans: list[scenario.LeadPlan], date: str = "2026-03-02") -> tuple[int, int]:
-    """`seed` over a connection of its own (the demo seeds once for all its workers)."""
-    nc = await nats.connect(nats_url, connect_timeout=5)
+async def seed_fleet(env: Mapping[str, str], plans: list[scenario.LeadPlan],
+                     date: str = "2026-03-02") -> tuple[int, int]:
+    """`seed` over a connection of its own, as the agent worker of `env` (the demo seeds once for all its workers)."""
+    nc = await connect_as(env, WORKER, connect_timeout=5)
     try:
         return await seed(Tiermem(nc), plans, sim_start(date))
     finally:
