@@ -196,7 +196,7 @@ async def _ordered_read(js: JetStreamContext, subject: str, from_seq: int,
         return []
     if last is None or last < from_seq:
         return []
-    sub = await js.subscribe(subject, ordered_consumer=True, config=ConsumerConfig(
+    sub = await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)))
     out: list[Logged] = []
     try:

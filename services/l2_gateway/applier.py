@@ -110,7 +110,7 @@ class Applier:
                 self._queue = asyncio.Queue()
                 queue = self._queue
                 sub = await self.rt.js.subscribe(
-                    subjects.LOG_ALL, ordered_consumer=True, cb=queue.put,
+                    subjects.LOG_ALL, stream=subjects.STREAM, ordered_consumer=True, cb=queue.put,
                     config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                           opt_start_seq=start + 1))
                 log.info("applier_started", from_seq=start + 1)
