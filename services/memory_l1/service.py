@@ -44,7 +44,7 @@ async def build(rt: Runtime, *, store: WindowStore | None = None) -> None:
     """Wire the sidecar (`store` lets tests look inside)."""
     s = rt.settings
     if store is None:
-        store = WindowStore(s.l1_window, s.l1_max_users)
+        store = WindowStore(s.l1_window, s.l1_max_users, max_bytes=s.l1_max_bytes)
     sidecar = Sidecar(rt, store)
     rt.spawn(sidecar.served.run(), "served-records")
     await sidecar.listen()
