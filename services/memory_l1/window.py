@@ -105,6 +105,11 @@ class WindowStore:
 
     # --- change events -------------------------------------------------------
 
+    def matters(self, ev: Changed) -> bool:
+        """Could applying `ev` change anything here? False: it is a no-op, whatever it says."""
+        user = ev.user_id
+        return ev.op == "forget" or ev.prev_seq == 0 or user in self._windows or user in self._fills
+
     def apply(self, ev: Changed) -> None:
         user = ev.user_id
         if ev.op == "forget":
