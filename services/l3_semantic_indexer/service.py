@@ -15,7 +15,7 @@ from shared.contract import (
     ForgetReply, GetReply, GetRequest, L3ForgetRequest, check_get, fit_reply,
 )
 from shared.embeddings import embedder_from_settings
-from shared.errors import Unavailable
+from shared.errors import BadRequest, Unavailable
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
@@ -36,6 +36,7 @@ async def build(rt: Runtime) -> None:
     rt.on_close(pool.close)
     rt.ready_check("postgres", lambda: pool.fetchval("SELECT 1"))
     await stream.ensure_stream(rt.js, settings.stream_replicas)
+    await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     indexer = Indexer(rt, pool, embedder)
     rt.spawn(indexer.run(), "indexer")
     served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
@@ -63,6 +64,12 @@ async def build(rt: Runtime) -> None:
         return reply
 
     async def forget(req: L3ForgetRequest) -> ForgetReply:
+        # The tombstone would also void messages not yet written: a forged or confused
+        # upto_seq beyond the log must not delete a user's future.
+        last = await stream.last_seq(rt.js)
+        if req.upto_seq > last:
+            raise BadRequest(f"upto_seq {req.upto_seq} is beyond the log's last seq {last}; "
+                             "nothing was deleted")
         deleted = await store.forget(pool, req.user_id, req.upto_seq)
         return ForgetReply(user_id=req.user_id, deleted=deleted)
 
