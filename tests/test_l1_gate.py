@@ -44,11 +44,24 @@ def test_events_that_change_nothing_here_do_not_ask_the_stream_unless_others_wai
     assert not gate.admit(ev(52), matters=False)
 
 
+def test_it_knows_whose_events_it_holds():
+    gate = SeqGate()
+    gate.admit(ev(3, "v"))
+    gate.admit(ev(4))
+    number = gate.begin()
+    gate.admit(ev(10))  # arrived after that refresh began
+    assert gate.holds("u") and gate.holds("v") and not gate.holds("w")
+    gate.settle(number, 4)
+    assert not gate.holds("v") and gate.holds("u")
+    gate.settle(gate.begin(), 10)
+    assert not gate.holds("u")
+
+
 def test_a_failed_refresh_drops_what_it_held():
     gate = SeqGate()
     gate.admit(ev(3))
     gate.admit(ev(4))
-    assert gate.fail() == 2 and not gate.waiting
+    assert gate.fail() == 2 and not gate.waiting and not gate.holds("u")
 
 
 @settings(max_examples=300, deadline=None)
@@ -91,3 +104,4 @@ def test_real_events_apply_in_order_and_forged_ones_never(actions):
     assert all(e.seq > 10**8 for e in refused)
     real = [e for e in arrived if e.seq <= last]
     assert applied == real  # every real one, in arrival order
+    assert not gate.holds("u")

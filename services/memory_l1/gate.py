@@ -18,7 +18,7 @@ the refreshes.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from shared.contract import Changed
 
@@ -28,11 +28,16 @@ class SeqGate:
         self.last = 0  # the stream's last seq, as the newest refresh read it
         self._held: deque[tuple[int, Changed]] = deque()  # (first refresh that may judge it, event)
         self._begun = 0  # refreshes begun
+        self._users: Counter[str] = Counter()  # held events by user
 
     @property
     def waiting(self) -> bool:
         """Events are held: a refresh must run."""
         return bool(self._held)
+
+    def holds(self, user_id: str) -> bool:
+        """An event of this user is held (a read may want to wait for it)."""
+        return user_id in self._users
 
     @property
     def next_refresh(self) -> int:
@@ -49,6 +54,7 @@ class SeqGate:
         if not self._held and (ev.seq <= self.last or not matters):
             return True
         self._held.append((self._begun + 1, ev))
+        self._users[ev.user_id] += 1
         return False
 
     def begin(self) -> int:
@@ -76,10 +82,19 @@ class SeqGate:
             else:
                 break
             held.popleft()
+            self._release(ev.user_id)
         return apply, refused
 
     def fail(self) -> int:
         """A refresh failed: nothing held can be judged. Drops them all; how many."""
         dropped = len(self._held)
         self._held.clear()
+        self._users.clear()
         return dropped
+
+    def _release(self, user_id: str) -> None:
+        left = self._users[user_id] - 1
+        if left:
+            self._users[user_id] = left
+        else:
+            del self._users[user_id]

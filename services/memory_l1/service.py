@@ -12,9 +12,9 @@ may have been lost (a reconnect, the subscription's queue filling up, events
 that could not be checked) every window is dropped.
 
 An event is applied only once its seq is known to lie within the log
-(`gate.SeqGate`): a forged one with a huge seq would stick. A read whose
-`min_seq` waits on an event being checked waits for that check (briefly)
-rather than going to L2.
+(`gate.SeqGate`): a forged one with a huge seq would stick. A read that
+misses while an event of its user is being checked waits for that check
+(briefly) rather than going to L2.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Sidecar:
         self._check_reconnected()
         if req.op == "recent":
             answer = self.store.recent(req.user_id, req.n, req.min_seq)
-            if answer == BEHIND and self.gate.waiting:
+            if (answer == BEHIND or answer == MISS) and self.gate.holds(req.user_id):
                 await self._events_checked()
                 answer = self.store.recent(req.user_id, req.n, req.min_seq)
             if answer.__class__ is GetReply:
