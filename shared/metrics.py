@@ -23,6 +23,9 @@ answers = Counter("tiermem_memory_answers", "memory reads answered, by tier and 
 passed_down = Counter("tiermem_memory_passed_down",
                       "memory reads a tier passed to the next, by reason",
                       ["tier", "reason"])
+rejected = Counter("tiermem_rejected_messages",
+                   "Internal bus messages refused as forged or unusable, by service and reason",
+                   ["service", "reason"])
 
 llm_requests = Counter("tiermem_llm_requests", "llm.complete requests by cache outcome",
                        ["model", "task", "bot", "status", "match"])

@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     l1_id: str = ""
     l1_window: int = 10
     l1_max_users: int = 50_000
+    l1_max_bytes: int = 256 * 1024 * 1024  # text bytes all windows hold together
     l2_window: int = 100
 
     embedder: str = "wordllama"
