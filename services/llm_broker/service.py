@@ -1,6 +1,7 @@
 """llm-broker: answers `llm.complete` from cache when, and only when, that is right.
 
-Order of a request: validate (no upstream call for bad input) -> exact tier
+Order of a request: validate (`policy.check_request`: the configured bounds and
+the scope rule, then the prompt size; no upstream call for bad input) -> exact tier
 (Redis) -> semantic tier (Postgres, inside the partition, every candidate
 through the guard) -> single-flight upstream call -> store. Hits never extend
 an entry's life. `memory.changed` drives invalidation: a user's new message
@@ -30,7 +31,9 @@ from shared.telemetry import tracer
 from . import guard, stats
 from .thresholds import Thresholds
 from .cache import ResponseCache
-from .policy import Config, Entry, cost_usd, exact_key, latest_user_text, new_entry, partition_key
+from .policy import (
+    Config, Entry, check_request, cost_usd, exact_key, latest_user_text, new_entry, partition_key,
+)
 from .upstream import Upstream, make_client
 
 log = structlog.get_logger()
@@ -57,8 +60,8 @@ class Broker:
         self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id))
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
+        volatility = check_request(self.config, req)
         check_complete(req, self.max_prompt_chars)
-        volatility = self.config.volatility_of(req.cache.volatility)
         labels = (req.model, req.task, req.bot_id or "")
         if req.cache.mode == "off":
             answer, cost = await self._call(req, labels)
