@@ -16,12 +16,13 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.service import build as build_broker
-from shared import subjects
+from shared import servers, subjects
 from shared.contract import Usage
 from tests.helpers import call, client, ok, running
 
@@ -348,3 +349,31 @@ async def test_a_global_task_shares_one_answer_between_users(broker):
     assert other["cache"]["status"] == "hit" and other["text"] == first["text"]
     assert sim.calls() == 1 and await cached_entries(env) == 2  # one entry, in both tiers
 
+
+async def test_metric_labels_stay_a_fixed_set_whatever_tasks_and_bots_clients_send(
+        clean_state, simulator):
+    sim = Sim(simulator)
+    sim.reset()
+    port = servers.free_port()
+    env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
+    async with running("llm-broker", build_broker, env, metrics_port=port), \
+            client(env["NATS_URL"]) as nc:
+        await asyncio.gather(*(ok(nc, subjects.LLM_COMPLETE,
+                                  req(f"Question {i}?", task=f"task-{i}", bot_id=f"bot-{i}",
+                                      mode="exact"))
+                               for i in range(100)))
+        async with httpx.AsyncClient(timeout=10) as http:
+            scrape = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    tasks, bots, other_requests = set(), set(), 0.0
+    for family in text_string_to_metric_families(scrape):
+        if family.name.startswith("tiermem_llm"):
+            for sample in family.samples:
+                tasks.add(sample.labels.get("task"))
+                bots.add(sample.labels.get("bot"))
+                if sample.name == "tiermem_llm_requests_total" and sample.labels["task"] == "other":
+                    other_requests += sample.value
+    known_tasks = {*CONFIG.tasks, *CONFIG.label_tasks, *CONFIG.global_tasks}
+    assert tasks - {None} <= known_tasks | {"other"}
+    assert bots - {None} <= {*CONFIG.bots, "", "other"}
+    assert other_requests >= 100  # counted, under one name
+    assert sim.calls() == 100

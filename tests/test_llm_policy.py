@@ -1,5 +1,5 @@
 """The llm-broker's request rules (services/llm_broker/policy.py, shared/contract.py), pure:
-scopes and the configured bounds."""
+scopes, the configured bounds, and metric label values from a fixed set."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.llm_broker.policy import Config, check_request, exact_key, partition_key
+from shared import metrics
 from shared.contract import CompleteRequest, check_complete
 from shared.errors import BadRequest, PayloadTooLarge
 
@@ -125,3 +126,23 @@ def test_a_config_without_a_model_allow_list_does_not_load(tmp_path):
                     "input = 1\noutput = 1\ncache_write = 1\ncache_read = 1\n")
     with pytest.raises(msgspec.ValidationError, match="models"):
         Config.load(path)
+
+
+# --- metric labels --------------------------------------------------------------
+
+
+def test_bounded_keeps_known_values_and_calls_the_rest_other():
+    assert metrics.bounded("l2", metrics.TIERS) == "l2"
+    assert metrics.bounded("l9", metrics.TIERS) == metrics.OTHER
+    assert metrics.bounded("", ()) == metrics.OTHER
+
+
+def test_task_bot_and_volatility_labels_come_from_the_config():
+    assert {CONFIG.task_label(t) for t in (*CONFIG.label_tasks, *CONFIG.global_tasks,
+                                           *CONFIG.tasks)} == {*CONFIG.label_tasks,
+                                                               *CONFIG.global_tasks, *CONFIG.tasks}
+    assert CONFIG.task_label("exfiltrate-0001") == "other"
+    assert CONFIG.bot_label(None) == "" and CONFIG.bot_label(CONFIG.bots[0]) == CONFIG.bots[0]
+    assert CONFIG.bot_label("bot-from-nowhere") == "other"
+    assert CONFIG.volatility_label("lead_intent") == "lead_intent"
+    assert CONFIG.volatility_label("weather") == "other"

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import msgspec
 
+from shared import metrics
 from shared.contract import CompleteRequest, Usage
 from shared.errors import BadRequest, PayloadTooLarge
 
@@ -68,6 +69,9 @@ class Config(msgspec.Struct, frozen=True):
     label_tasks: list[str] = []
     # Tasks whose answers depend on nothing about the user: only these may use scope global.
     global_tasks: list[str] = []
+    # Further task and bot names that metrics label by name (any other is `other`).
+    tasks: list[str] = []
+    bots: list[str] = []
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Config":
@@ -89,6 +93,17 @@ class Config(msgspec.Struct, frozen=True):
 
     def invalidating(self) -> list[str]:
         return sorted(n for n, v in self.volatility.items() if v.invalidate_on_user_message)
+
+    # Metric label values: a client picks the task and the bot id, the config bounds them.
+
+    def task_label(self, task: str) -> str:
+        return metrics.bounded(task, {*self.tasks, *self.label_tasks, *self.global_tasks})
+
+    def bot_label(self, bot_id: str | None) -> str:
+        return metrics.bounded(bot_id or "", {"", *self.bots})
+
+    def volatility_label(self, name: str) -> str:
+        return metrics.bounded(name, self.volatility)
 
 
 def check_request(config: Config, req: CompleteRequest) -> Volatility:
