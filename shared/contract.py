@@ -286,12 +286,22 @@ def check_complete(req: CompleteRequest, max_prompt_chars: int) -> CompleteReque
             raise BadRequest(f"messages[{i}] has no text")
     if req.messages[-1].role != "user":
         raise BadRequest("the last message must be from the user")
-    size = len(req.system_text()) + sum(len(m.plain()) for m in req.messages)
-    if size > max_prompt_chars:
-        raise PayloadTooLarge(f"prompt is {size} characters; the limit is {max_prompt_chars}")
-    for text in [req.system_text(), *(m.plain() for m in req.messages)]:
+    texts = [req.system_text(), *(m.plain() for m in req.messages), *(req.stop_sequences or [])]
+    for text in texts:
         _reject_surrogates(text, "prompt")
+    # Everything the model reads counts: tools as the characters of their JSON.
+    size = sum(map(len, texts)) + (_json_chars(req.tools, "tools") if req.tools else 0)
+    if size > max_prompt_chars:
+        raise PayloadTooLarge(f"prompt is {size} characters (system, messages, tools and "
+                              f"stop_sequences); the limit is {max_prompt_chars}")
     return req
+
+
+def _json_chars(value, field: str) -> int:
+    try:
+        return len(encode(value).decode())
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field} is not valid UTF-8 (lone surrogate)") from None
 
 
 class Usage(msgspec.Struct):
