@@ -34,6 +34,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     trace_file: str = ""  # JSON lines of finished spans, for the demo's waterfall
+    pii_hash_key: str = ""  # keys user refs in logs and spans (shared.pii); empty: random
+    pii_raw_ids: bool = False  # raw user ids in logs and spans, for local debugging (never texts)
     request_timeout_s: float = 5.0
     concurrency: int = 64  # requests in flight per endpoint and process
 
@@ -77,7 +79,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:  # hide secrets, keep the rest readable
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
-        for secret in ("embedder_api_key", "anthropic_api_key", "nats_password"):
+        for secret in ("embedder_api_key", "anthropic_api_key", "nats_password", "pii_hash_key"):
             if shown[secret]:
                 shown[secret] = "***"
         for url in ("nats_url", "redis_url", "database_url"):

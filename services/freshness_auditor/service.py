@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.upstream import Upstream, make_client
-from shared import metrics, stream, subjects
+from shared import metrics, pii, stream, subjects
 from shared.contract import (
     AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
     ServedBatch, ServedLLM, ServedMemory, encode,
@@ -158,9 +158,10 @@ class Auditor:
         entries = await stream.user_log(self.rt.nc, user_id, min(map(judge.log_start, recs)))
         forgotten = self.forgotten.get(to_token(user_id))
         verdicts, stale_tiers = [], set()
+        user_ref = pii.user_ref(user_id)  # spans are exported: never the raw id
         for rec in recs:
             with _audit_span("audit memory", rec.trace_id, rec.span_id,
-                             {"tiermem.tier": rec.tier, "tiermem.user_id": user_id}) as span:
+                             {"tiermem.tier": rec.tier, "tiermem.user_id": user_ref}) as span:
                 # Read from the earliest start any record needs: older messages than a
                 # record's own start change nothing of its newest n.
                 verdict = judge.judge_memory(rec, entries, grace_s=self.grace_s,
