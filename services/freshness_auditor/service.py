@@ -286,7 +286,7 @@ def _audit_span(name: str, trace_id: str, span_id: str, attributes: dict):
 
 async def build(rt: Runtime) -> Auditor:
     s = rt.settings
-    redis = Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     embedder = embedder_from_settings(s)

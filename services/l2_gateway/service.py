@@ -37,8 +37,8 @@ APPEND_CONCURRENCY = 512
 async def build(rt: Runtime) -> None:
     settings = rt.settings
     await stream.ensure_stream(rt.js, settings.stream_replicas)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
-                           health_check_interval=10)
+    redis = Redis.from_url(settings.redis_url, **settings.redis_auth(), socket_timeout=2,
+                           socket_connect_timeout=2, health_check_interval=10)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     window = RedisWindow(redis, settings.l2_window)

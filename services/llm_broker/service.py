@@ -219,7 +219,7 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
     config = Config.load(s.llm_config or None)
     embedder = embedder_from_settings(s)
     rt.on_close(embedder.aclose)
-    redis = Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     cache = await ResponseCache.open(redis, s.database_url, embedder.model_id)
