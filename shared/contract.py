@@ -132,6 +132,43 @@ class GetReply(msgspec.Struct):
     messages: list[Message]
 
 
+def fit_reply(reply: msgspec.Struct, op: str, max_payload: int) -> msgspec.Raw:
+    """`reply` (a `GetReply`, or any struct with `messages`) as JSON, or 413 if it cannot be sent.
+
+    NATS refuses a message larger than the server's `max_payload` (1 MiB by
+    default): the reply would never leave (a timeout for the caller, or a 500),
+    while n=1000 of 64 KiB texts is 64 MiB. Every tier encodes its answer here
+    before replying; the refusal says how many messages do fit, counted on this
+    very reply: the newest for `recent`, the best for `search`.
+    """
+    body = encode(reply)
+    if len(body) <= max_payload:
+        return msgspec.Raw(body)
+    sizes = [len(encode(m)) for m in reply.messages]
+    fits = fitting(len(body), sizes, newest_last=op != "search", max_payload=max_payload)
+    field = "k" if op == "search" else "n"
+    advice = (f"ask for fewer messages ({field}<={fits})" if fits else
+              "even one message does not fit")
+    raise PayloadTooLarge(f"reply of {len(body)} bytes exceeds max_payload {max_payload}; {advice}")
+
+
+def fitting(total: int, sizes: list[int], *, newest_last: bool, max_payload: int) -> int:
+    """How many of the messages (encoded `sizes`, in reply order) fit in `max_payload`.
+
+    A smaller `recent` keeps the newest (the end of the list), a smaller
+    `search` the best (the start); the rest of the reply (`total` minus the
+    messages and their commas) stays.
+    """
+    used = total - sum(sizes) - max(len(sizes) - 1, 0)
+    count = 0
+    for size in reversed(sizes) if newest_last else sizes:
+        used += size + (1 if count else 0)
+        if used > max_payload:
+            break
+        count += 1
+    return count
+
+
 # --- memory.forget -----------------------------------------------------------
 
 
@@ -249,12 +286,22 @@ def check_complete(req: CompleteRequest, max_prompt_chars: int) -> CompleteReque
             raise BadRequest(f"messages[{i}] has no text")
     if req.messages[-1].role != "user":
         raise BadRequest("the last message must be from the user")
-    size = len(req.system_text()) + sum(len(m.plain()) for m in req.messages)
-    if size > max_prompt_chars:
-        raise PayloadTooLarge(f"prompt is {size} characters; the limit is {max_prompt_chars}")
-    for text in [req.system_text(), *(m.plain() for m in req.messages)]:
+    texts = [req.system_text(), *(m.plain() for m in req.messages), *(req.stop_sequences or [])]
+    for text in texts:
         _reject_surrogates(text, "prompt")
+    # Everything the model reads counts: tools as the characters of their JSON.
+    size = sum(map(len, texts)) + (_json_chars(req.tools, "tools") if req.tools else 0)
+    if size > max_prompt_chars:
+        raise PayloadTooLarge(f"prompt is {size} characters (system, messages, tools and "
+                              f"stop_sequences); the limit is {max_prompt_chars}")
     return req
+
+
+def _json_chars(value, field: str) -> int:
+    try:
+        return len(encode(value).decode())
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field} is not valid UTF-8 (lone surrogate)") from None
 
 
 class Usage(msgspec.Struct):

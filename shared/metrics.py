@@ -2,11 +2,29 @@
 
 Metrics are module-level (one registry per process); the `service` label
 keeps several services apart when tests run them in one process.
+
+Label values come from a fixed set. Prometheus keeps one series per distinct
+label combination, so a label fed from request input (an LLM `task`, a
+`bot_id`, a tier named in a served record) would let any client create series
+without bound; such values pass through `bounded` first, which keeps the
+known ones and turns the rest into `other`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from prometheus_client import Counter, Gauge, Histogram
+
+OTHER = "other"
+TIERS = ("l1", "l2", "l3")  # memory tiers, as served records name them
+MATCHES = ("exact", "semantic")  # how an LLM cache hit matched
+
+
+def bounded(value: str, known: Collection[str]) -> str:
+    """`value` if it is one of `known`, else `other`: a label's values stay a fixed set."""
+    return value if value in known else OTHER
+
 
 # Latency buckets from 50 µs to 5 s: tiers answer in well under a millisecond.
 _BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -23,6 +41,9 @@ answers = Counter("tiermem_memory_answers", "memory reads answered, by tier and 
 passed_down = Counter("tiermem_memory_passed_down",
                       "memory reads a tier passed to the next, by reason",
                       ["tier", "reason"])
+rejected = Counter("tiermem_rejected_messages",
+                   "Internal bus messages refused as forged or unusable, by service and reason",
+                   ["service", "reason"])
 
 llm_requests = Counter("tiermem_llm_requests", "llm.complete requests by cache outcome",
                        ["model", "task", "bot", "status", "match"])

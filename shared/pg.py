@@ -62,8 +62,12 @@ async def migrate(target: Pool, *, schema: str, directory: Path) -> list[str]:
     applied_now: list[str] = []
     async with connection(target) as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATE_LOCK)
+        # Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the
+        # database even when the schema exists, which a service role that owns
+        # a schema made for it (k8s/components/postgres-cnpg) does not have.
+        if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
+            await conn.execute(f"CREATE SCHEMA {schema}")
         await conn.execute(
-            f"CREATE SCHEMA IF NOT EXISTS {schema};"
             f"CREATE TABLE IF NOT EXISTS {schema}.schema_migrations ("
             " version integer PRIMARY KEY, name text NOT NULL, sha256 text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"

@@ -45,7 +45,7 @@ from nats.micro.request import Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from shared import bus, metrics, telemetry
+from shared import bus, metrics, pii, telemetry
 from shared.contract import ErrorDetail, ErrorReply, encode
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout, from_code
 from shared.health import Health, HealthServer
@@ -285,7 +285,7 @@ def _wrap(rt: Runtime, ep: _Endpoint) -> Callable[[Request], Awaitable[None]]:
 
     async def _respond_error(req: Request, err: TierError, span: trace.Span | None) -> None:
         if span is not None:
-            span.set_status(StatusCode.ERROR, err.message)
+            span.set_status(StatusCode.ERROR, pii.scrub(err.message))
             span.set_attribute("tiermem.error_code", err.code)
         (log.warning if err.code < 500 else log.error)(
             "request_failed", subject=req.subject, code=err.code, reason=err.message)
@@ -344,6 +344,7 @@ async def run_service(name: str, description: str,
     """Run one service until SIGTERM/SIGINT (or `stop`); returns the exit code."""
     settings = settings or Settings.from_env()
     telemetry.configure_logging(name, settings.log_level)
+    pii.configure(settings.pii_hash_key, settings.pii_raw_ids)
     telemetry.configure_tracing(name, settings.trace_file)
     stop = stop or asyncio.Event()
     own_signals = ready is None  # in-process test runs leave signals alone

@@ -29,11 +29,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_tls_cert: str = ""  # client certificate and key, for servers that ask for one
     nats_tls_key: str = ""
     redis_url: str = ""
+    redis_username: str = ""  # a Redis ACL user, when not in REDIS_URL (Kubernetes Secrets)
+    redis_password: str = ""
     database_url: str = ""
     metrics_port: int = 0  # 0: no metrics HTTP server
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     trace_file: str = ""  # JSON lines of finished spans, for the demo's waterfall
+    pii_hash_key: str = ""  # keys user refs in logs and spans (shared.pii); empty: random
+    pii_raw_ids: bool = False  # raw user ids in logs and spans, for local debugging (never texts)
     request_timeout_s: float = 5.0
     concurrency: int = 64  # requests in flight per endpoint and process
 
@@ -44,6 +48,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     l1_id: str = ""
     l1_window: int = 10
     l1_max_users: int = 50_000
+    l1_max_bytes: int = 256 * 1024 * 1024  # text bytes all windows hold together
     l2_window: int = 100
 
     embedder: str = "wordllama"
@@ -76,12 +81,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:  # hide secrets, keep the rest readable
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
-        for secret in ("embedder_api_key", "anthropic_api_key", "nats_password"):
+        for secret in ("embedder_api_key", "anthropic_api_key", "nats_password", "pii_hash_key", "redis_password"):
             if shown[secret]:
                 shown[secret] = "***"
         for url in ("nats_url", "redis_url", "database_url"):
             shown[url] = _hide_password(shown[url])
         return f"Settings({shown})"
+
+    def redis_auth(self) -> dict[str, str]:
+        """`Redis.from_url` keywords for the ACL user of `REDIS_USERNAME` / `REDIS_PASSWORD` (none when unset:
+        credentials in `REDIS_URL` win anyway)."""
+        return {k: v for k, v in (("username", self.redis_username), ("password", self.redis_password)) if v}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":

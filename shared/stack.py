@@ -281,6 +281,17 @@ def _tool_identities(passwords: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _pii_hash_key(root: Path) -> str:
+    """The key of the user refs in logs (`shared.pii`): one per state folder, so refs stay the
+    same across services and restarts, and differ between installations."""
+    path = root / "pii-hash-key"
+    if not path.exists():
+        import secrets
+
+        _write_private(path, secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
@@ -318,6 +329,7 @@ def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: di
     procs: dict[str, _Started] = {}
     ports: set[int] = set()
     passwords = identities(root)
+    pii_key = os.environ.get("PII_HASH_KEY") or _pii_hash_key(root)
     for spec in specs:
         if not _module_exists(spec.module):
             raise StackError(f"service {spec.name}: module {spec.module} has no __main__.py (not written yet?)")
@@ -328,7 +340,7 @@ def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: di
         log_path = logs / f"{spec.name}.log"
         since = log_path.stat().st_size if log_path.exists() else 0
         child_env = {**os.environ, **{var: env[var] for _, var, _ in SERVERS if var in env},
-                     **_service_identity(spec.name, passwords),
+                     **_service_identity(spec.name, passwords), "PII_HASH_KEY": pii_key,
                      "METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"}
         proc = servers.spawn(spec.name, cmd, log_path=log_path, env=child_env, cwd=REPO_ROOT)
         metrics_url = f"http://{servers.HOST}:{port}/metrics"

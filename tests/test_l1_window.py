@@ -255,6 +255,58 @@ def test_an_update_refreshes_recency():
     assert store.window("b") is None and store.window("a").seq == 3
 
 
+def sized(user: str, seq: int, nbytes: int) -> GetReply:
+    """L2's reply for a user whose one message has a text of `nbytes` bytes."""
+    m = Message(seq=seq, msg_id=f"m{seq}", role="user", bot_id="bot", text="é" * (nbytes // 2),
+                ts="2026-11-26T07:00:00.000Z")
+    return GetReply(user, "l2", seq, [m])
+
+
+def test_windows_over_the_byte_bound_are_evicted_least_recently_used_first():
+    store = WindowStore(10, max_bytes=1000)
+    store.install("a", sized("a", 1, 400), 10)
+    store.install("b", sized("b", 2, 400), 10)
+    assert isinstance(store.recent("a", 1, None), GetReply)  # a is now the most recent
+    store.install("c", sized("c", 3, 400), 10)
+    assert store.window("b") is None
+    assert store.window("a") is not None and store.window("c") is not None
+    assert store.bytes == 800
+
+
+def test_a_window_alone_over_the_byte_bound_is_not_kept():
+    store = WindowStore(10, max_bytes=1000)
+    store.install("a", sized("a", 1, 400), 10)
+    store.install("big", sized("big", 2, 1200), 10)
+    assert store.window("big") is None and store.recent("big", 1, None) == MISS
+    assert store.window("a") is not None and store.bytes == 400
+
+
+def test_a_window_that_grows_past_the_byte_bound_evicts_others_first():
+    store = WindowStore(3, max_bytes=30)
+    store.install("a", l2("a", [1]), 10)  # "text 1": 6 bytes
+    store.apply(appended("b", 2, 0, 1))
+    for seq in range(3, 6):
+        store.apply(appended("b", seq, seq - 1, seq - 1))  # b holds 3 messages: 18 bytes
+    assert store.window("a") is not None and store.bytes == 24
+    store.apply(appended("b", 10, 5, 5))  # slides: 5 and 10 replace 2 and 3; b is 19 bytes
+    assert store.window("b").bytes == 19 and store.bytes == 25
+    store.install("c", l2("c", [20]), 10)  # 7 more: over 30, a (least recent) goes
+    assert store.window("a") is None and store.bytes == 26
+
+
+def test_the_byte_count_follows_drops_forgets_and_clears():
+    store = filled("u", range(1, 5))
+    store.install("v", l2("v", [7, 8]), 10)
+    assert store.bytes == 4 * 6 + 2 * 6
+    store.apply(forgot("u", 6))
+    assert store.bytes == 12
+    store.drop("v")
+    assert store.bytes == 0
+    store.install("w", l2("w", [9]), 10)
+    store.clear()
+    assert store.bytes == 0 and len(store) == 0
+
+
 def test_tombstones_are_bounded_too():
     store = WindowStore(10, max_users=2)
     for i, user in enumerate("abc"):
@@ -284,9 +336,10 @@ class WindowsVersusTruth(RuleBasedStateMachine):
         self.store = WindowStore()
         self.answers = 0
 
-    @initialize(size=st.integers(1, 4), max_users=st.integers(1, 3))
-    def setup(self, size: int, max_users: int) -> None:
-        self.store = WindowStore(size, max_users, max_buffered=8)
+    @initialize(size=st.integers(1, 4), max_users=st.integers(1, 3),
+                max_bytes=st.integers(5, 40) | st.just(1 << 30))
+    def setup(self, size: int, max_users: int, max_bytes: int) -> None:
+        self.store = WindowStore(size, max_users, max_bytes=max_bytes, max_buffered=8)
 
     # the truth and L2's view of it
 
@@ -401,6 +454,13 @@ class WindowsVersusTruth(RuleBasedStateMachine):
         assert all(m.seq > forgot for m in answer.messages), "served data from before a forget"
         expected = self.truth_as_of(user, answer.seq)
         assert answer.messages == expected[-n:], (answer.seq, seqs_of(answer), expected)
+
+    @invariant()
+    def both_bounds_hold_and_the_byte_count_is_exact(self) -> None:
+        held = [self.store.window(u) for u in self.USERS]
+        counted = sum(len(m.text.encode()) for w in held if w for m in w.messages)
+        assert self.store.bytes == counted <= self.store.max_bytes
+        assert all(w.bytes == sum(len(m.text.encode()) for m in w.messages) for w in held if w)
 
     @invariant()
     def every_window_is_the_truth_as_of_its_seq(self) -> None:

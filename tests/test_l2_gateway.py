@@ -117,6 +117,22 @@ async def test_min_seq_beyond_what_redis_applied_goes_to_l3(gateway):
     assert reply["tier"] == "l3"
 
 
+async def test_a_reply_too_big_for_nats_is_refused_with_413_and_how_many_fit(gateway):
+    nc, l3 = gateway
+    texts = [f"{i} " + "x" * 65_000 for i in range(20)]  # near MAX_TEXT_BYTES (65,536)
+    for i, text in enumerate(texts):
+        await ok(nc, subjects.MEMORY_APPEND, {**append_body("lead-big", i), "text": text})
+    before = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-big", "n": 16})
+    assert before["tier"] == "l2" and [m["text"] for m in before["messages"]] == texts[4:]
+
+    status, reply = await call(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-big", "n": 20})
+    assert status == 413 and reply["error"]["code"] == 413
+    assert reply["error"]["message"].endswith(
+        "exceeds max_payload 1048576; ask for fewer messages (n<=16)")
+    assert await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-big", "n": 16}) == before
+    assert l3.gets == []
+
+
 @pytest.mark.parametrize("body,code", [
     (b"{not json", 400),
     (b"\xff\xfe", 400),

@@ -12,14 +12,17 @@ import functools
 import random
 import time
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.service import build as build_broker
-from shared import subjects
+from shared import servers, subjects
 from shared.contract import Usage
 from tests.helpers import call, client, ok, running
 
@@ -249,6 +252,7 @@ async def test_upstream_timeout_maps_to_504(broker):
     ({"max_tokens": -5}, 400),
     ({"temperature": 3}, 400),
     ({"user_id": "bad id"}, 400),
+    ({"user_id": None}, 400),  # scope user needs the user
     ({"messages": [{"role": "user", "content": "x" * 500_001}]}, 413),
 ])
 async def test_bad_input_is_rejected_without_an_upstream_call(broker, patch, code):
@@ -291,3 +295,85 @@ async def test_long_system_prompt_uses_prompt_caching_at_the_discounted_price(br
                      + second["usage"]["cache_read_input_tokens"],
                      output_tokens=second["usage"]["output_tokens"])
     assert second["cost_usd"] < cost_usd(price, uncached)
+
+
+async def cached_entries(env: dict) -> int:
+    """Entries in both tiers: exact (Redis) and semantic (Postgres)."""
+    redis = Redis.from_url(env["REDIS_URL"])
+    try:
+        exact = len([k async for k in redis.scan_iter(match="llm:x:*")])
+    finally:
+        await redis.aclose()
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    try:
+        return exact + await conn.fetchval("SELECT count(*) FROM llm.entries")
+    finally:
+        await conn.close()
+
+
+CONFIG = Config.load()
+HISTORY = [{"role": "user", "content": "I'm Ann; we are divorcing, budget $400k."},
+           {"role": "assistant", "content": "Thanks Ann, noted."}]
+
+
+@pytest.mark.parametrize("patch,code,says", [
+    ({"model": "claude-mythical-9"}, 400, ", ".join(CONFIG.models)),
+    ({"max_tokens": CONFIG.max_tokens + 1}, 400, f"max_tokens is {CONFIG.max_tokens + 1}"),
+    ({"messages": [{"role": "user", "content": "ok"}] * (CONFIG.max_messages + 1)}, 413,
+     f"limit is {CONFIG.max_messages}"),
+    ({"tools": [{"name": "lookup", "description": "d" * 400_000,
+                 "input_schema": {"type": "object"}}]}, 413, "tools and stop_sequences"),
+    ({"stop_sequences": ["s" * 100_000] * 4 + ["t"]}, 413, "tools and stop_sequences"),
+    ({"cache": {"volatility": "lead_intent", "mode": "exact", "scope": "global"}}, 400,
+     "global_tasks"),
+    ({"task": "market_context", "messages": [*HISTORY, {"role": "user", "content": "Market?"}],
+      "cache": {"volatility": "market_context", "mode": "exact", "scope": "global"}}, 400,
+     "conversation"),
+])
+async def test_requests_over_a_bound_are_refused_before_cache_and_upstream(broker, patch, code, says):
+    nc, sim, _, env = broker
+    status, reply = await call(nc, subjects.LLM_COMPLETE, {**req("Is it available?"), **patch})
+    assert (status, reply["error"]["code"]) == (code, code)
+    assert says in reply["error"]["message"], reply
+    assert sim.calls() == 0
+    assert await cached_entries(env) == 0
+
+
+async def test_a_global_task_shares_one_answer_between_users(broker):
+    nc, sim, _, env = broker
+    ask = functools.partial(req, task="market_context", volatility="market_context",
+                            scope="global")
+    first = await ok(nc, subjects.LLM_COMPLETE, ask("How is the market in Oak Park?", user="lead-1"))
+    other = await ok(nc, subjects.LLM_COMPLETE, ask("How is the market in Oak Park?", user="lead-2"))
+    assert first["cache"]["status"] == "miss"
+    assert other["cache"]["status"] == "hit" and other["text"] == first["text"]
+    assert sim.calls() == 1 and await cached_entries(env) == 2  # one entry, in both tiers
+
+
+async def test_metric_labels_stay_a_fixed_set_whatever_tasks_and_bots_clients_send(
+        clean_state, simulator):
+    sim = Sim(simulator)
+    sim.reset()
+    port = servers.free_port()
+    env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
+    async with running("llm-broker", build_broker, env, metrics_port=port), \
+            client(env["NATS_URL"]) as nc:
+        await asyncio.gather(*(ok(nc, subjects.LLM_COMPLETE,
+                                  req(f"Question {i}?", task=f"task-{i}", bot_id=f"bot-{i}",
+                                      mode="exact"))
+                               for i in range(100)))
+        async with httpx.AsyncClient(timeout=10) as http:
+            scrape = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    tasks, bots, other_requests = set(), set(), 0.0
+    for family in text_string_to_metric_families(scrape):
+        if family.name.startswith("tiermem_llm"):
+            for sample in family.samples:
+                tasks.add(sample.labels.get("task"))
+                bots.add(sample.labels.get("bot"))
+                if sample.name == "tiermem_llm_requests_total" and sample.labels["task"] == "other":
+                    other_requests += sample.value
+    known_tasks = {*CONFIG.tasks, *CONFIG.label_tasks, *CONFIG.global_tasks}
+    assert tasks - {None} <= known_tasks | {"other"}
+    assert bots - {None} <= {*CONFIG.bots, "", "other"}
+    assert other_requests >= 100  # counted, under one name
+    assert sim.calls() == 100

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.upstream import Upstream, make_client
-from shared import metrics, stream, subjects
+from shared import metrics, pii, stream, subjects
 from shared.contract import (
     AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
     ServedBatch, ServedLLM, ServedMemory, encode,
@@ -93,14 +93,16 @@ class Auditor:
         if batch.dropped:
             self.tally.add("records_dropped", batch.dropped)
         for rec in batch.memory:
-            self.tally.memory(rec.tier, "served")
-            metrics.audit_served.labels("memory", rec.tier).inc()
-            if self.rng.random() < self.sample_rate:
+            tier = metrics.bounded(rec.tier, metrics.TIERS)
+            self.tally.memory(tier, "served")
+            metrics.audit_served.labels("memory", tier).inc()
+            # a record of no known tier cannot be judged against one nor evicted from it
+            if tier != metrics.OTHER and self.rng.random() < self.sample_rate:
                 self._enqueue(self.memory_queue, rec, "memory")
         for hit in batch.llm:
-            vol, task = hit.request.cache.volatility, hit.request.task
+            vol, task, match = self._llm_labels(hit)
             self.tally.llm(vol, task, "served")
-            metrics.audit_served.labels("llm", hit.match).inc()
+            metrics.audit_served.labels("llm", match).inc()
             self.tally.add("saved_usd", hit.saved_usd)
             self.budget.earn(hit.saved_usd)
             estimate = hit.saved_usd * ESTIMATE_MARGIN
@@ -110,6 +112,12 @@ class Auditor:
             else:
                 self.tally.add("skipped_over_budget")
                 metrics.audit_skipped.labels("llm", "over_budget").inc()
+
+    def _llm_labels(self, hit: ServedLLM) -> tuple[str, str, str]:
+        """Volatility class, task and match as metrics and counts name them (a fixed set)."""
+        req = hit.request
+        return (self.config.volatility_label(req.cache.volatility),
+                self.config.task_label(req.task), metrics.bounded(hit.match, metrics.MATCHES))
 
     def _enqueue(self, queue: asyncio.Queue, item, kind: str) -> bool:
         try:
@@ -150,9 +158,10 @@ class Auditor:
         entries = await stream.user_log(self.rt.nc, user_id, min(map(judge.log_start, recs)))
         forgotten = self.forgotten.get(to_token(user_id))
         verdicts, stale_tiers = [], set()
+        user_ref = pii.user_ref(user_id)  # spans are exported: never the raw id
         for rec in recs:
             with _audit_span("audit memory", rec.trace_id, rec.span_id,
-                             {"tiermem.tier": rec.tier, "tiermem.user_id": user_id}) as span:
+                             {"tiermem.tier": rec.tier, "tiermem.user_id": user_ref}) as span:
                 # Read from the earliest start any record needs: older messages than a
                 # record's own start change nothing of its newest n.
                 verdict = judge.judge_memory(rec, entries, grace_s=self.grace_s,
@@ -208,7 +217,7 @@ class Auditor:
     async def audit_llm(self, hit: ServedLLM, estimate: float) -> bool:
         """Re-ask, compare, report; returns whether the hit was wrong."""
         req = hit.request
-        vol, task = req.cache.volatility, req.task
+        vol, task, match = self._llm_labels(hit)
         with _audit_span("audit llm hit", hit.trace_id, hit.span_id,
                          {"tiermem.task": task, "tiermem.volatility": vol,
                           "tiermem.match": hit.match}) as span:
@@ -229,7 +238,7 @@ class Auditor:
             self.tally.llm(vol, task, "checked")
             counts = self._checks.setdefault((vol, task), [0, 0])
             counts[0] += 1
-            metrics.audit_checks.labels("llm", hit.match, vol, task,
+            metrics.audit_checks.labels("llm", match, vol, task,
                                         "wrong" if wrong else "right").inc()
             if wrong:
                 counts[1] += 1
@@ -277,7 +286,7 @@ def _audit_span(name: str, trace_id: str, span_id: str, attributes: dict):
 
 async def build(rt: Runtime) -> Auditor:
     s = rt.settings
-    redis = Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     embedder = embedder_from_settings(s)

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from shared import metrics, stream, subjects
 from shared.contract import (
     AppendReply, AppendRequest, Changed, EvictReply, EvictRequest, ForgetReply, ForgetRequest,
-    GetRequest, L3ForgetRequest, check_append, check_get, encode,
+    GetRequest, L3ForgetRequest, check_append, check_get, encode, fit_reply,
 )
 from shared.errors import Unavailable
 from shared.served import Served
@@ -37,8 +37,8 @@ APPEND_CONCURRENCY = 512
 async def build(rt: Runtime) -> None:
     settings = rt.settings
     await stream.ensure_stream(rt.js, settings.stream_replicas)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
-                           health_check_interval=10)
+    redis = Redis.from_url(settings.redis_url, **settings.redis_auth(), socket_timeout=2,
+                           socket_connect_timeout=2, health_check_interval=10)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     window = RedisWindow(redis, settings.l2_window)
@@ -62,7 +62,7 @@ async def build(rt: Runtime) -> None:
                 log.warning("append_not_yet_in_l2", seq=ack.seq)
         return AppendReply(user_id=req.user_id, seq=ack.seq, duplicate=bool(ack.duplicate))
 
-    async def get(req: GetRequest) -> L2Reply | msgspec.Raw:
+    async def get(req: GetRequest) -> msgspec.Raw:
         check_get(req)
         if req.op != "recent":
             return await _down(req, "search")
@@ -77,9 +77,11 @@ async def build(rt: Runtime) -> None:
         reason = _why_not(snap, req)
         if reason:
             return await _down(req, reason)
+        reply = fit_reply(L2Reply(user_id=req.user_id, tier=TIER, seq=snap.last,
+                                  messages=snap.messages), "recent", rt.nc.max_payload)
         answered.inc()
         served.memory(TIER, req.user_id, "recent", req.n, req.min_seq, snap.last, snap.messages)
-        return L2Reply(user_id=req.user_id, tier=TIER, seq=snap.last, messages=snap.messages)
+        return reply
 
     async def _down(req: GetRequest, reason: str) -> msgspec.Raw:
         """L3's reply, passed on as it came (up to 1,000 messages: no decode and re-encode)."""

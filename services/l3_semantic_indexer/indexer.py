@@ -7,19 +7,28 @@ nothing and duplicates nothing.
 
 `applied_through()` answers "has L3 stored every message up to seq N?" from
 the consumer's ack floor, which is what `min_seq` needs across replicas.
+
+Poison. A message the gateway did not write (undecodable, or on another
+user's subject than its `user_id`'s) would fail its batch on every
+redelivery and the indexer would crash-loop behind it, or index one user's
+text as another's. It is copied to `memory.deadletter.l3-semantic-indexer`
+(kept by the stream `MEMORY_DEAD`), acknowledged, counted and logged, and
+the batch goes on without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import msgspec
 import structlog
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared import stream, subjects
+from shared import metrics, stream, subjects
 from shared.contract import LogEntry
+from shared.ids import is_valid_id
 from shared.service import Runtime
 from shared.telemetry import tracer
 
@@ -27,6 +36,33 @@ from . import store
 
 log = structlog.get_logger()
 _entry = msgspec.json.Decoder(LogEntry)
+DEAD_LETTERS = subjects.DEAD_LETTER_PREFIX + ".l3-semantic-indexer"
+UNDECODABLE = "undecodable"
+SUBJECT_MISMATCH = "subject_mismatch"
+
+
+class Poison(Exception):
+    """A log message the indexer cannot store; `reason` is one of the two above."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def to_row(subject: str, seq: int, data: bytes) -> store.Row:
+    """The row a log message becomes, or Poison if it is not one the gateway wrote."""
+    try:
+        entry = _entry.decode(data)
+        ts = datetime.fromisoformat(entry.ts)
+        for text in (entry.msg_id, entry.bot_id, entry.role, entry.text):
+            text.encode("utf-8")  # a JSON-escaped lone surrogate: Postgres would refuse the batch
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise Poison(UNDECODABLE, str(exc)) from None
+    if not is_valid_id(entry.user_id) or subject != subjects.log_subject(entry.user_id):
+        raise Poison(SUBJECT_MISMATCH, f"user_id {entry.user_id!r} does not own {subject}")
+    return store.Row(seq=seq, user_id=entry.user_id, msg_id=entry.msg_id, bot_id=entry.bot_id,
+                     role=entry.role, text=entry.text, ts=ts)
 
 
 class Indexer:
@@ -36,6 +72,8 @@ class Indexer:
         self.embedder = embedder
         self.batch = rt.settings.l3_batch
         self._floor = 0  # last known: every log message <= this is in Postgres
+        self._rejected = {r: metrics.rejected.labels("l3-semantic-indexer", r)
+                          for r in (UNDECODABLE, SUBJECT_MISMATCH)}
 
     async def run(self) -> None:
         psub = await self.rt.js.pull_subscribe(
@@ -51,12 +89,16 @@ class Indexer:
             await self._index(msgs)
 
     async def _index(self, msgs) -> None:
-        rows = []
+        rows, good = [], []
         for msg in msgs:
-            entry = _entry.decode(msg.data)
-            rows.append(store.Row(seq=msg.metadata.sequence.stream, user_id=entry.user_id,
-                                  msg_id=entry.msg_id, bot_id=entry.bot_id, role=entry.role,
-                                  text=entry.text, ts=entry.ts))
+            seq = msg.metadata.sequence.stream
+            try:
+                rows.append(to_row(msg.subject, seq, msg.data))
+                good.append(msg)
+            except Poison as bad:
+                await self._dead_letter(msg, seq, bad)
+        if not rows:
+            return
         with tracer.start_as_current_span("index batch", attributes={"batch": len(rows)}):
             vectors = await self.embedder.embed([r.text for r in rows], input_type="document")
             backoff = 0.1
@@ -69,9 +111,28 @@ class Indexer:
                     log.warning("upsert_retry", error=str(exc), retry_in=backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
-        for msg in msgs:
+        for msg in good:
             await msg.ack()
         log.debug("indexed", batch=len(rows), inserted=inserted)
+
+    async def _dead_letter(self, msg, seq: int, bad: Poison) -> None:
+        """Keep `msg` in the dead-letter stream, then take it off the log's consumer.
+
+        If the dead-letter stream does not take it, it is not acknowledged
+        either: redelivered after `ack_wait`, it is tried again.
+        """
+        try:
+            await self.rt.js.publish(DEAD_LETTERS, msg.data, headers={
+                "Nats-Msg-Id": f"{subjects.STREAM}:{seq}",  # a redelivery is stored once
+                "Tiermem-Subject": msg.subject, "Tiermem-Seq": str(seq),
+                "Tiermem-Reason": bad.reason})
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the message stays on the log
+            log.error("dead_letter_failed", seq=seq, reason=bad.reason, error=repr(exc))
+            return
+        await msg.ack()
+        self._rejected[bad.reason].inc()
+        log.error("log_message_dead_lettered", seq=seq, subject=msg.subject, reason=bad.reason,
+                  detail=bad.detail, dead_letters=DEAD_LETTERS)
 
     async def applied_through(self, seq: int, wait_s: float) -> bool:
         """True once every log message up to `seq` is stored (waits up to `wait_s`)."""

@@ -8,10 +8,14 @@ yet it waits a bounded time, then answers 503 rather than a stale reply.
 
 from __future__ import annotations
 
+import msgspec
+
 from shared import metrics, stream, subjects
-from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest, check_get
+from shared.contract import (
+    ForgetReply, GetReply, GetRequest, L3ForgetRequest, check_get, fit_reply,
+)
 from shared.embeddings import embedder_from_settings
-from shared.errors import Unavailable
+from shared.errors import BadRequest, Unavailable
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
@@ -32,12 +36,13 @@ async def build(rt: Runtime) -> None:
     rt.on_close(pool.close)
     rt.ready_check("postgres", lambda: pool.fetchval("SELECT 1"))
     await stream.ensure_stream(rt.js, settings.stream_replicas)
+    await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     indexer = Indexer(rt, pool, embedder)
     rt.spawn(indexer.run(), "indexer")
     served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
     rt.spawn(served.run(), "served-records")
 
-    async def get(req: GetRequest) -> GetReply:
+    async def get(req: GetRequest) -> msgspec.Raw:
         check_get(req)
         if req.min_seq is not None and not await indexer.applied_through(
                 req.min_seq, settings.l3_min_seq_wait_s):
@@ -51,12 +56,20 @@ async def build(rt: Runtime) -> None:
         else:
             with tracer.start_as_current_span("postgres recent", attributes={"db.system": "postgresql"}):
                 messages, seq = await store.recent(pool, req.user_id, req.n)
+        reply = fit_reply(GetReply(user_id=req.user_id, tier=TIER, seq=seq, messages=messages),
+                          req.op, rt.nc.max_payload)
         metrics.answers.labels(TIER, req.op).inc()
         served.memory(TIER, req.user_id, req.op, req.k if req.op == "search" else req.n,
                       req.min_seq, seq, messages)
-        return GetReply(user_id=req.user_id, tier=TIER, seq=seq, messages=messages)
+        return reply
 
     async def forget(req: L3ForgetRequest) -> ForgetReply:
+        # The tombstone would also void messages not yet written: a forged or confused
+        # upto_seq beyond the log must not delete a user's future.
+        last = await stream.last_seq(rt.js)
+        if req.upto_seq > last:
+            raise BadRequest(f"upto_seq {req.upto_seq} is beyond the log's last seq {last}; "
+                             "nothing was deleted")
         deleted = await store.forget(pool, req.user_id, req.upto_seq)
         return ForgetReply(user_id=req.user_id, deleted=deleted)
 

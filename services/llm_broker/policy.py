@@ -8,6 +8,28 @@ inside one partition, on the latest user message. The exact key is the
 partition plus the latest user message verbatim.
 
 TTLs are absolute: `expires_at` is fixed when the entry is stored.
+
+Scopes. `cache.scope: "user"` (the default) partitions by `user_id`: only the
+same user's requests can hit an entry. `cache.scope: "global"` drops the user
+from the partition, so one user's answer is served to others; it is accepted
+only for tasks the configuration lists in `global_tasks` (market context,
+static facts: answers that depend on nothing about the user), and only for a
+request that carries no conversation: exactly one message, the question.
+Sending a global request marks its set-up (model, system, tools, sampling,
+stop sequences) and that question as shareable; earlier turns cannot be so
+marked, because they are the user's conversation. A global request with
+earlier turns is refused (400), not keyed on its shareable parts: the model
+would still read the turns, and an answer shaped by one user's conversation
+would then be served to every user who asks the same question. Dropping the
+turns before the call would answer a question the caller did not ask. So a global entry's keys
+(`partition_key`, `exact_key`) depend only on what the caller marked
+shareable, never on `user_id` or a conversation. The entry still records who
+created it, so that user's forget removes it (its `query` is their words).
+
+Bounds, checked before anything is cached or sent upstream (`check_request`):
+the model must be one of `models` and `max_tokens` at most the configured cap
+(400); at most `max_messages` messages (413). The prompt's size, tools and
+stop sequences included, is `shared.contract.check_complete`'s (413).
 """
 
 from __future__ import annotations
@@ -18,8 +40,9 @@ from pathlib import Path
 
 import msgspec
 
+from shared import metrics
 from shared.contract import CompleteRequest, Usage
-from shared.errors import BadRequest
+from shared.errors import BadRequest, PayloadTooLarge
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.toml")
 
@@ -39,8 +62,16 @@ class Price(msgspec.Struct, frozen=True):
 class Config(msgspec.Struct, frozen=True):
     volatility: dict[str, Volatility]
     prices: dict[str, Price]
+    models: list[str]  # the allow-list: any other model is refused
+    max_tokens: int = 8192
+    max_messages: int = 1000
     # Tasks whose answer is a label: the auditor wants the same label, not similar text.
     label_tasks: list[str] = []
+    # Tasks whose answers depend on nothing about the user: only these may use scope global.
+    global_tasks: list[str] = []
+    # Further task and bot names that metrics label by name (any other is `other`).
+    tasks: list[str] = []
+    bots: list[str] = []
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Config":
@@ -63,6 +94,42 @@ class Config(msgspec.Struct, frozen=True):
     def invalidating(self) -> list[str]:
         return sorted(n for n, v in self.volatility.items() if v.invalidate_on_user_message)
 
+    # Metric label values: a client picks the task and the bot id, the config bounds them.
+
+    def task_label(self, task: str) -> str:
+        return metrics.bounded(task, {*self.tasks, *self.label_tasks, *self.global_tasks})
+
+    def bot_label(self, bot_id: str | None) -> str:
+        return metrics.bounded(bot_id or "", {"", *self.bots})
+
+    def volatility_label(self, name: str) -> str:
+        return metrics.bounded(name, self.volatility)
+
+
+def check_request(config: Config, req: CompleteRequest) -> Volatility:
+    """The configured bounds and the scope rule (see the module docstring); the volatility class."""
+    if req.model not in config.models:
+        raise BadRequest(f"model {req.model!r} is not allowed; allowed: {', '.join(config.models)}")
+    if req.max_tokens > config.max_tokens:
+        raise BadRequest(f"max_tokens is {req.max_tokens}; the limit is {config.max_tokens}")
+    if len(req.messages) > config.max_messages:
+        raise PayloadTooLarge(f"{len(req.messages)} messages; the limit is {config.max_messages}")
+    volatility = config.volatility_of(req.cache.volatility)
+    if req.cache.scope == "global":
+        if req.task not in config.global_tasks:
+            allowed = ", ".join(config.global_tasks) or "none"
+            raise BadRequest(
+                f"scope 'global' shares one user's answer with every user, so it is allowed only "
+                f"for tasks listed in the broker's `global_tasks` (now: {allowed}); task "
+                f"{req.task!r} is not. Use scope 'user', or add the task to `global_tasks` in "
+                f"the broker's config (LLM_CONFIG) if its answers depend on nothing about the user")
+        if len(req.messages) > 1:
+            raise BadRequest(
+                "scope 'global' takes exactly one message, the question: earlier turns are the "
+                "user's conversation, and a shared answer must not carry it to other users. "
+                "Send a conversation with scope 'user'")
+    return volatility
+
 
 def cost_usd(price: Price, usage: Usage) -> float:
     """What a call cost; cached prompt tokens at their discounted prices."""
@@ -80,7 +147,10 @@ def _digest(value) -> str:
 
 
 def partition_key(req: CompleteRequest) -> str:
-    """Everything but the latest user message, and who may share the answer."""
+    """Everything but the latest user message, and who may share the answer.
+
+    `check_request` admits a global request only without earlier turns, so a
+    global key depends on the shared set-up alone (see Scopes above)."""
     earlier = [(m.role, m.plain()) for m in req.messages[:-1]]
     return _digest({
         "model": req.model, "system": req.system_text(), "tools": req.tools,

@@ -1,6 +1,7 @@
 """llm-broker: answers `llm.complete` from cache when, and only when, that is right.
 
-Order of a request: validate (no upstream call for bad input) -> exact tier
+Order of a request: validate (`policy.check_request`: the configured bounds and
+the scope rule, then the prompt size; no upstream call for bad input) -> exact tier
 (Redis) -> semantic tier (Postgres, inside the partition, every candidate
 through the guard) -> single-flight upstream call -> store. Hits never extend
 an entry's life. `memory.changed` drives invalidation: a user's new message
@@ -30,7 +31,9 @@ from shared.telemetry import tracer
 from . import guard, stats
 from .thresholds import Thresholds
 from .cache import ResponseCache
-from .policy import Config, Entry, cost_usd, exact_key, latest_user_text, new_entry, partition_key
+from .policy import (
+    Config, Entry, check_request, cost_usd, exact_key, latest_user_text, new_entry, partition_key,
+)
 from .upstream import Upstream, make_client
 
 log = structlog.get_logger()
@@ -57,9 +60,9 @@ class Broker:
         self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id))
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
+        volatility = check_request(self.config, req)
         check_complete(req, self.max_prompt_chars)
-        volatility = self.config.volatility_of(req.cache.volatility)
-        labels = (req.model, req.task, req.bot_id or "")
+        labels = (req.model, self.config.task_label(req.task), self.config.bot_label(req.bot_id))
         if req.cache.mode == "off":
             answer, cost = await self._call(req, labels)
             return await self._reply(req, labels, answer.text, answer.stop_reason, answer.usage,
@@ -74,7 +77,7 @@ class Broker:
         if req.cache.mode == "semantic":
             with tracer.start_as_current_span("embed query"):
                 vector = (await self.embedder.embed([latest_user_text(req)], input_type="query"))[0]
-            found = await self._semantic(req, partition, vector, now)
+            found = await self._semantic(req, partition, vector, now, labels[1])
             if found is not None:
                 return await self._hit(req, labels, found[0], "semantic", found[1], now)
         entry, cost, leader = await self._single_flight(req, key, partition, volatility, vector,
@@ -93,7 +96,8 @@ class Broker:
             return None
         return entry if entry is not None and entry.fresh(now) else None
 
-    async def _semantic(self, req: CompleteRequest, partition: str, vector, now: float):
+    async def _semantic(self, req: CompleteRequest, partition: str, vector, now: float,
+                        task_label: str):
         with tracer.start_as_current_span("postgres nearest", attributes={"db.system": "postgresql"}):
             try:
                 candidates = await self.cache.nearest(partition, vector, now)
@@ -108,7 +112,7 @@ class Broker:
             if verdict.serve and cand.entry.fresh(now):
                 log.info("semantic_hit", similarity=round(cand.similarity, 4), reason=verdict.reason)
                 return cand.entry, cand.similarity
-            metrics.llm_refused.labels(req.task, verdict.reason).inc()
+            metrics.llm_refused.labels(task_label, verdict.reason).inc()
             log.info("semantic_refused", similarity=round(cand.similarity, 4), reason=verdict.reason)
         return None
 
@@ -215,7 +219,7 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
     config = Config.load(s.llm_config or None)
     embedder = embedder_from_settings(s)
     rt.on_close(embedder.aclose)
-    redis = Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     cache = await ResponseCache.open(redis, s.database_url, embedder.model_id)

@@ -8,8 +8,13 @@ it). Windows follow the `memory.changed.*` broadcast.
 
 Core NATS delivers that broadcast at most once. A lost append shows up as a
 gap and drops one window; a lost forget would not show, so whenever events
-may have been lost (a reconnect, or the subscription's queue filling up) every
-window is dropped.
+may have been lost (a reconnect, the subscription's queue filling up, events
+that could not be checked) every window is dropped.
+
+An event is applied only once its seq is known to lie within the log
+(`gate.SeqGate`): a forged one with a huge seq would stick. A read that
+misses while an event of its user is being checked waits for that check
+(briefly) rather than going to L2.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import structlog
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
+from services.memory_l1.gate import SeqGate
 from services.memory_l1.window import BEHIND, MISS, TOO_MANY, WindowStore
-from shared import metrics, subjects
+from shared import metrics, stream, subjects
 from shared.served import Served
-from shared.contract import Changed, EvictRequest, GetReply, GetRequest, check_get, decoder
-from shared.errors import Unavailable
+from shared.contract import (
+    Changed, EvictRequest, GetReply, GetRequest, check_get, decoder, fit_reply,
+)
+from shared.errors import PayloadTooLarge, Unavailable
 from shared.ids import from_token
 from shared.service import Runtime
 
@@ -38,15 +46,19 @@ SEARCH = "search"
 # The events subscription's queue; reaching it means nats-py dropped events.
 EVENTS_PENDING_MSGS = 65_536
 EVENTS_PENDING_BYTES = 64 * 1024 * 1024
+# How long a read behind min_seq waits for held events to be checked before going to L2
+# (a check is one JetStream API round trip, well under a millisecond when all is well).
+CHECK_WAIT_S = 0.1
 
 
 async def build(rt: Runtime, *, store: WindowStore | None = None) -> None:
     """Wire the sidecar (`store` lets tests look inside)."""
     s = rt.settings
     if store is None:
-        store = WindowStore(s.l1_window, s.l1_max_users)
+        store = WindowStore(s.l1_window, s.l1_max_users, max_bytes=s.l1_max_bytes)
     sidecar = Sidecar(rt, store)
     rt.spawn(sidecar.served.run(), "served-records")
+    rt.spawn(sidecar.check_events(), "event-checks")
     await sidecar.listen()
     rt.endpoint("get", subjects.MEMORY_GET, GetRequest, sidecar.get, fast=sidecar.hit)
     # The subject is this sidecar's alone (nats.micro puts it in queue group "q" anyway).
@@ -77,6 +89,10 @@ class Sidecar:
         self._l1_id = rt.settings.l1_id
         self._down = {r: metrics.passed_down.labels("l1", r)
                       for r in (MISS, BEHIND, TOO_MANY, SEARCH)}
+        self.gate = SeqGate()
+        self._check = asyncio.Event()  # events are held: run a check
+        self._checked: list[tuple[int, asyncio.Future]] = []  # reads waiting for check n
+        self._refused = metrics.rejected.labels("memory-l1", "seq_beyond_log")
 
     async def listen(self) -> None:
         self._events = await self.rt.nc.subscribe(
@@ -87,24 +103,32 @@ class Sidecar:
 
     # --- reads ---------------------------------------------------------------
 
-    def hit(self, req: GetRequest) -> GetReply | None:
-        """The answer if it is an L1 hit (the wrapper sends it inline), else None."""
+    def hit(self, req: GetRequest) -> msgspec.Raw | None:
+        """The answer if it is an L1 hit (the wrapper sends it inline), else None.
+
+        A hit too large to send raises 413 here, so the full path refuses it.
+        """
         if req.op != "recent" or self._stats["reconnects"] != self._reconnects:
             return None
         answer = self.store.recent(req.user_id, req.n, req.min_seq)
         if answer.__class__ is GetReply:
+            body = fit_reply(answer, "recent", self.rt.nc.max_payload)
             self._answered(req, answer)
-            return answer
+            return body
         return None
 
-    async def get(self, req: GetRequest) -> GetReply | msgspec.Raw:
+    async def get(self, req: GetRequest) -> msgspec.Raw:
         check_get(req)
         self._check_reconnected()
         if req.op == "recent":
             answer = self.store.recent(req.user_id, req.n, req.min_seq)
+            if (answer == BEHIND or answer == MISS) and self.gate.holds(req.user_id):
+                await self._events_checked()
+                answer = self.store.recent(req.user_id, req.n, req.min_seq)
             if answer.__class__ is GetReply:
+                body = fit_reply(answer, "recent", self.rt.nc.max_payload)
                 self._answered(req, answer)
-                return answer
+                return body
             reason = answer
         else:
             reason = SEARCH
@@ -113,7 +137,13 @@ class Sidecar:
         if reason == TOO_MANY or reason == SEARCH:
             # nothing to fill from: pass the lower tier's JSON through undecoded
             return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
-        return await self._fill(req)
+        try:
+            return fit_reply(await self._fill(req), "recent", self.rt.nc.max_payload)
+        except PayloadTooLarge:
+            if self.store.fill_size(req.n) == req.n:
+                raise
+            # The window a fill asks for is too big to send; what the caller asked may not be.
+            return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
 
     def _answered(self, req: GetRequest, answer: GetReply) -> None:
         self._hit.inc()
@@ -171,7 +201,51 @@ class Sidecar:
             log.warning("bad_change_event", subject=msg.subject, error=str(exc))
             self.store.drop(user)
             return
-        self.store.apply(ev)
+        if self.gate.admit(ev, self.store.matters(ev)):
+            self.store.apply(ev)
+        else:
+            self._check.set()
+
+    async def check_events(self) -> None:
+        """Check held events against the stream's last seq, one request at a time."""
+        while True:
+            await self._check.wait()
+            self._check.clear()
+            while self.gate.waiting:
+                number = self.gate.begin()
+                try:
+                    last = await stream.last_seq(self.rt.js)
+                except Exception as exc:  # noqa: BLE001 - no stream, no JetStream, no answer
+                    log.warning("change_events_unchecked", dropped=self.gate.fail(), error=repr(exc))
+                    self._lost("change_events_unchecked")
+                    self._wake(number)
+                    break
+                apply, refused = self.gate.settle(number, last)
+                for ev in apply:
+                    self.store.apply(ev)
+                for ev in refused:
+                    self._refused.inc()
+                    log.warning("change_event_beyond_log", user_id=ev.user_id, seq=ev.seq,
+                                last_seq=last, op=ev.op)
+                self._wake(number)
+
+    async def _events_checked(self) -> None:
+        """Wait (at most CHECK_WAIT_S) until every event held now has been checked."""
+        fut = asyncio.get_running_loop().create_future()
+        self._checked.append((self.gate.next_refresh, fut))
+        try:
+            await asyncio.wait_for(fut, CHECK_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+
+    def _wake(self, number: int) -> None:
+        waiting = self._checked
+        self._checked = []
+        for n, fut in waiting:
+            if n > number:
+                self._checked.append((n, fut))
+            elif not fut.done():
+                fut.set_result(None)
 
     async def on_evict(self, msg: Msg) -> None:
         try:

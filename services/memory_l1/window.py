@@ -8,7 +8,11 @@ change events, an event that makes no sense) drops the window instead; the
 next read refills it from L2. A window therefore may be behind, never wrong,
 and `min_seq` tells a read whether behind is good enough.
 
-Windows live in an LRU bounded by `max_users`. A forget leaves a tombstone (a
+Windows live in an LRU bounded by `max_users` and by `max_bytes`, the text
+bytes all windows hold together: a sidecar's memory must not depend on how
+long its users' messages are (10 windows of 64 KiB texts are 640 KiB, 50,000
+of them 32 GB). Either bound evicts whole windows, least recently used
+first; a window alone over `max_bytes` is not kept (and evicts nothing). A forget leaves a tombstone (a
 bounded LRU too) so that neither an L2 reply read before the forget nor a late
 event from before it brings the user back; fills in flight at a forget are
 voided, and a "first message" event older than any evicted tombstone is
@@ -31,12 +35,13 @@ TOO_MANY = "too_many"
 
 
 class Window:
-    __slots__ = ("seq", "messages", "complete")
+    __slots__ = ("seq", "messages", "complete", "bytes")
 
     def __init__(self, seq: int, messages: list[Message], complete: bool) -> None:
         self.seq = seq
         self.messages = messages  # oldest first, at most `size`
         self.complete = complete
+        self.bytes = sum(map(text_bytes, messages))  # counted against `max_bytes`
 
     def __repr__(self) -> str:
         return (f"Window(seq={self.seq}, complete={self.complete}, "
@@ -59,10 +64,12 @@ class WindowStore:
     """Windows of the users this sidecar serves, updated by change events and fills."""
 
     def __init__(self, size: int = 10, max_users: int = 50_000, *,
-                 max_buffered: int = 64) -> None:
+                 max_bytes: int = 256 * 1024 * 1024, max_buffered: int = 64) -> None:
         self.size = size
         self.max_users = max_users
+        self.max_bytes = max_bytes
         self.max_buffered = max_buffered
+        self.bytes = 0  # text bytes of every window held
         self._windows: OrderedDict[str, Window] = OrderedDict()
         self._tombstones: OrderedDict[str, int] = OrderedDict()
         self._fills: dict[str, list[Fill]] = {}
@@ -98,6 +105,11 @@ class WindowStore:
 
     # --- change events -------------------------------------------------------
 
+    def matters(self, ev: Changed) -> bool:
+        """Could applying `ev` change anything here? False: it is a no-op, whatever it says."""
+        user = ev.user_id
+        return ev.op == "forget" or ev.prev_seq == 0 or user in self._windows or user in self._fills
+
     def apply(self, ev: Changed) -> None:
         user = ev.user_id
         if ev.op == "forget":
@@ -129,18 +141,25 @@ class WindowStore:
         if w.seq >= ev.seq:
             return  # duplicate or old
         if not sane or ev.prev_seq != w.seq or (w.complete and ev.count != len(w.messages) + 1):
-            del self._windows[user]  # we missed something
+            self.drop(user)  # we missed something
             return
         msgs = w.messages
         msgs.append(msg)
+        grown = text_bytes(msg)
         if len(msgs) > self.size:
-            del msgs[0]
+            grown -= text_bytes(msgs.pop(0))
+        w.bytes += grown
+        self.bytes += grown
         w.seq = ev.seq
         w.complete = w.complete and ev.count <= self.size
+        if w.bytes > self.max_bytes:
+            self.drop(user)  # too big to keep at all: no reason to evict the others
+            return
         self._windows.move_to_end(user)
+        self._evict()
 
     def _forget(self, user: str, seq: int) -> None:
-        self._windows.pop(user, None)
+        self.drop(user)
         for fill in self._fills.get(user, ()):
             fill.void = True  # it may have read before the forget
         if self._tombstones.get(user, -1) < seq:
@@ -151,11 +170,14 @@ class WindowStore:
             self._floor = max(self._floor, gone)
 
     def drop(self, user_id: str) -> None:
-        self._windows.pop(user_id, None)
+        w = self._windows.pop(user_id, None)
+        if w is not None:
+            self.bytes -= w.bytes
 
     def clear(self) -> None:
         """Forget everything: events may have been lost (reconnect, slow consumer)."""
         self._windows.clear()
+        self.bytes = 0
         for fills in self._fills.values():
             for fill in fills:
                 fill.void = True
@@ -205,10 +227,26 @@ class WindowStore:
                 del self._fills[fill.user_id]
 
     def _put(self, user_id: str, w: Window) -> None:
+        self.drop(user_id)
+        if w.bytes > self.max_bytes:
+            return  # too big to keep at all: no reason to evict the others
         self._windows[user_id] = w
-        self._windows.move_to_end(user_id)
-        while len(self._windows) > self.max_users:
-            self._windows.popitem(last=False)
+        self.bytes += w.bytes
+        self._evict()
+
+    def _evict(self) -> None:
+        """Least recently used windows out until both bounds hold."""
+        windows = self._windows
+        while windows and (len(windows) > self.max_users or self.bytes > self.max_bytes):
+            _, w = windows.popitem(last=False)
+            self.bytes -= w.bytes
+
+
+def text_bytes(msg: Message) -> int:
+    """What a message costs against `max_bytes`: its text's UTF-8 bytes, as the
+    contract's text limit counts them (a lone surrogate, which no append stores but a
+    forged event may carry, must not raise here)."""
+    return len(msg.text.encode("utf-8", "surrogatepass"))
 
 
 def _by_seq(ev: Changed) -> int:

@@ -1,0 +1,148 @@
+"""The llm-broker's request rules (services/llm_broker/policy.py, shared/contract.py), pure:
+scopes, the configured bounds, and metric label values from a fixed set."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.llm_broker.policy import Config, check_request, exact_key, partition_key
+from shared import metrics
+from shared.contract import CompleteRequest, check_complete
+from shared.errors import BadRequest, PayloadTooLarge
+
+CONFIG = Config.load()
+MAX_PROMPT = 10_000
+
+
+def request(text: str = "How is the market in Oak Park?", *, user: str = "lead-1",
+            task: str = "market_context", scope: str = "global", history: list | None = None,
+            **extra) -> CompleteRequest:
+    body = {"task": task, "user_id": user, "model": "claude-haiku-4-5",
+            "system": "Summarise the local market.", "max_tokens": 150,
+            "messages": [*(history or []), {"role": "user", "content": text}],
+            "cache": {"volatility": "market_context", "mode": "semantic", "scope": scope}, **extra}
+    return msgspec.convert(body, CompleteRequest)
+
+
+HISTORY = [{"role": "user", "content": "I'm Ann, my budget is $400k and I'm divorcing."},
+           {"role": "assistant", "content": "Thanks Ann, noted."}]
+
+
+# --- scopes -------------------------------------------------------------------
+
+
+def test_global_scope_is_refused_for_a_task_not_listed_as_global():
+    with pytest.raises(BadRequest) as err:
+        check_request(CONFIG, request(task="intent"))
+    message = err.value.message
+    assert "'intent'" in message and "global_tasks" in message and "market_context" in message
+    assert "scope 'user'" in message  # says how to go on
+
+
+def test_global_scope_for_a_listed_task_is_accepted():
+    assert "market_context" in CONFIG.global_tasks
+    assert check_request(CONFIG, request()) == CONFIG.volatility["market_context"]
+
+
+def test_global_request_carrying_a_conversation_is_refused():
+    with pytest.raises(BadRequest, match="one message.*conversation"):
+        check_request(CONFIG, request(history=HISTORY))
+    check_request(CONFIG, request(history=HISTORY, scope="user"))  # the user's own cache may
+
+
+def test_no_task_may_be_global_unless_the_config_says_so():
+    bare = msgspec.structs.replace(CONFIG, global_tasks=[])
+    with pytest.raises(BadRequest, match=r"now: none"):
+        check_request(bare, request())
+
+
+@given(a=st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True),
+       b=st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True),
+       question=st.text(min_size=1, max_size=40).filter(str.strip))
+def test_global_keys_depend_on_the_shared_question_never_on_the_user(a, b, question):
+    first, second = request(question, user=a), request(question, user=b)
+    check_request(CONFIG, first)
+    assert partition_key(first) == partition_key(second)
+    assert exact_key(partition_key(first), first) == exact_key(partition_key(second), second)
+    if a != b:  # the same question in scope user: one partition per user
+        assert partition_key(request(question, user=a, scope="user")) != \
+            partition_key(request(question, user=b, scope="user"))
+
+
+def test_scope_user_still_requires_a_user_id():
+    body = msgspec.to_builtins(request(scope="user"))
+    del body["user_id"]
+    with pytest.raises(msgspec.ValidationError, match="user_id"):
+        msgspec.convert(body, CompleteRequest)
+
+
+# --- bounds -------------------------------------------------------------------
+
+
+def test_a_model_outside_the_allow_list_is_refused_naming_the_allowed_ones():
+    with pytest.raises(BadRequest) as err:
+        check_request(CONFIG, request(model="claude-mythical-9"))
+    assert "'claude-mythical-9'" in err.value.message
+    assert all(m in err.value.message for m in CONFIG.models)
+
+
+def test_max_tokens_over_the_cap_is_refused():
+    check_request(CONFIG, request(max_tokens=CONFIG.max_tokens))
+    with pytest.raises(BadRequest, match=f"limit is {CONFIG.max_tokens}"):
+        check_request(CONFIG, request(max_tokens=CONFIG.max_tokens + 1))
+
+
+def test_more_messages_than_the_cap_are_too_large():
+    turn = {"role": "user", "content": "ok"}  # the count is checked before the turns' order
+    check_request(CONFIG, request(history=[turn] * (CONFIG.max_messages - 1), scope="user"))
+    with pytest.raises(PayloadTooLarge, match=f"limit is {CONFIG.max_messages}"):
+        check_request(CONFIG, request(history=[turn] * CONFIG.max_messages, scope="user"))
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"name": "lookup", "description": "d" * MAX_PROMPT,
+                "input_schema": {"type": "object"}}]},
+    {"stop_sequences": ["s" * 2000] * 5},
+])
+def test_tools_and_stop_sequences_count_in_the_prompt_limit(extra):
+    req = request(**extra)
+    with pytest.raises(PayloadTooLarge, match="tools and stop_sequences"):
+        check_complete(req, MAX_PROMPT)
+    check_complete(req, MAX_PROMPT * 2)
+
+
+def test_lone_surrogates_in_tools_or_stop_sequences_are_bad_requests():
+    for extra in ({"tools": [{"name": "\ud800"}]}, {"stop_sequences": ["\udfff"]}):
+        with pytest.raises(BadRequest, match="lone surrogate"):
+            check_complete(request(**extra), MAX_PROMPT)
+
+
+def test_a_config_without_a_model_allow_list_does_not_load(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[volatility.static]\nttl_s = 1\n[prices.default]\n"
+                    "input = 1\noutput = 1\ncache_write = 1\ncache_read = 1\n")
+    with pytest.raises(msgspec.ValidationError, match="models"):
+        Config.load(path)
+
+
+# --- metric labels --------------------------------------------------------------
+
+
+def test_bounded_keeps_known_values_and_calls_the_rest_other():
+    assert metrics.bounded("l2", metrics.TIERS) == "l2"
+    assert metrics.bounded("l9", metrics.TIERS) == metrics.OTHER
+    assert metrics.bounded("", ()) == metrics.OTHER
+
+
+def test_task_bot_and_volatility_labels_come_from_the_config():
+    assert {CONFIG.task_label(t) for t in (*CONFIG.label_tasks, *CONFIG.global_tasks,
+                                           *CONFIG.tasks)} == {*CONFIG.label_tasks,
+                                                               *CONFIG.global_tasks, *CONFIG.tasks}
+    assert CONFIG.task_label("exfiltrate-0001") == "other"
+    assert CONFIG.bot_label(None) == "" and CONFIG.bot_label(CONFIG.bots[0]) == CONFIG.bots[0]
+    assert CONFIG.bot_label("bot-from-nowhere") == "other"
+    assert CONFIG.volatility_label("lead_intent") == "lead_intent"
+    assert CONFIG.volatility_label("weather") == "other"
