@@ -20,9 +20,9 @@ import pytest
 import redis.asyncio as aioredis
 from nats.js.errors import NotFoundError
 
-from shared import subjects
+from shared import permissions, subjects
 from tests.conftest import REPO, reset_servers, stack_processes
-from tests.helpers import call, client, ok
+from tests.helpers import call, client, identity_env, ok
 
 pytestmark = pytest.mark.e2e
 USERS, PER_USER = 50, 40
@@ -241,7 +241,8 @@ async def test_indexer_killed_mid_stream_leaves_every_message_exactly_once(stack
         await writer
         replacement = subprocess.Popen(
             [sys.executable, "-m", "services.l3_semantic_indexer"], cwd=REPO,
-            env={k: v for k, v in env.items() if k != "METRICS_PORT"},
+            env={**{k: v for k, v in env.items() if k != "METRICS_PORT"},
+                 **identity_env(env["NATS_URL"], permissions.L3_INDEXER)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             pg = await asyncpg.connect(env["DATABASE_URL"])

@@ -154,10 +154,12 @@ async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(mem
     assert (repaired["tier"], seqs(repaired)) == ("l2", real)
 
     # 3. A sidecar applies a forged change event: L1 serves a message the log does not have.
+    # (Its seq lies within the log, another user's: one beyond the log the sidecar refuses.)
     user = "lead-forged-event"
     real = [await append(nc, user, f"message {i}") for i in range(2)]
     assert seqs(await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})) == real
-    forged = Message(seq=real[-1] + 10_000, msg_id="forged", role="user", bot_id="x",
+    someone_elses = await append(nc, "lead-someone-else", "their message")
+    forged = Message(seq=someone_elses, msg_id="forged", role="user", bot_id="x",
                      text="forged", ts="2026-11-26T00:00:00Z")
     await nc.publish(subjects.changed_subject(user), encode(Changed(
         op="append", user_id=user, seq=forged.seq, prev_seq=real[-1], count=3, message=forged)))
