@@ -127,20 +127,21 @@ def role(name: str) -> Role:
 
 
 def nats_users(passwords: dict[str, str]) -> list[dict]:
-    """The `authorization.users` list of a nats-server config for these roles.
+    """The `authorization.users` list of a nats-server config for these roles (role -> password)."""
+    return [user_entry(name, password=password) for name, password in passwords.items()]
+
+
+def user_entry(name: str, *, password: str | None = None, nkey: str | None = None) -> dict:
+    """One `authorization.users` entry: role `name` with a password, or an nkey (its public key).
 
     Roles that answer requests get `allow_responses` (one reply per request,
     within the default expiry); admin gets everything.
     """
-    users = []
-    for name, password in passwords.items():
-        r = role(name)
-        entry: dict = {"user": name, "password": password}
-        if name != ADMIN:
-            perms: dict = {"publish": {"allow": list(r.publish)},
-                           "subscribe": {"allow": list(r.subscribe)}}
-            if r.serves:
-                perms["allow_responses"] = True
-            entry["permissions"] = perms
-        users.append(entry)
-    return users
+    r = role(name)
+    entry: dict = {"nkey": nkey} if nkey else {"user": name, "password": password}
+    if name != ADMIN:
+        perms: dict = {"publish": {"allow": list(r.publish)}, "subscribe": {"allow": list(r.subscribe)}}
+        if r.serves:
+            perms["allow_responses"] = True
+        entry["permissions"] = perms
+    return entry

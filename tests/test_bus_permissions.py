@@ -15,7 +15,7 @@ import contextlib
 
 import pytest
 
-from shared import bus, permissions, subjects
+from shared import bus, permissions, servers, subjects
 from tests.helpers import IDENTITIES, auth, client
 
 pytestmark = pytest.mark.usefixtures("locked")
@@ -169,3 +169,30 @@ async def test_each_service_role_is_refused_outside_its_job(nats_url, name):
             await nc.publish(subject, b"{}")
         await settle(nc)
     assert [s for s in FORBIDDEN_TO[name] if not seen.of("publish", s)] == []
+
+
+async def test_a_service_may_prove_its_identity_with_an_nkey_seed(tmp_path):
+    """NATS_NKEY_SEED: the server knows only the public key; permissions follow the role as with a password."""
+    import nacl.utils
+    import nkeys
+
+    seed = nkeys.encode_seed(nacl.utils.random(32), nkeys.PREFIX_BYTE_USER)
+    (tmp_path / "l1.nk").write_bytes(seed)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    server = servers.start_nats(tmp_path / "nats", die_with_parent=True,
+                                users=[permissions.user_entry(permissions.MEMORY_L1, nkey=public)])
+    try:
+        seen = Violations()
+        nc = await bus.connect(server.url, bus.BusAuth(nkey_seed=str(tmp_path / "l1.nk")),
+                               role=permissions.MEMORY_L1, error_cb=seen.on_error, allow_reconnect=False)
+        try:
+            await nc.subscribe(subjects.MEMORY_GET)
+            await nc.publish(subjects.MEMORY_APPEND, b"{}")
+            await settle(nc)
+        finally:
+            await nc.close()
+        assert seen.errors and seen.of("publish", subjects.MEMORY_APPEND) == seen.errors
+        with pytest.raises(bus.BusAuthError):
+            await bus.connect(server.url, bus.BusAuth(), connect_timeout=2)
+    finally:
+        server.stop()
