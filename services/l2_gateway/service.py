@@ -1,8 +1,21 @@
 """l2-gateway: the durable write path and the Redis tier.
 
-`memory.append`: validate, publish to the stream (`Nats-Msg-Id` = msg_id),
-reply only after the stream's ack; the applier puts it in Redis and
-broadcasts, and the reply waits (boundedly) for that so the next read hits L2.
+`memory.append`: validate, check the user's quota, publish to the stream
+(`Nats-Msg-Id` = a hash of user and msg_id, `stream.store`), reply only after
+the stream's ack; the applier puts it in Redis and broadcasts, and the reply
+waits (boundedly) for that so the next read hits L2. Appends are refused (503)
+while the stream is lost (`log_guard`).
+
+Quota: an append that would take the user's bytes in the log (each message as
+the stream stores it) past `MAX_USER_BYTES` gets 413 and stores nothing. The
+count is the applier's (`bytes` in the user's Redis hash: rebuilt with the
+windows, reset by forget) plus this replica's appends not yet applied, so it
+costs one HGET. It is exact for appends through one replica while the applier
+keeps up; it can be exceeded by appends in flight on other replicas and by
+ones not applied within `APPEND_APPLY_WAIT_S`, each at most the largest
+message (`MAX_TEXT_BYTES` plus ~200 bytes of envelope). With Redis down it is
+not checked (appends must still succeed) and a Redis rebuilt from the log
+counts from zero up until the applier caught up.
 `memory.forget`: purge the log, wipe Redis, ask L3 to drop the rows, tell
 every listener. `memory.l2.get`: recent n <= window from one Redis snapshot
 when it provably holds everything the request needs; anything else goes to L3.
@@ -21,12 +34,13 @@ from shared.contract import (
     AppendReply, AppendRequest, Changed, EvictReply, EvictRequest, ForgetReply, ForgetRequest,
     GetRequest, L3ForgetRequest, check_append, check_get, encode,
 )
-from shared.errors import Unavailable
+from shared.errors import PayloadTooLarge, Unavailable
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
 from .applier import Applier
+from .log_guard import LogGuard
 from .redis_window import RedisWindow, Snapshot
 
 log = structlog.get_logger()
@@ -36,14 +50,20 @@ APPEND_CONCURRENCY = 512
 
 async def build(rt: Runtime) -> None:
     settings = rt.settings
-    await stream.ensure_stream(rt.js, settings.stream_replicas)
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
                            health_check_interval=10)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     window = RedisWindow(redis, settings.l2_window)
-    applier = Applier(rt, window)
+    guard = LogGuard(rt.js, settings.stream_replicas, settings.memory_stream_reinit)
+    if await guard.open():
+        await window.wipe()  # its windows and position describe the lost stream
+    rt.ready_check("memory-stream", guard.ready)
+    rt.spawn(guard.watch(), "memory-stream-watch")
+    await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
+    applier = Applier(rt, window, guard)
     rt.spawn(applier.run(), "applier")
+    reserved: dict[str, int] = {}  # per user: bytes of this replica's appends not yet applied
     served = Served.from_settings(rt.nc, "l2-gateway", settings)
     rt.spawn(served.run(), "served-records")
     answered = metrics.answers.labels(TIER, "recent")
@@ -51,16 +71,41 @@ async def build(rt: Runtime) -> None:
 
     async def append(req: AppendRequest) -> AppendReply:
         entry = check_append(req, settings.max_text_bytes)
+        if guard.lost:
+            raise Unavailable(guard.lost)
+        payload = encode(entry)
+        size = len(payload)
+        await check_quota(req.user_id, size)
+        reserved[req.user_id] = reserved.get(req.user_id, 0) + size
         try:
-            ack = await stream.publish(rt.request_msg, subjects.log_subject(req.user_id), encode(entry),
-                                       req.msg_id, settings.request_timeout_s)
-        except (NatsTimeout, stream.PublishError) as exc:
-            raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
-                              "retry with the same msg_id, it is deduplicated") from None
-        if not ack.duplicate:
-            if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
-                log.warning("append_not_yet_in_l2", seq=ack.seq)
+            try:
+                ack = await stream.store(rt.request_msg, req.user_id, req.msg_id, payload,
+                                         settings.request_timeout_s)
+            except (NatsTimeout, stream.PublishError) as exc:
+                if await guard.check():
+                    raise Unavailable(guard.lost) from None
+                raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
+                                  "retry with the same msg_id, it is deduplicated") from None
+            if not ack.duplicate:
+                if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
+                    log.warning("append_not_yet_in_l2", seq=ack.seq)
+        finally:
+            left = reserved.pop(req.user_id) - size
+            if left:
+                reserved[req.user_id] = left
         return AppendReply(user_id=req.user_id, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def check_quota(user_id: str, size: int) -> None:
+        try:
+            stored = await window.stored_bytes(user_id)
+        except (RedisError, OSError) as exc:
+            log.warning("quota_not_checked", error=str(exc))
+            return
+        total = stored + reserved.get(user_id, 0) + size
+        if total > settings.max_user_bytes:
+            raise PayloadTooLarge(
+                f"this user's messages would take {total} bytes in the log; the limit is "
+                f"{settings.max_user_bytes} bytes per user (MAX_USER_BYTES); nothing was stored")
 
     async def get(req: GetRequest) -> L2Reply | msgspec.Raw:
         check_get(req)
@@ -87,6 +132,8 @@ async def build(rt: Runtime) -> None:
         return await rt.request(subjects.MEMORY_L3_GET, req, msgspec.Raw)
 
     async def forget(req: ForgetRequest) -> ForgetReply:
+        if guard.lost:
+            raise Unavailable(guard.lost)
         upto = await stream.last_seq(rt.js)
         purged = await stream.purge_user(rt.nc, req.user_id, upto + 1)
         await window.forget(req.user_id, upto)
