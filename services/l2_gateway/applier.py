@@ -65,6 +65,8 @@ PULL_MAX_BYTES = 8 << 20
 PULL_EXPIRES_S = 5.0  # an idle pull is renewed this often; no answer at all means it was lost
 ACK_WAIT_S = 60.0
 CONSUMER = "l2-gateway"
+# 409s that end one pull, not the consumer (any other status: make the consumer again).
+_PULL_OVER = ("Batch Completed", "Message Size Exceeds MaxBytes")
 _REPAIR = object()  # queued to wake the consumer for pending repairs
 
 
@@ -156,8 +158,8 @@ class LogPuller:
 
     def _status(self, msg) -> None:
         status, why = msg.headers.get("Status"), msg.headers.get("Description", "")
-        if status in ("404", "408") or (status == "409" and "MaxBytes" in why):
-            self._left = 0  # this pull is over (expired, or the next message did not fit)
+        if status in ("404", "408") or (status == "409" and why in _PULL_OVER):
+            self._left = 0  # this pull is over: expired, done, or the next message did not fit
         elif status != "100":  # 100: heartbeat
             raise ConsumerLost(f"{status} {why}")
 
