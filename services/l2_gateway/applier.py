@@ -70,8 +70,8 @@ _PULL_OVER = ("Batch Completed", "Message Size Exceeds MaxBytes")
 _REPAIR = object()  # queued to wake the consumer for pending repairs
 
 
-def _ack_tokens(reply: str) -> tuple[int, int]:
-    """A delivered message's (stream sequence, delivery count), read from its ack subject.
+def _stream_seq(reply: str) -> int:
+    """A delivered message's stream sequence, read from its ack subject.
 
     `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`,
     or with `<domain>.<account hash>` after `ACK` (and a token at the end) on
@@ -79,9 +79,7 @@ def _ack_tokens(reply: str) -> tuple[int, int]:
     datetime, ~3 % of the gateway's CPU under an append load.
     """
     tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[4])
-    return int(tokens[7]), int(tokens[6])
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
 def _settle(fut: asyncio.Future, applied: bool) -> None:
@@ -265,14 +263,14 @@ class Applier:
                 if msg is _REPAIR:
                     continue
                 last = msg
-                seq, _ = _ack_tokens(msg.reply)
+                seq = _stream_seq(msg.reply)
                 if seq <= self.position:
                     continue  # redelivered, or replayed after a consumer reset
                 entry = await self._check(msg, seq)
                 if entry is not None:
                     items.append((entry.user_id, entry.at(seq), len(msg.data)))
             if last is not None:
-                upto = _ack_tokens(last.reply)[0]
+                upto = _stream_seq(last.reply)
                 if upto > self.position:
                     await self._apply(items, upto)
                 await self.rt.nc.publish(last.reply, b"+ACK")  # AckAll: every message up to it

@@ -209,9 +209,12 @@ class RedisWindow:
         return bool(await self._call(self._rebuild, keys(user_id), last, count, self.window, size,
                                      *pairs))
 
-    async def stored_bytes(self, user_id: str) -> int:
-        """The user's bytes in the log as applied so far (0 for a user Redis does not know)."""
-        return int(await self.redis.hget(keys(user_id)[1], "bytes") or 0)
+    async def stored_bytes(self, user_ids: list[str]) -> list[int]:
+        """Each user's bytes in the log as applied so far (0 for a user Redis does not know)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hget(keys(user_id)[1], "bytes")
+        return [int(v or 0) for v in await pipe.execute()]
 
     async def wipe(self) -> None:
         """Drop every tiermem key: the applier then rebuilds clean windows from seq 1."""

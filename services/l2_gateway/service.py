@@ -4,21 +4,8 @@
 (`Nats-Msg-Id` = a hash of user and msg_id, `stream.store`), reply only after
 the stream's ack; the applier puts it in Redis and broadcasts, and the reply
 waits (boundedly) for that so the next read hits L2. Appends are refused (503)
-while the stream is lost (`log_guard`).
-
-Quota: an append that would take the user's bytes in the log (each message as
-the stream stores it) past `MAX_USER_BYTES` gets 413 and stores nothing. The
-count is the applier's (`bytes` in the user's Redis hash: rebuilt with the
-windows, reset by forget) plus this replica's appends not yet applied, so it
-costs one HGET. It is exact for appends through one replica while the applier
-keeps up; it can be exceeded by appends in flight on other replicas and by
-ones not applied within `APPEND_APPLY_WAIT_S`, each at most the largest
-message (`MAX_TEXT_BYTES` plus ~200 bytes of envelope). With Redis down it is
-not checked (appends must still succeed) and a Redis rebuilt from the log
-counts from zero up until the applier caught up.
-`memory.forget`: purge the log, wipe Redis, ask L3 to drop the rows, tell
-every listener. `memory.l2.get`: recent n <= window from one Redis snapshot
-when it provably holds everything the request needs; anything else goes to L3.
+while the stream is lost (`log_guard`); the per-user quota on bytes in the
+log is `quota`'s.
 """
 
 from __future__ import annotations
@@ -34,13 +21,14 @@ from shared.contract import (
     AppendReply, AppendRequest, Changed, EvictReply, EvictRequest, ForgetReply, ForgetRequest,
     GetRequest, L3ForgetRequest, check_append, check_get, encode,
 )
-from shared.errors import PayloadTooLarge, Unavailable
+from shared.errors import Unavailable
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
 from .applier import Applier
 from .log_guard import LogGuard
+from .quota import Quota
 from .redis_window import RedisWindow, Snapshot
 
 log = structlog.get_logger()
@@ -63,7 +51,7 @@ async def build(rt: Runtime) -> None:
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     applier = Applier(rt, window, guard)
     rt.spawn(applier.run(), "applier")
-    reserved: dict[str, int] = {}  # per user: bytes of this replica's appends not yet applied
+    quota = Quota(window, settings.max_user_bytes)
     served = Served.from_settings(rt.nc, "l2-gateway", settings)
     rt.spawn(served.run(), "served-records")
     answered = metrics.answers.labels(TIER, "recent")
@@ -75,8 +63,7 @@ async def build(rt: Runtime) -> None:
             raise Unavailable(guard.lost)
         payload = encode(entry)
         size = len(payload)
-        await check_quota(req.user_id, size)
-        reserved[req.user_id] = reserved.get(req.user_id, 0) + size
+        await quota.admit(req.user_id, size)
         try:
             try:
                 ack = await stream.store(rt.request_msg, req.user_id, req.msg_id, payload,
@@ -90,22 +77,8 @@ async def build(rt: Runtime) -> None:
                 if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
                     log.warning("append_not_yet_in_l2", seq=ack.seq)
         finally:
-            left = reserved.pop(req.user_id) - size
-            if left:
-                reserved[req.user_id] = left
+            quota.release(req.user_id, size)
         return AppendReply(user_id=req.user_id, seq=ack.seq, duplicate=bool(ack.duplicate))
-
-    async def check_quota(user_id: str, size: int) -> None:
-        try:
-            stored = await window.stored_bytes(user_id)
-        except (RedisError, OSError) as exc:
-            log.warning("quota_not_checked", error=str(exc))
-            return
-        total = stored + reserved.get(user_id, 0) + size
-        if total > settings.max_user_bytes:
-            raise PayloadTooLarge(
-                f"this user's messages would take {total} bytes in the log; the limit is "
-                f"{settings.max_user_bytes} bytes per user (MAX_USER_BYTES); nothing was stored")
 
     async def get(req: GetRequest) -> L2Reply | msgspec.Raw:
         check_get(req)
