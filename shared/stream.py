@@ -244,7 +244,8 @@ async def user_log(nc: NATS, user_id: str, from_seq: int = 1,
     2.11+; the stream's per-subject index finds the user's messages however
     many other users there are), ~2 ms for 40 messages where an ordered
     consumer took ~5 ms. Older servers answer a batch with a single message;
-    then an ephemeral ordered consumer reads the log instead.
+    then an ephemeral ordered consumer reads the log instead. Messages the
+    applier would dead-letter are left out.
     """
     subject = subjects.log_subject(user_id)
     out: list[Logged] = []
@@ -281,10 +282,22 @@ async def _direct_batch(nc: NATS, subject: str, from_seq: int,
                 raise RuntimeError(f"direct get failed: {status} {headers}")
             if "Nats-Num-Pending" not in headers:
                 return None, False  # a server without batched direct get
-            page.append(Logged(int(headers["Nats-Sequence"]),
-                               _unix(headers["Nats-Time-Stamp"]), _log_entry.decode(msg.data)))
+            entry = _usable(subject, msg.data)
+            if entry is not None:
+                page.append(Logged(int(headers["Nats-Sequence"]), _unix(headers["Nats-Time-Stamp"]),
+                                   entry))
     finally:
         await sub.unsubscribe()
+
+
+def _usable(subject: str, data: bytes) -> LogEntry | None:
+    """The log entry, or None for one a consumer dead-letters (not JSON of an entry, or
+    of another user than the subject's): readers of the log skip what was never applied."""
+    try:
+        entry = _log_entry.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return entry if subjects.log_subject(entry.user_id) == subject else None
 
 
 def _unix(stamp: str) -> float:
@@ -310,7 +323,9 @@ async def _ordered_read(js: JetStreamContext, subject: str, from_seq: int,
             msg = await sub.next_msg(timeout=timeout)
             meta = msg.metadata
             seq = meta.sequence.stream
-            out.append(Logged(seq, meta.timestamp.timestamp(), _log_entry.decode(msg.data)))
+            entry = _usable(subject, msg.data)
+            if entry is not None:
+                out.append(Logged(seq, meta.timestamp.timestamp(), entry))
             if seq >= last or meta.num_pending == 0:
                 return out
     finally:

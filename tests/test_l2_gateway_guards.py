@@ -125,6 +125,10 @@ async def test_poison_log_messages_are_dead_lettered_and_later_ones_still_applie
     reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "victim", "min_seq": seq})
     assert reply["tier"] == "l2" and [m["msg_id"] for m in reply["messages"]] == ["victim-0"]
     assert (await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "other"}))["messages"] == []
+    # readers of the log skip the poison too: a repair rebuilds the window without it
+    evicted = await ok(nc, subjects.MEMORY_L2_EVICT, {"user_id": "victim", "reason": "stale"})
+    assert evicted == {"user_id": "victim", "evicted": True}
+    assert [m.entry.msg_id for m in await stream.user_log(nc, "victim")] == ["victim-0"]
 
     assert (await js.stream_info(subjects.DEAD_LETTER_STREAM)).state.messages == 2
     dead = [await js.get_msg(subjects.DEAD_LETTER_STREAM, s) for s in (1, 2)]
