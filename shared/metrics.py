@@ -67,5 +67,8 @@ audit_stale_rate = Gauge("tiermem_audit_stale_rate", "Stale share of audited mem
                          ["tier"])
 audit_false_hit_rate = Gauge("tiermem_audit_false_hit_rate",
                              "Wrong share of audited LLM cache hits", ["volatility", "task"])
+dead_lettered = Counter("tiermem_log_dead_lettered",
+                        "Log messages a consumer could not use, copied to the dead-letter stream",
+                        ["consumer", "reason"])
 served_dropped = Counter("tiermem_served_records_dropped",
                          "Served records shed because the publish queue was full", ["service"])

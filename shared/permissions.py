@@ -30,6 +30,7 @@ from shared import subjects
 S = subjects
 STREAM = S.STREAM
 DEAD = S.DEAD_LETTER_STREAM
+STATE = f"KV_{S.STATE_BUCKET}"
 _DISCOVERY = ("$SRV.PING", "$SRV.PING.>", "$SRV.INFO", "$SRV.INFO.>", "$SRV.STATS", "$SRV.STATS.>")
 _SERVE = ("$SRV.>",)  # a service answers the service API (nats.micro subscribes to $SRV.*)
 
@@ -92,14 +93,17 @@ ROLES: dict[str, Role] = {r.name: r for r in (
                   S.audit_served(L2_GATEWAY), f"{S.DEAD_LETTER_PREFIX}.{L2_GATEWAY}",
                   *_stream_reader(),
                   f"$JS.API.STREAM.CREATE.{STREAM}", f"$JS.API.STREAM.PURGE.{STREAM}",
+                  f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*",  # the applier's pull consumer
                   f"$JS.API.STREAM.INFO.{DEAD}", f"$JS.API.STREAM.CREATE.{DEAD}",
+                  # the marker of the MEMORY stream it owns (services.l2_gateway.log_guard)
+                  f"$JS.API.STREAM.INFO.{STATE}", f"$JS.API.STREAM.CREATE.{STATE}",
+                  f"$JS.API.DIRECT.GET.{STATE}.>", f"$KV.{S.STATE_BUCKET}.>",
                   f"$JS.ACK.{STREAM}.>"),
          subscribe=(S.MEMORY_APPEND, S.MEMORY_FORGET, S.MEMORY_L2_GET, S.MEMORY_L2_EVICT,
                     *_SERVE, _inbox(L2_GATEWAY))),
     Role(L3_INDEXER,
          publish=(S.audit_served(L3_INDEXER), f"{S.DEAD_LETTER_PREFIX}.{L3_INDEXER}",
                   *_stream_reader(S.L3_CONSUMER),
-                  f"$JS.API.STREAM.CREATE.{STREAM}",
                   f"$JS.API.STREAM.INFO.{DEAD}", f"$JS.API.STREAM.CREATE.{DEAD}",
                   f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{S.L3_CONSUMER}",
                   f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{S.L3_CONSUMER}",

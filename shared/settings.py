@@ -44,6 +44,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_text_bytes: int = 65536
     stream_replicas: int = 1
     append_apply_wait_s: float = 0.5  # how long an append waits for Redis before replying
+    max_user_bytes: int = 64 << 20  # a user's stored bytes in the log; an append past it gets 413
+    memory_stream_reinit: str = ""  # the lost MEMORY incarnation to replace with an empty stream
 
     l1_id: str = ""
     l1_window: int = 10

@@ -3,33 +3,59 @@
 Both the l2-gateway (writer) and the l3-semantic-indexer (durable consumer)
 call `ensure_stream` at start-up, so either may start first. The stream is the
 source of truth: an append is acknowledged only after the stream stored it.
-Message ids (`Nats-Msg-Id` = the client's `msg_id`) are deduplicated by the
-stream within its duplicate window.
+Each stream created here carries a random incarnation id in its metadata, so
+the gateway can tell the stream it has always written to from an empty one
+created in its place (`services.l2_gateway.log_guard`).
+
+Message ids are per user: `Nats-Msg-Id` is a hash of (user_id, msg_id), which
+the stream deduplicates within its duplicate window (`store` also stores a
+message again whose earlier copy was forgotten).
+
+Log messages a consumer cannot use go, with why, to the dead-letter stream
+`MEMORY_DEAD` (`dead_letter`), rather than stopping the consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
 import msgspec
+import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig,
+    StreamInfo,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from shared import subjects
 from shared.contract import LogEntry
 
+log = structlog.get_logger()
+
 DUPLICATE_WINDOW_S = 2 * 3600
+INCARNATION = "tiermem_incarnation"  # stream metadata key: which MEMORY this is
+DEAD_LETTER_MAX_AGE_S = 14 * 86400
+DEAD_LETTER_MAX_BYTES = 1 << 30
 
 
-async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> None:
+async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> StreamInfo:
+    """The MEMORY stream's info; created (with a fresh incarnation id) if there is none."""
+    try:
+        return await js.stream_info(subjects.STREAM)
+    except NotFoundError:
+        return await create_stream(js, replicas)
+
+
+async def create_stream(js: JetStreamContext, replicas: int = 1) -> StreamInfo:
+    """Create MEMORY; if another replica just did, its stream is the one returned."""
     config = StreamConfig(
         name=subjects.STREAM,
         subjects=[subjects.LOG_ALL],
@@ -39,37 +65,57 @@ async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> None:
         duplicate_window=DUPLICATE_WINDOW_S,
         num_replicas=replicas,
         allow_direct=True,
+        metadata={INCARNATION: uuid.uuid4().hex},
     )
     try:
-        await js.stream_info(subjects.STREAM)
-    except NotFoundError:
-        await js.add_stream(config)
+        return await js.add_stream(config)
+    except BadRequestError:  # "stream name already in use": a replica won the race
+        return await js.stream_info(subjects.STREAM)
 
 
-DEAD_LETTER_MAX_AGE_S = 14 * 24 * 3600
+async def wait_for_stream(js: JetStreamContext, poll_s: float = 0.5) -> StreamInfo:
+    """The MEMORY stream's info once it exists. For consumers: only the l2-gateway creates the
+    stream, so a consumer never recreates a log that was lost (the gateway fails closed then)."""
+    logged = False
+    while True:
+        try:
+            return await js.stream_info(subjects.STREAM)
+        except NotFoundError:
+            if not logged:
+                log.info("waiting_for_memory_stream", note="the l2-gateway creates it")
+                logged = True
+            await asyncio.sleep(poll_s)
+
+
+def incarnation(info: StreamInfo) -> str:
+    """Which MEMORY stream this is: the id it was created with (kept by backup and
+    restore, which restore the config), or its creation time for a stream made
+    before ids existed."""
+    meta = info.config.metadata or {}
+    return meta.get(INCARNATION) or f"created-{info.created.isoformat() if info.created else '?'}"
 
 
 async def ensure_dead_letter_stream(js: JetStreamContext, replicas: int = 1) -> None:
-    """The stream `MEMORY_DEAD` that keeps what a consumer of the log could not use.
-
-    A log message that cannot be decoded, or whose subject is not its user's,
-    is published to `memory.deadletter.<service>` and acknowledged on `MEMORY`,
-    so that one bad message neither stops a consumer nor is lost for the
-    operator: it stays here 14 days. The gateway and the indexer both call
-    this at start-up, with the same config, so either may start first.
-    """
-    config = StreamConfig(
-        name=subjects.DEAD_LETTER_STREAM,
-        subjects=[subjects.DEAD_LETTER_PREFIX + ".>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=DEAD_LETTER_MAX_AGE_S,
-        num_replicas=replicas,
-    )
+    """`MEMORY_DEAD` keeps what consumers dead-lettered for two weeks (at most 1 GiB, oldest
+    dropped first): long enough for an operator to look, bounded because poison can be large."""
     try:
         await js.stream_info(subjects.DEAD_LETTER_STREAM)
     except NotFoundError:
-        await js.add_stream(config)
+        await js.add_stream(StreamConfig(
+            name=subjects.DEAD_LETTER_STREAM, subjects=[f"{subjects.DEAD_LETTER_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD, max_age=DEAD_LETTER_MAX_AGE_S,
+            max_bytes=DEAD_LETTER_MAX_BYTES, num_replicas=replicas))
+
+
+async def dead_letter(request: Callable[..., Awaitable[Msg]], consumer: str, subject: str,
+                      seq: int, payload: bytes, reason: str, timeout: float) -> PubAck:
+    """Keep a log message `consumer` could not use on `memory.deadletter.<consumer>`, with
+    where it came from and why in headers; re-sending the same seq is deduplicated."""
+    headers = {"Nats-Msg-Id": f"{consumer}:{seq}", "Tiermem-Subject": subject,
+               "Tiermem-Seq": str(seq), "Tiermem-Reason": reason[:500]}
+    return await _publish(request, f"{subjects.DEAD_LETTER_PREFIX}.{consumer}", payload,
+                          headers, timeout)
 
 
 async def last_seq(js: JetStreamContext) -> int:
@@ -118,6 +164,52 @@ class PubAck(msgspec.Struct):
 _pub_ack = msgspec.json.Decoder(PubAck)
 
 
+def dedupe_id(user_id: str, msg_id: str, salt: int = 0) -> str:
+    """The `Nats-Msg-Id` of a user's `msg_id`: unique per user, not per stream.
+
+    A hash keeps it short and free of characters headers dislike; user ids
+    cannot hold a newline, so the input is unambiguous. `salt` is the seq of a
+    forgotten copy (see `store`).
+    """
+    key = f"{user_id}\n{msg_id}" if not salt else f"{user_id}\n{msg_id}\n{salt}"
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+async def store(request: Callable[..., Awaitable[Msg]], user_id: str, msg_id: str,
+                payload: bytes, timeout: float) -> PubAck:
+    """Store a user's message once per (user, msg_id), as long as the log holds it.
+
+    The stream remembers ids for its duplicate window even after `memory.forget`
+    purged the message, and would answer a re-append "duplicate" of a seq that
+    holds nothing. So a duplicate's seq is checked (one direct get; duplicates
+    are rare): if it was purged, the message is published again under an id
+    salted by that seq, which a retry of the re-append computes the same way and
+    so still deduplicates. Forgotten again, the chain takes one more hop; it ends
+    because each hop lands on a later seq.
+    """
+    subject = subjects.log_subject(user_id)
+    salt = 0
+    while True:
+        ack = await publish(request, subject, payload, dedupe_id(user_id, msg_id, salt), timeout)
+        if not ack.duplicate or await holds(request, ack.seq, subject, timeout):
+            return ack
+        salt = ack.seq
+
+
+async def holds(request: Callable[..., Awaitable[Msg]], seq: int, subject: str,
+                timeout: float) -> bool:
+    """Does the stream still hold a message on `subject` at `seq` (not purged)?"""
+    msg = await request(f"$JS.API.DIRECT.GET.{subjects.STREAM}", msgspec.json.encode({"seq": seq}),
+                        timeout=timeout)
+    headers = msg.headers or {}
+    status = headers.get("Status")
+    if status == "404":
+        return False
+    if status:
+        raise PublishError(f"direct get of seq {seq} failed: {status} {headers.get('Description', '')}")
+    return headers.get("Nats-Subject") == subject
+
+
 async def publish(request: Callable[..., Awaitable[Msg]], subject: str, payload: bytes,
                   msg_id: str, timeout: float) -> PubAck:
     """Store one message in the stream (deduplicated on `msg_id`) and return its ack.
@@ -127,8 +219,13 @@ async def publish(request: Callable[..., Awaitable[Msg]], subject: str, payload:
     `nc.request` or `Runtime.request_msg`. Raises PublishError, or nats'
     TimeoutError when the stream did not answer.
     """
+    return await _publish(request, subject, payload, {"Nats-Msg-Id": msg_id}, timeout)
+
+
+async def _publish(request: Callable[..., Awaitable[Msg]], subject: str, payload: bytes,
+                   headers: dict[str, str], timeout: float) -> PubAck:
     try:
-        msg = await request(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=timeout)
+        msg = await request(subject, payload, headers=headers, timeout=timeout)
     except NoRespondersError:
         raise PublishError(f"no stream listens on {subject}") from None
     try:
@@ -164,7 +261,8 @@ async def user_log(nc: NATS, user_id: str, from_seq: int = 1,
     2.11+; the stream's per-subject index finds the user's messages however
     many other users there are), ~2 ms for 40 messages where an ordered
     consumer took ~5 ms. Older servers answer a batch with a single message;
-    then an ephemeral ordered consumer reads the log instead.
+    then an ephemeral ordered consumer reads the log instead. Messages the
+    applier would dead-letter are left out.
     """
     subject = subjects.log_subject(user_id)
     out: list[Logged] = []
@@ -201,10 +299,22 @@ async def _direct_batch(nc: NATS, subject: str, from_seq: int,
                 raise RuntimeError(f"direct get failed: {status} {headers}")
             if "Nats-Num-Pending" not in headers:
                 return None, False  # a server without batched direct get
-            page.append(Logged(int(headers["Nats-Sequence"]),
-                               _unix(headers["Nats-Time-Stamp"]), _log_entry.decode(msg.data)))
+            entry = _usable(subject, msg.data)
+            if entry is not None:
+                page.append(Logged(int(headers["Nats-Sequence"]), _unix(headers["Nats-Time-Stamp"]),
+                                   entry))
     finally:
         await sub.unsubscribe()
+
+
+def _usable(subject: str, data: bytes) -> LogEntry | None:
+    """The log entry, or None for one a consumer dead-letters (not JSON of an entry, or
+    of another user than the subject's): readers of the log skip what was never applied."""
+    try:
+        entry = _log_entry.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return entry if subjects.log_subject(entry.user_id) == subject else None
 
 
 def _unix(stamp: str) -> float:
@@ -230,7 +340,9 @@ async def _ordered_read(js: JetStreamContext, subject: str, from_seq: int,
             msg = await sub.next_msg(timeout=timeout)
             meta = msg.metadata
             seq = meta.sequence.stream
-            out.append(Logged(seq, meta.timestamp.timestamp(), _log_entry.decode(msg.data)))
+            entry = _usable(subject, msg.data)
+            if entry is not None:
+                out.append(Logged(seq, meta.timestamp.timestamp(), entry))
             if seq >= last or meta.num_pending == 0:
                 return out
     finally:

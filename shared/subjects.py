@@ -23,6 +23,7 @@ Internal:
     memory.l2.evict          freshness-auditor -> l2-gateway: drop a user's Redis window
     llm.verdict              freshness-auditor -> llm-broker: an audited hit was right/wrong
     memory.deadletter.<svc>  JetStream stream MEMORY_DEAD: log messages a consumer could not use
+    $KV.tiermem_state.<key>  JetStream KV bucket tiermem_state: which MEMORY stream the gateway owns
 
 Who may publish and subscribe to each subject: `shared.permissions`.
 """
@@ -55,6 +56,7 @@ FORGOTTEN_PREFIX = "memory.forgotten"
 FORGOTTEN_ALL = f"{FORGOTTEN_PREFIX}.*"
 DEAD_LETTER_STREAM = "MEMORY_DEAD"
 DEAD_LETTER_PREFIX = "memory.deadletter"
+STATE_BUCKET = "tiermem_state"  # KV bucket (stream KV_tiermem_state) of the l2-gateway
 
 # Durable JetStream consumer of the indexer; shared by all its replicas.
 L3_CONSUMER = "l3-semantic-indexer"

@@ -144,12 +144,12 @@ async def test_not_ready_when_nats_goes_away(tmp_path, redis_url, database_url):
         own_nats.stop()
 
 
-async def test_l2_gateway_registers_redis_and_serves_metrics(clean_state):
+async def test_l2_gateway_registers_redis_and_its_stream_and_serves_metrics(clean_state):
     port = servers.free_port()
     async with running("l2-gateway", l2_build, clean_state, metrics_port=port):
         ready = await get(port, "/readyz")
         assert ready.status_code == 200, ready.text
-        assert set(ready.json()["checks"]) == {"nats", "redis"}
+        assert set(ready.json()["checks"]) == {"nats", "redis", "memory-stream"}
         scrape = await get(port, "/metrics")
         assert scrape.status_code == 200
         assert scrape.headers["content-type"].startswith("text/plain")

@@ -7,11 +7,14 @@ prove which requests L2 answers itself and which it passes down.
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from shared import servers, subjects
+from shared import servers, stream, subjects
 from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest
 from services.l2_gateway.service import build
 from tests.helpers import call, client, ok, running
@@ -74,6 +77,48 @@ async def test_resent_msg_id_is_stored_once_and_reported_duplicate(gateway):
     assert again == {"user_id": "lead-2", "seq": first["seq"], "duplicate": True}
     reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-2", "n": 10})
     assert len(reply["messages"]) == 1
+
+
+_runs = itertools.count()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(sends=[(0, "1"), (1, "1"), (2, "1"), (1, "2"), (0, "2"), (1, "1")])
+@given(sends=st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["1", "2", "3", "m-1"])),
+                      min_size=1, max_size=16))
+async def test_users_with_colliding_msg_ids_keep_all_their_messages(gateway, sends):
+    """Per-user id spaces: whatever ids users share, each (user, msg_id) is stored once."""
+    nc, _ = gateway
+    run = next(_runs)  # fresh users per example: the stream is not reset between them
+    users = [f"u{run}-{i}" for i in range(3)]
+    first: dict[tuple[str, str], int] = {}
+    for who, msg_id in sends:
+        user = users[who]
+        reply = await ok(nc, subjects.MEMORY_APPEND, {"user_id": user, "bot_id": "b", "role": "user",
+                                                      "text": f"{msg_id} from {user}", "msg_id": msg_id})
+        key = (user, msg_id)
+        assert reply["duplicate"] is (key in first)
+        assert reply["seq"] == first.setdefault(key, reply["seq"])
+    for user in users:
+        stored = [(m.entry.msg_id, m.entry.text) for m in await stream.user_log(nc, user)]
+        expected = [(m, f"{m} from {u}") for (u, m) in first if u == user]
+        assert stored == expected
+
+
+async def test_reappend_after_forget_stores_again_and_its_resend_is_a_duplicate(gateway):
+    nc, _ = gateway
+    body = append_body("lead-f", 1)
+    before = await ok(nc, subjects.MEMORY_APPEND, body)
+    for _ in range(2):  # the second forget makes the salted id chain one hop longer
+        await ok(nc, subjects.MEMORY_FORGET, {"user_id": "lead-f"})
+        again = await ok(nc, subjects.MEMORY_APPEND, body)
+        assert again["duplicate"] is False and again["seq"] > before["seq"]
+        resent = await ok(nc, subjects.MEMORY_APPEND, body)
+        assert resent == {"user_id": "lead-f", "seq": again["seq"], "duplicate": True}
+        assert [m.seq for m in await stream.user_log(nc, "lead-f")] == [again["seq"]]
+        window = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-f", "min_seq": again["seq"]})
+        assert window["tier"] == "l2" and [m["msg_id"] for m in window["messages"]] == ["lead-f-1"]
+        before = again
 
 
 async def test_window_is_capped_and_longer_reads_go_to_l3(gateway):

@@ -20,6 +20,7 @@ from tests.helpers import call, client, ok, running
 @pytest.fixture
 async def l3(clean_state):
     async with client(clean_state["NATS_URL"]) as nc:
+        await stream.ensure_stream(nc.jetstream())  # the gateway's job; the indexer only waits for it
         async with running("l3-semantic-indexer", build, {**clean_state, "LOG_LEVEL": "warning"}):
             yield nc
 
@@ -39,8 +40,8 @@ async def append(nc, user: str, i: int, text: str | None = None) -> int:
 
 
 def rejected(reason: str) -> float:
-    return REGISTRY.get_sample_value("tiermem_rejected_messages_total",
-                                     {"service": "l3-semantic-indexer", "reason": reason}) or 0.0
+    return REGISTRY.get_sample_value("tiermem_log_dead_lettered_total",
+                                     {"consumer": "l3-semantic-indexer", "reason": reason}) or 0.0
 
 
 async def test_poison_on_the_log_is_dead_lettered_and_the_messages_after_it_are_indexed(l3):

@@ -150,8 +150,8 @@ async def append(nc, text: str, msg_id: str) -> int:
 async def test_no_user_id_or_text_in_any_log_line_or_span(clean_state, simulator, spans, capsys):
     env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
     settings = {"pii_hash_key": KEY, "served_flush_s": 0.02, "audit_sample_rate": 1.0}
-    async with running("l3-semantic-indexer", build_l3, env, **settings), \
-            running("l2-gateway", build_l2, env, **settings), \
+    async with running("l2-gateway", build_l2, env, **settings), \
+            running("l3-semantic-indexer", build_l3, env, **settings), \
             running("memory-l1", build_l1, env, **settings), \
             running("llm-broker", build_broker, env, **settings), \
             running("freshness-auditor", build_auditor, env, **settings):
@@ -197,8 +197,8 @@ async def test_a_malformed_change_events_log_line_names_its_user_by_ref(clean_st
 
 
 async def test_raw_ids_for_local_debugging_show_the_id_but_never_the_text(clean_state, capsys):
-    async with running("l3-semantic-indexer", build_l3, clean_state, pii_raw_ids=True), \
-            running("l2-gateway", build_l2, clean_state, pii_raw_ids=True):
+    async with running("l2-gateway", build_l2, clean_state, pii_raw_ids=True), \
+            running("l3-semantic-indexer", build_l3, clean_state, pii_raw_ids=True):
         async with client(clean_state["NATS_URL"]) as nc:
             await append(nc, f"my {SECRET} budget", "m0")
             await ok(nc, subjects.MEMORY_FORGET, {"user_id": USER})

@@ -43,8 +43,8 @@ async def lookup(nc, body: dict, spans):
 
 async def test_a_lookup_is_one_trace_across_l1_l2_l3(clean_state, spans):
     env = clean_state
-    async with running("l3-semantic-indexer", build_l3, env), \
-            running("l2-gateway", build_l2, env), \
+    async with running("l2-gateway", build_l2, env), \
+            running("l3-semantic-indexer", build_l3, env), \
             running("memory-l1", build_l1, env):
         async with client(env["NATS_URL"]) as nc:
             last = 0

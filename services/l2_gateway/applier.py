@@ -1,10 +1,34 @@
 """Applies the durable log to Redis, in order, and tells the other tiers.
 
-Every gateway replica reads the whole stream with an ordered consumer starting
-after Redis's `tm:applied` position, applies messages in batches (one
-pipelined round trip per batch), advances the position, broadcasts
+Every gateway replica reads the whole stream with a pull consumer of its own
+starting after Redis's `tm:applied` position, applies messages in batches (one
+pipelined round trip per batch), advances the position, acks, broadcasts
 `memory.changed.<user>` for each message it was first to apply, and wakes the
 appends waiting for their message to reach Redis.
+
+Bounded backlog: the consumer is pulled one batch at a time (`MAX_BATCH`
+messages, at most `PULL_MAX_BYTES`), the next pull going out while a batch is
+applied, so the process holds at most two batches: 1,024 messages and 16 MiB,
+whatever the backlog in the stream (it stays there, on disk). The server
+enforces the same bound (`max_ack_pending` = two batches; each batch is acked,
+`AckAll`, once applied). Why two batches of 512: batches grow with the load,
+one in flight and one arriving keeps Redis busy without waiting for a pull's
+round trip, and 512 is where a batch's pipeline already amortises its round
+trip (`MAX_BATCH` was measured before). The push consumer this replaces
+handed every message to an unbounded queue: a replica that fell behind
+(Redis slow, catching up after an outage) held the whole backlog in memory.
+
+Order: one pull at a time, in stream order; redeliveries and replays are
+skipped by seq, and Redis's per-user guard makes any re-apply harmless. After
+a reconnect (deliveries in flight may be lost), a pull that got no answer, or
+a consumer the server lost, the consumer is made again from the position.
+
+Defence in depth: a message whose JSON is not a log entry, or whose subject is
+not its `user_id`'s (`memory.log.<user>`; nothing but this gateway may
+publish there, but a bug or an operator could), is copied with why to the
+dead-letter stream (`memory.deadletter.l2-gateway`), logged and counted, and
+skipped: one bad message must not stop every user's writes (it used to crash
+the applier on every restart).
 
 Redis down: the batch is retried with backoff, the stream keeps everything,
 nothing is skipped; appends still succeed (they stop waiting after a bound).
@@ -17,22 +41,32 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import uuid
 
 import msgspec
 import structlog
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.errors import Error as NatsError, TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from redis.exceptions import RedisError
 
-from shared import stream, subjects
+from shared import metrics, stream, subjects
 from shared.contract import Changed, LogEntry, Message, encode
 from shared.service import Runtime
 from shared.telemetry import tracer
 
+from .log_guard import LogGuard
 from .redis_window import RedisWindow
 
 log = structlog.get_logger()
 _entry = msgspec.json.Decoder(LogEntry)
 MAX_BATCH = 512
+MAX_ACK_PENDING = 2 * MAX_BATCH
+PULL_MAX_BYTES = 8 << 20
+PULL_EXPIRES_S = 5.0  # an idle pull is renewed this often; no answer at all means it was lost
+ACK_WAIT_S = 60.0
+CONSUMER = "l2-gateway"
+# 409s that end one pull, not the consumer (any other status: make the consumer again).
+_PULL_OVER = ("Batch Completed", "Message Size Exceeds MaxBytes")
 _REPAIR = object()  # queued to wake the consumer for pending repairs
 
 
@@ -53,19 +87,104 @@ def _settle(fut: asyncio.Future, applied: bool) -> None:
         fut.set_result(applied)
 
 
+class ConsumerLost(Exception):
+    """The pull consumer cannot be trusted to deliver every message in order any more."""
+
+
+class LogPuller:
+    """This replica's pull consumer on the whole log, from a seq on, one batch at a time."""
+
+    def __init__(self, rt: Runtime, start_seq: int) -> None:
+        self.rt = rt
+        self.start_seq = start_seq
+        # Bounded by the pulls: at most one pull's messages, plus wake-up markers.
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.name = f"{CONSUMER}-{uuid.uuid4().hex[:12]}"
+        self._left = 0  # messages the pull in flight may still deliver
+        self._sub = None
+        self._reconnects = 0
+        self._max_bytes = PULL_MAX_BYTES
+
+    async def open(self) -> None:
+        nc = self.rt.nc
+        inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(inbox, cb=self.queue.put)
+        self._inbox = inbox
+        await self.rt.js.add_consumer(subjects.STREAM, ConsumerConfig(
+            name=self.name, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.start_seq, ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S,
+            max_ack_pending=MAX_ACK_PENDING, inactive_threshold=60.0, mem_storage=True,
+            num_replicas=1))
+        self._reconnects = nc.stats["reconnects"]
+        # A message can be as large as the server allows; a pull must fit one.
+        self._max_bytes = max(PULL_MAX_BYTES, nc.max_payload + 4096)
+
+    async def close(self) -> None:
+        try:
+            if self._sub is not None:
+                await self._sub.unsubscribe()
+            await self.rt.js.delete_consumer(subjects.STREAM, self.name)
+        except Exception:  # noqa: BLE001 - gone already; inactive_threshold cleans up the rest
+            pass
+
+    async def next_batch(self) -> list:
+        """Messages (and wake-up markers) in stream order, at least one; the next pull
+        goes out before returning, so it arrives while this batch is applied."""
+        if self._left == 0:
+            await self._pull()
+        out: list = []
+        while not out:
+            try:
+                first = await asyncio.wait_for(self.queue.get(), PULL_EXPIRES_S + 5)
+            except asyncio.TimeoutError:
+                raise ConsumerLost("a pull got no answer") from None
+            got = [first]
+            while len(got) < MAX_BATCH + 1 and not self.queue.empty():
+                got.append(self.queue.get_nowait())
+            for msg in got:
+                if msg is _REPAIR or not msg.headers or not msg.headers.get("Status"):
+                    if msg is not _REPAIR:
+                        self._left -= 1
+                    out.append(msg)
+                else:
+                    self._status(msg)
+            if self.rt.nc.stats["reconnects"] != self._reconnects:
+                raise ConsumerLost("reconnected: deliveries may have been lost")
+            if self._left == 0:
+                await self._pull()
+        return out
+
+    def _status(self, msg) -> None:
+        status, why = msg.headers.get("Status"), msg.headers.get("Description", "")
+        if status in ("404", "408") or (status == "409" and why in _PULL_OVER):
+            self._left = 0  # this pull is over: expired, done, or the next message did not fit
+        elif status != "100":  # 100: heartbeat
+            raise ConsumerLost(f"{status} {why}")
+
+    async def _pull(self) -> None:
+        body = msgspec.json.encode({"batch": MAX_BATCH, "max_bytes": self._max_bytes,
+                                    "expires": int(PULL_EXPIRES_S * 1e9)})
+        await self.rt.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM}.{self.name}",
+                                 body, reply=self._inbox)
+        self._left = MAX_BATCH
+
+
 class RedisLost(Exception):
     """Redis lost the applied position: its windows cannot be trusted."""
 
 
 class Applier:
-    def __init__(self, rt: Runtime, window: RedisWindow) -> None:
+    def __init__(self, rt: Runtime, window: RedisWindow, guard: LogGuard) -> None:
         self.rt = rt
         self.window = window
+        self.guard = guard
         self.position = 0  # every log message <= position is applied by us
         self._waiters: list[tuple[int, int, asyncio.Future]] = []  # heap by seq
         self._waiter_ids = itertools.count()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._repairs: dict[str, asyncio.Future] = {}
+        self._dead = {r: metrics.dead_lettered.labels(CONSUMER, r)
+                      for r in ("undecodable", "subject_mismatch")}
 
     async def repair(self, user_id: str, timeout: float) -> bool:
         """Rebuild the user's window from the log, between two applied batches.
@@ -103,51 +222,81 @@ class Applier:
     async def run(self) -> None:
         backoff = 0.1
         while True:
-            sub = None
+            puller = None
             try:
+                if self.guard.lost:  # nothing to apply from; the guard's watch may see it restored
+                    await asyncio.sleep(1.0)
+                    continue
                 start = await self.window.position() or 0
                 self.position = start
-                self._queue = asyncio.Queue()
-                queue = self._queue
-                sub = await self.rt.js.subscribe(
-                    subjects.LOG_ALL, stream=subjects.STREAM, ordered_consumer=True, cb=queue.put,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                          opt_start_seq=start + 1))
+                puller = LogPuller(self.rt, start + 1)
+                self._queue = puller.queue
+                if self._repairs:
+                    self._queue.put_nowait(_REPAIR)
+                await puller.open()
                 log.info("applier_started", from_seq=start + 1)
                 backoff = 0.1
-                await self._consume(queue)
+                await self._consume(puller)
             except RedisLost:
                 log.error("redis_lost_state_rebuilding_from_log", position=self.position)
-                await self._wipe()
+                await self.window.wipe()
+                self.position = 0
             except (RedisError, OSError) as exc:
                 log.warning("applier_redis_unavailable", error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            except (ConsumerLost, NatsError, NatsTimeout, asyncio.TimeoutError) as exc:
+                log.warning("applier_consumer_lost", error=str(exc) or repr(exc), retry_in=backoff)
+                await self.guard.check()  # was the stream deleted under us?
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
             finally:
-                if sub is not None:
-                    try:
-                        await sub.unsubscribe()
-                    except Exception:
-                        pass
+                if puller is not None:
+                    await puller.close()
 
-    async def _consume(self, queue: asyncio.Queue) -> None:
+    async def _consume(self, puller: LogPuller) -> None:
         while True:
-            batch = [await queue.get()]
-            while len(batch) < MAX_BATCH and not queue.empty():
-                batch.append(queue.get_nowait())
+            batch = await puller.next_batch()
             items = []
+            last = None  # the batch's last log message: acked, and the position once applied
             for msg in batch:
                 if msg is _REPAIR:
                     continue
+                last = msg
                 seq = _stream_seq(msg.reply)
                 if seq <= self.position:
-                    continue  # redelivered after a consumer reset
-                entry = _entry.decode(msg.data)
-                items.append((entry.user_id, entry.at(seq)))
-            if items:
-                await self._apply(items)
+                    continue  # redelivered, or replayed after a consumer reset
+                entry = await self._check(msg, seq)
+                if entry is not None:
+                    items.append((entry.user_id, entry.at(seq), len(msg.data)))
+            if last is not None:
+                upto = _stream_seq(last.reply)
+                if upto > self.position:
+                    await self._apply(items, upto)
+                await self.rt.nc.publish(last.reply, b"+ACK")  # AckAll: every message up to it
             if self._repairs:
                 await self._run_repairs()
+
+    async def _check(self, msg, seq: int) -> LogEntry | None:
+        """The message's log entry, or None after dead-lettering it (see the module docstring)."""
+        try:
+            entry = _entry.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            reason, detail = "undecodable", str(exc)
+        else:
+            if msg.subject == subjects.log_subject(entry.user_id):
+                return entry
+            reason, detail = "subject_mismatch", "the subject is not memory.log.<its user_id>"
+        self._dead[reason].inc()
+        log.error("log_message_dead_lettered", seq=seq, subject=msg.subject, reason=reason,
+                  detail=detail)
+        try:
+            await stream.dead_letter(self.rt.request_msg, CONSUMER, msg.subject, seq, msg.data,
+                                     f"{reason}: {detail}", self.rt.settings.request_timeout_s)
+        except (stream.PublishError, NatsError, NatsTimeout) as exc:
+            # It stays in MEMORY at `seq`; the log line above says where.
+            log.error("dead_letter_failed", seq=seq, error=str(exc) or repr(exc))
+        return None
 
     async def _run_repairs(self) -> None:
         repairs, self._repairs = self._repairs, {}
@@ -155,20 +304,22 @@ class Applier:
             try:
                 log_ = [m for m in await stream.user_log(self.rt.nc, user_id)
                         if m.seq <= self.position]
+                size = sum(len(encode(m.entry)) for m in log_)
                 done = await self.window.rebuild(
-                    user_id, [m.entry.at(m.seq) for m in log_[-self.window.window:]], len(log_))
+                    user_id, [m.entry.at(m.seq) for m in log_[-self.window.window:]], len(log_),
+                    size)
                 log.info("l2_window_repaired", user_id=user_id, messages=len(log_), done=done)
                 _settle(fut, done)
             except Exception as exc:  # noqa: BLE001 - a failed repair must not stop applying
                 log.error("l2_window_repair_failed", user_id=user_id, error=str(exc))
                 _settle(fut, False)
 
-    async def _apply(self, items: list[tuple[str, Message]]) -> None:
+    async def _apply(self, items: list[tuple[str, Message, int]], upto: int) -> None:
         backoff = 0.05
         while True:
             try:
                 with tracer.start_as_current_span("redis apply", attributes={"batch": len(items)}):
-                    results, prev = await self.window.apply_batch(items)
+                    results, prev = await self.window.apply_batch(items, upto)
                 break
             except (RedisError, OSError) as exc:
                 log.warning("apply_retry", error=str(exc), retry_in=backoff, batch=len(items))
@@ -176,8 +327,8 @@ class Applier:
                 backoff = min(backoff * 2, 2.0)
         if prev is None and self.position > 0:
             raise RedisLost()
-        self.position = items[-1][1].seq
-        for (user_id, msg), (applied, prev_seq, count) in zip(items, results):
+        self.position = upto
+        for (user_id, msg, _), (applied, prev_seq, count) in zip(items, results):
             if applied:
                 event = Changed(op="append", user_id=user_id, seq=msg.seq,
                                 prev_seq=int(prev_seq), count=int(count), message=msg)
@@ -188,9 +339,3 @@ class Applier:
         waiters = self._waiters
         while waiters and waiters[0][0] <= self.position:
             _settle(heapq.heappop(waiters)[2], True)
-
-    async def _wipe(self) -> None:
-        """Drop every tiermem key so the replay from seq 1 rebuilds clean windows."""
-        async for key in self.window.redis.scan_iter(match="tm:*", count=1000):
-            await self.window.redis.delete(key)
-        self.position = 0

@@ -3,7 +3,8 @@
 Per user (keys hash-tagged by user so Redis Cluster keeps them in one slot):
 `tm:{u}:m` a sorted set of encoded messages scored by seq, trimmed to the
 window; `tm:{u}:h` a hash with `last` (newest seq applied), `count`
-(messages applied) and `floor` (everything at or below it was forgotten).
+(messages applied), `bytes` (their size as the log stores them: what the
+per-user quota counts) and `floor` (everything at or below it was forgotten).
 `tm:applied` is the log position up to which *every* message of the stream
 has been applied: it is what lets L2 prove read-your-writes (`min_seq`).
 
@@ -42,6 +43,7 @@ end
 redis.call('ZADD', KEYS[1], seq, ARGV[2])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
 local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
+redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(ARGV[4]))
 redis.call('HSET', KEYS[2], 'last', seq)
 return {1, last, count}
 """
@@ -67,7 +69,7 @@ redis.call('DEL', KEYS[1])
 local floor = tonumber(redis.call('HGET', KEYS[2], 'floor') or '0')
 if tonumber(ARGV[1]) > floor then floor = tonumber(ARGV[1]) end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'floor', floor, 'last', 0, 'count', 0)
+redis.call('HSET', KEYS[2], 'floor', floor, 'last', 0, 'count', 0, 'bytes', 0)
 return floor
 """
 
@@ -77,9 +79,9 @@ REBUILD = """
 local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '0')
 if last > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
-for i = 4, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
-redis.call('HSET', KEYS[2], 'last', ARGV[1], 'count', ARGV[2])
+redis.call('HSET', KEYS[2], 'last', ARGV[1], 'count', ARGV[2], 'bytes', ARGV[4])
 return 1
 """
 
@@ -153,16 +155,19 @@ class RedisWindow:
             await self.redis.script_load(script.source)
             return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
-    async def apply_batch(self, items: list[tuple[str, Message]]) -> tuple[list, bytes | None]:
-        """Apply messages (in stream order) and advance the global position.
+    async def apply_batch(self, items: list[tuple[str, Message, int]],
+                          upto_seq: int) -> tuple[list, bytes | None]:
+        """Apply messages `(user_id, message, stored bytes)`, in stream order, and
+        advance the global position to `upto_seq` (the batch's last seq, which may
+        be a message that was dead-lettered rather than applied).
 
         Returns one `(applied, prev_seq, count)` per item, and what the global
         position was before (None means Redis lost its data: replay needed).
         """
         def build(pipe: Pipeline) -> None:
-            for user_id, msg in items:
-                self._apply.queue(pipe, keys(user_id), msg.seq, _encode(msg), self.window)
-            self._advance.queue(pipe, [APPLIED], items[-1][1].seq)
+            for user_id, msg, size in items:
+                self._apply.queue(pipe, keys(user_id), msg.seq, _encode(msg), self.window, size)
+            self._advance.queue(pipe, [APPLIED], upto_seq)
 
         results = await self._run(build)
         return results[:-1], results[-1]
@@ -197,11 +202,24 @@ class RedisWindow:
         return Snapshot(int(applied), max(int(last), 0), int(count), int(floor),
                         [msgspec.Raw(m) for m in raw])
 
-    async def rebuild(self, user_id: str, messages: list[Message], count: int) -> bool:
-        """Make the user's window the newest `messages` of the log (`count` in all)."""
+    async def rebuild(self, user_id: str, messages: list[Message], count: int, size: int) -> bool:
+        """Make the user's window the newest `messages` of the log (`count` in all, `size` bytes)."""
         last = messages[-1].seq if messages else 0
         pairs = [part for m in messages[-self.window:] for part in (m.seq, _encode(m))]
-        return bool(await self._call(self._rebuild, keys(user_id), last, count, self.window, *pairs))
+        return bool(await self._call(self._rebuild, keys(user_id), last, count, self.window, size,
+                                     *pairs))
+
+    async def stored_bytes(self, user_ids: list[str]) -> list[int]:
+        """Each user's bytes in the log as applied so far (0 for a user Redis does not know)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hget(keys(user_id)[1], "bytes")
+        return [int(v or 0) for v in await pipe.execute()]
+
+    async def wipe(self) -> None:
+        """Drop every tiermem key: the applier then rebuilds clean windows from seq 1."""
+        async for key in self.redis.scan_iter(match="tm:*", count=1000):
+            await self.redis.delete(key)
 
     async def forget(self, user_id: str, upto_seq: int) -> None:
         await self._call(self._forget, keys(user_id), upto_seq)

@@ -1,11 +1,11 @@
 """l2-gateway: the durable write path and the Redis tier.
 
-`memory.append`: validate, publish to the stream (`Nats-Msg-Id` = msg_id),
-reply only after the stream's ack; the applier puts it in Redis and
-broadcasts, and the reply waits (boundedly) for that so the next read hits L2.
-`memory.forget`: purge the log, wipe Redis, ask L3 to drop the rows, tell
-every listener. `memory.l2.get`: recent n <= window from one Redis snapshot
-when it provably holds everything the request needs; anything else goes to L3.
+`memory.append`: validate, check the user's quota, publish to the stream
+(`Nats-Msg-Id` = a hash of user and msg_id, `stream.store`), reply only after
+the stream's ack; the applier puts it in Redis and broadcasts, and the reply
+waits (boundedly) for that so the next read hits L2. Appends are refused (503)
+while the stream is lost (`log_guard`); the per-user quota on bytes in the
+log is `quota`'s.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from shared.service import Runtime
 from shared.telemetry import tracer
 
 from .applier import Applier
+from .log_guard import LogGuard
+from .quota import Quota
 from .redis_window import RedisWindow, Snapshot
 
 log = structlog.get_logger()
@@ -36,14 +38,20 @@ APPEND_CONCURRENCY = 512
 
 async def build(rt: Runtime) -> None:
     settings = rt.settings
-    await stream.ensure_stream(rt.js, settings.stream_replicas)
     redis = Redis.from_url(settings.redis_url, **settings.redis_auth(), socket_timeout=2,
                            socket_connect_timeout=2, health_check_interval=10)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     window = RedisWindow(redis, settings.l2_window)
-    applier = Applier(rt, window)
+    guard = LogGuard(rt.js, settings.stream_replicas, settings.memory_stream_reinit)
+    if await guard.open():
+        await window.wipe()  # its windows and position describe the lost stream
+    rt.ready_check("memory-stream", guard.ready)
+    rt.spawn(guard.watch(), "memory-stream-watch")
+    await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
+    applier = Applier(rt, window, guard)
     rt.spawn(applier.run(), "applier")
+    quota = Quota(window, settings.max_user_bytes)
     served = Served.from_settings(rt.nc, "l2-gateway", settings)
     rt.spawn(served.run(), "served-records")
     answered = metrics.answers.labels(TIER, "recent")
@@ -51,15 +59,25 @@ async def build(rt: Runtime) -> None:
 
     async def append(req: AppendRequest) -> AppendReply:
         entry = check_append(req, settings.max_text_bytes)
+        if guard.lost:
+            raise Unavailable(guard.lost)
+        payload = encode(entry)
+        size = len(payload)
+        await quota.admit(req.user_id, size)
         try:
-            ack = await stream.publish(rt.request_msg, subjects.log_subject(req.user_id), encode(entry),
-                                       req.msg_id, settings.request_timeout_s)
-        except (NatsTimeout, stream.PublishError) as exc:
-            raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
-                              "retry with the same msg_id, it is deduplicated") from None
-        if not ack.duplicate:
-            if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
-                log.warning("append_not_yet_in_l2", seq=ack.seq)
+            try:
+                ack = await stream.store(rt.request_msg, req.user_id, req.msg_id, payload,
+                                         settings.request_timeout_s)
+            except (NatsTimeout, stream.PublishError) as exc:
+                if await guard.check():
+                    raise Unavailable(guard.lost) from None
+                raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
+                                  "retry with the same msg_id, it is deduplicated") from None
+            if not ack.duplicate:
+                if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
+                    log.warning("append_not_yet_in_l2", seq=ack.seq)
+        finally:
+            quota.release(req.user_id, size)
         return AppendReply(user_id=req.user_id, seq=ack.seq, duplicate=bool(ack.duplicate))
 
     async def get(req: GetRequest) -> msgspec.Raw:
@@ -89,6 +107,8 @@ async def build(rt: Runtime) -> None:
         return await rt.request(subjects.MEMORY_L3_GET, req, msgspec.Raw)
 
     async def forget(req: ForgetRequest) -> ForgetReply:
+        if guard.lost:
+            raise Unavailable(guard.lost)
         upto = await stream.last_seq(rt.js)
         purged = await stream.purge_user(rt.nc, req.user_id, upto + 1)
         await window.forget(req.user_id, upto)

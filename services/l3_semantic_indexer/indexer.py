@@ -36,7 +36,6 @@ from . import store
 
 log = structlog.get_logger()
 _entry = msgspec.json.Decoder(LogEntry)
-DEAD_LETTERS = subjects.DEAD_LETTER_PREFIX + ".l3-semantic-indexer"
 UNDECODABLE = "undecodable"
 SUBJECT_MISMATCH = "subject_mismatch"
 
@@ -72,8 +71,8 @@ class Indexer:
         self.embedder = embedder
         self.batch = rt.settings.l3_batch
         self._floor = 0  # last known: every log message <= this is in Postgres
-        self._rejected = {r: metrics.rejected.labels("l3-semantic-indexer", r)
-                          for r in (UNDECODABLE, SUBJECT_MISMATCH)}
+        self._dead = {r: metrics.dead_lettered.labels(subjects.L3_CONSUMER, r)
+                      for r in (UNDECODABLE, SUBJECT_MISMATCH)}
 
     async def run(self) -> None:
         psub = await self.rt.js.pull_subscribe(
@@ -122,17 +121,15 @@ class Indexer:
         either: redelivered after `ack_wait`, it is tried again.
         """
         try:
-            await self.rt.js.publish(DEAD_LETTERS, msg.data, headers={
-                "Nats-Msg-Id": f"{subjects.STREAM}:{seq}",  # a redelivery is stored once
-                "Tiermem-Subject": msg.subject, "Tiermem-Seq": str(seq),
-                "Tiermem-Reason": bad.reason})
+            await stream.dead_letter(self.rt.request_msg, subjects.L3_CONSUMER, msg.subject, seq, msg.data,
+                                     bad.reason, self.rt.settings.request_timeout_s)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the message stays on the log
             log.error("dead_letter_failed", seq=seq, reason=bad.reason, error=repr(exc))
             return
         await msg.ack()
-        self._rejected[bad.reason].inc()
+        self._dead[bad.reason].inc()
         log.error("log_message_dead_lettered", seq=seq, subject=msg.subject, reason=bad.reason,
-                  detail=bad.detail, dead_letters=DEAD_LETTERS)
+                  detail=bad.detail)
 
     async def applied_through(self, seq: int, wait_s: float) -> bool:
         """True once every log message up to `seq` is stored (waits up to `wait_s`)."""

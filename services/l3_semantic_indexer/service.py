@@ -35,7 +35,7 @@ async def build(rt: Runtime) -> None:
                                    dim=embedder.dim)
     rt.on_close(pool.close)
     rt.ready_check("postgres", lambda: pool.fetchval("SELECT 1"))
-    await stream.ensure_stream(rt.js, settings.stream_replicas)
+    await stream.wait_for_stream(rt.js)
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     indexer = Indexer(rt, pool, embedder)
     rt.spawn(indexer.run(), "indexer")
