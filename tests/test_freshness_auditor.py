@@ -157,7 +157,7 @@ async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(mem
     # (Its seq lies within the log, another user's: one beyond the log the sidecar refuses.)
     user = "lead-forged-event"
     real = [await append(nc, user, f"message {i}") for i in range(2)]
-    assert seqs(await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})) == real
+    assert seqs(await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10, "min_seq": real[-1]})) == real
     someone_elses = await append(nc, "lead-someone-else", "their message")
     forged = Message(seq=someone_elses, msg_id="forged", role="user", bot_id="x",
                      text="forged", ts="2026-11-26T00:00:00Z")

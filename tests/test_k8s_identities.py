@@ -266,7 +266,7 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
         # l2-gateway: its window scripts (loaded by SHA), the position, a reset's scan and delete
         window = RedisWindow(clients["l2-gateway"], 10)
         msg = Message(seq=1, msg_id="m1", role="user", bot_id="b", text="hi", ts="2026-01-01T00:00:00Z")
-        await window.apply_batch([("u1", msg)])
+        await window.apply_batch([("u1", msg, 2)], 1)
         assert await window.position() == 1
         assert (await window.read("u1", 5)).last == 1
         await window.forget("u1", 1)
