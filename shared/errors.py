@@ -11,7 +11,8 @@ tiers down reaches the caller with its code intact.
     ├── BadRequest        400  malformed JSON, wrong types, bad ids, bad values
     ├── PayloadTooLarge   413  text over the configured size limit
     ├── Unavailable       503  no tier (or dependency) able to answer right now
-    └── UpstreamTimeout   504  a tier below did not answer in time
+    ├── UpstreamTimeout   504  a tier below did not answer in time
+    └── StorageFull       507  the durable log is full: nothing stored until an operator acts
 """
 
 from __future__ import annotations
@@ -48,9 +49,15 @@ class UpstreamTimeout(TierError):
     code = 504
 
 
+class StorageFull(TierError):
+    """Unlike a 503, waiting does not help unless retention frees room: an operator must."""
+
+    code = 507
+
+
 def from_code(code: int, message: str) -> TierError:
     """Rebuild the exception a remote tier raised, keeping its code."""
-    for cls in (BadRequest, PayloadTooLarge, Unavailable, UpstreamTimeout):
+    for cls in (BadRequest, PayloadTooLarge, Unavailable, UpstreamTimeout, StorageFull):
         if cls.code == code:
             return cls(message)
     return TierError(message, code)

@@ -72,3 +72,10 @@ dead_lettered = Counter("tiermem_log_dead_lettered",
                         ["consumer", "reason"])
 served_dropped = Counter("tiermem_served_records_dropped",
                          "Served records shed because the publish queue was full", ["service"])
+log_full = Counter("tiermem_log_full", "Appends refused (507) because the durable log is full")
+log_bytes = Gauge("tiermem_log_bytes", "Bytes the MEMORY stream holds, as the l2-gateway last sampled")
+log_max_bytes = Gauge("tiermem_log_max_bytes",
+                      "The MEMORY stream's byte limit, LOG_MAX_BYTES (0: none of its own)")
+retention_deleted = Counter("tiermem_retention_deleted",
+                            "Stored messages deleted because retention dropped them from the log",
+                            ["tier", "reason"])

@@ -93,6 +93,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
                   S.audit_served(L2_GATEWAY), f"{S.DEAD_LETTER_PREFIX}.{L2_GATEWAY}",
                   *_stream_reader(),
                   f"$JS.API.STREAM.CREATE.{STREAM}", f"$JS.API.STREAM.PURGE.{STREAM}",
+                  f"$JS.API.STREAM.UPDATE.{STREAM}",  # retention limits (shared.stream.apply_retention)
                   f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*",  # the applier's pull consumer
                   f"$JS.API.STREAM.INFO.{DEAD}", f"$JS.API.STREAM.CREATE.{DEAD}",
                   # the marker of the MEMORY stream it owns (services.l2_gateway.log_guard)

@@ -46,6 +46,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     append_apply_wait_s: float = 0.5  # how long an append waits for Redis before replying
     max_user_bytes: int = 64 << 20  # a user's stored bytes in the log; an append past it gets 413
     memory_stream_reinit: str = ""  # the lost MEMORY incarnation to replace with an empty stream
+    # retention (shared.retention): what every tier keeps; 0 = no limit
+    retain_max_age_s: float = 0.0  # a message older than this leaves the log, L3 and the LLM cache
+    retain_max_per_user: int = 0  # a user's newest this many messages are kept, older ones leave
+    log_max_bytes: int = 0  # the MEMORY stream's storage cap (0: only JetStream's own limits)
+    retain_sweep_s: float = 60.0  # how often the l3-semantic-indexer deletes what retention dropped
 
     l1_id: str = ""
     l1_window: int = 10

@@ -13,6 +13,12 @@ message again whose earlier copy was forgotten).
 
 Log messages a consumer cannot use go, with why, to the dead-letter stream
 `MEMORY_DEAD` (`dead_letter`), rather than stopping the consumer.
+
+Retention (`shared.retention`): the gateway sets the stream's age, per-user
+count and byte limits at start-up (`apply_retention`), on a new stream as on
+one whose policy changed. The stream keeps `discard=new`: when the byte limit
+is reached an append is refused (`PublishError.full`), never old history
+dropped to make room.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import msgspec
@@ -37,6 +44,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from shared import subjects
 from shared.contract import LogEntry
+from shared.retention import Retention
 
 log = structlog.get_logger()
 
@@ -85,6 +93,41 @@ async def wait_for_stream(js: JetStreamContext, poll_s: float = 0.5) -> StreamIn
                 log.info("waiting_for_memory_stream", note="the l2-gateway creates it")
                 logged = True
             await asyncio.sleep(poll_s)
+
+
+def limits(policy: Retention) -> dict[str, float | int]:
+    """The MEMORY stream's limit fields under `policy`. The duplicate window cannot be longer
+    than `max_age` (JetStream refuses it), and need not be: a retry of a message that aged
+    out of the log would find nothing to be a duplicate of."""
+    wanted = policy.stream_limits()
+    age = wanted["max_age"]
+    return {**wanted, "duplicate_window": min(DUPLICATE_WINDOW_S, age) if age else DUPLICATE_WINDOW_S}
+
+
+def limit_changes(config: StreamConfig, wanted: dict[str, float | int]) -> dict[str, tuple]:
+    """{field: (now, wanted)} for each limit of `config` that differs from `wanted`."""
+    return {f: (getattr(config, f), v) for f, v in wanted.items() if getattr(config, f) != v}
+
+
+async def apply_retention(js: JetStreamContext, policy: Retention) -> dict[str, tuple]:
+    """Give MEMORY the limits of `policy` if it has others; returns what changed.
+
+    Only the limits change: the metadata (the incarnation id the gateway's
+    guard knows the stream by) and everything else are sent back as they are.
+    Lowering `max_bytes` below what the stream holds deletes nothing
+    (`discard=new`): appends are refused until age or count shrink it.
+    """
+    info = await js.stream_info(subjects.STREAM)
+    changes = limit_changes(info.config, limits(policy))
+    if changes:
+        info = await js.update_stream(replace(info.config, **{f: v for f, (_, v) in changes.items()}))
+        log.warning("memory_stream_limits_changed",
+                    **{f: f"{old} -> {new}" for f, (old, new) in changes.items()})
+        if 0 < info.config.max_bytes < info.state.bytes:
+            log.error("memory_stream_over_its_byte_limit", bytes=info.state.bytes,
+                      max_bytes=info.config.max_bytes,
+                      note="appends are refused until retention drops enough old messages")
+    return changes
 
 
 def incarnation(info: StreamInfo) -> str:
@@ -142,14 +185,31 @@ async def purge_user(nc: NATS, user_id: str, below_seq: int) -> int:
     return reply.purged
 
 
-class PublishError(Exception):
-    """The stream did not store the message (no stream, stream full, bad reply)."""
-
-
 class _ApiError(msgspec.Struct):
     code: int = 0
     err_code: int = 0
     description: str = ""
+
+
+# How JetStream (measured on nats-server 2.15) refuses a message because a limit of a `discard=new`
+# stream is reached: err_code 10077 (JSStreamStoreFailedF, code 503), the limit in the text.
+STORE_FAILED = 10077
+_LIMIT_REACHED = ("maximum bytes exceeded", "maximum messages exceeded")
+
+
+class PublishError(Exception):
+    """The stream did not store the message (no stream, stream full, bad reply); `refusal`
+    is the stream's own error, when it answered with one."""
+
+    def __init__(self, message: str, refusal: _ApiError | None = None) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+    @property
+    def full(self) -> bool:
+        """Refused because the stream is full (a limit reached), not for a passing reason."""
+        r = self.refusal
+        return r is not None and r.err_code == STORE_FAILED and r.description in _LIMIT_REACHED
 
 
 class PubAck(msgspec.Struct):
@@ -234,7 +294,7 @@ async def _publish(request: Callable[..., Awaitable[Msg]], subject: str, payload
         raise PublishError(f"unexpected reply from the stream: {msg.data[:200]!r}") from None
     if ack.error is not None:
         raise PublishError(f"the stream refused the message: {ack.error.code} "
-                           f"{ack.error.description} (err_code {ack.error.err_code})")
+                           f"{ack.error.description} (err_code {ack.error.err_code})", ack.error)
     if ack.seq <= 0:
         raise PublishError(f"the stream's ack has no sequence: {msg.data[:200]!r}")
     return ack

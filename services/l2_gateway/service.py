@@ -4,8 +4,9 @@
 (`Nats-Msg-Id` = a hash of user and msg_id, `stream.store`), reply only after
 the stream's ack; the applier puts it in Redis and broadcasts, and the reply
 waits (boundedly) for that so the next read hits L2. Appends are refused (503)
-while the stream is lost (`log_guard`); the per-user quota on bytes in the
-log is `quota`'s.
+while the stream is lost (`log_guard`), and (507) while it is full
+(`log_limits`); the per-user quota on bytes in the log is `quota`'s. The
+stream's retention limits are set here at start-up (`shared.retention`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from shared.contract import (
     GetRequest, L3ForgetRequest, check_append, check_get, encode, fit_reply,
 )
 from shared.errors import Unavailable
+from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
 from .applier import Applier
 from .log_guard import LogGuard
+from .log_limits import log_full, watch_usage
 from .quota import Quota
 from .redis_window import RedisWindow, Snapshot
 
@@ -42,10 +45,14 @@ async def build(rt: Runtime) -> None:
                            socket_connect_timeout=2, health_check_interval=10)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
-    window = RedisWindow(redis, settings.l2_window)
+    retention = Retention.from_settings(settings)
+    window = RedisWindow(redis, retention.window(settings.l2_window))
     guard = LogGuard(rt.js, settings.stream_replicas, settings.memory_stream_reinit)
     if await guard.open():
         await window.wipe()  # its windows and position describe the lost stream
+    if not guard.lost:  # a stream not ours is left as it is
+        await stream.apply_retention(rt.js, retention)
+    rt.spawn(watch_usage(rt.js), "memory-stream-usage")
     rt.ready_check("memory-stream", guard.ready)
     rt.spawn(guard.watch(), "memory-stream-watch")
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
@@ -69,6 +76,8 @@ async def build(rt: Runtime) -> None:
                 ack = await stream.store(rt.request_msg, req.user_id, req.msg_id, payload,
                                          settings.request_timeout_s)
             except (NatsTimeout, stream.PublishError) as exc:
+                if isinstance(exc, stream.PublishError) and exc.full:
+                    raise log_full(exc.refusal.description) from None
                 if await guard.check():
                     raise Unavailable(guard.lost) from None
                 raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
@@ -92,7 +101,7 @@ async def build(rt: Runtime) -> None:
         except (RedisError, OSError, Unavailable) as exc:
             log.warning("l2_unavailable", error=str(exc))
             return await _down(req, "redis_unavailable")
-        reason = _why_not(snap, req)
+        reason = _why_not(snap, req, retention.held(snap.count))
         if reason:
             return await _down(req, reason)
         reply = fit_reply(L2Reply(user_id=req.user_id, tier=TIER, seq=snap.last,
@@ -154,10 +163,11 @@ class L2Reply(msgspec.Struct):
 _REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq")
 
 
-def _why_not(snap: Snapshot, req: GetRequest) -> str:
-    """Why this snapshot cannot answer the request completely ('' if it can)."""
+def _why_not(snap: Snapshot, req: GetRequest, held: int) -> str:
+    """Why this snapshot cannot answer the request completely ('' if it can); `held`: how many
+    of the user's messages the log holds at most (retention drops the rest)."""
     if req.min_seq is not None and snap.complete_through() < req.min_seq:
         return "behind_min_seq"
-    if len(snap.messages) < req.n and len(snap.messages) < snap.count:
+    if len(snap.messages) < req.n and len(snap.messages) < held:
         return "too_many"  # the user has more than the window still holds
     return ""

@@ -4,6 +4,8 @@ Runs the indexer (durable log -> embeddings -> Postgres) and answers
 `memory.l3.get`: `recent` for any n, and `search` (top-k by meaning, with a
 score). L3 is the last tier: when asked for a `min_seq` it has not indexed
 yet it waits a bounded time, then answers 503 rather than a stale reply.
+"Full history" is what the log's retention keeps: the sweeper deletes the
+rest.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from shared.contract import (
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import BadRequest, Unavailable
+from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
 from . import store
 from .indexer import Indexer
+from .sweeper import Sweeper
 
 TIER = "l3"
 
@@ -39,6 +43,9 @@ async def build(rt: Runtime) -> None:
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     indexer = Indexer(rt, pool, embedder)
     rt.spawn(indexer.run(), "indexer")
+    retention = Retention.from_settings(settings)
+    if retention.drops_anything():
+        rt.spawn(Sweeper(rt.js, pool, retention, settings.retain_sweep_s).run(), "retention-sweeper")
     served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
     rt.spawn(served.run(), "served-records")
 

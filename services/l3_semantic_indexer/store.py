@@ -1,9 +1,10 @@
-"""L3 storage: every message of every user in Postgres + pgvector.
+"""L3 storage: every message of every user (within retention) in Postgres + pgvector.
 
 All SQL of the L3 tier is in this module and in migrations/*.sql. The
 indexer's consumer calls `upsert_batch`; the `memory.l3.get` handler calls
-`recent` and `search`; the forget path calls `forget`. Every call is one
-round trip; the functions take the pool so the service owns its lifetime.
+`recent` and `search`; the forget path calls `forget`; the retention sweeper
+`retire_older` and `retire_beyond`. Every call is one round trip; the
+functions take the pool so the service owns its lifetime.
 
     pool = await create_pool(dsn, model_id=embedder.model_id, dim=embedder.dim)
     vectors = await embedder.embed([r.text for r in rows], input_type="document")
@@ -12,6 +13,7 @@ round trip; the functions take the pool so the service owns its lifetime.
     qv = (await embedder.embed([query], input_type="query"))[0]
     messages, seq = await search(pool, "lead-42", query, qv, 5, embedder.model_id)
     deleted = await forget(pool, "lead-42", upto_seq)
+    deleted = await retire_older(pool, below_seq, 1000)  # retention, in batches
 
 Why it is built this way:
 
@@ -327,6 +329,17 @@ async def forget(pool: Pool, user_id: str, upto_seq: int) -> int:
     return await _run(pool.fetchval, _COMMON["forget"], user_id, upto_seq)
 
 
+async def retire_older(pool: Pool, below_seq: int, batch: int) -> int:
+    """Delete up to `batch` rows (any users') with seq < `below_seq`; returns how many."""
+    return await _run(pool.fetchval, _COMMON["retire_older"], below_seq, batch)
+
+
+async def retire_beyond(pool: Pool, keep: int, batch: int) -> int:
+    """Delete up to `batch` rows that are not among their user's newest `keep`; returns how
+    many. Users are found by `user_state.n_rows` (a scan of one row per user)."""
+    return await _run(pool.fetchval, _COMMON["retire_beyond"], keep, batch)
+
+
 # --------------------------------------------------------------------------
 # reads
 
@@ -502,6 +515,18 @@ def _build_common_sql() -> dict[str, str]:
     return {
         "upsert": f"SELECT {SCHEMA}.upsert_messages($1, $2, $3, $4, $5, $6, $7, $8::vector[], $9, $10)",
         "forget": f"SELECT {SCHEMA}.forget($1, $2)",
+        # retention: pick a batch, then retire it (migrations/0003) under the users' locks
+        "retire_older": f"""
+            SELECT {SCHEMA}.retire(array_agg(user_id), array_agg(msg_id))
+            FROM (SELECT user_id, msg_id FROM {SCHEMA}.messages WHERE seq < $1 LIMIT $2) old""",
+        "retire_beyond": f"""
+            SELECT {SCHEMA}.retire(array_agg(x.user_id), array_agg(x.msg_id))
+            FROM (SELECT m.user_id, m.msg_id
+                  FROM (SELECT user_id FROM {SCHEMA}.user_state WHERE n_rows > $1 LIMIT $2) o
+                  CROSS JOIN LATERAL (
+                      SELECT user_id, msg_id FROM {SCHEMA}.messages
+                      WHERE user_id = o.user_id ORDER BY seq DESC OFFSET $1 LIMIT $2) m
+                  LIMIT $2) x""",
         "watermark": f"""
             INSERT INTO {SCHEMA}.progress AS p (name, applied_seq) VALUES ('log', $1)
             ON CONFLICT (name) DO UPDATE SET applied_seq = greatest(p.applied_seq, excluded.applied_seq)""",

@@ -43,6 +43,7 @@ import msgspec
 from shared import metrics
 from shared.contract import CompleteRequest, Usage
 from shared.errors import BadRequest, PayloadTooLarge
+from shared.retention import Retention
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.toml")
 
@@ -80,6 +81,13 @@ class Config(msgspec.Struct, frozen=True):
         if "default" not in config.prices:
             raise ValueError("the price table needs a `default` row")
         return config
+
+    def with_retention(self, retention: Retention) -> "Config":
+        """This config with each class's TTL capped at the retention's max age: no cached
+        answer outlives the messages it was made from (`shared.retention`)."""
+        return msgspec.structs.replace(self, volatility={
+            name: msgspec.structs.replace(v, ttl_s=retention.cache_ttl(v.ttl_s))
+            for name, v in self.volatility.items()})
 
     def volatility_of(self, name: str) -> Volatility:
         try:

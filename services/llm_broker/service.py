@@ -24,6 +24,7 @@ from shared.contract import (
     check_complete, decoder,
 )
 from shared.embeddings import embedder_from_settings
+from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
@@ -216,7 +217,7 @@ class Broker:
 
 async def build(rt: Runtime, *, clock=time.time) -> Broker:
     s = rt.settings
-    config = Config.load(s.llm_config or None)
+    config = Config.load(s.llm_config or None).with_retention(Retention.from_settings(s))
     embedder = embedder_from_settings(s)
     rt.on_close(embedder.aclose)
     redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)

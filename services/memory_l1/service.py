@@ -35,6 +35,7 @@ from shared.contract import (
 )
 from shared.errors import PayloadTooLarge, Unavailable
 from shared.ids import from_token
+from shared.retention import Retention
 from shared.service import Runtime
 
 log = structlog.get_logger()
@@ -55,7 +56,9 @@ async def build(rt: Runtime, *, store: WindowStore | None = None) -> None:
     """Wire the sidecar (`store` lets tests look inside)."""
     s = rt.settings
     if store is None:
-        store = WindowStore(s.l1_window, s.l1_max_users, max_bytes=s.l1_max_bytes)
+        # Never more of a user's messages than the log keeps (shared.retention).
+        store = WindowStore(Retention.from_settings(s).window(s.l1_window), s.l1_max_users,
+                            max_bytes=s.l1_max_bytes)
     sidecar = Sidecar(rt, store)
     rt.spawn(sidecar.served.run(), "served-records")
     rt.spawn(sidecar.check_events(), "event-checks")
