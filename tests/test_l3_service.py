@@ -21,7 +21,9 @@ from tests.helpers import call, client, ok, running
 async def l3(clean_state):
     async with client(clean_state["NATS_URL"]) as nc:
         await stream.ensure_stream(nc.jetstream())  # the gateway's job; the indexer only waits for it
-        async with running("l3-semantic-indexer", build, {**clean_state, "LOG_LEVEL": "warning"}):
+        # min_seq reads wait for indexing as long as a loaded CI box may need (64 KiB texts)
+        async with running("l3-semantic-indexer", build, {**clean_state, "LOG_LEVEL": "warning"},
+                           l3_min_seq_wait_s=20):
             yield nc
 
 
