@@ -307,7 +307,10 @@ MEANING = (
     "back: four records per round trip) and larger writes; on loopback that is most of what it "
     "costs, since there is no network latency to hide it. The L1 hit ratio is smaller than the "
     "bare round trip's for the same absolute cost, because the sidecar's own work is in the "
-    "denominator."
+    "denominator. The bootstrap interval in the notes covers sampling noise only: each server, "
+    "echo and sidecar is a process of its own, and on a shared 2-core box where the scheduler "
+    "puts them, and what else runs (see the load average below), moves a ratio by several "
+    "percent from one run to the next: a verdict near 1.05× is worth a second run on a quiet box."
 )
 
 
