@@ -1,9 +1,15 @@
-"""`python -m bench [--quick] [--only memory|llm|all] [--out bench/results]`: run the benchmarks, write the reports.
+"""`python -m bench [--quick] [--only memory|llm|security|all] [--out bench/results]`: run the benchmarks, write the reports.
 
 `memory` is the memory tiers (bench/memory.py, `memory.md`), `llm` the
-llm-broker (bench/llm.py, `llm.md`); `all` runs both, llm after memory, on one
-stack. `summary.md` (+ `summary.png`) puts every measurement of the run in one
-table with its baseline and ratio. Starts its own stack (servers and services as separate processes, in a
+llm-broker (bench/llm.py, `llm.md`), `security` the cost of auth and TLS on
+the bus (bench/security.py, `security.md`: its own three nats-servers, no
+stack); `all` runs memory then llm on one stack, then security once that
+stack is down. `summary.md` (+ `summary.png`) puts every measurement in one
+table with its baseline and ratio (an area not run keeps its last figures).
+Every NATS connection presents an identity: the bench's own client and its
+echo processes the stack's admin (`NATS_ADMIN_*` in its stack.env; the bench
+calls internal subjects), its extra memory-l1 sidecars the memory-l1 role.
+Starts its own stack (servers and services as separate processes, in a
 temp state folder, the LLM simulator with a 5 ms median latency unless
 `SIMULATOR_LATENCY_*` say otherwise) unless `--stack-env` points at a running
 one, and stops what it started on success, failure, Ctrl-C or SIGTERM. Exit
@@ -26,6 +32,7 @@ import uvloop
 
 from bench import llm as llm_mod
 from bench import report as report_mod
+from bench import security as security_mod
 from bench import summary as summary_mod
 from bench.memory import Bench, Options, Stack
 
@@ -36,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="10k messages over 100 users, 1,000 dev pairs and fewer samples (a few minutes)")
-    p.add_argument("--only", choices=("memory", "llm", "all"), default="all",
-                   help="which benchmark to run (default all: memory, then llm, on one stack)")
+    p.add_argument("--only", choices=("memory", "llm", "security", "all"), default="all",
+                   help="which benchmark to run (default all: memory, then llm, on one stack; then security)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--stack-env", type=Path,
                    help="use the running stack described by this stack.env instead of starting one")
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     # bench's "Auditing overhead" step measures what auditing costs the serving path.
     os.environ.setdefault("AUDIT_LLM_BUDGET", "0")
     try:
-        rep, llm_rep = uvloop.run(_run(opts, say, args.only))
+        rep, llm_rep, sec_rep = uvloop.run(_run(opts, say, args.only))
     except KeyboardInterrupt:
         say("interrupted; everything the bench started has been stopped")
         return 130
@@ -77,33 +84,49 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if rep is not None:
         paths += report_mod.write(rep, args.out)
-        for r in rep.results:
-            print("  " + report_mod.result_line(r))
-            for t in r.targets:
-                print(f"      {'PASS' if t.passed else 'FAIL'}  {t.text} ({t.observed})")
-        bad |= any(r.skipped or any(not t.passed for t in r.targets) for r in rep.results)
+        bad |= _console(rep.results)
     if llm_rep is not None:
         paths += llm_mod.write(llm_rep, args.out)
         for line in llm_mod.console_lines(llm_rep):
             print(line)
         bad |= any(llm_mod.counts_as_failure(r) for r in llm_rep.results)
-    parts = [(area, r.results) for area, r in (("memory", rep), ("llm", llm_rep)) if r is not None]
+    if sec_rep is not None:
+        paths += security_mod.write(sec_rep, args.out)
+        bad |= _console(sec_rep.results)
+    reports = (("memory", rep), ("llm", llm_rep), ("security", sec_rep))
+    parts = [(area, r.results) for area, r in reports if r is not None]
     if parts:
-        paths += summary_mod.write(parts, (rep or llm_rep).started, args.out)
+        paths += summary_mod.write(parts, next(r for _, r in reports if r is not None).started, args.out)
     print()
     for path in paths:
         print(f"wrote {path}")
     return 1 if bad else 0
 
 
+def _console(results) -> bool:
+    """Print each result and target; True when one was skipped or failed."""
+    for r in results:
+        print("  " + report_mod.result_line(r))
+        for t in r.targets:
+            print(f"      {'PASS' if t.passed else 'FAIL'}  {t.text} ({t.observed})")
+    return any(r.skipped or any(not t.passed for t in r.targets) for r in results)
+
+
 async def _run(opts: Options, say, only: str = "memory"):
+    """(memory report, llm report, security report), None for an area not run."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, task.cancel)  # SIGTERM cleans up like Ctrl-C
     try:
         if only == "memory":
-            return await Bench(opts, say).run(), None
-        return await _with_llm(opts, say, only == "all")
+            return await Bench(opts, say).run(), None, None
+        if only == "security":
+            return None, None, await security_mod.run(opts, say)
+        rep, llm_rep = await _with_llm(opts, say, only == "all")
+        if only == "llm":
+            return rep, llm_rep, None
+        say("auth and TLS cost")
+        return rep, llm_rep, await security_mod.run(opts, say)
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
 

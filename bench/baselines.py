@@ -19,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from shared.bus import BusAuth
+from shared.permissions import ADMIN
 
 ECHO_SUBJECT = "bench.echo"
 FRAMEWORK_SUBJECT = "bench.framework"
@@ -158,6 +162,7 @@ class Bare:
     def __init__(self, nc, env: dict[str, str], run: str) -> None:
         self.nc = nc
         self.env = env
+        self.identity = auth_env(BusAuth.from_env(env, ADMIN))  # the echo processes' (the stack's admin)
         self.run = run
         self.calls: dict[str, tuple[Call, Check | None]] = {}
         self.problems: dict[str, str] = {}
@@ -186,13 +191,8 @@ class Bare:
     async def stop(self) -> None:
         """Remove every piece of scratch data and stop the echo process; never raises."""
         for proc in (self._echo, self._framework):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 5)
-                except asyncio.TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            if proc is not None:
+                await stop_child(proc)
         self._echo = self._framework = None
         if self._redis is not None:
             try:
@@ -217,7 +217,7 @@ class Bare:
     # -- NATS echo in another process
 
     async def _start_echo(self) -> None:
-        self._echo = await self._spawn_echo([self.env["NATS_URL"], ECHO_SUBJECT])
+        self._echo = await spawn_echo([self.env["NATS_URL"], ECHO_SUBJECT], self.identity)
         nc, payload = self.nc, self.echo_payload
 
         async def rt(_i: int):
@@ -226,7 +226,8 @@ class Bare:
         self.calls["nats_rt"] = (rt, None)
 
     async def _start_framework(self) -> None:
-        self._framework = await self._spawn_echo(["--service", self.env["NATS_URL"], FRAMEWORK_SUBJECT])
+        self._framework = await spawn_echo(["--service", self.env["NATS_URL"], FRAMEWORK_SUBJECT],
+                                           self.identity)
         nc, payload = self.nc, self.echo_payload
 
         async def floor(_i: int):
@@ -237,34 +238,6 @@ class Bare:
                 raise AssertionError(f"framework echo failed: {msg.data[:200]!r}")
 
         self.calls["framework_floor"] = (floor, check)
-
-    @staticmethod
-    async def _spawn_echo(args: list[str]) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.echo", *args, stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        said = []
-
-        async def wait_ready() -> None:
-            while True:
-                line = await proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"bench.echo {' '.join(args[:1])} exited: {b''.join(said)[-300:]!r}")
-                if line.strip() == b"ready":
-                    return
-                said.append(line)
-
-        try:
-            await asyncio.wait_for(wait_ready(), 20)
-        except BaseException:
-            proc.kill()
-            await proc.wait()
-            raise
-        # Keep draining its output so a chatty child never blocks on a full pipe.
-        task = asyncio.get_running_loop().create_task(_drain(proc.stdout))
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
-        return proc
 
     # -- Redis
 
@@ -355,6 +328,54 @@ class Bare:
         return await run_concurrent(call, len(bodies), in_flight)
 
 
+async def spawn_echo(args: list[str], identity: dict[str, str]) -> asyncio.subprocess.Process:
+    """`python -m bench.echo *args` connecting as `identity` (`auth_env`); returns once it is subscribed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.echo", *args, stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **identity}, preexec_fn=die_with_parent)
+    said = []
+
+    async def wait_ready() -> None:
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"bench.echo {' '.join(args[:1])} exited: {b''.join(said)[-300:]!r}")
+            if line.strip() == b"ready":
+                return
+            said.append(line)
+
+    try:
+        await asyncio.wait_for(wait_ready(), 20)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    # Keep draining its output so a chatty child never blocks on a full pipe.
+    task = asyncio.get_running_loop().create_task(_drain(proc.stdout))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return proc
+
+
+async def stop_child(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after 5 s: a child the bench started is gone when this returns."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def auth_env(auth: BusAuth) -> dict[str, str]:
+    """The environment that makes a process the bench starts (an echo, a sidecar) connect as `auth`:
+    it replaces whatever identity the bench's own environment names."""
+    return {"NATS_USER": auth.user, "NATS_PASSWORD": auth.password, "NATS_CREDS": auth.creds,
+            "NATS_NKEY_SEED": auth.nkey_seed, "NATS_TLS_CA": auth.tls_ca,
+            "NATS_TLS_CERT": auth.tls_cert, "NATS_TLS_KEY": auth.tls_key}
+
+
 _BACKGROUND: set[asyncio.Task] = set()
 
 
@@ -363,7 +384,8 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """`preexec_fn` of the processes the bench starts: the kernel stops them when the bench dies."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 

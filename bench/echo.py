@@ -9,20 +9,27 @@ our service framework (nats.micro, a task, decode, metrics, encode; a span
 only when spans are exported) with no work inside, which splits a tier's overhead into "framework" and "the tier's
 own work". Both print `ready` once the server has the subscription and exit
 on SIGTERM/SIGINT (and, started by the bench, when the bench dies).
+
+Identity: `NATS_USER` / `NATS_PASSWORD` (and `NATS_TLS_*`) of the environment,
+as for a service; the bench passes the stack's admin (the subjects are the
+bench's own), or for the auth-cost step the memory-l1 role (whose subjects
+and `allow_responses` are what an L1 answer goes through).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
-import nats
 import uvloop
+
+from shared import bus
 
 
 async def serve(url: str, subject: str) -> None:
-    nc = await nats.connect(url, name="bench-echo", allow_reconnect=False)
+    nc = await bus.connect(url, bus.BusAuth.from_env(os.environ), name="bench-echo", allow_reconnect=False)
 
     async def echo(msg) -> None:
         await msg.respond(msg.data)
@@ -54,7 +61,8 @@ async def serve_framework(url: str, subject: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    settings = Settings.from_env({"NATS_URL": url, "LOG_LEVEL": "warning"})
+    identity = {k: v for k, v in os.environ.items() if k.startswith("NATS_")}
+    settings = Settings.from_env({**identity, "NATS_URL": url, "LOG_LEVEL": "warning"})
     task = asyncio.create_task(run_service("bench-echo", "bench: framework floor", build,
                                            settings=settings, stop=stop, ready=ready))
     await ready.wait()

@@ -50,6 +50,8 @@ from bench import baselines
 from bench.report import atomic_write, jsonable, targets_summary, targets_table
 from bench.memory import REPO_ROOT, Options, Result, Target, load_average, machine_facts, ping
 from bench.stats import Summary, announce, fmt_ratio, fmt_us, markdown_table, ratio, summarize
+from shared import bus
+from shared.permissions import ADMIN
 
 NAME = "llm"
 MRPC = REPO_ROOT.parent / "shared" / "data" / "mrpc" / "msr_paraphrase_train.txt"
@@ -371,8 +373,6 @@ class LlmBench:
     # -- main
 
     async def run(self) -> LlmReport:
-        import nats
-
         t0 = time.monotonic()
         self.report.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if why := self._unsafe():
@@ -381,9 +381,10 @@ class LlmBench:
             self.report.duration_s = time.monotonic() - t0
             return self.report
         try:
-            self.nc = await nats.connect(self.env["NATS_URL"], name="bench-llm", allow_reconnect=False,
-                                         max_reconnect_attempts=1, connect_timeout=5,
-                                         pending_size=64 * 1024 * 1024)
+            # Admin, like the memory bench: its bare baselines answer on the bench's own subjects.
+            self.nc = await bus.connect_as(self.env, ADMIN, name="bench-llm", allow_reconnect=False,
+                                           max_reconnect_attempts=1, connect_timeout=5,
+                                           pending_size=64 * 1024 * 1024)
             self.report.facts = await machine_facts(self.nc, self.env)
             self.report.facts["guard_model"] = guard_model_fact()
             up = await ping(self.nc, SERVICE)

@@ -42,10 +42,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import msgspec
-import nats
 
 from bench import baselines, corpus
 from bench.stats import Summary, announce, fmt_us, ratio, summarize
+from shared import bus
+from shared.bus import BusAuth
+from shared.permissions import ADMIN, MEMORY_L1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -228,32 +230,33 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def _sidecars(env: dict[str, str], rates: dict[str, str]):
-    """Extra memory-l1 processes, `SERVED_PUBLISH_RATE` per name; yields name -> l1 id."""
+async def sidecars(nc, env: dict[str, str], extra: dict[str, dict[str, str]]):
+    """Extra memory-l1 processes on the server of `env` (`NATS_URL` and the sidecar's identity),
+    one per name of `extra` with those settings on top; yields name -> l1 id once each answers
+    `nc` on its own subject."""
     procs, ids = [], {}
     try:
-        for name, rate in rates.items():
-            l1_id = f"bench-audit-{name}-{os.getpid()}"
+        for name, settings in extra.items():
+            l1_id = f"bench-{name}-{os.getpid()}"
             ids[name] = l1_id
             procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "services.memory_l1", cwd=REPO_ROOT,
-                env={**os.environ, **env, "L1_ID": l1_id, "SERVED_PUBLISH_RATE": rate,
-                     "METRICS_PORT": "0"},
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
-        nc = await nats.connect(env["NATS_URL"])
-        try:
-            for l1_id in ids.values():
-                for _ in range(200):
-                    try:
-                        await nc.request(f"memory.get.{l1_id}", b'{"user_id": "warm", "n": 1}',
-                                         timeout=1)
-                        break
-                    except Exception:  # noqa: BLE001 - not subscribed yet
-                        await asyncio.sleep(0.1)
-                else:
-                    raise RuntimeError(f"sidecar {l1_id} did not come up")
-        finally:
-            await nc.close()
+                env={**os.environ, **env, "L1_ID": l1_id, "METRICS_PORT": "0", **settings},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                preexec_fn=baselines.die_with_parent))
+        for proc, l1_id in zip(procs, ids.values()):
+            for _ in range(200):
+                if proc.returncode is not None:
+                    break
+                try:
+                    await nc.request(f"memory.get.{l1_id}", b'{"user_id": "warm", "n": 1}', timeout=1)
+                    break
+                except Exception:  # noqa: BLE001 - not subscribed yet
+                    await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError(f"sidecar {l1_id} did not come up")
+            if proc.returncode is not None:
+                raise RuntimeError(f"sidecar {l1_id} exited with code {proc.returncode}")
         yield ids
     finally:
         for proc in procs:
@@ -261,6 +264,17 @@ async def _sidecars(env: dict[str, str], rates: dict[str, str]):
                 proc.terminate()
         for proc in procs:
             await proc.wait()
+
+
+def l1_identity(root: Path | None, env: dict[str, str]) -> BusAuth:
+    """The memory-l1 role's credentials on the stack in `root` (its `nats-identities.json`),
+    else the stack's admin (a stack whose users the bench does not know)."""
+    from shared import stack
+
+    passwords = stack.identities(root) if root else {}
+    if MEMORY_L1 in passwords:
+        return BusAuth(user=MEMORY_L1, password=passwords[MEMORY_L1])
+    return BusAuth.from_env(env, ADMIN)
 
 
 def _failed_service(out: str, candidates: list[str]) -> str | None:
@@ -496,6 +510,7 @@ class Bench:
         self.up: set[str] = set()
         self.stack_problem = ""
         self.logs: Path | None = None
+        self.state: Path | None = None  # the stack's state folder (its NATS identities), if known
         self.failed = False
         self.plan: Plan | None = None
         self.last_seq = 0
@@ -547,8 +562,6 @@ class Bench:
     # -- main
 
     async def run(self) -> Report:
-        import nats
-
         t0 = time.monotonic()
         self.report.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         stack = Stack(self.opts, self.say)
@@ -557,9 +570,11 @@ class Bench:
             self.stack_problem = stack.problem
             self.logs = stack.logs
             self.env = stack.env
-            self.nc = await nats.connect(self.env["NATS_URL"], name="bench", allow_reconnect=False,
-                                         max_reconnect_attempts=1, connect_timeout=5,
-                                         pending_size=64 * 1024 * 1024)
+            self.state = stack.root or (self.opts.stack_env.parent if self.opts.stack_env else None)
+            # Admin: the bench also calls internal subjects (memory.l2.get, memory.l3.get, $JS.API).
+            self.nc = await bus.connect_as(self.env, ADMIN, name="bench", allow_reconnect=False,
+                                           max_reconnect_attempts=1, connect_timeout=5,
+                                           pending_size=64 * 1024 * 1024)
             self.up = {s for s in SERVICES if await ping(self.nc, s)}
             self.say(f"services answering: {', '.join(sorted(self.up)) or 'none'}")
             self.report.facts = await machine_facts(self.nc, self.env)
@@ -763,7 +778,9 @@ class Bench:
             return
         hot = self.plan.normal_users[:200]
         users = [self.plan.users[u] for u in hot]
-        async with _sidecars(self.env, {"on": "1.0", "off": "0"}) as ids:
+        as_l1 = {**self.env, **baselines.auth_env(l1_identity(self.state, self.env))}
+        async with sidecars(self.nc, as_l1, {"audit-on": {"SERVED_PUBLISH_RATE": "1.0"},
+                                             "audit-off": {"SERVED_PUBLISH_RATE": "0"}}) as ids:
             bodies = [_encode({"user_id": u, "op": "recent", "n": 5}) for u in users]
             for sidecar in ids.values():  # fill both sidecars' windows
                 for body in bodies:
@@ -776,8 +793,8 @@ class Bench:
                 return call
 
             on, off = TierCheck("l1", 5), TierCheck("l1", 5)
-            out = await baselines.interleaved({"on": (direct(ids["on"]), on),
-                                               "off": (direct(ids["off"]), off)},
+            out = await baselines.interleaved({"on": (direct(ids["audit-on"]), on),
+                                               "off": (direct(ids["audit-off"]), off)},
                                               o.samples, o.warmup)
         r.summary, r.baseline = summarize(out["on"]), summarize(out["off"])
         r.ratio_p50 = ratio(r.summary.p50, r.baseline.p50)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from bench.memory import Report, Result
+from bench.memory import Report, Result, Target
 from bench.stats import Summary, fmt_ratio, fmt_us, markdown_table
 
 NAME = "memory"
@@ -41,6 +41,21 @@ def to_dict(report: Report) -> dict:
     d["options"]["stack_env"] = str(report.options.stack_env) if report.options.stack_env else None
     d["summary"] = targets_summary(report.results)
     return d
+
+
+def load_results(path: Path) -> tuple[str, list[Result]]:
+    """(when the run started, its results) from a report's JSON file, as the run left them."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    known = {f.name for f in fields(Result)}
+
+    def summary(value: dict | None) -> Summary | None:
+        return Summary(**value) if value else None
+
+    results = [Result(**{**{k: v for k, v in d.items() if k in known},
+                         "summary": summary(d.get("summary")), "baseline": summary(d.get("baseline")),
+                         "targets": [Target(**t) for t in d.get("targets", [])]})
+               for d in data.get("results", [])]
+    return data.get("started", "?"), results
 
 
 def targets_table(results) -> str:

@@ -158,3 +158,27 @@ def test_the_summary_puts_every_measurement_in_one_table_with_a_plot(tmp_path):
     assert ["memory", "appends", "5,000/s", "", "", "bare JetStream publish", "20,000/s", "0.25×", ""] in rows
     assert rows[-1][:3] == ["llm", "L3 recent", "skipped"]
     assert (tmp_path / "summary.png").stat().st_size > 1000 and len(paths) == 2
+
+
+def test_a_run_of_one_area_keeps_the_other_areas_rows_from_their_last_run(tmp_path):
+    from bench import report, summary
+    from bench.memory import Options, Report, Result, Target
+    from bench.stats import Summary
+
+    earlier = Report(options=Options(), started="2026-11-26T12:00Z", results=[
+        Result(key="l1_hit", title="L1 hit", summary=Summary(100, 250.0, 500.0, 900.0, 260.0, 200.0, 1e3),
+               baseline_label="bare NATS round trip", ratio_p50=1.25,
+               baseline=Summary(100, 200.0, 400.0, 800.0, 210.0, 150.0, 900.0),
+               targets=[Target("p50 ≤ 1.2×", False, "1.25×")])])
+    report.write(earlier, tmp_path)
+    now = Result(key="security_l1_locked", title="Auth cost: L1 hit", ratio_p50=1.02,
+                 summary=Summary(100, 255.0, 500.0, 900.0, 260.0, 200.0, 1e3), baseline_label="open server",
+                 baseline=Summary(100, 250.0, 400.0, 800.0, 210.0, 150.0, 900.0))
+    summary.write([("security", [now])], "2026-12-05T08:00Z", tmp_path)
+
+    text = (tmp_path / "summary.md").read_text()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ")]
+    assert [r[:3] for r in rows[1:]] == [["memory", "L1 hit", "250 µs"], ["security", "Auth cost: L1 hit", "255 µs"]]
+    assert rows[1][-1] == "**FAIL**: p50 ≤ 1.2×"
+    assert "memory 2026-11-26T12:00Z, security 2026-12-05T08:00Z" in text
