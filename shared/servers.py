@@ -13,7 +13,7 @@ Public API::
     free_port() -> int
     start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False,
                users=None, tls=None, cluster=None) -> Server   # users: shared.permissions.nats_users(...)
-    NatsCluster(name, route_port, route_ports)             # cluster=: one node of a routed cluster
+    NatsCluster(route_port, route_ports, name) / nats_cluster(size) -> [NatsCluster]  # cluster= of each node
     start_redis(folder, *, ...) -> Server
     start_postgres(folder, *, ..., database="tiermem") -> Server
     Server.url / .pid / .port / .log_path / .stop(timeout=10) / .alive() / .record()
@@ -52,6 +52,7 @@ __all__ = [
     "ServerStartError",
     "free_port",
     "log_tail",
+    "nats_cluster",
     "nats_server_binary",
     "postgres_bin_dir",
     "process_alive",
@@ -389,6 +390,15 @@ class NatsCluster:
     def config(self) -> dict:
         return {"name": self.name, "listen": f"{HOST}:{self.route_port}",
                 "routes": [f"nats-route://{HOST}:{p}" for p in self.route_ports]}
+
+
+def nats_cluster(size: int = 3, name: str = "tiermem") -> list[NatsCluster]:
+    """The `cluster=` of each node of a `size`-node cluster on loopback (free route ports).
+
+    Start each node with its own folder and client port; restart one with the
+    same folder, port and `NatsCluster` to bring the same peer back."""
+    ports = tuple(free_port() for _ in range(size))
+    return [NatsCluster(p, ports, name) for p in ports]
 
 
 def start_nats(
