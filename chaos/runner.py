@@ -20,7 +20,7 @@ import asyncpg
 from chaos import truth as t
 from chaos.faults import POISON_IDS, Context, Fault
 from chaos.workload import INTENT, Workload, watch_forgotten
-from shared import stream
+from shared import stream, subjects
 
 GRACE_S = 1.0  # AUDIT_GRACE_S: how old an acknowledged message must be before a read may not lack it
 PRE_S = 1.0
@@ -75,6 +75,7 @@ async def check_stores(ctx: Context, truth: t.Truth, stores: Stores, wait_s: flo
     deadline = time.monotonic() + wait_s
     notes: list[str] = []
     while True:
+        snapshot = time.time()
         try:
             log, l3 = await read_stores(ctx.admin, ctx.harness.env["DATABASE_URL"], ctx.users)
         except Exception as e:  # noqa: BLE001 - a store still down: retry until the deadline
@@ -82,7 +83,7 @@ async def check_stores(ctx: Context, truth: t.Truth, stores: Stores, wait_s: flo
                 return 0, 0, [f"stores unreadable: {e!r}"]
             await asyncio.sleep(0.5)
             continue
-        lost_log, lost_l3 = t.lost(truth, log, ctx.users), t.lost(truth, l3, ctx.users)
+        lost_log, lost_l3 = t.lost(truth, log, ctx.users, snapshot), t.lost(truth, l3, ctx.users, snapshot)
         if not lost_l3 - lost_log or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
@@ -93,10 +94,25 @@ async def check_stores(ctx: Context, truth: t.Truth, stores: Stores, wait_s: flo
     new_dups = max(0, dups - stores.duplicates)
     stores.duplicates = max(dups, stores.duplicates)
     if new & lost_log:
-        notes.append(f"{len(new & lost_log)} acked append(s) missing from the durable log")
+        notes.append(f"{len(new & lost_log)} acked append(s) missing from the durable log "
+                     f"({await _what_is_there(ctx, truth, new & lost_log)})")
     if new & lost_l3:
         notes.append(f"{len(new & lost_l3)} acked append(s) missing from L3 after {wait_s:.0f} s")
     return len(new), new_dups, notes
+
+
+async def _what_is_there(ctx: Context, truth: t.Truth, missing: set) -> str:
+    """For the report: what the stream holds at the seq an append was acknowledged with."""
+    seqs = {a.msg_id: a.seq for acks in truth.acks.values() for a in acks}
+    out = []
+    for user, msg_id in sorted(missing)[:3]:
+        seq = seqs[msg_id]
+        try:
+            msg = await ctx.admin.jetstream().get_msg(subjects.STREAM, seq)
+            out.append(f"seq {seq} of {user}/{msg_id} now holds {msg.subject}")
+        except Exception as e:  # noqa: BLE001 - gone (purged, deleted) is the finding
+            out.append(f"seq {seq} of {user}/{msg_id}: {type(e).__name__}")
+    return "; ".join(out)
 
 
 async def _recovered(truth: t.Truth, healed: float) -> float:

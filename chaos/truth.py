@@ -76,24 +76,27 @@ class Truth:
     def ack(self, a: Ack) -> None:
         self.acks.setdefault(a.user, []).append(a)
 
-    def acked(self, users=None) -> set[tuple[str, str]]:
-        """(user, msg_id) of every acknowledged append not taken back by a forget."""
+    def acked(self, users=None, before: float = float("inf")) -> set[tuple[str, str]]:
+        """(user, msg_id) of every append acknowledged before `before` and not taken back by a forget."""
         out = set()
         for user, acks in self.acks.items():
             if users is not None and user not in users:
                 continue
             gone = self.forgets.get(user)
-            out.update((user, a.msg_id) for a in acks if gone is None or a.t > gone.t_reply)
+            out.update((user, a.msg_id) for a in acks
+                       if a.t < before and (gone is None or a.t > gone.t_reply))
         return out
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def lost(truth: Truth, stored: dict[str, list[tuple[int, str]]], users) -> set[tuple[str, str]]:
-    """Acknowledged appends of `users` missing from a store ({user: [(seq, msg_id)]})."""
+def lost(truth: Truth, stored: dict[str, list[tuple[int, str]]], users,
+         before: float = float("inf")) -> set[tuple[str, str]]:
+    """Appends of `users` acknowledged before `before` (when the store was read: later ones may
+    not be in that snapshot yet) missing from a store ({user: [(seq, msg_id)]})."""
     have = {(u, m) for u, rows in stored.items() for _, m in rows}
-    return truth.acked(users) - have
+    return truth.acked(users, before) - have
 
 
 def duplicates(stored: dict[str, list[tuple[int, str]]]) -> int:
