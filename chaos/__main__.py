@@ -21,7 +21,7 @@ from chaos.harness import Harness
 from chaos.runner import Stores, check_stores, run_trial
 from chaos.truth import Truth
 from chaos.workload import Workload
-from shared import bus, permissions
+from shared import bus, permissions, subjects
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = "kill:l2-gateway,stop:memory-l1,llm-529,poison"
@@ -58,10 +58,11 @@ async def run(args: argparse.Namespace, harness: Harness, selected: list) -> tup
     w = Workload(worker, truth, users)
     stop = asyncio.Event()
     load = asyncio.create_task(w.run(stop))
-    results, deadline_hit = [], False
+    results, deadline_hit, replicas = [], False, None
     started = time.monotonic()
     try:
         await asyncio.sleep(2.0)  # warm: every user has messages, windows and cached intents
+        replicas = (await admin.jetstream().stream_info(subjects.STREAM)).config.num_replicas
         for trial in range(args.trials):
             for f in selected:
                 if time.monotonic() - started > args.deadline:
@@ -89,7 +90,7 @@ async def run(args: argparse.Namespace, harness: Harness, selected: list) -> tup
         await admin.close()
     checked = {"acked_appends": sum(map(len, truth.acks.values())), "reads": len(truth.reads),
                "llm_hits": sum(c.status == "hit" for c in truth.llm), "requests": len(truth.calls)}
-    return results, {"deadline_hit": deadline_hit, "checked": checked}
+    return results, {"deadline_hit": deadline_hit, "checked": checked, "stream_replicas": replicas}
 
 
 def main(argv: list[str] | None = None) -> int:

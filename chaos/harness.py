@@ -15,16 +15,18 @@ spawned and stopped here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import permissions, servers, stack
+from shared import bus, permissions, servers, stack
 
 SIMULATOR_ENV = {"SIMULATOR_LATENCY_MEDIAN_S": "0.02", "SIMULATOR_LATENCY_P95_S": "0.05"}
 
@@ -67,6 +69,7 @@ class Harness:
             for i, spec in enumerate(self.nats_specs):
                 self.servers[f"nats{i}"] = servers.start_nats(self.root / f"nats{i}", users=users, cluster=spec)
             nats_url = ",".join(self.servers[f"nats{i}"].url for i in range(3))
+            asyncio.run(self._jetstream_ready(nats_url))
         else:
             self.servers["nats"] = servers.start_nats(self.root / "nats", users=users)
             nats_url = self.servers["nats"].url
@@ -83,6 +86,24 @@ class Harness:
         os.environ.pop("ANTHROPIC_API_KEY", None)
         self.env = {**urls, **stack.up(root=self.root / "stack", timeout=120)}
         return self.env
+
+    async def _jetstream_ready(self, url: str, timeout: float = 60.0) -> None:
+        """Wait until the cluster elected its JetStream meta leader: the gateway's start-up
+        (stream and KV lookups) fails on a cluster that has none yet."""
+        auth = bus.BusAuth(user=permissions.ADMIN, password=self.passwords[permissions.ADMIN])
+        nc = await bus.connect(url, auth, connect_timeout=5)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    await nc.jetstream().account_info()
+                    return
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
 
     def stop(self) -> None:
         for p in [*self.extras, *self.procs.values()]:

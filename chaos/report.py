@@ -87,6 +87,7 @@ def markdown(out: Path) -> str:
         o = data["options"]
         parts += [f"## {title}", "",
                   f"{data['finished']}: {o['trials']} trial(s) per fault, {o['users']} users, "
+                  f"stream `MEMORY` R{o.get('stream_replicas')}, "
                   f"{o['wall_s']:.0f} s wall time{'; stopped at the deadline' if o.get('deadline_hit') else ''}; "
                   + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in o.get("checked", {}).items()) + " checked. "
                   f"Plot: `{stem}.png` (p95 latency through each fault's first trial).", "",
