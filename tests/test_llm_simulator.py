@@ -322,6 +322,17 @@ async def test_a_delay_fault_provokes_a_client_timeout(sim):
     await ask(sim, "Hi")  # the next request is not delayed
 
 
+async def test_a_truncate_fault_cuts_answers_short_with_stop_reason_max_tokens(sim):
+    await post(sim, "/faults", {"truncate_tokens": 2, "count": 1})
+    async with client(sim) as c:
+        cut = await c.messages.create(model=MODEL, max_tokens=200,
+                                      messages=[{"role": "user", "content": "Is it available?"}])
+        whole = await c.messages.create(model=MODEL, max_tokens=200,
+                                        messages=[{"role": "user", "content": "Is it available?"}])
+    assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens <= 2
+    assert whole.stop_reason == "end_turn" and len(whole.content[0].text) > len(cut.content[0].text)
+
+
 # --------------------------------------------------------------------------- prompt caching
 
 

@@ -85,6 +85,48 @@ async def test_jetstream_acks_a_published_message(nats_url, clean_nats):
         await nc.close()
 
 
+async def test_three_node_cluster_keeps_acking_r3_appends_through_a_node_restart(tmp_path):
+    import asyncio
+    import secrets
+
+    passwords = {name: secrets.token_urlsafe(16) for name in permissions.ROLES}
+    users = permissions.nats_users(passwords)
+    specs = servers.nats_cluster(3)
+    nodes = [servers.start_nats(tmp_path / f"node{i}", users=users, cluster=c, die_with_parent=True)
+             for i, c in enumerate(specs)]
+    url = ",".join(n.url for n in nodes)  # NATS_URL naming every node
+    admin = bus.BusAuth(user=permissions.ADMIN, password=passwords[permissions.ADMIN])
+    nc = await bus.connect(url, admin, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        js = nc.jetstream()
+        for _ in range(100):  # the meta leader is elected once the routes are up
+            try:
+                await js.add_stream(name="T", subjects=["t.>"], num_replicas=3)
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+        acked = [(await js.publish("t.x", b"%d" % i)).seq for i in range(10)]
+        peer_name = nodes[0].cmd[nodes[0].cmd.index("-n") + 1]
+        nodes[0].stop()  # the first URL: the client most likely sits on it and must fail over
+        for i in range(10, 20):
+            for _ in range(100):
+                try:
+                    acked.append((await js.publish("t.x", b"%d" % i, timeout=1)).seq)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+        nodes[0] = servers.start_nats(tmp_path / "node0", port=nodes[0].port, users=users, cluster=specs[0],
+                                      die_with_parent=True)
+        assert len(acked) == 20
+        info = await js.stream_info("T")
+        assert info.state.messages == 20 and info.config.num_replicas == 3
+        assert nodes[0].cmd[nodes[0].cmd.index("-n") + 1] == peer_name  # the same JetStream peer
+    finally:
+        await nc.close()
+        for n in nodes:
+            n.stop()
+
+
 async def test_redis_set_then_get(redis_url, clean_redis):
     import redis.asyncio as redis
 

@@ -83,7 +83,9 @@ class SimulatorSettings(msgspec.Struct, frozen=True, kw_only=True):
 @dataclass
 class Fault:
     """One rule: the next `count` requests (all, when None), each with chance `rate`,
-    wait `delay_s` and then fail with `status` (or, without a status, answer normally)."""
+    wait `delay_s` and then fail with `status` (or, without a status, answer normally;
+    with `truncate_tokens`, cut short there with stop_reason "max_tokens", as a model
+    that ran out of tokens). A test aid: the fault suite (`chaos`) drives these."""
 
     status: int | None = None
     count: int | None = None
@@ -91,20 +93,24 @@ class Fault:
     delay_s: float = 0.0
     retry_after_s: float | None = None  # 429 default 1 s; fractions also go out as retry-after-ms
     message: str | None = None
+    truncate_tokens: int | None = None
 
     @classmethod
     def parse(cls, raw: Any) -> "Fault":
         if not isinstance(raw, dict):
             raise ApiError("a fault must be a JSON object")
-        unknown = set(raw) - {"status", "count", "rate", "delay_s", "retry_after_s", "message"}
+        unknown = set(raw) - {"status", "count", "rate", "delay_s", "retry_after_s", "message",
+                             "truncate_tokens"}
         if unknown:
             raise ApiError(f"unknown fault fields: {sorted(unknown)}")
         try:
             fault = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ApiError(f"bad fault: {exc}") from None
-        if fault.status is None and fault.delay_s <= 0:
-            raise ApiError("a fault needs a status, a delay_s, or both")
+        if fault.status is None and fault.delay_s <= 0 and not fault.truncate_tokens:
+            raise ApiError("a fault needs a status, a delay_s or truncate_tokens")
+        if fault.truncate_tokens is not None and fault.truncate_tokens < 1:
+            raise ApiError("fault truncate_tokens must be >= 1")
         if fault.status is not None and not 400 <= fault.status <= 599:
             raise ApiError("fault status must be 400..599")
         if not 0 < fault.rate <= 1 or (fault.count is not None and fault.count < 1) or fault.delay_s < 0:
@@ -271,6 +277,8 @@ class Simulator:
                     status = fault.status
                     return self._fault_response(fault, rid)
             request = responder.parse_request(raw, max_output_tokens=self.settings.max_output_tokens)
+            if fault is not None and fault.truncate_tokens:
+                request.max_tokens = min(request.max_tokens, fault.truncate_tokens)
             reply = responder.respond(request, self.cache, time.monotonic())
             self.by_task[reply.task] += 1
             self.tokens.update(input=reply.usage.input_tokens, output=reply.output_tokens,
