@@ -12,7 +12,8 @@ Public API::
 
     free_port() -> int
     start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False,
-               users=None, tls=None) -> Server   # users: shared.permissions.nats_users(...)
+               users=None, tls=None, sync_interval=None, monitor_port=None) -> Server
+                                                           # users: shared.permissions.nats_users(...)
     start_redis(folder, *, ...) -> Server
     start_postgres(folder, *, ..., database="tiermem") -> Server
     Server.url / .pid / .port / .log_path / .stop(timeout=10) / .alive() / .record()
@@ -381,12 +382,19 @@ def start_nats(
     binary: Path | str | None = None,
     users: list[dict] | None = None,
     tls: tuple[str, str] | None = None,
+    sync_interval: str | None = None,
+    monitor_port: int | None = None,
 ) -> Server:
     """NATS with JetStream; streams live in `folder/jetstream` and survive a restart.
 
     `users`: the `authorization.users` of the config (`shared.permissions.nats_users`);
     then a client without credentials is refused. `tls`: (cert file, key file)
-    of the server's certificate; then clients must speak TLS.
+    of the server's certificate; then clients must speak TLS. `sync_interval`:
+    how often JetStream fsyncs its files: "always" makes every ack mean "on
+    disk" (an OS or power crash loses nothing acknowledged, at a cost per
+    append); None keeps the server's default (2 min: fast, but such a crash
+    loses up to that much acknowledged data on a single replica).
+    `monitor_port`: serve the HTTP monitor (`/varz`, `/jsz`, `/healthz`) there.
     """
     folder = Path(folder).resolve()
     store = folder / "jetstream"
@@ -396,7 +404,11 @@ def start_nats(
     _check_executable("nats", exe)
     server_name = f"tiermem-{uuid.uuid4().hex[:12]}"  # lets the probe tell our server from a squatter
     config = folder / "nats.conf"
-    conf: dict = {}
+    conf: dict = {"jetstream": {"store_dir": str(store)}}
+    if sync_interval is not None:
+        conf["jetstream"]["sync_interval"] = sync_interval
+    if monitor_port is not None:
+        conf["http"] = f"{HOST}:{monitor_port}"
     if users:
         conf["authorization"] = {"users": users}
     if tls:
@@ -407,8 +419,7 @@ def start_nats(
     config.write_text(json.dumps(conf, indent=1))
 
     def build(p: int):
-        cmd = [str(exe), "-c", str(config), "-a", HOST, "-p", str(p), "-js", "-sd", str(store),
-               "-n", server_name]
+        cmd = [str(exe), "-c", str(config), "-a", HOST, "-p", str(p), "-n", server_name]
 
         def probe(_proc) -> bool:
             info = _nats_info(p)
