@@ -45,7 +45,7 @@ test *args: setup
 test-long *args: setup
     .venv/bin/pytest -q -m long "$@"
 
-# start NATS, Redis, Postgres and every service; URLs in .tiermem/stack.env
+# start NATS, Redis, Postgres and every service (restarted when one dies); URLs in .tiermem/stack.env
 up *args: setup
     .venv/bin/python -m shared.stack up "$@"
 
@@ -53,7 +53,7 @@ up *args: setup
 down:
     if [ -x .venv/bin/python ]; then .venv/bin/python -m shared.stack down; fi
 
-# show what runs
+# show what runs, with each service's restarts
 status:
     -.venv/bin/python -m shared.stack status
 

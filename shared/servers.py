@@ -12,7 +12,8 @@ Public API::
 
     free_port() -> int
     start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False,
-               users=None, tls=None, cluster=None) -> Server   # users: shared.permissions.nats_users(...)
+               users=None, tls=None, cluster=None, sync_interval=None, monitor_port=None) -> Server
+                                                  # users: shared.permissions.nats_users(...)
     NatsCluster(route_port, route_ports, name) / nats_cluster(size) -> [NatsCluster]  # cluster= of each node
     start_redis(folder, *, ...) -> Server
     start_postgres(folder, *, ..., database="tiermem") -> Server
@@ -412,6 +413,8 @@ def start_nats(
     users: list[dict] | None = None,
     tls: tuple[str, str] | None = None,
     cluster: NatsCluster | None = None,
+    sync_interval: str | None = None,
+    monitor_port: int | None = None,
 ) -> Server:
     """NATS with JetStream; streams live in `folder/jetstream` and survive a restart.
 
@@ -421,6 +424,11 @@ def start_nats(
     node routes to the others (streams may then have replicas); its server
     name is derived from `folder`, because JetStream knows a peer by its name
     and a node restarted on the same folder must come back as the same peer.
+    `sync_interval`: how often JetStream fsyncs its files: "always" makes every
+    ack mean "on disk" (an OS or power crash loses nothing acknowledged, at a
+    cost per append); None keeps the server's default (2 min: fast, but such a
+    crash loses up to that much acknowledged data on a single replica).
+    `monitor_port`: serve the HTTP monitor (`/varz`, `/jsz`, `/healthz`) there.
     """
     folder = Path(folder).resolve()
     store = folder / "jetstream"
@@ -432,7 +440,11 @@ def start_nats(
     server_name = (f"tiermem-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}" if cluster
                    else f"tiermem-{uuid.uuid4().hex[:12]}")
     config = folder / "nats.conf"
-    conf: dict = {}
+    conf: dict = {"jetstream": {"store_dir": str(store)}}
+    if sync_interval is not None:
+        conf["jetstream"]["sync_interval"] = sync_interval
+    if monitor_port is not None:
+        conf["http"] = f"{HOST}:{monitor_port}"
     if users:
         conf["authorization"] = {"users": users}
     if tls:
@@ -445,8 +457,7 @@ def start_nats(
     config.write_text(json.dumps(conf, indent=1))
 
     def build(p: int):
-        cmd = [str(exe), "-c", str(config), "-a", HOST, "-p", str(p), "-js", "-sd", str(store),
-               "-n", server_name]
+        cmd = [str(exe), "-c", str(config), "-a", HOST, "-p", str(p), "-n", server_name]
 
         def probe(_proc) -> bool:
             info = _nats_info(p)

@@ -3,11 +3,19 @@
 Why: production runs every service as its own process talking over NATS; the
 dev box and the end-to-end tests should too. `up` starts NATS, Redis and
 Postgres (or uses `NATS_URL` / `REDIS_URL` / `DATABASE_URL` when set), then
-every service in `SERVICES`, and returns only when each one answers the NATS
-service API ping. If anything fails it stops what it started, so nothing is
-left behind. Every started pid is recorded with its start time in
-`<state>/stack.json`, so `down` stops exactly those processes and never a
-recycled pid. `<state>/stack.env` holds the URLs for clients and tools.
+the supervisor (`shared.supervise`), which starts every service in `SERVICES`
+and restarts any that dies, with backoff, as Kubernetes would. `up` returns
+only when each service answers the NATS service API ping; a service that
+exits before that fails `up`. If anything fails it stops what it started, so
+nothing is left behind. Every started pid is recorded with its start time in
+`<state>/stack.json` (by the supervisor, for services: restarts included), so
+`down` stops exactly those processes and never a recycled pid; it stops the
+supervisor first, so nothing is restarted behind its back. `<state>/stack.env`
+holds the URLs for clients and tools.
+
+The NATS server `up` starts fsyncs every JetStream write before it acks
+(`sync_interval: always`, `NATS_SYNC_INTERVAL`): an acknowledged append
+survives an OS or power crash, not only a crash of the server.
 
 The bus is locked: a NATS server that `up` starts gets one user per role of
 `shared.permissions`, with a fresh random password each `up`. Each service
@@ -32,7 +40,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -71,6 +78,9 @@ SERVERS = (
 )
 
 DEFAULT_UP_TIMEOUT = 60.0  # the l3 indexer loads an embedding model
+NATS_SYNC_INTERVAL = "always"  # acked means on disk (the server's default fsyncs every 2 min)
+SUPERVISOR = "supervisor"  # name and kind of the supervisor's record
+SUPERVISOR_START_TIMEOUT = 30.0  # until it has started every service (an interpreter start, on a busy box)
 SERVICE_STOP_TIMEOUT = 10.0
 
 
@@ -102,7 +112,12 @@ def load_env(state: Path | None = None) -> dict[str, str]:
 
 
 class _State:
-    """`stack.json`: every process `up` started, rewritten after each start (a crash mid-`up` is still cleanable)."""
+    """`stack.json`: every process `up` started, rewritten after each start (a crash mid-`up` is still cleanable).
+
+    Two processes write it, `up` and the supervisor (every restart), so each
+    write is a read-modify-write under the file's own lock (`edit`); readers
+    see whole files only (atomic replace).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -112,15 +127,26 @@ class _State:
         self.urls: dict[str, str] = {}
 
     def load(self) -> _State:
+        self.processes, self.urls = [], {}
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             data = json.loads(self.path.read_text())
             self.processes = data.get("processes", [])
             self.urls = data.get("urls", {})
         return self
 
-    def add(self, record: dict) -> None:
-        self.processes.append(record)
-        self.save()
+    def add(self, *records: dict) -> None:
+        with self.edit():
+            self.processes.extend(records)
+
+    @contextlib.contextmanager
+    def edit(self):
+        """Load, let the block change `processes` / `urls`, save; not saved if the block raises."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".stack.json.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.load()
+            yield self
+            self.save()
 
     def save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -196,9 +222,11 @@ def up(
         try:
             env = _start_servers(state, root)
             _write_env(state, env)
-            procs = _start_services(state, root, specs, env)
+            logs = _plan_services(state, root, specs, env)
             _write_env(state, env)
-            _wait_for_services(env, procs, timeout)
+            if logs:
+                _start_supervisor(state, root)
+                _wait_for_services(env, state, logs, timeout)
         except BaseException as e:
             known = isinstance(e, (StackError, servers.ServerStartError))
             why = "see below" if known else "interrupted" if isinstance(e, KeyboardInterrupt) else repr(e)
@@ -237,15 +265,22 @@ def _start_servers(state: _State, root: Path) -> dict[str, str]:
             _say(f"{name:<9} using {var}={given}")
             continue
         t = time.monotonic()
-        extra = {"users": permissions.nats_users(_new_identities(root))} if name == "nats" else {}
+        extra: dict = {}
+        record_extra: dict = {}
+        if name == "nats":
+            monitor = servers.free_port()
+            extra = {"users": permissions.nats_users(_new_identities(root)), "sync_interval": NATS_SYNC_INTERVAL,
+                     "monitor_port": monitor}
+            record_extra = {"monitor_url": f"http://{servers.HOST}:{monitor}"}
         server = start(root / name, log_path=root / "logs" / f"{name}.log", **extra)
-        state.add(server.record())
+        state.add({**server.record(), **record_extra})
         env[var] = server.url
         _say(f"{name:<9} started on {servers.HOST}:{server.port} (pid {server.pid}, "
              f"{time.monotonic() - t:.1f} s, log {server.log_path})")
-    state.urls = dict(env)
-    state.save()
+    with state.edit():
+        state.urls = dict(env)
     env.update(_tool_identities(identities(root)))
+    env.update({"NATS_MONITOR_URL": p["monitor_url"] for p in state.processes if p.get("monitor_url")})
     return env
 
 
@@ -312,45 +347,59 @@ def _check_reachable(var: str, url: str) -> None:
         raise StackError(f"{var}={url} is not reachable ({e}); unset {var} to start a local server") from e
 
 
-@dataclass(frozen=True)
-class _Started:
-    proc: subprocess.Popen
-    log_path: Path
-    log_offset: int  # where this run's output starts in the log
-
-    def failure(self, name: str, what: str) -> str:
-        tail = servers.log_tail(self.log_path, since=self.log_offset)
-        return f"service {name} {what}; last lines of {self.log_path}:\n{tail}"
-
-
-def _start_services(state: _State, root: Path, specs: list[ServiceSpec], env: dict[str, str]) -> dict[str, _Started]:
+def _plan_services(state: _State, root: Path, specs: list[ServiceSpec], env: dict[str, str]) -> dict[str, int]:
+    """One record per service for the supervisor to start (no pid yet); returns name -> size of its log
+    (where this run's output starts, for error messages)."""
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    procs: dict[str, _Started] = {}
+    records, offsets = [], {}
     ports: set[int] = set()
-    passwords = identities(root)
-    pii_key = os.environ.get("PII_HASH_KEY") or _pii_hash_key(root)
+    _pii_hash_key(root)  # created here, once, not by the supervisor's first starts at the same time
     for spec in specs:
         if not _module_exists(spec.module):
             raise StackError(f"service {spec.name}: module {spec.module} has no __main__.py (not written yet?)")
         while (port := servers.free_port()) in ports:
             pass
         ports.add(port)
-        cmd = [sys.executable, "-m", spec.module]
         log_path = logs / f"{spec.name}.log"
-        since = log_path.stat().st_size if log_path.exists() else 0
-        child_env = {**os.environ, **{var: env[var] for _, var, _ in SERVERS if var in env},
-                     **_service_identity(spec.name, passwords), "PII_HASH_KEY": pii_key,
-                     "METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-        proc = servers.spawn(spec.name, cmd, log_path=log_path, env=child_env, cwd=REPO_ROOT)
+        offsets[spec.name] = log_path.stat().st_size if log_path.exists() else 0
         metrics_url = f"http://{servers.HOST}:{port}/metrics"
-        state.add({"name": spec.name, "kind": "service", "pid": proc.pid,
-                   "start_time": servers.process_start_time(proc.pid), "stop_signal": int(signal.SIGTERM),
-                   "log": str(log_path), "cmd": cmd, "metrics_url": metrics_url})
+        records.append({"name": spec.name, "kind": "service", "pid": None, "start_time": None,
+                        "stop_signal": int(signal.SIGTERM), "log": str(log_path),
+                        "cmd": [sys.executable, "-m", spec.module], "metrics_port": port,
+                        "metrics_url": metrics_url, "restarts": 0, "last_exit": None, "next_start_at": None})
         env[metrics_env_name(spec.name)] = metrics_url
-        procs[spec.name] = _Started(proc, log_path, since)
-        _say(f"{spec.name:<9} started (pid {proc.pid}, metrics {metrics_url}, log {log_path})")
-    return procs
+    state.add(*records)
+    return offsets
+
+
+def service_env(name: str, root: Path, urls: dict[str, str], metrics_port: int) -> dict[str, str]:
+    """The environment of service `name`: ours, the servers' URLs, its own NATS identity, the PII key.
+
+    Built again for every start (the supervisor's restarts too) instead of
+    stored, so the passwords stay in the owner-only identities file.
+    """
+    return {**os.environ, **{var: urls[var] for _, var, _ in SERVERS if var in urls},
+            **_service_identity(name, identities(root)),
+            "PII_HASH_KEY": os.environ.get("PII_HASH_KEY") or _pii_hash_key(root),
+            "METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
+
+
+def _start_supervisor(state: _State, root: Path) -> None:
+    """`python -m shared.supervise <root>`: it starts the planned services and restarts them when they die."""
+    log_path = root / "logs" / f"{SUPERVISOR}.log"
+    cmd = [sys.executable, "-m", "shared.supervise", str(root)]
+    with state.edit():  # recorded before it can write: its first edit waits for this one
+        proc = servers.spawn(SUPERVISOR, cmd, log_path=log_path, cwd=REPO_ROOT)
+        state.processes.append({"name": SUPERVISOR, "kind": SUPERVISOR, "pid": proc.pid,
+                                "start_time": servers.process_start_time(proc.pid),
+                                "stop_signal": int(signal.SIGTERM), "log": str(log_path), "cmd": cmd})
+    _say(f"{SUPERVISOR:<9} started (pid {proc.pid}, log {log_path})")
+
+
+def _failure(record: dict, since: int, what: str) -> str:
+    tail = servers.log_tail(record["log"], since=since)
+    return f"service {record['name']} {what}; last lines of {record['log']}:\n{tail}"
 
 
 def _service_identity(name: str, passwords: dict[str, str]) -> dict[str, str]:
@@ -370,31 +419,48 @@ def _write_env(state: _State, env: dict[str, str]) -> None:
     _write_private(state.env_path, "".join(f"{k}={v}\n" for k, v in env.items()))
 
 
-def _wait_for_services(env: dict[str, str], procs: dict[str, _Started], timeout: float) -> None:
-    if procs:
-        asyncio.run(_ping_until_up(env, procs, timeout))
+def _wait_for_services(env: dict[str, str], state: _State, logs: dict[str, int], timeout: float) -> None:
+    asyncio.run(_ping_until_up(env, state, logs, timeout))
 
 
-async def _ping_until_up(env: dict[str, str], procs: dict[str, _Started], timeout: float) -> None:
+async def _ping_until_up(env: dict[str, str], state: _State, logs: dict[str, int], timeout: float) -> None:
+    """Until every service answers its ping as the pid the supervisor recorded, each within `timeout` of
+    its start. A service that exits before that fails `up` (a bad setting does not get better with
+    restarts), as does the supervisor's death."""
     t0 = time.monotonic()
+    since: dict[str, float] = {}  # when each service was first seen started
     nc = await bus.connect_as({**os.environ, **env}, permissions.ADMIN, connect_timeout=5,
                               allow_reconnect=False)
     try:
-        pending = dict(procs)
+        pending = dict(logs)
         while pending:
-            for name, started in list(pending.items()):
-                if (rc := started.proc.poll()) is not None:
-                    raise StackError(started.failure(name, f"exited with code {rc}"))
-            answered = await asyncio.gather(*(_ping(nc, n, s.proc.pid) for n, s in pending.items()))
-            for name, ok in list(zip(pending, answered)):
+            state.load()
+            for p in state.processes:
+                if p.get("kind") == SUPERVISOR and not servers.process_alive(p["pid"], p["start_time"]):
+                    raise StackError(f"the supervisor exited; last lines of {p['log']}:\n"
+                                     f"{servers.log_tail(p['log'])}")
+            records = {p["name"]: p for p in state.processes if p.get("kind") == "service" and p["name"] in pending}
+            for name, record in records.items():
+                if last := record.get("last_exit"):
+                    raise StackError(_failure(record, pending[name], f"exited with code {last['code']}"))
+            started = [r for r in records.values() if r["pid"] is not None]
+            since.update({r["name"]: time.monotonic() for r in started if r["name"] not in since})
+            answered = await asyncio.gather(*(_ping(nc, r["name"], r["pid"]) for r in started))
+            for record, ok in zip(started, answered):
                 if ok:
-                    _say(f"{name:<9} up ({time.monotonic() - t0:.1f} s)")
-                    del pending[name]
-            if pending and time.monotonic() - t0 > timeout:
-                name, *others = pending
+                    _say(f"{record['name']:<9} up (pid {record['pid']}, {time.monotonic() - t0:.1f} s, "
+                         f"metrics {record['metrics_url']}, log {record['log']})")
+                    del pending[record["name"]]
+            if waiting := [n for n in pending if n not in since]:
+                if time.monotonic() - t0 > SUPERVISOR_START_TIMEOUT:
+                    raise StackError(f"the supervisor did not start {', '.join(waiting)} within "
+                                     f"{SUPERVISOR_START_TIMEOUT:.0f} s; see {state.root / 'logs' / SUPERVISOR}.log")
+            late = [n for n in pending if n in since and time.monotonic() - since[n] > timeout]
+            if late:
+                name, *others = late
                 also = f" (nor did {', '.join(others)})" if others else ""
-                raise StackError(pending[name].failure(
-                    name, f"did not answer $SRV.PING.{name} within {timeout:.0f} s{also}"))
+                raise StackError(_failure(records[name], pending[name],
+                                          f"did not answer $SRV.PING.{name} within {timeout:.0f} s{also}"))
             if pending:
                 await asyncio.sleep(0.1)
     finally:
@@ -443,9 +509,8 @@ def down(*, root: Path | None = None) -> int:
 
 
 def _stop_all(state: _State) -> int:
-    """Services (in parallel, SIGTERM then SIGKILL after 10 s), then servers in reverse start order."""
-    services = [p for p in state.processes if p.get("kind") == "service"]
-    others = [p for p in state.processes if p.get("kind") != "service"]
+    """The supervisor, then services (in parallel, SIGTERM then SIGKILL after 10 s), then servers in
+    reverse start order. Services are read again once the supervisor is gone: their latest pids."""
 
     def stop(p: dict) -> str:
         t = time.monotonic()
@@ -456,6 +521,15 @@ def _stop_all(state: _State) -> int:
         return f"{p['name']} (pid {p['pid']}) was not running"
 
     count = 0
+    supervisors = [p for p in state.processes if p.get("kind") == SUPERVISOR]
+    for p in supervisors:
+        line = stop(p)
+        _say(line)
+        count += line.startswith("stopped")
+    if supervisors:
+        state.load()
+    services = [p for p in state.processes if p.get("kind") == "service"]
+    others = [p for p in state.processes if p.get("kind") not in ("service", SUPERVISOR)]
     if services:
         with ThreadPoolExecutor(max_workers=len(services)) as pool:
             for line in pool.map(stop, reversed(services)):
@@ -478,7 +552,7 @@ def status(*, root: Path | None = None) -> int:
             _say(f"  {var}={url}")
         return 3
     pings: dict[str, bool] = {}
-    services = {p["name"]: p["pid"] for p in state.processes if p.get("kind") == "service"}
+    services = {p["name"]: p["pid"] for p in state.processes if p.get("kind") == "service" and p["pid"]}
     env = load_env(root)
     if services and env.get("NATS_URL"):
         with contextlib.suppress(Exception):
@@ -489,14 +563,28 @@ def status(*, root: Path | None = None) -> int:
         where = p.get("url") or p.get("metrics_url", "")
         extra = ""
         if p.get("kind") == "service":
-            extra = " ping ok" if pings.get(p["name"]) else " no ping reply"
+            extra = (" ping ok" if pings.get(p["name"]) else " no ping reply") if alive else ""
             all_ok &= bool(pings.get(p["name"]))
+            extra += restart_note(p, time.time())
         all_ok &= alive
-        _say(f"{p['name']:<20} pid {p['pid']:<8} {'running' if alive else 'DEAD':<8} {where}{extra if alive else ''}")
+        _say(f"{p['name']:<20} pid {p['pid'] or '-':<8} {'running' if alive else 'DEAD':<8} {where}{extra}")
     for var, url in load_env(root).items():
         if var in ("NATS_URL", "REDIS_URL", "DATABASE_URL"):
             _say(f"  {var}={url}")
     return 0 if all_ok else 1
+
+
+def restart_note(record: dict, now: float) -> str:
+    """What the supervisor did to a service, for `status`: ", restarts 2 (last: exit -9 at 10:31:02)",
+    and while it waits to start it again, ", next start in 3.5 s"; "" for a service that never exited."""
+    last = record.get("last_exit")
+    if not last:
+        return ""
+    note = f", restarts {record.get('restarts', 0)} (last: exit {last['code']} at " \
+           f"{time.strftime('%H:%M:%S', time.localtime(last['at']))})"
+    if record.get("next_start_at"):
+        note += f", next start in {max(0.0, record['next_start_at'] - now):.1f} s"
+    return note
 
 
 async def _ping_all(env: dict[str, str], services: dict[str, int]) -> dict[str, bool]:

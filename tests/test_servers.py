@@ -13,6 +13,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from shared import bus, permissions, servers, stack
@@ -285,8 +286,10 @@ def test_stack_up_writes_env_and_down_leaves_no_process(tmp_path, redis_url):
         assert env["NATS_URL"].startswith("nats://127.0.0.1:") and env["NATS_URL"] != "nats://127.0.0.1:4222"
         assert env["DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
         recorded = json.loads((state / "stack.json").read_text())["processes"]
-        assert sorted(p["name"] for p in recorded) == ["llm-simulator", "nats", "postgres"]
+        assert sorted(p["name"] for p in recorded) == ["llm-simulator", "nats", "postgres"]  # no supervisor
         assert all(servers.process_alive(p["pid"], p["start_time"]) for p in recorded)
+        varz = httpx.get(env["NATS_MONITOR_URL"] + "/varz", timeout=5).json()
+        assert varz["jetstream"]["config"]["sync_always"] is True  # an ack means on disk
         assert _stack(["status"], state).returncode == 0
     except BaseException:
         _stack(["down"], state)  # a failed assertion must not leave servers running
@@ -369,11 +372,11 @@ def test_stack_up_waits_for_every_service_ping_then_down_stops_them(tmp_path, mo
     env = _in_thread(stack.up, root=state, timeout=30)
     assert env["FAKE_A_METRICS_URL"].startswith("http://127.0.0.1:")
     recorded = json.loads((state / "stack.json").read_text())["processes"]
-    assert [p["name"] for p in recorded] == ["fake-a", "fake-b"]  # servers came from the env
+    assert [p["name"] for p in recorded] == ["fake-a", "fake-b", "supervisor"]  # servers came from the env
     assert "db " + server_env["DATABASE_URL"] in (state / "logs" / "fake-a.log").read_text()
     assert _in_thread(stack.status, root=state) == 0
 
-    assert _in_thread(stack.down, root=state) == 2
+    assert _in_thread(stack.down, root=state) == 3
     assert not any(servers.process_alive(p["pid"]) for p in recorded)
 
 
