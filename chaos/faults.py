@@ -51,11 +51,13 @@ async def _nothing(ctx: Context) -> None:
 
 
 def _kill_service(name: str) -> Fault:
+    killed: list[int | None] = []
+
     async def inject(ctx: Context) -> None:
-        ctx.harness.signal(name, signal.SIGKILL)
+        killed.append(ctx.harness.signal(name, signal.SIGKILL))
 
     async def heal(ctx: Context) -> None:
-        ctx.harness.restart(name)
+        await ctx.harness.restart(name, killed.pop())
 
     return Fault(f"kill:{name}", inject, heal, hold_s=1.0)
 

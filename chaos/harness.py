@@ -7,10 +7,10 @@ which starts every service as its own process, as `just up` does. A 3-node
 NATS cluster (`cluster=True`) gives the services all three URLs and streams
 R3 (`STREAM_REPLICAS=3`).
 
-Services that the suite kills come back through `restart(service)`, one
-function, so that once `shared.stack` supervises its services it can become
-"wait for the supervisor". Extra instances (3 gateways, 2 indexers) are
-spawned and stopped here.
+Services that the suite kills are brought back by the stack's supervisor
+(`shared.supervise`, as `just up` runs it, with a short backoff here so that
+back-to-back kill trials do not wait 30 s); `restart(service)` waits for it.
+Extra instances (3 gateways, 2 indexers) are spawned and stopped here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from shared import bus, permissions, servers, stack
 
 SIMULATOR_ENV = {"SIMULATOR_LATENCY_MEDIAN_S": "0.02", "SIMULATOR_LATENCY_P95_S": "0.05"}
+RESTART_BACKOFF = "0.2,2,5"  # supervisor: first wait, cap, reset after (s)
 
 
 @dataclass
@@ -50,7 +51,6 @@ class Harness:
     servers: dict[str, servers.Server] = field(default_factory=dict)
     nats_specs: list[servers.NatsCluster] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    procs: dict[str, Proc] = field(default_factory=dict)  # service -> the instance we restarted
     extras: list[Proc] = field(default_factory=list)
     passwords: dict[str, str] = field(default_factory=dict)
 
@@ -82,7 +82,8 @@ class Harness:
                 "TIERMEM_NATS_IDENTITIES": str(ids)}
         if self.cluster:
             urls["STREAM_REPLICAS"] = "3"
-        os.environ.update(urls)  # what `stack.up` and the services it spawns read
+        urls["TIERMEM_RESTART_BACKOFF"] = RESTART_BACKOFF
+        os.environ.update(urls)  # what `stack.up`, its supervisor and the services it spawns read
         os.environ.pop("ANTHROPIC_API_KEY", None)
         self.env = {**urls, **stack.up(root=self.root / "stack", timeout=120)}
         return self.env
@@ -106,7 +107,7 @@ class Harness:
             await nc.close()
 
     def stop(self) -> None:
-        for p in [*self.extras, *self.procs.values()]:
+        for p in self.extras:
             servers.stop_process(p.pid, start_time=None, timeout=5, group=True)
         stack.down(root=self.root / "stack")
         for server in self.servers.values():
@@ -114,19 +115,22 @@ class Harness:
 
     # ------------------------------------------------------------------ services
 
-    def pid(self, service: str) -> int:
-        if service in self.procs:
-            return self.procs[service].pid
+    def pid(self, service: str) -> int | None:
+        """The service's current pid as the supervisor recorded it (None while it waits to restart it)."""
         for p in json.loads((self.root / "stack" / "stack.json").read_text())["processes"]:
             if p["name"] == service:
                 return p["pid"]
         raise KeyError(service)
 
-    def signal(self, service: str, sig: int) -> None:
+    def signal(self, service: str, sig: int) -> int | None:
+        """Send `sig` to the service; returns the pid it went to."""
+        pid = self.pid(service)
         try:
-            os.kill(self.pid(service), sig)
+            if pid is not None:
+                os.kill(pid, sig)
         except ProcessLookupError:
             pass
+        return pid
 
     def _spawn(self, service: str, *, metrics_port: int = 0) -> Proc:
         module = next(s.module for s in stack.SERVICES if s.name == service)
@@ -137,9 +141,18 @@ class Harness:
         proc = servers.spawn(service, [sys.executable, "-m", module], log_path=log, env=env, cwd=stack.REPO_ROOT)
         return Proc(service, proc)
 
-    def restart(self, service: str) -> None:
-        """Bring a killed service back (what `shared.stack`'s supervisor will do: then wait for it)."""
-        self.procs[service] = self._spawn(service)
+    async def restart(self, service: str, killed: int | None, timeout: float = 60.0) -> None:
+        """Wait until the supervisor has replaced the killed pid with a live one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid = self.pid(service)
+            except (KeyError, ValueError, OSError):  # stack.json mid-rewrite
+                pid = None
+            if pid is not None and pid != killed and servers.process_alive(pid):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"the supervisor did not restart {service} within {timeout:.0f} s")
 
     def add_instance(self, service: str) -> Proc:
         proc = self._spawn(service)
