@@ -44,7 +44,7 @@ async def build(rt: Runtime) -> None:
 
     async def get(req: GetRequest) -> msgspec.Raw:
         check_get(req)
-        if req.min_seq is not None and not await indexer.applied_through(
+        if req.min_seq is not None and not await indexer.floor.reach(
                 req.min_seq, settings.l3_min_seq_wait_s):
             raise Unavailable(f"L3 has not indexed up to seq {req.min_seq} yet; retry shortly")
         if req.op == "search":
