@@ -1,16 +1,24 @@
-"""The indexer's floor (what is provably in Postgres) against a real JetStream.
+"""The indexer's floor (what is provably in Postgres) and the L3 replies it caps.
 
-The test plays both the gateway (it publishes onto the log) and the indexer
-(it fetches and acknowledges on the indexers' durable consumer), so it
-decides exactly what the consumer has seen when the floor is read.
+Real JetStream and Postgres. The first test plays both the gateway (it
+publishes onto the log) and the indexer (it fetches and acknowledges on the
+indexers' durable consumer), so it decides exactly what the consumer has seen
+when the floor is read. The second runs two indexer replicas in-process, one
+held in the middle of a batch, so that a newer message is committed before
+an older one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 from services.l3_semantic_indexer.floor import Floor
 from services.l3_semantic_indexer.indexer import subscribe
+from services.l3_semantic_indexer.service import build
 from shared import stream, subjects
-from tests.helpers import client
+from shared.contract import LogEntry, encode
+from tests.helpers import call, client, ok, running
 
 
 async def test_a_message_stored_between_the_two_reads_of_the_floor_is_not_counted_as_indexed(clean_nats):
@@ -44,3 +52,50 @@ async def test_a_message_stored_between_the_two_reads_of_the_floor_is_not_counte
         for msg in await psub.fetch(1, timeout=5):
             await msg.ack_sync()
         assert await floor.reach(indexed[-1] + 1, wait_s=1)
+
+
+async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_message_is_uncommitted(clean_state):
+    user = "lead-2"
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(rows):  # the slow replica: stuck with message 1 until released
+        if any(r.msg_id == f"{user}-1" for r in rows):
+            held.set()
+            await release.wait()
+
+    async def append(i: int) -> int:
+        entry = LogEntry(user_id=user, bot_id="sales-1", role="user", text=f"message {i}",
+                         msg_id=f"{user}-{i}", ts="2026-11-26T07:00:00.000Z")
+        return (await js.publish(subjects.log_subject(user), encode(entry))).seq
+
+    async def replies(body: dict) -> list[dict]:
+        """The answers of both replicas (the queue group picks one per request)."""
+        return [await ok(nc, subjects.MEMORY_L3_GET, body) for _ in range(8)]
+
+    env = {**clean_state, "LOG_LEVEL": "warning", "L3_BATCH": "1", "L3_MIN_SEQ_WAIT_S": "0.2"}
+    async with client(clean_state["NATS_URL"]) as nc, \
+            running("l3-semantic-indexer", functools.partial(build, before_commit=hold), env):
+        js = nc.jetstream()
+        old = await append(0)
+        await ok(nc, subjects.MEMORY_L3_GET, {"user_id": user, "n": 10, "min_seq": old})
+        first = await append(1)
+        await asyncio.wait_for(held.wait(), 10)
+        async with running("l3-semantic-indexer", build, env):
+            second = await append(2)
+            while True:  # the fast replica has committed and acknowledged message 2
+                info = await js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER)
+                if info.num_pending == 0 and info.num_ack_pending == 1:
+                    break
+                await asyncio.sleep(0.01)
+
+            for reply in await replies({"user_id": user, "n": 10}):
+                assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (old, [old])
+            for reply in await replies({"user_id": user, "op": "search", "query": "message", "k": 5}):
+                assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (old, [old])
+            code, _ = await call(nc, subjects.MEMORY_L3_GET, {"user_id": user, "n": 10, "min_seq": first})
+            assert code == 503
+
+            release.set()
+            for reply in await replies({"user_id": user, "n": 10, "min_seq": second}):
+                assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (
+                    second, [old, first, second])
