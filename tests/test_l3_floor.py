@@ -47,11 +47,14 @@ async def test_a_message_stored_between_the_two_reads_of_the_floor_is_not_counte
         floor = Floor(lambda: read(lambda: stream.last_seq(js)),
                       lambda: read(lambda: js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER)))
         assert await floor.read() == indexed[-1]
-        assert not await floor.reach(indexed[-1] + 1, wait_s=0.1)
-
-        for msg in await psub.fetch(1, timeout=5):
-            await msg.ack_sync()
-        assert await floor.reach(indexed[-1] + 1, wait_s=1)
+        watcher = asyncio.create_task(floor.watch())
+        try:
+            assert not await floor.reach(indexed[-1] + 1, wait_s=0.1)
+            for msg in await psub.fetch(1, timeout=5):
+                await msg.ack_sync()
+            assert await floor.reach(indexed[-1] + 1, wait_s=1)
+        finally:
+            watcher.cancel()
 
 
 async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_message_is_uncommitted(clean_state):
@@ -99,3 +102,27 @@ async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_messa
             for reply in await replies({"user_id": user, "n": 10, "min_seq": second}):
                 assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (
                     second, [old, first, second])
+
+
+async def test_requests_waiting_for_the_floor_share_one_reading_loop(clean_nats):
+    async with client(clean_nats) as nc:
+        js = nc.jetstream()
+        await stream.ensure_stream(js)
+        await subscribe(js)
+        reads = 0
+
+        async def last_seq() -> int:
+            nonlocal reads
+            reads += 1
+            return await stream.last_seq(js)
+
+        floor = Floor(last_seq, lambda: js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER))
+        watcher = asyncio.create_task(floor.watch())
+        try:
+            waits = [floor.reach(1, wait_s=0.3) for _ in range(50)]
+            assert await asyncio.gather(*waits, floor.fresh()) == [False] * 50 + [0]
+        finally:
+            watcher.cancel()
+        # one reading every POLL_S (0.02 s) for 0.3 s, whatever the number of waiters;
+        # each polling for itself, they would have read about 50 * 15 times
+        assert reads <= 25

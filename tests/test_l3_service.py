@@ -20,7 +20,9 @@ from tests.helpers import call, client, ok, running
 @pytest.fixture
 async def l3(clean_state):
     async with client(clean_state["NATS_URL"]) as nc:
-        async with running("l3-semantic-indexer", build, {**clean_state, "LOG_LEVEL": "warning"}):
+        # min_seq reads wait long enough for a loaded machine to embed 20 texts of 64 KB
+        async with running("l3-semantic-indexer", build, {**clean_state, "LOG_LEVEL": "warning",
+                                                          "L3_MIN_SEQ_WAIT_S": "10"}):
             yield nc
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import structlog
 from nats.js.api import ConsumerInfo
+
+log = structlog.get_logger()
 
 POLL_S = 0.02  # between two reads of the consumer while a min_seq read waits
 
@@ -21,8 +24,9 @@ POLL_S = 0.02  # between two reads of the consumer while a min_seq read waits
 def consumer_floor(last_seq_before: int, info: ConsumerInfo) -> int:
     """The floor that `info` proves, given the stream's last seq read BEFORE `info`.
 
-    The ack floor alone is the proof. It stops short of the stream's end when
-    the tail was deleted before delivery (a forget purges the user's
+    The ack floor alone is the proof (`delivered` adds nothing: with nothing
+    unacknowledged it equals the ack floor). It stops short of the stream's
+    end when the tail was deleted before delivery (a forget purges the user's
     messages), so when the consumer has nothing left to deliver and nothing
     unacknowledged, every message that existed when `info` was read is in,
     which includes every message up to `last_seq_before`. A last seq read
@@ -39,6 +43,12 @@ def consumer_floor(last_seq_before: int, info: ConsumerInfo) -> int:
 class Floor:
     """The floor as this process last read it (`value`, never lower than before).
 
+    One loop per process (`watch`) reads it, only while some request waits:
+    a read wakes every waiter it satisfies, so N waiting requests cost one
+    reading every POLL_S, not N (and requests arriving together share one).
+    A reading that fails leaves `value` as it was: a `min_seq` read then
+    times out with 503, a read without one is capped at the older floor.
+
     `read_last_seq` and `read_consumer` are the two JetStream reads (the
     stream's last seq, the consumer's info); tests interleave writes with them.
     """
@@ -48,6 +58,10 @@ class Floor:
         self.value = 0
         self._read_last_seq = read_last_seq
         self._read_consumer = read_consumer
+        self._wanted = asyncio.Event()  # someone arrived: read now
+        self._reach: list[tuple[int, asyncio.Future]] = []
+        self._fresh: list[asyncio.Future] = []
+        self._failing = False
 
     async def read(self) -> int:
         """Read the floor now (the stream's last seq first: see `consumer_floor`)."""
@@ -59,13 +73,46 @@ class Floor:
         """True once every log message up to `seq` is stored (waits up to `wait_s`)."""
         if seq <= self.value:
             return True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            if seq <= await self.read() or loop.time() >= deadline:
-                return seq <= self.value
-            await asyncio.sleep(POLL_S)
+        waiter = (seq, asyncio.get_running_loop().create_future())
+        self._reach.append(waiter)
+        self._wanted.set()
+        try:
+            await asyncio.wait_for(waiter[1], wait_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if waiter in self._reach:
+                self._reach.remove(waiter)
+        return seq <= self.value
 
     async def fresh(self) -> int:
-        """The floor as read after this call began."""
-        return await self.read()
+        """The floor as read after this call began (or as it was, if that reading failed)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._fresh.append(fut)
+        self._wanted.set()
+        return await fut
+
+    async def watch(self) -> None:
+        """Read the floor whenever someone waits for it, and wake whom it satisfies."""
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            fresh, self._fresh = self._fresh, []
+            try:
+                await self.read()
+                self._failing = False
+            except Exception as exc:  # noqa: BLE001 - JetStream unreachable: keep the old floor
+                if not self._failing:
+                    log.warning("l3_floor_unreadable", error=repr(exc), floor=self.value)
+                self._failing = True
+            for fut in fresh:
+                if not fut.done():
+                    fut.set_result(self.value)
+            for seq, fut in self._reach:
+                if seq <= self.value and not fut.done():
+                    fut.set_result(None)
+            if any(not fut.done() for _, fut in self._reach):
+                try:  # still waited for: read again after POLL_S, or as soon as someone new asks
+                    await asyncio.wait_for(self._wanted.wait(), POLL_S)
+                except asyncio.TimeoutError:
+                    self._wanted.set()

@@ -45,6 +45,7 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     indexer = Indexer(rt, pool, embedder, before_commit=before_commit)
     rt.spawn(indexer.run(), "indexer")
+    rt.spawn(indexer.floor.watch(), "floor-watcher")
     served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
     rt.spawn(served.run(), "served-records")
 
