@@ -269,7 +269,8 @@ async def test_hnsw_plan_uses_the_partial_index_and_exact_does_not(new_database,
             # here is that the partial index matches the statement at all
             await conn.execute("SET enable_seqscan = off")
             for plan in ("exact", "hnsw"):
-                lines = await conn.fetch("EXPLAIN (COSTS OFF) " + sql["search_" + plan], "big-user", qv, 10, 5000)
+                lines = await conn.fetch("EXPLAIN (COSTS OFF) " + sql["search_" + plan], "big-user", qv, 10, 5000,
+                                        store.ALL)
                 plans[plan] = "\n".join(r[0] for r in lines)
             await conn.execute("RESET enable_seqscan")
         assert "messages_hnsw_" in plans["hnsw"]
@@ -446,3 +447,18 @@ async def test_model_switch_keeps_spaces_apart_and_reembed(new_database):
 def test_model_ids_are_validated():
     with pytest.raises(ValueError):
         store._statements("bad'; DROP TABLE x; --", 8)
+
+
+async def test_reads_below_a_floor_leave_out_every_row_above_it(pool, embedder):
+    """What the service does while an older message is still in another replica's batch."""
+    user = uid()
+    await put(pool, embedder, rows(user, ["the budget is tight", "we like the garden"], seq0=1)
+              + rows(user, ["budget doubled", "garden too small"], seq0=5))
+    msgs, newest = await store.recent(pool, user, 10, floor=4)
+    assert ([m.seq for m in msgs], newest) == ([1, 2], 6)
+    qv = (await embedder.embed(["budget garden"], input_type="query"))[0]
+    for kw in ({"plan": "auto"}, {"plan": "exact"}, {"plan": "hnsw"}, {"fusion_candidates": 20}):
+        msgs, newest = await store.search(pool, user, "budget garden", qv, 10, embedder.model_id,
+                                          floor=4, **kw)
+        assert (sorted(m.seq for m in msgs), newest) == ([1, 2], 6), kw
+    assert [await store.newest_upto(pool, user, f) for f in (0, 1, 4, 5, 99)] == [0, 1, 2, 5, 6]

@@ -5,8 +5,8 @@ at least once; the upsert is idempotent on (user_id, msg_id), and a message is
 acknowledged only after its row is committed, so a crash at any point loses
 nothing and duplicates nothing.
 
-`applied_through()` answers "has L3 stored every message up to seq N?" from
-the consumer's ack floor, which is what `min_seq` needs across replicas.
+`floor` (floor.Floor) answers "has L3 stored every message up to seq N?"
+from the consumer's ack floor, which is what `min_seq` needs across replicas.
 
 Poison. A message the gateway did not write (undecodable, or on another
 user's subject than its `user_id`'s) would fail its batch on every
@@ -19,6 +19,7 @@ the batch goes on without it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 import msgspec
@@ -33,6 +34,7 @@ from shared.service import Runtime
 from shared.telemetry import tracer
 
 from . import store
+from .floor import Floor
 
 log = structlog.get_logger()
 _entry = msgspec.json.Decoder(LogEntry)
@@ -64,21 +66,32 @@ def to_row(subject: str, seq: int, data: bytes) -> store.Row:
                      role=entry.role, text=entry.text, ts=ts)
 
 
+async def subscribe(js):
+    """The indexers' shared durable pull consumer of the whole log."""
+    return await js.pull_subscribe(
+        subjects.LOG_ALL, durable=subjects.L3_CONSUMER, stream=subjects.STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
+                              deliver_policy=DeliverPolicy.ALL, max_ack_pending=20_000))
+
+
 class Indexer:
-    def __init__(self, rt: Runtime, pool, embedder) -> None:
+    """`before_commit`, if given, is awaited with each batch's rows before they are
+    committed (tests slow one replica down with it)."""
+
+    def __init__(self, rt: Runtime, pool, embedder, *,
+                 before_commit: Callable[[Sequence[store.Row]], Awaitable[None]] | None = None) -> None:
         self.rt = rt
         self.pool = pool
         self.embedder = embedder
         self.batch = rt.settings.l3_batch
-        self._floor = 0  # last known: every log message <= this is in Postgres
+        self.floor = Floor(lambda: stream.last_seq(rt.js),
+                           lambda: rt.js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER))
+        self._before_commit = before_commit
         self._dead = {r: metrics.dead_lettered.labels(subjects.L3_CONSUMER, r)
                       for r in (UNDECODABLE, SUBJECT_MISMATCH)}
 
     async def run(self) -> None:
-        psub = await self.rt.js.pull_subscribe(
-            subjects.LOG_ALL, durable=subjects.L3_CONSUMER, stream=subjects.STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
-                                  deliver_policy=DeliverPolicy.ALL, max_ack_pending=20_000))
+        psub = await subscribe(self.rt.js)
         log.info("indexer_started", consumer=subjects.L3_CONSUMER)
         while True:
             try:
@@ -100,6 +113,8 @@ class Indexer:
             return
         with tracer.start_as_current_span("index batch", attributes={"batch": len(rows)}):
             vectors = await self.embedder.embed([r.text for r in rows], input_type="document")
+            if self._before_commit is not None:
+                await self._before_commit(rows)
             backoff = 0.1
             while True:
                 try:
@@ -130,21 +145,3 @@ class Indexer:
         self._dead[bad.reason].inc()
         log.error("log_message_dead_lettered", seq=seq, subject=msg.subject, reason=bad.reason,
                   detail=bad.detail)
-
-    async def applied_through(self, seq: int, wait_s: float) -> bool:
-        """True once every log message up to `seq` is stored (waits up to `wait_s`)."""
-        if seq <= self._floor:
-            return True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            self._floor = await self._consumer_floor()
-            if seq <= self._floor or loop.time() >= deadline:
-                return seq <= self._floor
-            await asyncio.sleep(0.02)
-
-    async def _consumer_floor(self) -> int:
-        info = await self.rt.js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER)
-        if info.num_pending == 0 and info.num_ack_pending == 0:
-            return await stream.last_seq(self.rt.js)  # nothing outstanding: the whole log is in
-        return info.ack_floor.stream_seq

@@ -6,6 +6,11 @@ score). L3 is the last tier: when asked for a `min_seq` it has not indexed
 yet it waits a bounded time, then answers 503 rather than a stale reply.
 "Full history" is what the log's retention keeps: the sweeper deletes the
 rest.
+
+A reply covers only rows at or below the indexers' floor (floor.py), and its
+`seq` is at most that floor: replicas commit out of order, so a user's newer
+row may be in Postgres while an older one is still in another replica's
+batch, and memory-l1 installs a reply's `seq` as "complete up to here".
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import msgspec
 
 from shared import metrics, stream, subjects
 from shared.contract import (
-    ForgetReply, GetReply, GetRequest, L3ForgetRequest, check_get, fit_reply,
+    ForgetReply, GetReply, GetRequest, L3ForgetRequest, Message, check_get, fit_reply,
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import BadRequest, Unavailable
@@ -30,7 +35,8 @@ from .sweeper import Sweeper
 TIER = "l3"
 
 
-async def build(rt: Runtime) -> None:
+async def build(rt: Runtime, *, before_commit=None) -> None:
+    """Wire the indexer and the endpoints (`before_commit`: see `Indexer`; tests only)."""
     settings = rt.settings
     embedder = embedder_from_settings(settings)
     rt.on_close(embedder.aclose)
@@ -41,28 +47,42 @@ async def build(rt: Runtime) -> None:
     rt.ready_check("postgres", lambda: pool.fetchval("SELECT 1"))
     await stream.wait_for_stream(rt.js)
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
-    indexer = Indexer(rt, pool, embedder)
+    indexer = Indexer(rt, pool, embedder, before_commit=before_commit)
     rt.spawn(indexer.run(), "indexer")
     retention = Retention.from_settings(settings)
     if retention.drops_anything():
         rt.spawn(Sweeper(rt.js, pool, retention, settings.retain_sweep_s).run(), "retention-sweeper")
+    rt.spawn(indexer.floor.watch(), "floor-watcher")
     served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
     rt.spawn(served.run(), "served-records")
 
+    async def read(req: GetRequest, vector, upto: int) -> tuple[list[Message], int]:
+        """The rows at or below seq `upto` that answer `req`, and the user's newest seq."""
+        if req.op == "search":
+            with tracer.start_as_current_span("postgres search", attributes={"db.system": "postgresql"}):
+                return await store.search(pool, req.user_id, req.query, vector, req.k,
+                                          embedder.model_id, floor=upto)
+        with tracer.start_as_current_span("postgres recent", attributes={"db.system": "postgresql"}):
+            return await store.recent(pool, req.user_id, req.n, floor=upto)
+
     async def get(req: GetRequest) -> msgspec.Raw:
         check_get(req)
-        if req.min_seq is not None and not await indexer.applied_through(
+        floor = indexer.floor
+        if req.min_seq is not None and not await floor.reach(
                 req.min_seq, settings.l3_min_seq_wait_s):
             raise Unavailable(f"L3 has not indexed up to seq {req.min_seq} yet; retry shortly")
+        vector = None
         if req.op == "search":
             with tracer.start_as_current_span("embed query", attributes={"model": embedder.model_id}):
                 vector = (await embedder.embed([req.query], input_type="query"))[0]
-            with tracer.start_as_current_span("postgres search", attributes={"db.system": "postgresql"}):
-                messages, seq = await store.search(pool, req.user_id, req.query, vector, req.k,
-                                                   embedder.model_id)
-        else:
-            with tracer.start_as_current_span("postgres recent", attributes={"db.system": "postgresql"}):
-                messages, seq = await store.recent(pool, req.user_id, req.n)
+        upto = floor.value
+        messages, newest = await read(req, vector, upto)
+        # The user has rows above the floor this process knows: learn the floor now, and if
+        # some of those rows are still not provably complete, claim only what is.
+        if newest > upto and (fresh := await floor.fresh()) > upto:
+            upto = fresh
+            messages, newest = await read(req, vector, upto)
+        seq = newest if newest <= upto else await store.newest_upto(pool, req.user_id, upto)
         reply = fit_reply(GetReply(user_id=req.user_id, tier=TIER, seq=seq, messages=messages),
                           req.op, rt.nc.max_payload)
         metrics.answers.labels(TIER, req.op).inc()

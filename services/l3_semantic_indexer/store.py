@@ -87,6 +87,9 @@ HNSW_EF_SEARCH = 64
 FUSION_CANDIDATES = 0
 RRF_K = 60
 
+#: a `floor` that excludes nothing (the largest bigint)
+ALL = 2**63 - 1
+
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 _VEC_HEADER = struct.Struct(">HH")
 
@@ -344,20 +347,23 @@ async def retire_beyond(pool: Pool, keep: int, batch: int) -> int:
 # reads
 
 
-async def recent(pool: Pool, user_id: str, n: int) -> tuple[list[Message], int]:
-    """The user's newest `n` messages, oldest first, and the newest seq of the
-    user this tier has processed (0: none; it can be above the last message's
-    when newer ones were forgotten or skipped). One index range scan."""
-    rows = await _run(pool.fetch, _COMMON["recent"], user_id, n)
+async def recent(pool: Pool, user_id: str, n: int, *,
+                 floor: int = ALL) -> tuple[list[Message], int]:
+    """The user's newest `n` messages at or below seq `floor`, oldest first,
+    and the newest seq of the user this tier has processed (0: none; it can be
+    above the last message's when newer ones were forgotten or skipped, or
+    above `floor`). One index range scan."""
+    rows = await _run(pool.fetch, _COMMON["recent"], user_id, n, floor)
     return [_message(r) for r in rows if r["seq"] is not None], rows[0]["max_seq"] or 0
 
 
 async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: int,
-                 model_id: str, *, plan: str = "auto", exact_max_rows: int = EXACT_MAX_ROWS,
+                 model_id: str, *, floor: int = ALL, plan: str = "auto",
+                 exact_max_rows: int = EXACT_MAX_ROWS,
                  fusion_candidates: int = FUSION_CANDIDATES) -> tuple[list[Message], int]:
-    """Up to `k` of the user's messages closest to the query, best first, with
-    `score` = cosine similarity (higher is better), and the user's newest
-    processed seq.
+    """Up to `k` of the user's messages at or below seq `floor` closest to the
+    query, best first, with `score` = cosine similarity (higher is better),
+    and the user's newest processed seq (which may be above `floor`).
 
     Only this user's rows, and only vectors of `model_id` (the query's
     space), are ever considered. `plan`: "auto" = exact scan of the user's
@@ -380,14 +386,16 @@ async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: i
     encoded = encode_vector(vec)
     if fusion_candidates > 0:
         rows = await _run(pool.fetch, sql["search_fused_" + plan], user_id, encoded, k,
-                          exact_max_rows, max(fusion_candidates, k), query_text or "", RRF_K)
+                          exact_max_rows, floor, max(fusion_candidates, k), query_text or "", RRF_K)
     else:
-        rows = await _run(pool.fetch, sql["search_" + plan], user_id, encoded, k, exact_max_rows)
+        rows = await _run(pool.fetch, sql["search_" + plan], user_id, encoded, k, exact_max_rows,
+                          floor)
         found = sum(1 for r in rows if r["seq"] is not None)
         if plan == "auto" and found < k and (rows[0]["n_rows"] or 0) > exact_max_rows:
             # the HNSW scan stopped (hnsw.max_scan_tuples) before k rows of
             # this user passed the filter: answer completely, exactly
-            rows = await _run(pool.fetch, sql["search_exact"], user_id, encoded, k, exact_max_rows)
+            rows = await _run(pool.fetch, sql["search_exact"], user_id, encoded, k, exact_max_rows,
+                              floor)
     return ([_message(r, r["score"]) for r in rows if r["seq"] is not None],
             rows[0]["max_seq"] or 0)
 
@@ -402,6 +410,11 @@ async def fulltext(pool: Pool, user_id: str, query_text: str, k: int) -> list[Me
 async def user_seq(pool: Pool, user_id: str) -> int:
     """Newest seq of the user this tier has processed (0: none)."""
     return await _run(pool.fetchval, _COMMON["user_seq"], user_id) or 0
+
+
+async def newest_upto(pool: Pool, user_id: str, floor: int) -> int:
+    """Seq of the user's newest message at or below `floor` (0: none)."""
+    return await _run(pool.fetchval, _COMMON["newest_upto"], user_id, floor) or 0
 
 
 async def applied_seq(pool: Pool) -> int:
@@ -538,7 +551,7 @@ def _build_common_sql() -> dict[str, str]:
             LEFT JOIN {SCHEMA}.user_state s ON s.user_id = $1
             LEFT JOIN LATERAL (
                 SELECT {cols} FROM {SCHEMA}.messages m
-                WHERE m.user_id = $1 ORDER BY m.seq DESC LIMIT $2
+                WHERE m.user_id = $1 AND m.seq <= $3 ORDER BY m.seq DESC LIMIT $2
             ) r ON true
             ORDER BY r.seq""",
         "fulltext": f"""
@@ -548,6 +561,7 @@ def _build_common_sql() -> dict[str, str]:
             ORDER BY score DESC
             LIMIT $3""",
         "user_seq": f"SELECT max_seq FROM {SCHEMA}.user_state WHERE user_id = $1",
+        "newest_upto": f"SELECT max(seq) FROM {SCHEMA}.messages WHERE user_id = $1 AND seq <= $2",
         "applied_seq": f"SELECT applied_seq FROM {SCHEMA}.progress WHERE name = 'log'",
         "max_seq": f"""SELECT greatest((SELECT max(max_seq) FROM {SCHEMA}.user_state),
                                        (SELECT applied_seq FROM {SCHEMA}.progress WHERE name = 'log'))""",
@@ -585,18 +599,20 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
     exact = f"""
         SELECT {cols}, 1 - (m.embedding <=> $2) AS score
         FROM {SCHEMA}.messages m
-        WHERE m.user_id = $1 AND m.embedding_model = {m} AND m.embedding IS NOT NULL
+        WHERE m.user_id = $1 AND m.seq <= $5 AND m.embedding_model = {m}
+          AND m.embedding IS NOT NULL
         ORDER BY m.embedding <=> $2
         LIMIT $3"""
     # hnsw: the partial index of this model; the iterative scan goes on until
     # k rows pass the user filter; relaxed order, so re-sorted outside. The
-    # user filter is written so that no user index can serve it: otherwise a
-    # generic prepared plan (asyncpg prepares every statement) may pick the
-    # (user_id, seq) index + sort here too, and big users never get HNSW.
+    # user and floor filters are written so that no btree index can serve
+    # them: otherwise a generic prepared plan (asyncpg prepares every
+    # statement) may pick the (user_id, seq) index + sort here too (Postgres
+    # 18 skip-scans it for the seq bound alone), and big users never get HNSW.
     hnsw = f"""
         SELECT {cols}, 1 - (m.embedding::{cast} <=> $2::vector::{cast}) AS score
         FROM {SCHEMA}.messages m
-        WHERE (m.user_id || '') = $1 AND m.embedding_model = {m}
+        WHERE (m.user_id || '') = $1 AND (m.seq + 0) <= $5 AND m.embedding_model = {m}
         ORDER BY m.embedding::{cast} <=> $2::vector::{cast}
         LIMIT $3"""
     if expr is None:
@@ -626,17 +642,17 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         ORDER BY hits.score DESC NULLS LAST"""
 
     def fused(plan: str) -> str:
-        # reciprocal rank fusion of the top $5 vector and top $5 full-text hits
-        vec = gated(exact.replace("LIMIT $3", "LIMIT $5"), hnsw.replace("LIMIT $3", "LIMIT $5"), plan)
+        # reciprocal rank fusion of the top $6 vector and top $6 full-text hits
+        vec = gated(exact.replace("LIMIT $3", "LIMIT $6"), hnsw.replace("LIMIT $3", "LIMIT $6"), plan)
         return f"""
         WITH v AS ({vec}),
         vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC) AS r
                FROM v WHERE msg_id IS NOT NULL),
         tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qq.q) DESC) AS r
-               FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$6')}
-               WHERE m.user_id = $1 AND m.tsv @@ qq.q
-               ORDER BY ts_rank_cd(m.tsv, qq.q) DESC LIMIT $5),
-        f AS (SELECT msg_id, sum(1.0 / ($7 + r)) AS rrf FROM
+               FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$7')}
+               WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ qq.q
+               ORDER BY ts_rank_cd(m.tsv, qq.q) DESC LIMIT $6),
+        f AS (SELECT msg_id, sum(1.0 / ($8 + r)) AS rrf FROM
               (SELECT msg_id, r FROM vr UNION ALL SELECT msg_id, r FROM tr) c GROUP BY msg_id
               ORDER BY rrf DESC LIMIT $3)
         SELECT (SELECT max(max_seq) FROM v) AS max_seq, {cols}, f.rrf AS score

@@ -1,0 +1,128 @@
+"""The indexer's floor (what is provably in Postgres) and the L3 replies it caps.
+
+Real JetStream and Postgres. The first test plays both the gateway (it
+publishes onto the log) and the indexer (it fetches and acknowledges on the
+indexers' durable consumer), so it decides exactly what the consumer has seen
+when the floor is read. The second runs two indexer replicas in-process, one
+held in the middle of a batch, so that a newer message is committed before
+an older one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from services.l3_semantic_indexer.floor import Floor
+from services.l3_semantic_indexer.indexer import subscribe
+from services.l3_semantic_indexer.service import build
+from shared import stream, subjects
+from shared.contract import LogEntry, encode
+from tests.helpers import call, client, ok, running
+
+
+async def test_a_message_stored_between_the_two_reads_of_the_floor_is_not_counted_as_indexed(clean_nats):
+    async with client(clean_nats) as nc:
+        js = nc.jetstream()
+        await stream.ensure_stream(js)
+        psub = await subscribe(js)
+
+        async def append() -> int:
+            return (await js.publish(subjects.log_subject("lead-1"), b"{}")).seq
+
+        indexed = [await append() for _ in range(3)]
+        for msg in await psub.fetch(3, timeout=5):
+            await msg.ack_sync()  # "indexed": nothing pending, nothing unacknowledged
+
+        reads = 0
+
+        async def read(what):
+            nonlocal reads
+            value = await what()
+            reads += 1
+            if reads == 1:
+                await append()  # stored between the two reads, seen by neither indexer nor consumer
+            return value
+
+        floor = Floor(lambda: read(lambda: stream.last_seq(js)),
+                      lambda: read(lambda: js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER)))
+        assert await floor.read() == indexed[-1]
+        watcher = asyncio.create_task(floor.watch())
+        try:
+            assert not await floor.reach(indexed[-1] + 1, wait_s=0.1)
+            for msg in await psub.fetch(1, timeout=5):
+                await msg.ack_sync()
+            assert await floor.reach(indexed[-1] + 1, wait_s=1)
+        finally:
+            watcher.cancel()
+
+
+async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_message_is_uncommitted(clean_state):
+    user = "lead-2"
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(rows):  # the slow replica: stuck with message 1 until released
+        if any(r.msg_id == f"{user}-1" for r in rows):
+            held.set()
+            await release.wait()
+
+    async def append(i: int) -> int:
+        entry = LogEntry(user_id=user, bot_id="sales-1", role="user", text=f"message {i}",
+                         msg_id=f"{user}-{i}", ts="2026-11-26T07:00:00.000Z")
+        return (await js.publish(subjects.log_subject(user), encode(entry))).seq
+
+    async def replies(body: dict) -> list[dict]:
+        """The answers of both replicas (the queue group picks one per request)."""
+        return [await ok(nc, subjects.MEMORY_L3_GET, body) for _ in range(8)]
+
+    env = {**clean_state, "LOG_LEVEL": "warning", "L3_BATCH": "1", "L3_MIN_SEQ_WAIT_S": "0.2"}
+    async with client(clean_state["NATS_URL"]) as nc, \
+            running("l3-semantic-indexer", functools.partial(build, before_commit=hold), env):
+        js = nc.jetstream()
+        old = await append(0)
+        await ok(nc, subjects.MEMORY_L3_GET, {"user_id": user, "n": 10, "min_seq": old})
+        first = await append(1)
+        await asyncio.wait_for(held.wait(), 10)
+        async with running("l3-semantic-indexer", build, env):
+            second = await append(2)
+            while True:  # the fast replica has committed and acknowledged message 2
+                info = await js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER)
+                if info.num_pending == 0 and info.num_ack_pending == 1:
+                    break
+                await asyncio.sleep(0.01)
+
+            for reply in await replies({"user_id": user, "n": 10}):
+                assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (old, [old])
+            for reply in await replies({"user_id": user, "op": "search", "query": "message", "k": 5}):
+                assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (old, [old])
+            code, _ = await call(nc, subjects.MEMORY_L3_GET, {"user_id": user, "n": 10, "min_seq": first})
+            assert code == 503
+
+            release.set()
+            for reply in await replies({"user_id": user, "n": 10, "min_seq": second}):
+                assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (
+                    second, [old, first, second])
+
+
+async def test_requests_waiting_for_the_floor_share_one_reading_loop(clean_nats):
+    async with client(clean_nats) as nc:
+        js = nc.jetstream()
+        await stream.ensure_stream(js)
+        await subscribe(js)
+        reads = 0
+
+        async def last_seq() -> int:
+            nonlocal reads
+            reads += 1
+            return await stream.last_seq(js)
+
+        floor = Floor(last_seq, lambda: js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER))
+        watcher = asyncio.create_task(floor.watch())
+        try:
+            waits = [floor.reach(1, wait_s=0.3) for _ in range(50)]
+            assert await asyncio.gather(*waits, floor.fresh()) == [False] * 50 + [0]
+        finally:
+            watcher.cancel()
+        # one reading every POLL_S (0.02 s) for 0.3 s, whatever the number of waiters;
+        # each polling for itself, they would have read about 50 * 15 times
+        assert reads <= 25
