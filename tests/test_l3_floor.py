@@ -76,6 +76,9 @@ async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_messa
         return [await ok(nc, subjects.MEMORY_L3_GET, body) for _ in range(8)]
 
     env = {**clean_state, "LOG_LEVEL": "warning", "L3_BATCH": "1", "L3_MIN_SEQ_WAIT_S": "0.2"}
+    async with client(clean_state["NATS_URL"]) as nc:
+        js = nc.jetstream()
+        await stream.ensure_stream(js)  # the gateway's job: the indexer waits for it
     async with client(clean_state["NATS_URL"]) as nc, \
             running("l3-semantic-indexer", functools.partial(build, before_commit=hold), env):
         js = nc.jetstream()
