@@ -46,11 +46,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     append_apply_wait_s: float = 0.5  # how long an append waits for Redis before replying
     max_user_bytes: int = 64 << 20  # a user's stored bytes in the log; an append past it gets 413
     memory_stream_reinit: str = ""  # the lost MEMORY incarnation to replace with an empty stream
+    forget_retry_max_s: float = 60.0  # a pending forget job is retried at least this often
 
     l1_id: str = ""
     l1_window: int = 10
     l1_max_users: int = 50_000
     l1_max_bytes: int = 256 * 1024 * 1024  # text bytes all windows hold together
+    l1_ttl_s: float = 300.0  # a window older than this (since it was filled) is a miss
     l2_window: int = 100
 
     embedder: str = "wordllama"

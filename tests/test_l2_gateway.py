@@ -21,11 +21,13 @@ from tests.helpers import call, client, ok, running
 
 
 class FakeL3:
-    """Answers memory.l3.get with tier 'l3' and memory.l3.forget with a count."""
+    """Answers memory.l3.get with tier 'l3' and memory.l3.forget with a count; plays the
+    llm-broker's `llm.forget` too (a forget completes only once every tier confirmed)."""
 
     def __init__(self) -> None:
         self.gets: list[GetRequest] = []
         self.forgets: list[L3ForgetRequest] = []
+        self.llm_forgets: list[str] = []
 
     async def start(self, nc) -> None:
         async def get(msg):
@@ -38,8 +40,14 @@ class FakeL3:
             self.forgets.append(req)
             await msg.respond(msgspec.json.encode(ForgetReply(req.user_id, 0)))
 
+        async def llm_forget(msg):
+            user = msgspec.json.decode(msg.data)["user_id"]
+            self.llm_forgets.append(user)
+            await msg.respond(msgspec.json.encode(ForgetReply(user, 0)))
+
         await nc.subscribe(subjects.MEMORY_L3_GET, cb=get)
         await nc.subscribe(subjects.MEMORY_L3_FORGET, cb=forget)
+        await nc.subscribe(subjects.LLM_FORGET, cb=llm_forget)
 
 
 def append_body(user: str, i: int, **extra) -> dict:
@@ -231,6 +239,8 @@ async def test_forget_removes_user_from_log_and_redis_and_tells_l3_and_listeners
     reply = await ok(nc, subjects.MEMORY_FORGET, {"user_id": "gone"})
     assert reply == {"user_id": "gone", "deleted": 3}
     assert l3.forgets and l3.forgets[0].user_id == "gone"
+    assert l3.llm_forgets == ["gone"]
+    assert (await ok(nc, subjects.MEMORY_FORGET_STATUS, {"user_id": "gone"}))["pending"] is False
     await asyncio.sleep(0.1)
     assert any(b'"forget"' in e.data for e in events)
     await sub.unsubscribe()
