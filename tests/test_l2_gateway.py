@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from shared import servers, stream, subjects
 from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest
 from services.l2_gateway.service import build
-from tests.helpers import call, client, ok, running
+from tests.helpers import call, client, ok, running, stand_in_for_llm_forget
 
 
 class FakeL3:
@@ -27,7 +27,7 @@ class FakeL3:
     def __init__(self) -> None:
         self.gets: list[GetRequest] = []
         self.forgets: list[L3ForgetRequest] = []
-        self.llm_forgets: list[str] = []
+        self.llm_forgets: list[str] = []  # users llm.forget was asked for
 
     async def start(self, nc) -> None:
         async def get(msg):
@@ -40,14 +40,9 @@ class FakeL3:
             self.forgets.append(req)
             await msg.respond(msgspec.json.encode(ForgetReply(req.user_id, 0)))
 
-        async def llm_forget(msg):
-            user = msgspec.json.decode(msg.data)["user_id"]
-            self.llm_forgets.append(user)
-            await msg.respond(msgspec.json.encode(ForgetReply(user, 0)))
-
         await nc.subscribe(subjects.MEMORY_L3_GET, cb=get)
         await nc.subscribe(subjects.MEMORY_L3_FORGET, cb=forget)
-        await nc.subscribe(subjects.LLM_FORGET, cb=llm_forget)
+        self.llm_forgets = await stand_in_for_llm_forget(nc)
 
 
 def append_body(user: str, i: int, **extra) -> dict:
