@@ -29,7 +29,7 @@ class FakeL3:
         self.forgets: list[L3ForgetRequest] = []
         self.llm_forgets: list[str] = []  # users llm.forget was asked for
 
-    async def start(self, nc) -> None:
+    async def start(self, nc, *, llm_forget: bool = True) -> None:
         async def get(msg):
             req = msgspec.json.decode(msg.data, type=GetRequest)
             self.gets.append(req)
@@ -42,7 +42,8 @@ class FakeL3:
 
         await nc.subscribe(subjects.MEMORY_L3_GET, cb=get)
         await nc.subscribe(subjects.MEMORY_L3_FORGET, cb=forget)
-        self.llm_forgets = await stand_in_for_llm_forget(nc)
+        if llm_forget:
+            self.llm_forgets = await stand_in_for_llm_forget(nc)
 
 
 def append_body(user: str, i: int, **extra) -> dict:

@@ -64,7 +64,7 @@ log = structlog.get_logger()
 
 MAX_JOBS = 1_000_000  # pending forgets kept at most; past it a forget gets 503 (never dropped)
 ACK_WAIT_S = 120.0  # longer than an attempt: its steps time out after request_timeout_s each
-FETCH_BATCH = 16
+PARALLEL_JOBS = 16
 FIRST_RETRY_S = 0.5
 
 
@@ -207,24 +207,40 @@ class Forgetter:
     # --- the retries -------------------------------------------------------------
 
     async def work(self) -> None:
-        """Run recorded jobs until each has confirmed everywhere; every replica pulls."""
+        """Run recorded jobs until each has confirmed everywhere; every replica pulls.
+
+        One job per fetch (nats-py's batch fetch waits out its whole expiry for a
+        partial batch: seconds of delay for a job that just became due), at most
+        `PARALLEL_JOBS` attempts at once: a tier that hangs costs each its timeout.
+        """
         sub = await self.rt.js.pull_subscribe(
-            f"{subjects.FORGET_JOB_PREFIX}.*", durable=subjects.FORGET_CONSUMER, stream=subjects.FORGET_STREAM,
+            f"{subjects.FORGET_JOB_PREFIX}.*", durable=subjects.FORGET_CONSUMER,
+            stream=subjects.FORGET_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
                                   max_deliver=-1, max_ack_pending=1024))
-        while True:
-            try:
-                msgs = await sub.fetch(FETCH_BATCH, timeout=5)
-            except NatsTimeout:
-                continue
-            except NatsError as exc:
-                log.warning("forget_jobs_unreachable", error=str(exc) or repr(exc))
-                await asyncio.sleep(1.0)
-                continue
-            for failed in await asyncio.gather(*(self._attempt(m) for m in msgs),
-                                               return_exceptions=True):
-                if failed is not None:  # redelivered after ack_wait: nothing is lost
-                    log.error("forget_attempt_failed", error=repr(failed))
+        slots = asyncio.Semaphore(PARALLEL_JOBS)
+        async with asyncio.TaskGroup() as attempts:
+            while True:
+                await slots.acquire()
+                try:
+                    (msg,) = await sub.fetch(1, timeout=5)
+                except NatsTimeout:
+                    slots.release()
+                    continue
+                except NatsError as exc:
+                    slots.release()
+                    log.warning("forget_jobs_unreachable", error=str(exc) or repr(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                attempts.create_task(self._attempt_in(slots, msg))
+
+    async def _attempt_in(self, slots: asyncio.Semaphore, msg) -> None:
+        try:
+            await self._attempt(msg)
+        except Exception as exc:  # noqa: BLE001 - redelivered after ack_wait: nothing is lost
+            log.error("forget_attempt_failed", error=str(exc) or repr(exc))
+        finally:
+            slots.release()
 
     async def _attempt(self, msg) -> None:
         try:
