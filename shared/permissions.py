@@ -31,6 +31,7 @@ S = subjects
 STREAM = S.STREAM
 DEAD = S.DEAD_LETTER_STREAM
 STATE = f"KV_{S.STATE_BUCKET}"
+FORGET = S.FORGET_STREAM
 _DISCOVERY = ("$SRV.PING", "$SRV.PING.>", "$SRV.INFO", "$SRV.INFO.>", "$SRV.STATS", "$SRV.STATS.>")
 _SERVE = ("$SRV.>",)  # a service answers the service API (nats.micro subscribes to $SRV.*)
 
@@ -99,9 +100,17 @@ ROLES: dict[str, Role] = {r.name: r for r in (
                   # the marker of the MEMORY stream it owns (services.l2_gateway.log_guard)
                   f"$JS.API.STREAM.INFO.{STATE}", f"$JS.API.STREAM.CREATE.{STATE}",
                   f"$JS.API.DIRECT.GET.{STATE}.>", f"$KV.{S.STATE_BUCKET}.>",
-                  f"$JS.ACK.{STREAM}.>"),
-         subscribe=(S.MEMORY_APPEND, S.MEMORY_FORGET, S.MEMORY_L2_GET, S.MEMORY_L2_EVICT,
-                    *_SERVE, _inbox(L2_GATEWAY))),
+                  f"$JS.ACK.{STREAM}.>",
+                  # durable forget jobs (services.l2_gateway.forget)
+                  S.LLM_FORGET, f"{S.FORGET_JOB_PREFIX}.*",
+                  f"$JS.API.STREAM.INFO.{FORGET}", f"$JS.API.STREAM.CREATE.{FORGET}",
+                  f"$JS.API.STREAM.MSG.DELETE.{FORGET}", f"$JS.API.DIRECT.GET.{FORGET}",
+                  f"$JS.API.CONSUMER.CREATE.{FORGET}.{S.FORGET_CONSUMER}.>",
+                  f"$JS.API.CONSUMER.INFO.{FORGET}.{S.FORGET_CONSUMER}",
+                  f"$JS.API.CONSUMER.MSG.NEXT.{FORGET}.{S.FORGET_CONSUMER}",
+                  f"$JS.ACK.{FORGET}.{S.FORGET_CONSUMER}.>"),
+         subscribe=(S.MEMORY_APPEND, S.MEMORY_FORGET, S.MEMORY_FORGET_STATUS, S.MEMORY_L2_GET,
+                    S.MEMORY_L2_EVICT, *_SERVE, _inbox(L2_GATEWAY))),
     Role(L3_INDEXER,
          publish=(S.audit_served(L3_INDEXER), f"{S.DEAD_LETTER_PREFIX}.{L3_INDEXER}",
                   *_stream_reader(S.L3_CONSUMER),
@@ -112,7 +121,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          subscribe=(S.MEMORY_L3_GET, S.MEMORY_L3_FORGET, *_SERVE, _inbox(L3_INDEXER))),
     Role(LLM_BROKER,
          publish=(S.audit_served(LLM_BROKER),),
-         subscribe=(S.LLM_COMPLETE, S.LLM_STATS, S.LLM_VERDICT, S.CHANGED_ALL,
+         subscribe=(S.LLM_COMPLETE, S.LLM_STATS, S.LLM_VERDICT, S.LLM_FORGET, S.CHANGED_ALL,
                     *_SERVE, _inbox(LLM_BROKER))),
     Role(AUDITOR,
          publish=(S.MEMORY_L1_EVICT, S.MEMORY_L2_EVICT, S.LLM_VERDICT, *_stream_reader()),

@@ -51,11 +51,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retain_max_per_user: int = 0  # a user's newest this many messages are kept, older ones leave
     log_max_bytes: int = 0  # the MEMORY stream's storage cap (0: only JetStream's own limits)
     retain_sweep_s: float = 60.0  # how often the l3-semantic-indexer deletes what retention dropped
+    forget_retry_max_s: float = 60.0  # a pending forget job is retried at least this often
 
     l1_id: str = ""
     l1_window: int = 10
     l1_max_users: int = 50_000
     l1_max_bytes: int = 256 * 1024 * 1024  # text bytes all windows hold together
+    l1_ttl_s: float = 300.0  # a window older than this (since it was filled) is a miss
     l2_window: int = 100
 
     embedder: str = "wordllama"

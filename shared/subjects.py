@@ -18,6 +18,9 @@ Internal:
     memory.changed.<user>    broadcast after L2 applied a message or a forget
     memory.forgotten.<user>  broadcast after a forget (the same event), for whoever needs only those
     memory.l3.forget         l2-gateway -> l3-semantic-indexer during forget
+    llm.forget               l2-gateway -> llm-broker during forget (its reply confirms it)
+    memory.forgetjob.<user>  JetStream work-queue stream FORGET: forgets not yet confirmed everywhere
+    memory.forget.status     -> l2-gateway (admin)  is a forget of this user still pending?
     audit.served.<source>    tiers and llm-broker -> freshness-auditor, batches of served records
     memory.l1.evict          freshness-auditor -> every memory-l1: drop a user's window
     memory.l2.evict          freshness-auditor -> l2-gateway: drop a user's Redis window
@@ -38,6 +41,8 @@ MEMORY_GET = "memory.get"
 MEMORY_L2_GET = "memory.l2.get"
 MEMORY_L3_GET = "memory.l3.get"
 MEMORY_L3_FORGET = "memory.l3.forget"
+MEMORY_FORGET_STATUS = "memory.forget.status"
+LLM_FORGET = "llm.forget"
 LLM_COMPLETE = "llm.complete"
 LLM_STATS = "llm.stats"
 AUDIT_STATS = "audit.stats"
@@ -56,10 +61,14 @@ FORGOTTEN_PREFIX = "memory.forgotten"
 FORGOTTEN_ALL = f"{FORGOTTEN_PREFIX}.*"
 DEAD_LETTER_STREAM = "MEMORY_DEAD"
 DEAD_LETTER_PREFIX = "memory.deadletter"
+FORGET_STREAM = "FORGET"
+FORGET_JOB_PREFIX = "memory.forgetjob"
 STATE_BUCKET = "tiermem_state"  # KV bucket (stream KV_tiermem_state) of the l2-gateway
 
 # Durable JetStream consumer of the indexer; shared by all its replicas.
 L3_CONSUMER = "l3-semantic-indexer"
+# Durable JetStream consumer of the forget jobs; shared by all gateway replicas.
+FORGET_CONSUMER = "l2-gateway-forget"
 
 
 def audit_served(source: str) -> str:

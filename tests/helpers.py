@@ -16,7 +16,7 @@ import os
 
 import msgspec
 
-from shared import bus, permissions
+from shared import bus, permissions, subjects
 from shared.service import ERROR_CODE_HEADER, run_service
 from shared.settings import Settings
 
@@ -83,3 +83,18 @@ async def ok(nc, subject: str, body, timeout: float = 10.0) -> dict:
     code, reply = await call(nc, subject, body, timeout)
     assert code == 200, reply
     return reply
+
+
+async def stand_in_for_llm_forget(nc) -> list[str]:
+    """Answer `llm.forget` as the llm-broker would, for stacks run without one (a forget
+    completes only once every tier confirmed it); returns the users asked for, as they come."""
+    asked: list[str] = []
+
+    async def forget(msg) -> None:
+        user = msgspec.json.decode(msg.data)["user_id"]
+        asked.append(user)
+        await msg.respond(msgspec.json.encode({"user_id": user, "deleted": 0}))
+
+    await nc.subscribe(subjects.LLM_FORGET, cb=forget)
+    await nc.flush()
+    return asked

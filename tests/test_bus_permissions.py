@@ -66,6 +66,8 @@ WORKER_MUST_NOT_PUBLISH = [
     "memory.l2.evict", "memory.l3.forget", "memory.l3.get", "memory.l2.get", "llm.verdict",
     "audit.served.l2-gateway", "$JS.API.STREAM.DELETE.MEMORY", "$JS.API.STREAM.PURGE.MEMORY",
     "$JS.API.STREAM.INFO.MEMORY", "memory.deadletter.l2-gateway",
+    # a forget is asked for through memory.forget only: not the jobs, not a tier's own forget
+    "llm.forget", "memory.forgetjob.lead-1", "memory.forget.status", "$JS.API.STREAM.PURGE.FORGET",
 ]
 WORKER_MUST_NOT_SUBSCRIBE = [
     "memory.changed.*", "memory.forgotten.*", "memory.log.>", "memory.l1.evict", "memory.l3.forget",
@@ -151,14 +153,15 @@ async def test_no_service_role_may_delete_the_stream_or_read_another_roles_repli
 
 FORBIDDEN_TO = {  # role -> subjects it must not publish, from each service's job (not from the table)
     permissions.MEMORY_L1: [subjects.MEMORY_APPEND, "memory.log.lead-1", subjects.MEMORY_L3_FORGET,
-                            subjects.LLM_VERDICT, "memory.changed.lead-1"],
+                            subjects.LLM_VERDICT, "memory.changed.lead-1", subjects.LLM_FORGET],
     permissions.L3_INDEXER: ["memory.changed.lead-1", "memory.log.lead-1", subjects.MEMORY_L1_EVICT,
                              f"$JS.API.STREAM.PURGE.{subjects.STREAM}"],
     permissions.LLM_BROKER: ["memory.changed.lead-1", subjects.MEMORY_FORGET, "memory.log.lead-1",
                              f"$JS.API.STREAM.INFO.{subjects.STREAM}"],
     permissions.AUDITOR: ["memory.changed.lead-1", "memory.log.lead-1", subjects.LLM_COMPLETE,
                           f"$JS.API.STREAM.PURGE.{subjects.STREAM}"],
-    permissions.L2_GATEWAY: [subjects.LLM_VERDICT, subjects.MEMORY_L1_EVICT, "audit.served.llm-broker"],
+    permissions.L2_GATEWAY: [subjects.LLM_VERDICT, subjects.MEMORY_L1_EVICT, "audit.served.llm-broker",
+                             f"$JS.API.STREAM.DELETE.{subjects.FORGET_STREAM}"],
 }
 
 

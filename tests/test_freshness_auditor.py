@@ -34,7 +34,7 @@ from shared import subjects, telemetry
 from shared.contract import (
     CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, encode,
 )
-from tests.helpers import client, ok, running
+from tests.helpers import client, ok, running, stand_in_for_llm_forget
 
 GRACE_S = 0.3
 AUDIT = {"served_flush_s": 0.02, "audit_sample_rate": 1.0, "audit_grace_s": GRACE_S}
@@ -78,6 +78,7 @@ async def memory_stack(clean_state):
             running("memory-l1", build_l1, env, **AUDIT), \
             running("freshness-auditor", build_auditor, env, **AUDIT):
         async with _clients(env) as both:
+            await stand_in_for_llm_forget(both[0])  # no llm-broker in this stack
             yield both
 
 
@@ -234,6 +235,7 @@ async def llm_stack(clean_state, simulator):
     async with running("llm-broker", build_broker, env, **settings), \
             running("freshness-auditor", build_auditor, env, **settings):
         async with _clients(env) as both:
+            await stand_in_for_llm_forget(both[0])  # no llm-broker in this stack
             yield both
 
 

@@ -118,7 +118,8 @@ async def start_l1(nats_url: str, **settings):
     l1_id = f"t{uuid.uuid4().hex[:10]}"
     env = {"NATS_URL": nats_url, "L1_ID": l1_id, "LOG_LEVEL": "warning",
            **{k.upper(): str(v) for k, v in settings.items()}}
-    store = WindowStore(int(env.get("L1_WINDOW", 10)), int(env.get("L1_MAX_USERS", 50_000)))
+    store = WindowStore(int(env.get("L1_WINDOW", 10)), int(env.get("L1_MAX_USERS", 50_000)),
+                        ttl_s=float(env.get("L1_TTL_S", 300)))
     l2 = FakeL2()
     nc = await bus.connect(nats_url, auth(nats_url, permissions.ADMIN), reconnect_time_wait=0.1,
                            max_reconnect_attempts=-1)
@@ -228,6 +229,46 @@ async def test_forget_drops_the_window(l1):
     await l1.until(lambda: l1.store.window(u) is None)
 
     reply = await l1.get(u, n=3)
+    assert reply["tier"] == "l2" and reply["messages"] == []
+
+
+TTL_S = 0.3
+
+
+@pytest.fixture
+async def short_ttl_l1(nats_url):
+    async for sidecar in start_l1(nats_url, l1_ttl_s=TTL_S):
+        yield sidecar
+
+
+async def test_a_window_past_its_ttl_is_refilled_from_l2(short_ttl_l1):
+    l1 = short_ttl_l1
+    u = user()
+    l1.l2.add(u, 1, 2)
+    await l1.get(u, n=2)
+    assert (await l1.get(u, n=2))["tier"] == "l1"
+    await asyncio.sleep(TTL_S + 0.1)
+    l1.l2.add(u, 3)  # an append whose event this sidecar missed
+    reply = await l1.get(u, n=3)
+    assert reply["tier"] == "l2" and seqs(reply) == [1, 2, 3]
+    assert len(l1.l2.calls_for(u)) == 2
+    again = await l1.get(u, n=3)
+    assert again["tier"] == "l1" and seqs(again) == [1, 2, 3]
+
+
+async def test_a_forget_event_the_sidecar_missed_is_covered_by_the_ttl(short_ttl_l1):
+    """Core NATS lost the forget (the sidecar never heard it): the window serves the
+    forgotten messages for at most the TTL, then the refill reads the forgotten L2."""
+    l1 = short_ttl_l1
+    u = user()
+    l1.l2.add(u, 1, 2, 3)
+    await l1.get(u, n=3)
+    l1.l2.users[u] = []  # forgotten in L2; no event is published
+    deadline = asyncio.get_running_loop().time() + TTL_S + 0.05
+    while (reply := await l1.get(u, n=3))["tier"] == "l1":
+        assert seqs(reply) == [1, 2, 3]
+        assert asyncio.get_running_loop().time() < deadline, "served past the TTL"
+        await asyncio.sleep(0.02)
     assert reply["tier"] == "l2" and reply["messages"] == []
 
 

@@ -232,6 +232,70 @@ def test_an_aborted_fill_leaves_nothing_behind():
     assert store.window("u") is None and not store._fills
 
 
+# --- TTL: the safety net under lost events ----------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_window_past_its_ttl_is_a_miss_and_dropped():
+    clock = Clock()
+    store = filled("u", [1, 2, 3], ttl_s=300, clock=clock)
+    clock.now += 300
+    assert seqs_of(store.recent("u", 3, None)) == [1, 2, 3]
+    clock.now += 0.001
+    assert store.recent("u", 3, None) == MISS
+    assert store.window("u") is None and store.bytes == 0
+
+
+def test_a_missed_forget_is_served_at_most_until_the_ttl():
+    """The forget event never reached this store: nothing shows it, only the TTL ends it."""
+    clock = Clock()
+    store = filled("u", [1, 2, 3], ttl_s=60, clock=clock)
+    clock.now += 59
+    assert seqs_of(store.recent("u", 3, None)) == [1, 2, 3]  # what the TTL bounds
+    clock.now += 2
+    assert store.recent("u", 3, None) == MISS
+    assert store.install("u", l2("u", []), 10)  # the refill reads L2, which has forgotten
+    assert seqs_of(store.recent("u", 3, None)) == []
+
+
+def test_events_do_not_renew_the_ttl():
+    clock = Clock()
+    store = filled("u", [1, 2], ttl_s=60, clock=clock)
+    clock.now += 50
+    store.apply(appended("u", 3, 2, 3))
+    assert seqs_of(store.recent("u", 3, None)) == [1, 2, 3]
+    clock.now += 11
+    assert store.recent("u", 3, None) == MISS
+
+
+def test_a_fill_counts_its_ttl_from_when_its_read_was_sent():
+    clock = Clock()
+    store = WindowStore(10, ttl_s=60, clock=clock)
+    fill = store.begin_fill("u", 10)
+    clock.now += 45  # a slow L2 reply is as old as the read that asked for it
+    assert store.finish_fill(fill, l2("u", [1, 2]))
+    clock.now += 16
+    assert store.recent("u", 2, None) == MISS
+
+
+def test_a_brand_new_users_window_counts_from_its_first_event():
+    clock = Clock()
+    store = WindowStore(10, ttl_s=60, clock=clock)
+    clock.now += 100
+    store.apply(appended("u", 5, 0, 1))
+    clock.now += 60
+    assert seqs_of(store.recent("u", 1, None)) == [5]
+    clock.now += 1
+    assert store.recent("u", 1, None) == MISS
+
+
 # --- memory bounds -----------------------------------------------------------
 
 

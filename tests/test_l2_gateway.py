@@ -17,17 +17,19 @@ from hypothesis import strategies as st
 from shared import servers, stream, subjects
 from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest
 from services.l2_gateway.service import build
-from tests.helpers import call, client, ok, running
+from tests.helpers import call, client, ok, running, stand_in_for_llm_forget
 
 
 class FakeL3:
-    """Answers memory.l3.get with tier 'l3' and memory.l3.forget with a count."""
+    """Answers memory.l3.get with tier 'l3' and memory.l3.forget with a count; plays the
+    llm-broker's `llm.forget` too (a forget completes only once every tier confirmed)."""
 
     def __init__(self) -> None:
         self.gets: list[GetRequest] = []
         self.forgets: list[L3ForgetRequest] = []
+        self.llm_forgets: list[str] = []  # users llm.forget was asked for
 
-    async def start(self, nc) -> None:
+    async def start(self, nc, *, llm_forget: bool = True) -> None:
         async def get(msg):
             req = msgspec.json.decode(msg.data, type=GetRequest)
             self.gets.append(req)
@@ -40,6 +42,8 @@ class FakeL3:
 
         await nc.subscribe(subjects.MEMORY_L3_GET, cb=get)
         await nc.subscribe(subjects.MEMORY_L3_FORGET, cb=forget)
+        if llm_forget:
+            self.llm_forgets = await stand_in_for_llm_forget(nc)
 
 
 def append_body(user: str, i: int, **extra) -> dict:
@@ -231,6 +235,8 @@ async def test_forget_removes_user_from_log_and_redis_and_tells_l3_and_listeners
     reply = await ok(nc, subjects.MEMORY_FORGET, {"user_id": "gone"})
     assert reply == {"user_id": "gone", "deleted": 3}
     assert l3.forgets and l3.forgets[0].user_id == "gone"
+    assert l3.llm_forgets == ["gone"]
+    assert (await ok(nc, subjects.MEMORY_FORGET_STATUS, {"user_id": "gone"}))["pending"] is False
     await asyncio.sleep(0.1)
     assert any(b'"forget"' in e.data for e in events)
     await sub.unsubscribe()

@@ -182,6 +182,20 @@ async def test_lead_intent_dropped_by_users_next_message_market_context_kept(bro
         assert (await ok(nc, subjects.LLM_COMPLETE, market))["cache"]["status"] == "miss"
 
 
+async def test_llm_forget_confirms_and_an_answer_in_flight_at_the_forget_is_not_cached(broker):
+    nc, sim, clock, _ = broker
+    kept = req("Is the Main St house still available?", user="lead-f")
+    await ok(nc, subjects.LLM_COMPLETE, kept)
+    sim.fault(delay_s=0.5, count=1)  # the next answer is still being computed at the forget
+    in_flight = asyncio.create_task(ok(nc, subjects.LLM_COMPLETE, req("Any news?", user="lead-f")))
+    await asyncio.sleep(0.2)
+    clock.now += 1
+    assert await ok(nc, subjects.LLM_FORGET, {"user_id": "lead-f"}) == {"user_id": "lead-f", "deleted": 1}
+    assert (await in_flight)["cache"]["status"] == "miss"
+    assert (await ok(nc, subjects.LLM_COMPLETE, kept))["cache"]["status"] == "miss"
+    assert (await ok(nc, subjects.LLM_COMPLETE, req("Any news?", user="lead-f")))["cache"]["status"] == "miss"
+
+
 async def test_ttl_is_absolute_and_a_hit_never_extends_it(broker):
     nc, sim, clock, _ = broker
     intent, market = req("Is it available?"), req("Market update please", volatility="market_context")

@@ -64,10 +64,13 @@ local msgs = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
 return {h[1] or '-1', h[2] or '0', h[3] or '0', msgs}
 """
 
+# Idempotent (a forget job may run again after new appends): a floor at or past
+# `upto` means this forget is in already, and what was applied since must stay.
 FORGET = """
-redis.call('DEL', KEYS[1])
 local floor = tonumber(redis.call('HGET', KEYS[2], 'floor') or '0')
-if tonumber(ARGV[1]) > floor then floor = tonumber(ARGV[1]) end
+if floor >= tonumber(ARGV[1]) then return floor end
+floor = tonumber(ARGV[1])
+redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'floor', floor, 'last', 0, 'count', 0, 'bytes', 0)
 return floor

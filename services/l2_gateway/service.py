@@ -7,6 +7,7 @@ waits (boundedly) for that so the next read hits L2. Appends are refused (503)
 while the stream is lost (`log_guard`), and (507) while it is full
 (`log_limits`); the per-user quota on bytes in the log is `quota`'s. The
 stream's retention limits are set here at start-up (`shared.retention`).
+`memory.forget` is a durable job (`forget`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from redis.exceptions import RedisError
 
 from shared import metrics, stream, subjects
 from shared.contract import (
-    AppendReply, AppendRequest, Changed, EvictReply, EvictRequest, ForgetReply, ForgetRequest,
-    GetRequest, L3ForgetRequest, check_append, check_get, encode, fit_reply,
+    AppendReply, AppendRequest, EvictReply, EvictRequest, ForgetRequest, GetRequest, check_append,
+    check_get, encode, fit_reply,
 )
 from shared.errors import Unavailable
 from shared.retention import Retention
@@ -29,6 +30,7 @@ from shared.service import Runtime
 from shared.telemetry import tracer
 
 from .applier import Applier
+from .forget import Forgetter
 from .log_guard import LogGuard
 from .log_limits import log_full, watch_usage
 from .quota import Quota
@@ -115,23 +117,6 @@ async def build(rt: Runtime) -> None:
         passed_down[reason].inc()
         return await rt.request(subjects.MEMORY_L3_GET, req, msgspec.Raw)
 
-    async def forget(req: ForgetRequest) -> ForgetReply:
-        if guard.lost:
-            raise Unavailable(guard.lost)
-        upto = await stream.last_seq(rt.js)
-        purged = await stream.purge_user(rt.nc, req.user_id, upto + 1)
-        await window.forget(req.user_id, upto)
-        # Tell L1s and the llm-broker before L3: if L3 is down the caller gets a 503 and
-        # retries, but no cache keeps serving what the log no longer holds meanwhile.
-        event = Changed(op="forget", user_id=req.user_id, seq=upto, prev_seq=0, count=0)
-        body = encode(event)
-        await rt.nc.publish(subjects.changed_subject(req.user_id), body)
-        await rt.nc.publish(subjects.forgotten_subject(req.user_id), body)
-        l3 = await rt.request(subjects.MEMORY_L3_FORGET,
-                              L3ForgetRequest(user_id=req.user_id, upto_seq=upto), ForgetReply)
-        log.info("user_forgotten", user_id=req.user_id, purged=purged, l3_deleted=l3.deleted)
-        return ForgetReply(user_id=req.user_id, deleted=max(purged, l3.deleted))
-
     # An append mostly waits (for the stream's ack, then for the applier), and the
     # applier's batches grow with the appends waiting on them: many in flight is
     # cheap. With 128 clients in flight, 64 capped the batches; 512 measured ~15 %
@@ -139,7 +124,11 @@ async def build(rt: Runtime) -> None:
     rt.endpoint("append", subjects.MEMORY_APPEND, AppendRequest, append,
                 concurrency=max(settings.concurrency, APPEND_CONCURRENCY))
     rt.endpoint("get", subjects.MEMORY_L2_GET, GetRequest, get)
-    rt.endpoint("forget", subjects.MEMORY_FORGET, ForgetRequest, forget, concurrency=8)
+    forgetter = Forgetter(rt, window, guard)
+    await forgetter.open()
+    rt.spawn(forgetter.work(), "forget-jobs")
+    rt.endpoint("forget", subjects.MEMORY_FORGET, ForgetRequest, forgetter.forget, concurrency=8)
+    rt.endpoint("forget-status", subjects.MEMORY_FORGET_STATUS, ForgetRequest, forgetter.status)
 
     async def evict(req: EvictRequest) -> EvictReply:
         """The auditor found this user's window stale: rebuild it from the log."""

@@ -129,9 +129,11 @@ class ResponseCache:
             await self.redis.srem(index, *doomed, *gone)
         return max(len(doomed), len(deleted))
 
-    async def forget(self, user_id: str) -> int:
-        """Drop every entry the user's requests created, in both tiers."""
+    async def forget(self, user_id: str, now: float) -> int:
+        """Drop every entry the user's requests created, in both tiers; an answer in
+        flight (computed from the user's text before `now`) is not stored after it."""
         inv, index = _user_keys(user_id)
+        await self.redis.set(inv, repr(now), ex=86400 * 2)
         keys = list(await self.redis.smembers(index))
         if keys:
             await self.redis.delete(*keys)

@@ -5,7 +5,9 @@ the scope rule, then the prompt size; no upstream call for bad input) -> exact t
 (Redis) -> semantic tier (Postgres, inside the partition, every candidate
 through the guard) -> single-flight upstream call -> store. Hits never extend
 an entry's life. `memory.changed` drives invalidation: a user's new message
-drops their entries of invalidating classes; a forget drops all of them.
+drops their entries of invalidating classes; a forget drops all of them. The
+gateway's forget job also asks `llm.forget` and retries until it is answered:
+the event alone is core NATS and may be lost.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import asyncpg
 import msgspec
 import structlog
 from redis.asyncio import Redis
@@ -20,9 +23,10 @@ from redis.exceptions import RedisError
 
 from shared import metrics, subjects
 from shared.contract import (
-    CacheInfo, Changed, CompleteReply, CompleteRequest, LLMVerdict, LLMVerdictReply, TextBlock,
-    check_complete, decoder,
+    CacheInfo, Changed, CompleteReply, CompleteRequest, ForgetReply, ForgetRequest, LLMVerdict,
+    LLMVerdictReply, TextBlock, check_complete, decoder,
 )
+from shared.errors import Unavailable
 from shared.embeddings import embedder_from_settings
 from shared.retention import Retention
 from shared.served import Served
@@ -196,6 +200,15 @@ class Broker:
         except (RedisError, OSError) as exc:
             log.warning("stats_not_flushed", error=str(exc))
 
+    async def forget(self, req: ForgetRequest) -> ForgetReply:
+        """`llm.forget`: drop every entry of the user; the reply confirms it to the gateway."""
+        try:
+            dropped = await self.cache.forget(req.user_id, self.clock())
+        except (RedisError, OSError, asyncpg.PostgresError) as exc:
+            raise Unavailable(f"the LLM cache could not forget the user: {exc}") from None
+        log.info("llm_cache_forgot_user", user_id=req.user_id, dropped=dropped)
+        return ForgetReply(user_id=req.user_id, deleted=dropped)
+
     async def on_changed(self, msg) -> None:
         try:
             event = _changed.decode(msg.data)
@@ -204,7 +217,7 @@ class Broker:
             return
         try:
             if event.op == "forget":
-                dropped = await self.cache.forget(event.user_id)
+                dropped = await self.cache.forget(event.user_id, self.clock())
                 log.info("llm_cache_forgot_user", user_id=event.user_id, dropped=dropped)
             elif event.message is not None and event.message.role == "user":
                 dropped = await self.cache.invalidate(event.user_id, self.config.invalidating(),
@@ -246,4 +259,5 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
     rt.endpoint("stats", subjects.LLM_STATS, stats.StatsRequest, get_stats)
     rt.endpoint("verdict", subjects.LLM_VERDICT, LLMVerdict, broker.verdict, concurrency=16)
+    rt.endpoint("forget", subjects.LLM_FORGET, ForgetRequest, broker.forget, concurrency=8)
     return broker

@@ -9,7 +9,8 @@ it). Windows follow the `memory.changed.*` broadcast.
 Core NATS delivers that broadcast at most once. A lost append shows up as a
 gap and drops one window; a lost forget would not show, so whenever events
 may have been lost (a reconnect, the subscription's queue filling up, events
-that could not be checked) every window is dropped.
+that could not be checked) every window is dropped; and a window lives at most
+`L1_TTL_S`, for the losses nothing shows.
 
 An event is applied only once its seq is known to lie within the log
 (`gate.SeqGate`): a forged one with a huge seq would stick. A read that
@@ -58,7 +59,7 @@ async def build(rt: Runtime, *, store: WindowStore | None = None) -> None:
     if store is None:
         # Never more of a user's messages than the log keeps (shared.retention).
         store = WindowStore(Retention.from_settings(s).window(s.l1_window), s.l1_max_users,
-                            max_bytes=s.l1_max_bytes)
+                            max_bytes=s.l1_max_bytes, ttl_s=s.l1_ttl_s)
     sidecar = Sidecar(rt, store)
     rt.spawn(sidecar.served.run(), "served-records")
     rt.spawn(sidecar.check_events(), "event-checks")

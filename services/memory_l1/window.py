@@ -21,11 +21,21 @@ ignored, so evicting a tombstone does not reopen the hole.
 While a fill is in flight, change events for its user are recorded and
 replayed onto the installed window, so that a reply that is one message
 behind does not cost the next read another round trip.
+
+A safety net under all of that: a window older than `ttl_s` since it was
+filled (since its L2 read was sent, or since the event that made it) is a
+miss, and the next read refills it. Events arrive at most once: a sidecar
+that missed a forget cannot tell, and would serve the forgotten window for as
+long as it kept it; with the TTL, for at most `ttl_s`. Later events do not
+renew it: an event shows the window is contiguous, not that no forget
+was missed in between. The cost is one L2 read per active user per `ttl_s`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from shared.contract import Changed, GetReply, Message
 
@@ -35,13 +45,14 @@ TOO_MANY = "too_many"
 
 
 class Window:
-    __slots__ = ("seq", "messages", "complete", "bytes")
+    __slots__ = ("seq", "messages", "complete", "bytes", "born")
 
-    def __init__(self, seq: int, messages: list[Message], complete: bool) -> None:
+    def __init__(self, seq: int, messages: list[Message], complete: bool, born: float) -> None:
         self.seq = seq
         self.messages = messages  # oldest first, at most `size`
         self.complete = complete
         self.bytes = sum(map(text_bytes, messages))  # counted against `max_bytes`
+        self.born = born  # the store's clock when its content was read (the TTL counts from it)
 
     def __repr__(self) -> str:
         return (f"Window(seq={self.seq}, complete={self.complete}, "
@@ -51,11 +62,12 @@ class Window:
 class Fill:
     """One L2 read in flight that may become a window when its reply arrives."""
 
-    __slots__ = ("user_id", "asked", "events", "void")
+    __slots__ = ("user_id", "asked", "events", "void", "sent")
 
-    def __init__(self, user_id: str, asked: int) -> None:
+    def __init__(self, user_id: str, asked: int, sent: float) -> None:
         self.user_id = user_id
         self.asked = asked
+        self.sent = sent  # when the read went out: its reply is at most this fresh
         self.events: list[Changed] = []  # change events seen meanwhile
         self.void = False  # set when the reply must not be installed
 
@@ -64,11 +76,14 @@ class WindowStore:
     """Windows of the users this sidecar serves, updated by change events and fills."""
 
     def __init__(self, size: int = 10, max_users: int = 50_000, *,
-                 max_bytes: int = 256 * 1024 * 1024, max_buffered: int = 64) -> None:
+                 max_bytes: int = 256 * 1024 * 1024, max_buffered: int = 64,
+                 ttl_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
         self.max_users = max_users
         self.max_bytes = max_bytes
         self.max_buffered = max_buffered
+        self.ttl_s = ttl_s
+        self.clock = clock
         self.bytes = 0  # text bytes of every window held
         self._windows: OrderedDict[str, Window] = OrderedDict()
         self._tombstones: OrderedDict[str, int] = OrderedDict()
@@ -90,6 +105,9 @@ class WindowStore:
             return TOO_MANY
         w = self._windows.get(user_id)
         if w is None:
+            return MISS
+        if self.clock() - w.born > self.ttl_s:
+            self.drop(user_id)  # the safety net: it may hold what a lost event would have removed
             return MISS
         if min_seq is not None and w.seq < min_seq:
             return BEHIND
@@ -136,7 +154,7 @@ class WindowStore:
         w = self._windows.get(user)
         if w is None:
             if sane and ev.prev_seq == 0 and ev.count == 1:  # a brand-new user
-                self._put(user, Window(ev.seq, [msg], True))
+                self._put(user, Window(ev.seq, [msg], True, self.clock()))
             return
         if w.seq >= ev.seq:
             return  # duplicate or old
@@ -185,14 +203,14 @@ class WindowStore:
     # --- fills ---------------------------------------------------------------
 
     def begin_fill(self, user_id: str, asked: int) -> Fill:
-        fill = Fill(user_id, asked)
+        fill = Fill(user_id, asked, self.clock())
         self._fills.setdefault(user_id, []).append(fill)
         return fill
 
     def finish_fill(self, fill: Fill, reply: GetReply) -> bool:
         """Install the reply of `fill` and replay the events seen meanwhile."""
         self._end(fill)
-        if fill.void or not self.install(fill.user_id, reply, fill.asked):
+        if fill.void or not self.install(fill.user_id, reply, fill.asked, fill.sent):
             return False
         for ev in sorted(fill.events, key=_by_seq):
             self._append(ev)
@@ -201,8 +219,9 @@ class WindowStore:
     def abort_fill(self, fill: Fill) -> None:
         self._end(fill)
 
-    def install(self, user_id: str, reply: GetReply, asked: int) -> bool:
-        """Make a window from an L2 reply to `recent` with n=`asked`, unless it is older."""
+    def install(self, user_id: str, reply: GetReply, asked: int, sent: float | None = None) -> bool:
+        """Make a window from an L2 reply to `recent` with n=`asked` (a read sent at `sent`,
+        default now), unless it is older."""
         tomb = self._tombstones.get(user_id)
         if tomb is not None and reply.seq <= tomb:
             return False
@@ -213,7 +232,8 @@ class WindowStore:
         if msgs and msgs[-1].seq > reply.seq:
             return False  # not a reply we understand
         keep = msgs[max(0, len(msgs) - self.size):]
-        self._put(user_id, Window(reply.seq, keep, len(msgs) < asked))
+        born = self.clock() if sent is None else sent
+        self._put(user_id, Window(reply.seq, keep, len(msgs) < asked, born))
         return True
 
     def _end(self, fill: Fill) -> None:
