@@ -6,6 +6,8 @@ window; `tm:{u}:h` a hash with `last` (newest seq applied), `count`
 (messages applied) and `floor` (everything at or below it was forgotten).
 `tm:applied` is the log position up to which *every* message of the stream
 has been applied: it is what lets L2 prove read-your-writes (`min_seq`).
+`shared.lastseq.key(u)`: the seq of the user's newest own message (role
+"user"), set by the same script, for the llm-broker's invalidation check.
 
 Writes only come from the applier, in stream order, through `APPLY`, whose
 guard (seq above `last` and `floor`) makes replays and several appliers
@@ -27,6 +29,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
+from shared import lastseq
 from shared.contract import Message
 from shared.errors import Unavailable
 
@@ -43,6 +46,7 @@ redis.call('ZADD', KEYS[1], seq, ARGV[2])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
 local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
 redis.call('HSET', KEYS[2], 'last', seq)
+if ARGV[4] == 'user' then redis.call('SET', KEYS[3], seq) end
 return {1, last, count}
 """
 
@@ -161,7 +165,8 @@ class RedisWindow:
         """
         def build(pipe: Pipeline) -> None:
             for user_id, msg in items:
-                self._apply.queue(pipe, keys(user_id), msg.seq, _encode(msg), self.window)
+                self._apply.queue(pipe, [*keys(user_id), lastseq.key(user_id)], msg.seq,
+                                  _encode(msg), self.window, msg.role)
             self._advance.queue(pipe, [APPLIED], items[-1][1].seq)
 
         results = await self._run(build)
