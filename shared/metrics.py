@@ -54,6 +54,15 @@ llm_saved = Counter("tiermem_llm_saved_usd", "Spend avoided by cache hits in USD
                     ["model", "task", "bot"])
 llm_refused = Counter("tiermem_llm_semantic_refused",
                       "Semantic candidates the guard refused, by reason", ["task", "reason"])
+llm_stale_refused = Counter("tiermem_llm_stale_refused",
+                            "Hits of invalidating classes refused as possibly older than the "
+                            "user's latest message, by reason", ["task", "reason"])
+llm_not_cached = Counter("tiermem_llm_not_cached",
+                         "Paid answers not cached: unfinished (max_tokens, tool_use) or the "
+                         "store failed", ["task", "reason"])
+llm_distrusts = Counter("tiermem_llm_distrusts",
+                        "Times the broker found change events may have been lost, by cause",
+                        ["cause"])
 
 audit_served = Counter("tiermem_audit_served", "Served records the auditor received",
                        ["kind", "tier"])

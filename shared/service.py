@@ -85,6 +85,7 @@ class Runtime:
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     replies: Replies | None = None  # set by run_service once connected
     readiness: Health = field(default_factory=Health)  # what /readyz asks
+    bus_events: BusEvents = field(default_factory=lambda: BusEvents())  # run_service's
     _http: HealthServer | None = None
 
     def endpoint(self, name: str, subject: str, request_type: type[T],
@@ -107,6 +108,11 @@ class Runtime:
     def ready_check(self, name: str, check: Callable[[], Awaitable[object]]) -> None:
         """`/readyz` also asks `check()` (e.g. `redis.ping`), only when probed; NATS always."""
         self.readiness.add(name, check)
+
+    def on_bus_event(self, listener: Callable[[str, Exception | None], None]) -> None:
+        """`listener(event, error)` hears of "disconnected", "reconnected" and "error"
+        (e.g. nats-py's SlowConsumerError): core NATS messages may have been lost."""
+        self.bus_events.listeners.append(listener)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(closer)
@@ -353,12 +359,13 @@ async def run_service(name: str, description: str,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
+    events = BusEvents()
     nc = await bus.connect(settings.nats_url, bus.BusAuth.of(settings), role=name, name=name,
                            max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
-                           error_cb=_nats_error, disconnected_cb=_nats_disconnected,
-                           reconnected_cb=_nats_reconnected)
+                           error_cb=events.error, disconnected_cb=events.disconnected,
+                           reconnected_cb=events.reconnected)
     rt = Runtime(name=name, settings=settings, nc=nc, js=nc.jetstream(),
-                 replies=await Replies(nc).start())
+                 replies=await Replies(nc).start(), bus_events=events)
     service = None
     try:
         rt.ready_check("nats", lambda: _nats_answers(nc))
@@ -436,13 +443,29 @@ async def _nats_answers(nc: NATS) -> None:
     await nc.flush(timeout=1)
 
 
-async def _nats_error(exc: Exception) -> None:
-    log.warning("nats_error", error=str(exc))
+class BusEvents:
+    """nats-py's connection callbacks: each event is logged and passed on to the
+    service's listeners (`Runtime.on_bus_event`), since these callbacks are all
+    that hears of messages lost across a reconnect or past a slow consumer's limit."""
 
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[str, Exception | None], None]] = []
 
-async def _nats_disconnected() -> None:
-    log.warning("nats_disconnected")
+    def _tell(self, event: str, exc: Exception | None = None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, exc)
+            except Exception:
+                log.exception("bus_event_listener_failed", bus_event=event)
 
+    async def error(self, exc: Exception) -> None:
+        log.warning("nats_error", error=str(exc))
+        self._tell("error", exc)
 
-async def _nats_reconnected() -> None:
-    log.info("nats_reconnected")
+    async def disconnected(self) -> None:
+        log.warning("nats_disconnected")
+        self._tell("disconnected")
+
+    async def reconnected(self) -> None:
+        log.info("nats_reconnected")
+        self._tell("reconnected")

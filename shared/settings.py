@@ -77,6 +77,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     llm_max_prompt_chars: int = 400_000
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
+    pg_command_timeout_s: float = 2.0  # a Postgres statement gives up after this (pools' command_timeout)
+    llm_sweep_interval_s: float = 60.0  # how often expired `llm.entries` rows are deleted
+    llm_sweep_batch: int = 1000  # rows per DELETE statement of that sweep
 
     # freshness auditing: tiers and the broker publish what they served ...
     served_publish_rate: float = 1.0  # share of answers recorded (0: none)

@@ -249,6 +249,7 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
     from services.l2_gateway.redis_window import RedisWindow
     from services.llm_broker import stats
     from services.llm_broker.thresholds import Thresholds
+    from shared import lastseq
     from shared.contract import Message
 
     admin = aioredis.from_url(redis_url)
@@ -269,6 +270,10 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
         await window.apply_batch([("u1", msg, 2)], 1)
         assert await window.position() == 1
         assert (await window.read("u1", 5)).last == 1
+        # ... and the user's message seq it wrote, which the llm-broker may read, not write
+        assert await clients["llm-broker"].get(lastseq.key("u1")) == b"1"
+        with pytest.raises(NoPermissionError):
+            await clients["llm-broker"].set(lastseq.key("u1"), 0)
         await window.forget("u1", 1)
         async for key in clients["l2-gateway"].scan_iter(match="tm:*"):
             await clients["l2-gateway"].delete(key)

@@ -8,9 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.llm_broker.policy import Config, check_request, exact_key, partition_key
+from services.llm_broker.policy import (
+    Config, Entry, cacheable, check_request, exact_key, partition_key, stale,
+)
 from shared import metrics
-from shared.contract import CompleteRequest, check_complete
+from shared.contract import CompleteRequest, Usage, check_complete
 from shared.errors import BadRequest, PayloadTooLarge
 
 CONFIG = Config.load()
@@ -146,3 +148,46 @@ def test_task_bot_and_volatility_labels_come_from_the_config():
     assert CONFIG.bot_label("bot-from-nowhere") == "other"
     assert CONFIG.volatility_label("lead_intent") == "lead_intent"
     assert CONFIG.volatility_label("weather") == "other"
+
+
+# --- what may be stored and served ---------------------------------------------
+
+
+@pytest.mark.parametrize("stop_reason,stored", [
+    ("end_turn", True), ("stop_sequence", True),
+    ("max_tokens", False), ("tool_use", False), ("pause_turn", False), ("refusal", False),
+    (None, False),
+])
+def test_only_answers_the_model_finished_are_cacheable(stop_reason, stored):
+    assert cacheable(stop_reason) is stored
+
+
+def entry(created_at: float = 100.0, user_seq: int = 7) -> Entry:
+    return Entry(id="k", partition="p", user_id="lead-1", task="intent", model="m",
+                 volatility="lead_intent", query="q", text="t", stop_reason="end_turn",
+                 usage=Usage(input_tokens=1, output_tokens=1), cost_usd=0.0,
+                 created_at=created_at, expires_at=created_at + 300, user_seq=user_seq)
+
+
+@pytest.mark.parametrize("user_seq,distrust_before,reason", [
+    (7, 0.0, None),  # the user has said nothing since
+    (6, 0.0, None),  # an older record (a replica behind, a replay): nothing newer is known
+    (8, 0.0, "user_spoke"),  # the event that should have dropped it was lost
+    (None, 0.0, "user_seq_lost"),  # built knowing seq 7, and now Redis has no record
+    (7, 100.5, "events_lost"),  # created before this broker found events lost
+    (7, 100.0, None),  # ... but not at the same instant
+])
+def test_an_entry_is_stale_when_the_user_spoke_after_it_or_events_were_lost(
+        user_seq, distrust_before, reason):
+    assert stale(entry(), user_seq, distrust_before) == reason
+
+
+def test_an_entry_built_before_the_user_ever_spoke_is_fresh_until_they_do():
+    assert stale(entry(user_seq=0), None, 0.0) is None
+    assert stale(entry(user_seq=0), 1, 0.0) == "user_spoke"
+
+
+def test_entries_stored_before_user_seq_existed_decode_as_built_from_seq_0():
+    old = msgspec.msgpack.encode({k: v for k, v in msgspec.structs.asdict(entry()).items()
+                                  if k != "user_seq"})
+    assert msgspec.msgpack.decode(old, type=Entry).user_seq == 0

@@ -7,6 +7,8 @@ window; `tm:{u}:h` a hash with `last` (newest seq applied), `count`
 per-user quota counts) and `floor` (everything at or below it was forgotten).
 `tm:applied` is the log position up to which *every* message of the stream
 has been applied: it is what lets L2 prove read-your-writes (`min_seq`).
+`shared.lastseq.key(u)`: the seq of the user's newest own message (role
+"user"), set by the same script, for the llm-broker's invalidation check.
 
 Writes only come from the applier, in stream order, through `APPLY`, whose
 guard (seq above `last` and `floor`) makes replays and several appliers
@@ -28,6 +30,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
+from shared import lastseq
 from shared.contract import Message
 from shared.errors import Unavailable
 
@@ -45,6 +48,7 @@ redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
 local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
 redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(ARGV[4]))
 redis.call('HSET', KEYS[2], 'last', seq)
+if ARGV[5] == 'user' then redis.call('SET', KEYS[3], seq) end
 return {1, last, count}
 """
 
@@ -169,7 +173,8 @@ class RedisWindow:
         """
         def build(pipe: Pipeline) -> None:
             for user_id, msg, size in items:
-                self._apply.queue(pipe, keys(user_id), msg.seq, _encode(msg), self.window, size)
+                self._apply.queue(pipe, [*keys(user_id), lastseq.key(user_id)], msg.seq,
+                                  _encode(msg), self.window, size, msg.role)
             self._advance.queue(pipe, [APPLIED], upto_seq)
 
         results = await self._run(build)

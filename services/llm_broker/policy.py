@@ -194,6 +194,9 @@ class Entry(msgspec.Struct):
     cost_usd: float
     created_at: float
     expires_at: float
+    # The seq of the user's newest own message when the request came in (0:
+    # none known); see `stale`. Entries stored before this field read as 0.
+    user_seq: int = 0
 
     def fresh(self, now: float) -> bool:
         return now < self.expires_at
@@ -203,8 +206,40 @@ class Entry(msgspec.Struct):
 
 
 def new_entry(req: CompleteRequest, partition: str, text: str, stop_reason: str | None,
-              usage: Usage, cost: float, volatility: Volatility, now: float) -> Entry:
+              usage: Usage, cost: float, volatility: Volatility, now: float,
+              user_seq: int = 0) -> Entry:
     return Entry(id=exact_key(partition, req), partition=partition, user_id=req.user_id,
                  task=req.task, model=req.model, volatility=req.cache.volatility,
                  query=latest_user_text(req), text=text, stop_reason=stop_reason, usage=usage,
-                 cost_usd=cost, created_at=now, expires_at=now + volatility.ttl_s)
+                 cost_usd=cost, created_at=now, expires_at=now + volatility.ttl_s,
+                 user_seq=user_seq)
+
+
+# Answers the model finished. One cut off by `max_tokens` is partial, and one
+# that stopped on `tool_use` waits for a tool result: served again, either would
+# hand every later caller an unfinished answer as if it were the model's reply.
+COMPLETE_STOPS = frozenset({"end_turn", "stop_sequence"})
+
+
+def cacheable(stop_reason: str | None) -> bool:
+    return stop_reason in COMPLETE_STOPS
+
+
+def stale(entry: Entry, user_seq: int | None, distrust_before: float) -> str | None:
+    """Why an entry of a class the user's messages invalidate may not be served (None: it may).
+
+    `memory.changed` drops such entries when the user speaks, but core NATS
+    loses events without telling the subscriber who missed them (across a
+    reconnect, past a slow consumer's limit, while every broker is down). So a
+    hit is also checked against what a lost event cannot take away:
+    `distrust_before`, when this broker last found events may have been lost
+    (entries created earlier are not trusted); and `user_seq`, the seq of the
+    user's newest own message as the l2-gateway recorded it (None: no record).
+    An entry built when the user's newest message was older is stale; no record
+    at all, where the entry was built knowing one, means Redis lost it.
+    """
+    if entry.created_at < distrust_before:
+        return "events_lost"
+    if user_seq is None:
+        return "user_seq_lost" if entry.user_seq else None
+    return "user_spoke" if user_seq > entry.user_seq else None

@@ -3,11 +3,25 @@
 Order of a request: validate (`policy.check_request`: the configured bounds and
 the scope rule, then the prompt size; no upstream call for bad input) -> exact tier
 (Redis) -> semantic tier (Postgres, inside the partition, every candidate
-through the guard) -> single-flight upstream call -> store. Hits never extend
-an entry's life. `memory.changed` drives invalidation: a user's new message
-drops their entries of invalidating classes; a forget drops all of them. The
-gateway's forget job also asks `llm.forget` and retries until it is answered:
-the event alone is core NATS and may be lost.
+through the guard) -> single-flight upstream call -> store (only answers the
+model finished, `policy.cacheable`). Hits never extend an entry's life.
+
+`memory.changed` drives invalidation: a user's new message drops their entries
+of invalidating classes; a forget drops all of them. Events are folded per
+user and applied in batches (`changes`), so a burst never backs up the
+subscription. Core NATS can still lose events (a reconnect, a slow consumer,
+every broker down), so a hit of an invalidating class is also checked against
+the user's newest message seq that the l2-gateway records, and against the
+last time a broker found events lost (`policy.stale`), read in the exact
+lookup's round trip.
+
+A store that is down or slow costs a request a miss, never a 500: a failed
+lookup goes on to the model, a failed store still returns the answer paid for
+(logged and counted); `llm.verdict` and `llm.stats`, which only the stores
+can answer, get 503.
+
+The gateway's forget job also asks `llm.forget` and retries until it is
+answered: the event alone is core NATS and may be lost.
 """
 
 from __future__ import annotations
@@ -18,8 +32,9 @@ import time
 import asyncpg
 import msgspec
 import structlog
+from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT
+from nats.errors import SlowConsumerError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared import metrics, subjects
 from shared.contract import (
@@ -29,21 +44,27 @@ from shared.contract import (
 from shared.errors import Unavailable
 from shared.embeddings import embedder_from_settings
 from shared.retention import Retention
+from shared.errors import Unavailable
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
 from . import guard, stats
 from .thresholds import Thresholds
-from .cache import ResponseCache
+from .cache import STORE_ERRORS, Fence, ResponseCache
+from .changes import Batch, Pending
 from .policy import (
-    Config, Entry, check_request, cost_usd, exact_key, latest_user_text, new_entry, partition_key,
+    Config, Entry, cacheable, check_request, cost_usd, exact_key, latest_user_text, new_entry,
+    partition_key, stale,
 )
 from .upstream import Upstream, make_client
 
 log = structlog.get_logger()
 _changed = decoder(Changed)
 STATS_FLUSH_S = 0.5
+DISTRUST_QUIET_S = 1.0  # a distrust this soon after the last one is neither logged nor counted
+FORGET_CONCURRENCY = 8  # users forgotten at once (each a few round trips)
+RETRY_MAX_S = 2.0  # the longest wait before re-applying a batch of changes that failed
 
 
 class Broker:
@@ -63,6 +84,10 @@ class Broker:
         self.totals = stats.Totals()
         self.served = served
         self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id))
+        self.invalidating = frozenset(config.invalidating())
+        self.pending = Pending()
+        self.distrust_before = 0.0  # this broker's own, before every broker has read it
+        self.events_sub = None  # the `memory.changed` subscription, once made
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
         volatility = check_request(self.config, req)
@@ -75,39 +100,71 @@ class Broker:
         partition = partition_key(req)
         key = exact_key(partition, req)
         now = self.clock()
-        entry = await self._exact(key, now)
-        if entry is not None:
+        invalidating = req.cache.volatility in self.invalidating
+        entry, fence = await self._exact(key, now, req.user_id if invalidating else None)
+        if entry is not None and await self._current(entry, fence, labels[1]):
             return await self._hit(req, labels, entry, "exact", 1.0, now)
         vector = None
         if req.cache.mode == "semantic":
             with tracer.start_as_current_span("embed query"):
                 vector = (await self.embedder.embed([latest_user_text(req)], input_type="query"))[0]
-            found = await self._semantic(req, partition, vector, now, labels[1])
+            found = await self._semantic(req, partition, vector, now, labels[1], fence)
             if found is not None:
                 return await self._hit(req, labels, found[0], "semantic", found[1], now)
+        user_seq = (fence.user_seqs.get(req.user_id) or 0) if fence is not None else 0
         entry, cost, leader = await self._single_flight(req, key, partition, volatility, vector,
-                                                        labels)
+                                                        labels, user_seq)
         if not leader:  # answered by a concurrent identical request's upstream call
             return await self._hit(req, labels, entry, "exact", 1.0, self.clock())
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage, cost,
                                  0.0, CacheInfo(status="miss"), "misses")
 
-    async def _exact(self, key: str, now: float) -> Entry | None:
+    async def _exact(self, key: str, now: float,
+                     user_id: str | None) -> tuple[Entry | None, Fence | None]:
+        """The exact entry if fresh, and (for an invalidating class: `user_id` given)
+        what its hits are checked against; None for both when Redis fails."""
         try:
             with tracer.start_as_current_span("redis get", attributes={"db.system": "redis"}):
-                entry = await self.cache.get_exact(key)
-        except (RedisError, OSError) as exc:
+                if user_id is None:
+                    entry, fence = await self.cache.get_exact(key), None
+                else:
+                    entry, fence = await self.cache.get_exact_fenced(key, user_id)
+        except STORE_ERRORS as exc:
             log.warning("exact_tier_unavailable", error=str(exc))
-            return None
-        return entry if entry is not None and entry.fresh(now) else None
+            return None, None
+        return (entry if entry is not None and entry.fresh(now) else None), fence
+
+    async def _current(self, entry: Entry, fence: Fence | None, task_label: str) -> bool:
+        """May `entry` be served, as far as the user's newer messages go (`policy.stale`)?"""
+        if entry.volatility not in self.invalidating:
+            return True
+        reason = None
+        if fence is None:
+            reason = "unverifiable"  # Redis failed: nothing to check against
+        else:
+            seqs = fence.user_seqs
+            if entry.user_id not in seqs:  # a global entry another user's request created
+                try:
+                    seqs[entry.user_id] = await self.cache.user_seq(entry.user_id)
+                except STORE_ERRORS as exc:
+                    log.warning("user_seq_unavailable", error=str(exc))
+                    reason = "unverifiable"
+            if reason is None:
+                reason = stale(entry, seqs.get(entry.user_id),
+                               max(fence.distrust_before, self.distrust_before))
+        if reason is None:
+            return True
+        metrics.llm_stale_refused.labels(task_label, reason).inc()
+        log.info("stale_hit_refused", reason=reason, entry_user_seq=entry.user_seq)
+        return False
 
     async def _semantic(self, req: CompleteRequest, partition: str, vector, now: float,
-                        task_label: str):
+                        task_label: str, fence: Fence | None):
         with tracer.start_as_current_span("postgres nearest", attributes={"db.system": "postgresql"}):
             try:
                 candidates = await self.cache.nearest(partition, vector, now)
-            except OSError as exc:
-                log.warning("semantic_tier_unavailable", error=str(exc))
+            except STORE_ERRORS as exc:
+                log.warning("semantic_tier_unavailable", error=str(exc) or type(exc).__name__)
                 return None
         query = latest_user_text(req)
         threshold = self.thresholds.get(partition)
@@ -115,13 +172,15 @@ class Broker:
             verdict = guard.decide(query, cand.entry.query, cand.similarity,
                                    threshold=threshold, space=self.embedder.model_id)
             if verdict.serve and cand.entry.fresh(now):
+                if not await self._current(cand.entry, fence, task_label):
+                    continue
                 log.info("semantic_hit", similarity=round(cand.similarity, 4), reason=verdict.reason)
                 return cand.entry, cand.similarity
             metrics.llm_refused.labels(task_label, verdict.reason).inc()
             log.info("semantic_refused", similarity=round(cand.similarity, 4), reason=verdict.reason)
         return None
 
-    async def _single_flight(self, req, key, partition, volatility, vector, labels):
+    async def _single_flight(self, req, key, partition, volatility, vector, labels, user_seq):
         """One upstream call per exact key at a time; followers share its entry."""
         flight = self._flights.get(key)
         if flight is not None:
@@ -132,12 +191,8 @@ class Broker:
             started = self.clock()
             answer, cost = await self._call(req, labels)
             entry = new_entry(req, partition, answer.text, answer.stop_reason, answer.usage, cost,
-                              volatility, self.clock())
-            try:
-                stored = await self.cache.put(entry, vector, computed_at=started)
-                log.info("cached" if stored else "not_cached_user_spoke", volatility=entry.volatility)
-            except (RedisError, OSError) as exc:
-                log.warning("cache_store_failed", error=str(exc))
+                              volatility, self.clock(), user_seq)
+            await self._store(entry, vector, started, labels[1])
             flight.set_result((entry, cost))
             return entry, cost, True
         except BaseException as exc:
@@ -146,6 +201,21 @@ class Broker:
             raise
         finally:
             self._flights.pop(key, None)
+
+    async def _store(self, entry: Entry, vector, started: float, task_label: str) -> None:
+        """Cache a paid answer if the model finished it; a store failure only costs the cache."""
+        if not cacheable(entry.stop_reason):
+            metrics.llm_not_cached.labels(task_label, "unfinished").inc()
+            log.info("not_cached_unfinished", stop_reason=entry.stop_reason)
+            return
+        try:
+            stored = await self.cache.put(entry, vector, computed_at=started,
+                                          invalidating=entry.volatility in self.invalidating)
+        except STORE_ERRORS as exc:
+            metrics.llm_not_cached.labels(task_label, "store_failed").inc()
+            log.warning("cache_store_failed", error=str(exc) or type(exc).__name__)
+            return
+        log.info("cached" if stored else "not_cached_user_spoke", volatility=entry.volatility)
 
     async def _call(self, req: CompleteRequest, labels):
         answer = await self.upstream.complete(req)
@@ -180,12 +250,15 @@ class Broker:
     async def verdict(self, v: LLMVerdict) -> LLMVerdictReply:
         """The auditor re-asked an audited hit: count it; a wrong one is evicted and,
         for a semantic match, tightens its partition's threshold."""
-        evicted = False
-        if v.wrong:
-            evicted = await self.cache.evict_id(v.entry_id)
-            log.warning("llm_wrong_hit_evicted", entry_id=v.entry_id, match=v.match)
-        threshold = await self.thresholds.record(v.partition, v.wrong,
-                                                 tighten=v.match == "semantic")
+        try:
+            evicted = False
+            if v.wrong:
+                evicted = await self.cache.evict_id(v.entry_id)
+                log.warning("llm_wrong_hit_evicted", entry_id=v.entry_id, match=v.match)
+            threshold = await self.thresholds.record(v.partition, v.wrong,
+                                                     tighten=v.match == "semantic")
+        except STORE_ERRORS as exc:
+            raise _stores_down(exc) from None
         return LLMVerdictReply(evicted=evicted, threshold=threshold)
 
     async def flush_stats(self, every_s: float = STATS_FLUSH_S) -> None:
@@ -197,7 +270,7 @@ class Broker:
     async def drain(self) -> None:
         try:
             await self.totals.flush(self.redis)
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             log.warning("stats_not_flushed", error=str(exc))
 
     async def forget(self, req: ForgetRequest) -> ForgetReply:
@@ -210,25 +283,91 @@ class Broker:
         return ForgetReply(user_id=req.user_id, deleted=dropped)
 
     async def on_changed(self, msg) -> None:
+        """The events subscription's callback: fold the event in, no I/O (see `changes`)."""
         try:
             event = _changed.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("bad_change_event", error=str(exc))
             return
-        try:
-            if event.op == "forget":
-                dropped = await self.cache.forget(event.user_id, self.clock())
-                log.info("llm_cache_forgot_user", user_id=event.user_id, dropped=dropped)
-            elif event.message is not None and event.message.role == "user":
-                dropped = await self.cache.invalidate(event.user_id, self.config.invalidating(),
-                                                      self.clock())
-                if dropped:
-                    log.info("llm_cache_invalidated", user_id=event.user_id, dropped=dropped)
-        except (RedisError, OSError) as exc:
-            log.error("invalidation_failed", user_id=event.user_id, error=str(exc))
+        if not self.pending.add(event, self.clock()):
+            self.distrust("backlog_full")
+
+    def on_bus_event(self, event: str, exc: Exception | None) -> None:
+        """Events lost on the bus: after a reconnect, or a slow consumer on our subscription."""
+        if event == "reconnected":
+            self.distrust("reconnected")
+        elif isinstance(exc, SlowConsumerError) and exc.sub is self.events_sub:
+            self.distrust("slow_consumer")
+
+    def distrust(self, why: str) -> None:
+        """Change events may have been lost: refuse every invalidating-class entry created
+        before now, here at once and, once `apply_changes` has written it, in every broker."""
+        now = self.clock()
+        quiet = now < self.distrust_before + DISTRUST_QUIET_S  # nats-py reports every drop
+        self.distrust_before = max(self.distrust_before, now)
+        self.pending.distrust(now)
+        if not quiet:
+            metrics.llm_distrusts.labels(why).inc()
+            log.warning("llm_cache_distrusted", reason=why)
+
+    async def apply_changes(self) -> None:
+        """Background loop: apply the folded events in batches; a failed batch is retried."""
+        backoff = 0.05
+        while True:
+            await self.pending.ready.wait()
+            batch = self.pending.take()
+            try:
+                await self._apply(batch)
+                backoff = 0.05
+            except STORE_ERRORS as exc:
+                self.pending.put_back(batch, self.clock())
+                log.error("invalidation_failed", users=len(batch.spoke) + len(batch.forgot),
+                          error=str(exc) or type(exc).__name__, retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+
+    async def _apply(self, batch: Batch) -> None:
+        if batch.distrust_since:
+            await self.cache.distrust(batch.distrust_since)
+        if batch.spoke:
+            dropped = await self.cache.invalidate(batch.spoke, sorted(self.invalidating),
+                                                  self.clock())
+            log.info("llm_cache_invalidated", users=len(batch.spoke), dropped=dropped)
+        limit = asyncio.Semaphore(FORGET_CONCURRENCY)
+
+        async def forget(user_id: str) -> None:
+            async with limit:
+                dropped = await self.cache.forget(user_id, self.clock())
+            log.info("llm_cache_forgot_user", user_id=user_id, dropped=dropped)
+
+        failed = [r for r in await asyncio.gather(*map(forget, batch.forgot), return_exceptions=True)
+                  if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]  # the whole batch is retried: dropping twice is harmless
+
+    async def sweep(self, every_s: float, batch: int) -> None:
+        """Background loop: delete expired semantic rows, `batch` at a time, every `every_s`."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                while (deleted := await self.cache.sweep(self.clock(), batch)) == batch:
+                    await asyncio.sleep(0)  # a backlog goes in short statements
+            except STORE_ERRORS as exc:
+                log.warning("sweep_failed", error=str(exc) or type(exc).__name__)
+                continue
+            if deleted:
+                log.info("llm_entries_swept", deleted=deleted)
 
 
-async def build(rt: Runtime, *, clock=time.time) -> Broker:
+def _stores_down(exc: Exception) -> Unavailable:
+    log.warning("cache_stores_unavailable", error=str(exc) or type(exc).__name__)
+    return Unavailable("the LLM cache's stores (Redis, Postgres) are unavailable; retry shortly")
+
+
+async def build(rt: Runtime, *, clock=time.time,
+                events_pending_limit: int = DEFAULT_SUB_PENDING_MSGS_LIMIT) -> Broker:
+    """`events_pending_limit`: events nats-py holds for us before it drops them as
+    a slow consumer's (tests make it small to see what a drop does)."""
     s = rt.settings
     config = Config.load(s.llm_config or None).with_retention(Retention.from_settings(s))
     embedder = embedder_from_settings(s)
@@ -236,7 +375,8 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
     redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
-    cache = await ResponseCache.open(redis, s.database_url, embedder.model_id)
+    cache = await ResponseCache.open(redis, s.database_url, embedder.model_id,
+                                     s.pg_command_timeout_s)
     rt.on_close(cache.close)
     rt.ready_check("postgres", lambda: cache.pool.fetchval("SELECT 1"))
     client = make_client(s)
@@ -249,12 +389,20 @@ async def build(rt: Runtime, *, clock=time.time) -> Broker:
     rt.spawn(broker.thresholds.follow(), "thresholds")
     rt.on_close(broker.drain)  # the last counts land before Redis closes (hooks run in reverse)
     rt.spawn(broker.flush_stats(), "stats-flush")
+    rt.spawn(broker.apply_changes(), "apply-changes")
+    rt.spawn(broker.sweep(s.llm_sweep_interval_s, s.llm_sweep_batch), "sweep")
+    rt.on_bus_event(broker.on_bus_event)
     # One replica handles each change event: the cache is shared.
-    await rt.nc.subscribe(subjects.CHANGED_ALL, queue="llm-broker", cb=broker.on_changed)
+    broker.events_sub = await rt.nc.subscribe(subjects.CHANGED_ALL, queue="llm-broker",
+                                              cb=broker.on_changed,
+                                              pending_msgs_limit=events_pending_limit)
 
     async def get_stats(_req: stats.StatsRequest) -> stats.StatsReply:
         await broker.drain()  # this replica's latest counts, then everyone's
-        return await stats.read(redis)
+        try:
+            return await stats.read(redis)
+        except STORE_ERRORS as exc:
+            raise _stores_down(exc) from None
 
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
     rt.endpoint("stats", subjects.LLM_STATS, stats.StatsRequest, get_stats)
