@@ -39,11 +39,6 @@ class SeqGate:
         """An event of this user is held (a read may want to wait for it)."""
         return user_id in self._users
 
-    @property
-    def next_refresh(self) -> int:
-        """The number of the refresh that will judge every event held now."""
-        return self._begun + 1
-
     def admit(self, ev: Changed, matters: bool = True) -> bool:
         """True: apply `ev` now. False: it is held for the next refresh.
 

@@ -95,7 +95,7 @@ class Sidecar:
                       for r in (MISS, BEHIND, TOO_MANY, SEARCH)}
         self.gate = SeqGate()
         self._check = asyncio.Event()  # events are held: run a check
-        self._checked: list[tuple[int, asyncio.Future]] = []  # reads waiting for check n
+        self._checked: list[tuple[str, asyncio.Future]] = []  # reads waiting for a user's held events
         self._refused = metrics.rejected.labels("memory-l1", "seq_beyond_log")
 
     async def listen(self) -> None:
@@ -127,7 +127,7 @@ class Sidecar:
         if req.op == "recent":
             answer = self.store.recent(req.user_id, req.n, req.min_seq)
             if (answer == BEHIND or answer == MISS) and self.gate.holds(req.user_id):
-                await self._events_checked()
+                await self._events_checked(req.user_id)
                 answer = self.store.recent(req.user_id, req.n, req.min_seq)
             if answer.__class__ is GetReply:
                 body = fit_reply(answer, "recent", self.rt.nc.max_payload)
@@ -222,7 +222,7 @@ class Sidecar:
                 except Exception as exc:  # noqa: BLE001 - no stream, no JetStream, no answer
                     log.warning("change_events_unchecked", dropped=self.gate.fail(), error=repr(exc))
                     self._lost("change_events_unchecked")
-                    self._wake(number)
+                    self._wake()
                     break
                 apply, refused = self.gate.settle(number, last)
                 for ev in apply:
@@ -231,23 +231,28 @@ class Sidecar:
                     self._refused.inc()
                     log.warning("change_event_beyond_log", user_id=ev.user_id, seq=ev.seq,
                                 last_seq=last, op=ev.op)
-                self._wake(number)
+                self._wake()
 
-    async def _events_checked(self) -> None:
-        """Wait (at most CHECK_WAIT_S) until every event held now has been checked."""
+    async def _events_checked(self, user_id: str) -> None:
+        """Wait (at most CHECK_WAIT_S) until no event of this user is held.
+
+        Waiting for "the user's events", not for a refresh number: a refresh
+        already in flight may settle them, and then no further one runs.
+        """
         fut = asyncio.get_running_loop().create_future()
-        self._checked.append((self.gate.next_refresh, fut))
+        self._checked.append((user_id, fut))
         try:
             await asyncio.wait_for(fut, CHECK_WAIT_S)
         except asyncio.TimeoutError:
             pass
 
-    def _wake(self, number: int) -> None:
+    def _wake(self) -> None:
+        """After a refresh settled (or failed): wake the reads whose user has nothing held now."""
         waiting = self._checked
         self._checked = []
-        for n, fut in waiting:
-            if n > number:
-                self._checked.append((n, fut))
+        for user_id, fut in waiting:
+            if self.gate.holds(user_id):
+                self._checked.append((user_id, fut))
             elif not fut.done():
                 fut.set_result(None)
 
