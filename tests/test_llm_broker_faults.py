@@ -306,6 +306,18 @@ async def test_an_answer_cut_off_by_max_tokens_is_returned_but_never_cached(clea
     assert sim.calls() == 3
 
 
+async def test_concurrent_identical_requests_do_not_share_an_answer_cut_short_as_a_hit(clean_state, sim):
+    """Single flight: followers of a request share its upstream answer as an exact hit, but not
+    one cut off by max_tokens (the fault suite saw one served as a hit)."""
+    env, clock = {**clean_state, "ANTHROPIC_BASE_URL": sim.url}, Clock()
+    async with broker_running(env, clock), client(env["NATS_URL"]) as nc:
+        replies = await asyncio.gather(*(ok(nc, subjects.LLM_COMPLETE, INTENT("Is it still for sale?",
+                                                                             max_tokens=1))
+                                         for _ in range(4)))
+    assert [r["stop_reason"] for r in replies] == ["max_tokens"] * 4
+    assert [r["cache"]["status"] for r in replies] == ["miss"] * 4
+
+
 async def test_expired_semantic_entries_are_swept_from_postgres(clean_state, sim):
     env, clock = {**clean_state, "ANTHROPIC_BASE_URL": sim.url}, Clock()
     async with broker_running(env, clock, llm_sweep_interval_s=0.05, llm_sweep_batch=2), \

@@ -112,8 +112,11 @@ class Broker:
             if found is not None:
                 return await self._hit(req, labels, found[0], "semantic", found[1], now)
         user_seq = (fence.user_seqs.get(req.user_id) or 0) if fence is not None else 0
-        entry, cost, leader = await self._single_flight(req, key, partition, volatility, vector,
-                                                        labels, user_seq)
+        for _ in range(3):  # a concurrent identical request's answer cut short is no hit to share:
+            entry, cost, leader = await self._single_flight(req, key, partition, volatility, vector,
+                                                            labels, user_seq)
+            if leader or cacheable(entry.stop_reason):
+                break  # (it is not cached either: this request asks the model itself)
         if not leader:  # answered by a concurrent identical request's upstream call
             return await self._hit(req, labels, entry, "exact", 1.0, self.clock())
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage, cost,
