@@ -66,11 +66,17 @@ def to_row(subject: str, seq: int, data: bytes) -> store.Row:
                      role=entry.role, text=entry.text, ts=ts)
 
 
+# How long a batch delivered to an indexer that died stays unacknowledged before another
+# gets it: every later message's L3 read (with min_seq) waits on it, so short; an indexer
+# whose batch takes longer (Postgres down, retrying) says so with `in_progress`.
+ACK_WAIT_S = 10
+
+
 async def subscribe(js):
     """The indexers' shared durable pull consumer of the whole log."""
     return await js.pull_subscribe(
         subjects.LOG_ALL, durable=subjects.L3_CONSUMER, stream=subjects.STREAM,
-        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
                               deliver_policy=DeliverPolicy.ALL, max_ack_pending=20_000))
 
 
@@ -125,6 +131,8 @@ class Indexer:
                     log.warning("upsert_retry", error=str(exc), retry_in=backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+                    for msg in good:  # still ours: not redelivered to another replica meanwhile
+                        await msg.in_progress()
         for msg in good:
             await msg.ack()
         log.debug("indexed", batch=len(rows), inserted=inserted)
