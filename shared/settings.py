@@ -52,6 +52,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     l1_max_users: int = 50_000
     l1_max_bytes: int = 256 * 1024 * 1024  # text bytes all windows hold together
     l2_window: int = 100
+    l2_idle_ttl_s: float = 7 * 86400  # a user's Redis window expires after this long unused
 
     embedder: str = "wordllama"
     embedder_model: str = ""

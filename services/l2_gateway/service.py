@@ -27,6 +27,7 @@ from shared.service import Runtime
 from shared.telemetry import tracer
 
 from .applier import Applier
+from .fence import LOST, REBUILDING, ROLLED_BACK, Fence
 from .log_guard import LogGuard
 from .quota import Quota
 from .redis_window import RedisWindow, Snapshot
@@ -42,7 +43,7 @@ async def build(rt: Runtime) -> None:
                            socket_connect_timeout=2, health_check_interval=10)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
-    window = RedisWindow(redis, settings.l2_window)
+    window = RedisWindow(redis, settings.l2_window, settings.l2_idle_ttl_s, Fence())
     guard = LogGuard(rt.js, settings.stream_replicas, settings.memory_stream_reinit)
     if await guard.open():
         await window.wipe()  # its windows and position describe the lost stream
@@ -88,10 +89,14 @@ async def build(rt: Runtime) -> None:
             return await _down(req, "too_many")
         try:
             with tracer.start_as_current_span("redis read", attributes={"db.system": "redis"}):
-                snap = await window.read(req.user_id, req.n, req.min_seq)
-        except (RedisError, OSError, Unavailable) as exc:
+                snap = await window.read(req.user_id, req.n)
+        except (RedisError, OSError) as exc:
             log.warning("l2_unavailable", error=str(exc))
             return await _down(req, "redis_unavailable")
+        if isinstance(snap, str):  # Redis cannot answer for this user (see `fence`)
+            if snap == ROLLED_BACK:
+                applier.suspect()
+            return await _down(req, snap)
         reason = _why_not(snap, req)
         if reason:
             return await _down(req, reason)
@@ -151,13 +156,16 @@ class L2Reply(msgspec.Struct):
     messages: list[msgspec.Raw]
 
 
-_REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq")
+_REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq", LOST, REBUILDING,
+            ROLLED_BACK, "not_held", "partial")
 
 
 def _why_not(snap: Snapshot, req: GetRequest) -> str:
     """Why this snapshot cannot answer the request completely ('' if it can)."""
     if req.min_seq is not None and snap.complete_through() < req.min_seq:
         return "behind_min_seq"
+    if snap.partial and len(snap.messages) < req.n:
+        return "partial"  # what came before the window's oldest message is not known here
     if len(snap.messages) < req.n and len(snap.messages) < snap.count:
         return "too_many"  # the user has more than the window still holds
     return ""
