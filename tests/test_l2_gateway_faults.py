@@ -176,7 +176,7 @@ async def test_redis_rolled_back_to_an_older_snapshot_is_not_served_as_complete(
                 own_redis["folder"], port=redis.port, die_with_parent=True)
             await r.aclose()
             r = aioredis.from_url(redis.url)
-            assert await r.exists("tm:{g}:state")  # the older state really is back
+            assert await r.dbsize() > 0  # the older state really is back
 
             forgotten_served = []
             deadline = time.monotonic() + 20
@@ -190,9 +190,9 @@ async def test_redis_rolled_back_to_an_older_snapshot_is_not_served_as_complete(
                 if await caught_up(nc, truth):
                     break
                 await asyncio.sleep(0.05)
-            assert await caught_up(nc, truth)
+            assert truth.violations == [] and forgotten_served == []
+            assert await caught_up(nc, truth)  # and L2 serves again, rebuilt
     await r.aclose()
-    assert truth.violations == [] and forgotten_served == []
 
 
 async def test_an_idle_users_expired_window_is_a_miss_and_comes_back_complete(clean_nats,
