@@ -42,7 +42,18 @@ def test_the_fence_trusts_only_a_state_no_older_than_what_it_saw(seen, state, wh
     fence = Fence()
     if seen:
         fence.adopt(State(*seen))
-    assert fence.judge(state) == why
+    assert fence.judge(state, fence.seen) == why
+
+
+def test_the_fence_judges_a_reply_by_what_was_seen_when_it_was_asked_for():
+    """A state read before a newer one arrived (from the applier, on the same
+    process) is not a rollback: it was simply older when it was read."""
+    fence = Fence()
+    fence.adopt(State("1-a", 1, 5))
+    asked = fence.seen
+    fence.saw(State("1-a", 1, 9))  # the applier advanced while the read was on its way
+    assert fence.judge(State("1-a", 1, 7), asked) == ""
+    assert fence.judge(State("1-a", 1, 7), fence.seen) == ROLLED_BACK
 
 
 class Truth:
@@ -58,12 +69,12 @@ class Truth:
             return
         self.l2_answers += 1
         got = {m["seq"] for m in reply["messages"]}
-        acked = [s for s, t in self.acked.get(user, []) if t < sent_at]
+        # the newest N the user had when the read was sent (one writer per user)
+        acked = [(s, t) for s, t in self.acked.get(user, []) if t < sent_at][-N:]
         if min_seq is not None:
-            need = [s for s in acked if s <= min_seq]
+            need = {s for s, _ in acked if s <= min_seq}
         else:
-            need = [s for s, t in self.acked.get(user, []) if t < sent_at - GRACE_S]
-        need = set(need[-N:])  # the newest N are what a read of N asks for
+            need = {s for s, t in acked if t < sent_at - GRACE_S}
         if not need <= got:
             self.violations.append(f"{user} min_seq={min_seq}: L2 lacked {sorted(need - got)}")
         if acked and not got and reply["seq"] == 0:

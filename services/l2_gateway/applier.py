@@ -64,7 +64,7 @@ from shared.contract import Changed, LogEntry, Message, encode
 from shared.service import Runtime
 from shared.telemetry import tracer
 
-from .fence import REBUILDING
+from .fence import REBUILDING, State
 from .log_guard import LogGuard
 from .redis_window import ADVANCED, NO_STATE, OTHER_EPOCH, RedisWindow
 
@@ -224,6 +224,13 @@ class Applier:
         except asyncio.TimeoutError:
             return False
 
+    def repair_later(self, user_id: str) -> None:
+        """Rebuild the user's window between two batches, nobody waiting (a read found it
+        partial: its repair after the batch that started it failed or was lost)."""
+        if user_id not in self._repairs:
+            self._repairs[user_id] = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(_WAKE)
+
     def suspect(self) -> None:
         """A reader saw the state go back: check it before the next batch (an idle
         applier would otherwise only notice at its next empty pull)."""
@@ -291,8 +298,9 @@ class Applier:
         reached once it is done. A replay whose gateway died (its lock expired) is
         carried on by whoever takes the lock next."""
         while True:
+            seen = self.fence.seen
             state = await self.window.state()
-            why = self.fence.judge(state)
+            why = self.fence.judge(state, seen)
             if not why:
                 self.leading = False
                 return state.applied
@@ -395,6 +403,7 @@ class Applier:
         return None
 
     async def _apply(self, items: list[tuple[str, Message, int]], upto: int) -> None:
+        seen = self.fence.seen  # the epoch the batch goes to (apply_batch reads it too)
         backoff = 0.05
         while True:
             try:
@@ -408,7 +417,7 @@ class Applier:
                 backoff = min(backoff * 2, 2.0)
         if code != ADVANCED:
             raise RedisLost(_WHY[code])  # nothing announced: the writes went to a dead epoch
-        self.fence.seen = max(self.fence.seen, applied)
+        self.fence.saw(State(seen.epoch, seen.gen, applied))
         self.position = max(self.position, upto)
         if self.leading and applied >= self._target:
             self.leading = False
@@ -424,7 +433,9 @@ class Applier:
                     if done and user_id not in partial]
         rebuilt = await asyncio.gather(*(self._rebuild_user(u) for u in partial))
         for user_id, seqs in zip(partial, rebuilt):
-            if seqs is not None:
+            if seqs is None:  # stays partial (reads pass down) until a later try succeeds
+                self.repair_later(user_id)
+            else:
                 at = {seq: i for i, seq in enumerate(seqs)}
                 announce.extend((user, msg, seqs[at[msg.seq] - 1] if at[msg.seq] else 0,
                                  at[msg.seq] + 1)

@@ -50,31 +50,49 @@ class State(msgspec.Struct, frozen=True):
         return cls(as_str, int(gen), int(applied), int(rebuilding or 0))
 
 
+class Seen(msgspec.Struct, frozen=True):
+    """What a process had seen when it sent a request: a reply can only be judged
+    against that (a newer state seen while the reply was on its way proves nothing)."""
+
+    epoch: str | None = None
+    gen: int = 0
+    applied: int = 0  # the highest `applied` seen in `epoch`
+
+
 class Fence:
     """This process's view of the newest L2 state, shared by its applier and readers."""
 
     def __init__(self) -> None:
-        self.epoch: str | None = None
-        self.gen = 0
-        self.seen = 0  # the highest `applied` seen in `epoch`
+        self.seen = Seen()
 
-    def judge(self, state: State | None) -> str:
-        """Why `state` may not be trusted ('' if it may); remembers a newer epoch and position."""
+    @property
+    def epoch(self) -> str | None:
+        return self.seen.epoch
+
+    def judge(self, state: State | None, before: Seen) -> str:
+        """Why `state`, read after `before` was taken, may not be trusted ('' if it may);
+        remembers a newer epoch and position."""
         if state is None:
             return LOST
-        if state.gen < self.gen or (state.epoch == self.epoch and state.applied < self.seen):
+        if state.gen < before.gen or (state.epoch == before.epoch and state.applied < before.applied):
             return ROLLED_BACK
-        if state.epoch != self.epoch:
-            if state.gen == self.gen:
-                return ROLLED_BACK  # two epochs of one generation: ours was replaced under us
-            self.epoch, self.gen, self.seen = state.epoch, state.gen, state.applied
-        self.seen = max(self.seen, state.applied)
+        if state.epoch != before.epoch and state.gen == before.gen:
+            return ROLLED_BACK  # two epochs of one generation: ours was replaced under us
+        self.saw(state)
         return REBUILDING if state.applied < state.rebuilding else ""
+
+    def saw(self, state: State) -> None:
+        """Remember `state` if it is newer than what was seen (never go back)."""
+        now = self.seen
+        if state.gen > now.gen:
+            self.seen = Seen(state.epoch, state.gen, state.applied)
+        elif state.epoch == now.epoch and state.applied > now.applied:
+            self.seen = Seen(now.epoch, now.gen, state.applied)
 
     def adopt(self, state: State) -> None:
         """Take `state` as the current epoch (a new epoch this process made or joins)."""
-        self.epoch, self.gen, self.seen = state.epoch, state.gen, state.applied
+        self.seen = Seen(state.epoch, state.gen, state.applied)
 
     def next_gen(self, state: State | None) -> int:
         """The generation of an epoch that replaces `state`: above every one seen."""
-        return max(self.gen, state.gen if state else 0) + 1
+        return max(self.seen.gen, state.gen if state else 0) + 1

@@ -214,6 +214,15 @@ class RedisWindow:
         self._scripts = (self._apply, self._advance, self._new_epoch, self._release, self._read,
                          self._forget, self._rebuild)
 
+    async def load_scripts(self) -> None:
+        """Load every script, APPLY before ADVANCE: a pipeline that finds ADVANCE loaded
+        (by this or another gateway) finds APPLY too, so a batch is never advanced over
+        without being applied. Done before the first use: gateways starting together
+        would otherwise re-run batches that were half applied while another one loaded
+        the scripts, and lose which windows they started."""
+        for script in self._scripts:
+            await self.redis.script_load(script.source)
+
     async def _run(self, build: Callable[[Pipeline], None]) -> list:
         """Run the commands `build` queues, in one round trip; load the scripts if Redis lost them.
 
@@ -227,8 +236,7 @@ class RedisWindow:
             except NoScriptError:
                 if attempt:
                     raise
-                for script in self._scripts:
-                    await self.redis.script_load(script.source)
+                await self.load_scripts()
         raise AssertionError("unreachable")
 
     async def _call(self, script: _Script, keys: list[str], *args):
@@ -267,7 +275,7 @@ class RedisWindow:
         and the position. `fresh`: the epoch is being replayed from the log's
         first message, so a user without keys is new, not expired.
         """
-        epoch, seen = self.fence.epoch, self.fence.seen
+        epoch, seen = self.fence.seen.epoch, self.fence.seen.applied
         fresh_arg = 1 if fresh else 0
 
         def build(pipe: Pipeline) -> None:
@@ -293,12 +301,13 @@ class RedisWindow:
         which the second read shows.
         """
         for _ in range(2):
-            epoch = self.fence.epoch
-            if epoch is None:  # this process has not seen a state yet
-                why = self.fence.judge(await self.state())
+            seen = self.fence.seen
+            if seen.epoch is None:  # this process has not seen a state yet
+                why = self.fence.judge(await self.state(), seen)
                 if why:
                     return why
-                epoch = self.fence.epoch
+                seen = self.fence.seen
+            epoch = seen.epoch
 
             def build(pipe: Pipeline) -> None:
                 pipe.hmget(STATE, _STATE_FIELDS)
@@ -307,7 +316,7 @@ class RedisWindow:
 
             raw_before, window, raw_after = await self._run(build)
             before, after = State.parse(raw_before), State.parse(raw_after)
-            why = self.fence.judge(before) or self.fence.judge(after)
+            why = self.fence.judge(before, seen) or self.fence.judge(after, seen)
             if why:
                 return why
             if before.epoch != epoch:

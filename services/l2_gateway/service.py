@@ -44,6 +44,10 @@ async def build(rt: Runtime) -> None:
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     window = RedisWindow(redis, settings.l2_window, settings.l2_idle_ttl_s, Fence())
+    try:
+        await window.load_scripts()
+    except (RedisError, OSError) as exc:  # Redis down: appends go on; loaded on first use
+        log.warning("l2_scripts_not_loaded", error=str(exc))
     guard = LogGuard(rt.js, settings.stream_replicas, settings.memory_stream_reinit)
     if await guard.open():
         await window.wipe()  # its windows and position describe the lost stream
@@ -99,6 +103,8 @@ async def build(rt: Runtime) -> None:
             return await _down(req, snap)
         reason = _why_not(snap, req)
         if reason:
+            if reason == "partial":
+                applier.repair_later(req.user_id)
             return await _down(req, reason)
         reply = fit_reply(L2Reply(user_id=req.user_id, tier=TIER, seq=snap.last,
                                   messages=snap.messages), "recent", rt.nc.max_payload)
