@@ -66,7 +66,7 @@ from shared.telemetry import tracer
 
 from .fence import REBUILDING, State
 from .log_guard import LogGuard
-from .redis_window import ADVANCED, NO_STATE, OTHER_EPOCH, RedisWindow
+from .redis_window import ADVANCED, NO_STATE, OTHER_EPOCH, WENT_BACK, RedisWindow
 
 log = structlog.get_logger()
 _entry = msgspec.json.Decoder(LogEntry)
@@ -81,7 +81,7 @@ _PULL_OVER = ("Batch Completed", "Message Size Exceeds MaxBytes")
 _WAKE = object()  # queued to wake the consumer for pending repairs or a state check
 _IDLE = object()  # a pull ended without messages: the consumer has delivered the whole log
 _JOIN_POLL_S = 0.2  # how often a gateway waiting for another's replay looks again
-_WHY = {NO_STATE: "lost", OTHER_EPOCH: "another epoch", ADVANCED: "", 3: "rolled back"}
+_WHY = {NO_STATE: "lost", OTHER_EPOCH: "another epoch", WENT_BACK: "rolled back"}
 
 
 def _stream_seq(reply: str) -> int:
