@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     l1_max_bytes: int = 256 * 1024 * 1024  # text bytes all windows hold together
     l1_ttl_s: float = 300.0  # a window older than this (since it was filled) is a miss
     l2_window: int = 100
+    l2_idle_ttl_s: float = 7 * 86400  # a user's Redis window expires after this long unused
 
     embedder: str = "wordllama"
     embedder_model: str = ""

@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from nats.js.errors import NotFoundError
 
+from services.l2_gateway.redis_window import STATE, keys as l2_keys
 from shared import permissions, subjects
 from tests.conftest import REPO, reset_servers, stack_processes
 from tests.helpers import call, client, identity_env, ok
@@ -183,8 +184,9 @@ async def test_forget_removes_one_user_everywhere_and_keeps_the_others(stack, lo
         await pg.close()
     r = aioredis.from_url(env["REDIS_URL"])
     try:
-        assert await r.zcard(f"tm:{{{gone}}}:m") == 0
-        assert await r.zcard(f"tm:{{{kept}}}:m") >= PER_USER
+        epoch = (await r.hget(STATE, "epoch")).decode()
+        assert await r.zcard(l2_keys(gone, epoch)[0]) == 0
+        assert await r.zcard(l2_keys(kept, epoch)[0]) >= PER_USER
     finally:
         await r.aclose()
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from services.freshness_auditor.service import build as build_auditor
-from services.l2_gateway.redis_window import keys as l2_keys
+from services.l2_gateway.redis_window import STATE, keys
 from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.llm_broker import thresholds
@@ -89,6 +89,11 @@ async def append(nc, user: str, text: str, role: str = "user") -> int:
     return reply["seq"]
 
 
+async def l2_keys(redis, user: str) -> list[str]:
+    """The user's window keys in the L2 tier's current epoch."""
+    return keys(user, (await redis.hget(STATE, "epoch")).decode())
+
+
 def seqs(reply: dict) -> list[int]:
     return [m["seq"] for m in reply["messages"]]
 
@@ -133,7 +138,7 @@ async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(mem
     real = [await append(nc, user, f"message {i}") for i in range(3)]
     fake = Message(seq=real[-1] + 10_000, msg_id="planted", role="user", bot_id="x",
                    text="I want to cancel", ts="2026-11-26T00:00:00Z")
-    await redis.zadd(l2_keys(user)[0], {encode(fake): fake.seq})
+    await redis.zadd((await l2_keys(redis, user))[0], {encode(fake): fake.seq})
     served = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": user, "n": 5})
     assert seqs(served)[-1] == fake.seq  # the planted message was served
     stats = await stats_until(nc, lambda s: tier(s, "l2")["evicted"] >= 1)
@@ -143,8 +148,9 @@ async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(mem
     # 2. L2 lacks an acknowledged message (removed behind the applier's back).
     user = "lead-lacks-one"
     real = [await append(nc, user, f"message {i}") for i in range(3)]
-    newest = (await redis.zrange(l2_keys(user)[0], -1, -1))[0]
-    assert await redis.zrem(l2_keys(user)[0], newest) == 1
+    window = (await l2_keys(redis, user))[0]
+    newest = (await redis.zrange(window, -1, -1))[0]
+    assert await redis.zrem(window, newest) == 1
     await asyncio.sleep(GRACE_S + 0.1)  # acknowledged well before the read
     # (asked for more than it now holds, L2 would see its count is short and pass down)
     stale = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": user, "n": 2})

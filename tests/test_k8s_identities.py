@@ -246,6 +246,7 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
     from redis.exceptions import NoPermissionError
 
     from services.freshness_auditor.tally import Tally
+    from services.l2_gateway.fence import Fence
     from services.l2_gateway.redis_window import RedisWindow
     from services.llm_broker import stats
     from services.llm_broker.thresholds import Thresholds
@@ -264,17 +265,21 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
             url = urlunsplit(parts._replace(netloc=f"{user}-{suffix}:pw@{parts.hostname}:{parts.port}"))
             clients[user] = aioredis.from_url(url)
 
-        # l2-gateway: its window scripts (loaded by SHA), the position, a reset's scan and delete
-        window = RedisWindow(clients["l2-gateway"], 10)
+        # l2-gateway: its window scripts (loaded by SHA), the epoch and its lock, a sweep's
+        # and a reset's scan and delete
+        window = RedisWindow(clients["l2-gateway"], 10, 60.0, Fence())
+        assert await window.take_lock("t")
+        window.fence.adopt(await window.new_epoch(1, 1))
         msg = Message(seq=1, msg_id="m1", role="user", bot_id="b", text="hi", ts="2026-01-01T00:00:00Z")
-        await window.apply_batch([("u1", msg, 2)], 1)
-        assert await window.position() == 1
+        assert (await window.apply_batch([("u1", msg, 10)], 1, "t", fresh=True))[1:] == (0, 1)
         assert (await window.read("u1", 5)).last == 1
         # ... and the user's message seq it wrote, which the llm-broker may read, not write
         assert await clients["llm-broker"].get(lastseq.key("u1")) == b"1"
         with pytest.raises(NoPermissionError):
             await clients["llm-broker"].set(lastseq.key("u1"), 0)
         await window.forget("u1", 1)
+        await window.sweep("another-epoch")
+        await window.release_lock("t")
         async for key in clients["l2-gateway"].scan_iter(match="tm:*"):
             await clients["l2-gateway"].delete(key)
         # llm-broker: its totals and thresholds

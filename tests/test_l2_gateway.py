@@ -143,9 +143,16 @@ async def test_user_with_few_messages_is_answered_completely(gateway):
     await ok(nc, subjects.MEMORY_APPEND, append_body("lead-4", 0))
     reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-4", "n": 50})
     assert reply["tier"] == "l2" and len(reply["messages"]) == 1
-    empty = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "nobody-yet", "n": 5})
-    assert empty == {"user_id": "nobody-yet", "tier": "l2", "seq": 0, "messages": []}
     assert l3.gets == []
+
+
+async def test_a_user_redis_does_not_hold_is_a_miss_not_an_empty_answer(gateway):
+    """Never seen, expired while idle, or lost: L2 cannot tell, so it never answers "none"."""
+    nc, l3 = gateway
+    later = (await ok(nc, subjects.MEMORY_APPEND, append_body("lead-7", 0)))["seq"]
+    for body in ({"user_id": "nobody-yet", "n": 5}, {"user_id": "nobody-yet", "min_seq": later}):
+        assert (await ok(nc, subjects.MEMORY_L2_GET, body))["tier"] == "l3"
+    assert [g.user_id for g in l3.gets] == ["nobody-yet", "nobody-yet"]
 
 
 async def test_min_seq_past_the_users_newest_message_is_proved_by_the_log_position(gateway):
@@ -155,8 +162,7 @@ async def test_min_seq_past_the_users_newest_message_is_proved_by_the_log_positi
     for min_seq in (mine, later):  # the window alone, then the window and the position
         reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-6", "min_seq": min_seq})
         assert reply["tier"] == "l2" and [m["seq"] for m in reply["messages"]] == [mine]
-    new = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-new", "min_seq": later})
-    assert new["tier"] == "l2" and new["messages"] == [] and not l3.gets
+    assert not l3.gets
 
 
 async def test_min_seq_beyond_what_redis_applied_goes_to_l3(gateway):

@@ -32,8 +32,18 @@ the applier on every restart).
 
 Redis down: the batch is retried with backoff, the stream keeps everything,
 nothing is skipped; appends still succeed (they stop waiting after a bound).
-Redis restarted empty (the position key vanished under us): the tier's data
-cannot be trusted, so it is wiped and rebuilt from the start of the log.
+
+Redis lost or rolled back (`fence`): every batch advances the position in
+the same round trip as it applies, by a script that refuses when the state
+is gone, of another epoch, or behind what this process saw (and then deletes
+it, so nobody trusts it). The applier that finds the state untrusted stops;
+one gateway takes the lock, makes a new epoch and replays the whole log into
+it (announcing only what it had not announced before), the others wait and
+go on from where it ends. An idle applier checks the state on every empty
+pull, and a reader that saw a rolled-back state asks its applier to check.
+A window started by an append for a user Redis does not know (new, or
+expired while idle) is marked partial and rebuilt from the log after the
+batch; its first message is not announced (L1s cannot tell what came before).
 """
 
 from __future__ import annotations
@@ -54,8 +64,9 @@ from shared.contract import Changed, LogEntry, Message, encode
 from shared.service import Runtime
 from shared.telemetry import tracer
 
+from .fence import REBUILDING, State
 from .log_guard import LogGuard
-from .redis_window import RedisWindow
+from .redis_window import ADVANCED, NO_STATE, OTHER_EPOCH, WENT_BACK, RedisWindow
 
 log = structlog.get_logger()
 _entry = msgspec.json.Decoder(LogEntry)
@@ -67,7 +78,10 @@ ACK_WAIT_S = 60.0
 CONSUMER = "l2-gateway"
 # 409s that end one pull, not the consumer (any other status: make the consumer again).
 _PULL_OVER = ("Batch Completed", "Message Size Exceeds MaxBytes")
-_REPAIR = object()  # queued to wake the consumer for pending repairs
+_WAKE = object()  # queued to wake the consumer for pending repairs or a state check
+_IDLE = object()  # a pull ended without messages: the consumer has delivered the whole log
+_JOIN_POLL_S = 0.2  # how often a gateway waiting for another's replay looks again
+_WHY = {NO_STATE: "lost", OTHER_EPOCH: "another epoch", WENT_BACK: "rolled back"}
 
 
 def _stream_seq(reply: str) -> int:
@@ -142,24 +156,28 @@ class LogPuller:
             while len(got) < MAX_BATCH + 1 and not self.queue.empty():
                 got.append(self.queue.get_nowait())
             for msg in got:
-                if msg is _REPAIR or not msg.headers or not msg.headers.get("Status"):
-                    if msg is not _REPAIR:
+                if msg is _WAKE or not msg.headers or not msg.headers.get("Status"):
+                    if msg is not _WAKE:
                         self._left -= 1
                     out.append(msg)
-                else:
-                    self._status(msg)
+                elif self._status(msg):
+                    out.append(_IDLE)
             if self.rt.nc.stats["reconnects"] != self._reconnects:
                 raise ConsumerLost("reconnected: deliveries may have been lost")
             if self._left == 0:
                 await self._pull()
         return out
 
-    def _status(self, msg) -> None:
+    def _status(self, msg) -> bool:
+        """Handle a status message; True if it ended a pull that delivered nothing."""
         status, why = msg.headers.get("Status"), msg.headers.get("Description", "")
         if status in ("404", "408") or (status == "409" and why in _PULL_OVER):
+            idle = status != "409" and self._left == MAX_BATCH
             self._left = 0  # this pull is over: expired, done, or the next message did not fit
-        elif status != "100":  # 100: heartbeat
+            return idle
+        if status != "100":  # 100: heartbeat
             raise ConsumerLost(f"{status} {why}")
+        return False
 
     async def _pull(self) -> None:
         body = msgspec.json.encode({"batch": MAX_BATCH, "max_bytes": self._max_bytes,
@@ -170,15 +188,22 @@ class LogPuller:
 
 
 class RedisLost(Exception):
-    """Redis lost the applied position: its windows cannot be trusted."""
+    """Redis's state is gone, replaced or rolled back: this epoch's windows cannot be trusted."""
 
 
 class Applier:
     def __init__(self, rt: Runtime, window: RedisWindow, guard: LogGuard) -> None:
         self.rt = rt
         self.window = window
+        self.fence = window.fence
         self.guard = guard
         self.position = 0  # every log message <= position is applied by us
+        self.token = uuid.uuid4().hex  # this applier's value of the replay lock
+        self.leading = False  # replaying the log into a new epoch, up to `_target`
+        self._target = 0
+        self._quiet_upto = 0  # messages up to here were announced before Redis was lost
+        self._suspect = False  # a reader suspects the state: check it between two batches
+        self._sweeper: asyncio.Task | None = None
         self._waiters: list[tuple[int, int, asyncio.Future]] = []  # heap by seq
         self._waiter_ids = itertools.count()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -187,20 +212,31 @@ class Applier:
                       for r in ("undecodable", "subject_mismatch")}
 
     async def repair(self, user_id: str, timeout: float) -> bool:
-        """Rebuild the user's window from the log, between two applied batches.
-
-        Done by the applier itself so that no batch is applied while the
-        window is replaced: the log as of `position` is exactly what Redis
-        must hold. False if it did not happen within `timeout`.
-        """
+        """Rebuild the user's window from the log, between two applied batches
+        (so that this applier does not apply to it meanwhile). False if it did
+        not happen within `timeout`."""
         fut = self._repairs.get(user_id)
         if fut is None:
             fut = self._repairs[user_id] = asyncio.get_running_loop().create_future()
-            self._queue.put_nowait(_REPAIR)
+            self._queue.put_nowait(_WAKE)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
             return False
+
+    def repair_later(self, user_id: str) -> None:
+        """Rebuild the user's window between two batches, nobody waiting (a read found it
+        partial: its repair after the batch that started it failed or was lost)."""
+        if user_id not in self._repairs:
+            self._repairs[user_id] = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(_WAKE)
+
+    def suspect(self) -> None:
+        """A reader saw the state go back: check it before the next batch (an idle
+        applier would otherwise only notice at its next empty pull)."""
+        if not self._suspect:
+            self._suspect = True
+            self._queue.put_nowait(_WAKE)
 
     async def wait_applied(self, seq: int, timeout: float) -> bool:
         """Wait until the message at `seq` is in Redis; False if that took too long.
@@ -227,20 +263,21 @@ class Applier:
                 if self.guard.lost:  # nothing to apply from; the guard's watch may see it restored
                     await asyncio.sleep(1.0)
                     continue
-                start = await self.window.position() or 0
+                start = await self._join()
                 self.position = start
                 puller = LogPuller(self.rt, start + 1)
                 self._queue = puller.queue
                 if self._repairs:
-                    self._queue.put_nowait(_REPAIR)
+                    self._queue.put_nowait(_WAKE)
                 await puller.open()
-                log.info("applier_started", from_seq=start + 1)
+                log.info("applier_started", from_seq=start + 1, epoch=self.fence.epoch,
+                         replaying_to=self._target if self.leading else None)
                 backoff = 0.1
                 await self._consume(puller)
-            except RedisLost:
-                log.error("redis_lost_state_rebuilding_from_log", position=self.position)
-                await self.window.wipe()
-                self.position = 0
+            except RedisLost as exc:
+                log.error("l2_state_untrusted", why=str(exc), position=self.position)
+                self._quiet_upto = max(self._quiet_upto, self.position)
+                self.leading = False
             except (RedisError, OSError) as exc:
                 log.warning("applier_redis_unavailable", error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
@@ -254,13 +291,49 @@ class Applier:
                 if puller is not None:
                     await puller.close()
 
+    async def _join(self) -> int:
+        """The position to apply from, in an epoch this process may trust: Redis's
+        current one, or a new one this gateway makes and replays the log into
+        (holding the lock), or, while another gateway replays, the position it
+        reached once it is done. A replay whose gateway died (its lock expired) is
+        carried on by whoever takes the lock next."""
+        while True:
+            seen = self.fence.seen
+            state = await self.window.state()
+            why = self.fence.judge(state, seen)
+            if not why:
+                self.leading = False
+                return state.applied
+            if not await self.window.take_lock(self.token):
+                await asyncio.sleep(_JOIN_POLL_S)  # another gateway replays
+                continue
+            if why == REBUILDING:
+                self.leading, self._target = True, state.rebuilding
+                log.warning("l2_replay_taken_over", epoch=state.epoch, applied=state.applied)
+                return state.applied
+            if await self.window.state() != state:  # changed before we held the lock
+                await self.window.release_lock(self.token)
+                continue
+            target = await stream.last_seq(self.rt.js)
+            new = await self.window.new_epoch(self.fence.next_gen(state), target)
+            self.fence.adopt(new)
+            self.leading, self._target = target > 0, target
+            if not self.leading:  # an empty log: nothing to replay
+                await self.window.release_lock(self.token)
+            log.warning("l2_new_epoch", epoch=new.epoch, why=why, replaying_to=target)
+            return 0
+
     async def _consume(self, puller: LogPuller) -> None:
         while True:
             batch = await puller.next_batch()
             items = []
             last = None  # the batch's last log message: acked, and the position once applied
+            idle = False
             for msg in batch:
-                if msg is _REPAIR:
+                if msg is _WAKE:
+                    continue
+                if msg is _IDLE:
+                    idle = True
                     continue
                 last = msg
                 seq = _stream_seq(msg.reply)
@@ -274,6 +347,12 @@ class Applier:
                 if upto > self.position:
                     await self._apply(items, upto)
                 await self.rt.nc.publish(last.reply, b"+ACK")  # AckAll: every message up to it
+            if idle or self._suspect:
+                # Idle: every message in the log was delivered and applied, so a replay
+                # has reached its target even if the target itself was purged since.
+                self._suspect = False
+                await self._apply([], max(self.position, self._target) if idle and self.leading
+                                  else self.position)
             if self._repairs:
                 await self._run_repairs()
 
@@ -301,39 +380,80 @@ class Applier:
     async def _run_repairs(self) -> None:
         repairs, self._repairs = self._repairs, {}
         for user_id, fut in repairs.items():
-            try:
-                log_ = [m for m in await stream.user_log(self.rt.nc, user_id)
-                        if m.seq <= self.position]
+            _settle(fut, await self._rebuild_user(user_id) is not None)
+
+    async def _rebuild_user(self, user_id: str) -> list[int] | None:
+        """Make the user's window what the log holds now; the seqs it holds, or None if
+        that failed. The log is read whole, not only up to `position`: other gateways
+        apply newer messages meanwhile, and a window older than what they applied is
+        refused (read again, a few times)."""
+        try:
+            for _ in range(3):
+                log_ = await stream.user_log(self.rt.nc, user_id)
                 size = sum(len(encode(m.entry)) for m in log_)
                 done = await self.window.rebuild(
                     user_id, [m.entry.at(m.seq) for m in log_[-self.window.window:]], len(log_),
                     size)
-                log.info("l2_window_repaired", user_id=user_id, messages=len(log_), done=done)
-                _settle(fut, done)
-            except Exception as exc:  # noqa: BLE001 - a failed repair must not stop applying
-                log.error("l2_window_repair_failed", user_id=user_id, error=str(exc))
-                _settle(fut, False)
+                if done:
+                    log.info("l2_window_repaired", user_id=user_id, messages=len(log_))
+                    return [m.seq for m in log_]
+            log.warning("l2_window_repair_overtaken", user_id=user_id)
+        except Exception as exc:  # noqa: BLE001 - a failed repair must not stop applying
+            log.error("l2_window_repair_failed", user_id=user_id, error=str(exc))
+        return None
 
     async def _apply(self, items: list[tuple[str, Message, int]], upto: int) -> None:
+        seen = self.fence.seen  # the epoch the batch goes to (apply_batch reads it too)
         backoff = 0.05
         while True:
             try:
                 with tracer.start_as_current_span("redis apply", attributes={"batch": len(items)}):
-                    results, prev = await self.window.apply_batch(items, upto)
+                    results, code, applied = await self.window.apply_batch(
+                        items, upto, self.token, self.leading)
                 break
             except (RedisError, OSError) as exc:
                 log.warning("apply_retry", error=str(exc), retry_in=backoff, batch=len(items))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-        if prev is None and self.position > 0:
-            raise RedisLost()
-        self.position = upto
-        for (user_id, msg, _), (applied, prev_seq, count) in zip(items, results):
-            if applied:
-                event = Changed(op="append", user_id=user_id, seq=msg.seq,
-                                prev_seq=int(prev_seq), count=int(count), message=msg)
+        if code != ADVANCED:
+            raise RedisLost(_WHY[code])  # nothing announced: the writes went to a dead epoch
+        self.fence.saw(State(seen.epoch, seen.gen, applied))
+        self.position = max(self.position, upto)
+        if self.leading and applied >= self._target:
+            self.leading = False
+            log.warning("l2_replay_done", epoch=self.fence.epoch, applied=applied)
+            # Beside the applier (a scan of every key): a rebuild must not wait for it.
+            self._sweeper = asyncio.create_task(self._sweep(self.fence.epoch))
+        # A window started partial (the user was new, or expired while idle) counts
+        # prev_seq and count from its first message only: rebuild it from the log
+        # before the appends waiting see it, and announce its messages as the log says.
+        partial = list({item[0]: None for item, res in zip(items, results) if res[3]})
+        announce = [(user_id, msg, int(prev_seq), int(count))
+                    for (user_id, msg, _), (done, prev_seq, count, _) in zip(items, results)
+                    if done and user_id not in partial]
+        rebuilt = await asyncio.gather(*(self._rebuild_user(u) for u in partial))
+        for user_id, seqs in zip(partial, rebuilt):
+            if seqs is None:  # stays partial (reads pass down) until a later try succeeds
+                self.repair_later(user_id)
+            else:
+                at = {seq: i for i, seq in enumerate(seqs)}
+                announce.extend((user, msg, seqs[at[msg.seq] - 1] if at[msg.seq] else 0,
+                                 at[msg.seq] + 1)
+                                for (user, msg, _), res in zip(items, results)
+                                if user == user_id and res[0] and msg.seq in at)
+        for user_id, msg, prev_seq, count in sorted(announce, key=lambda a: a[1].seq):
+            if msg.seq > self._quiet_upto:
+                event = Changed(op="append", user_id=user_id, seq=msg.seq, prev_seq=prev_seq,
+                                count=count, message=msg)
                 await self.rt.nc.publish(subjects.changed_subject(user_id), encode(event))
         self._wake()
+
+    async def _sweep(self, epoch: str) -> None:
+        try:
+            gone = await self.window.sweep(epoch)
+            log.info("l2_old_epochs_swept", epoch=epoch, keys=gone)
+        except (RedisError, OSError) as exc:  # idle expiry removes them in the end
+            log.warning("l2_sweep_failed", error=str(exc))
 
     def _wake(self) -> None:
         waiters = self._waiters

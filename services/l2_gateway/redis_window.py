@@ -1,18 +1,37 @@
 """The L2 tier's data in Redis: the newest messages of every user.
 
-Per user (keys hash-tagged by user so Redis Cluster keeps them in one slot):
-`tm:{u}:m` a sorted set of encoded messages scored by seq, trimmed to the
-window; `tm:{u}:h` a hash with `last` (newest seq applied), `count`
-(messages applied), `bytes` (their size as the log stores them: what the
-per-user quota counts) and `floor` (everything at or below it was forgotten).
-`tm:applied` is the log position up to which *every* message of the stream
-has been applied: it is what lets L2 prove read-your-writes (`min_seq`).
+Per user and epoch (keys hash-tagged by user so Redis Cluster keeps them in one
+slot): `tm:{u}:<epoch>:m` a sorted set of encoded messages scored by seq,
+trimmed to the window; `tm:{u}:<epoch>:h` a hash with `last` (newest seq
+applied), `count` (messages applied), `bytes` (their size as the log stores
+them: what the per-user quota counts), `floor` (everything at or below it was
+forgotten) and `partial` (the window was started by a message that may not be
+the user's first: see below). Both expire after `L2_IDLE_TTL_S` without an
+append or a read.
 `shared.lastseq.key(u)`: the seq of the user's newest own message (role
-"user"), set by the same script, for the llm-broker's invalidation check.
+"user"), set by the same script, for the llm-broker's invalidation check (it
+outlives epochs: a replay from the log sets it again).
 
-Writes only come from the applier, in stream order, through `APPLY`, whose
+Global, in one slot (`{g}`): `tm:{g}:state`, the current epoch and the log
+position up to which *every* message of the stream has been applied in it
+(what lets L2 prove read-your-writes, `min_seq`), and `tm:{g}:lock`, held by
+the gateway that replays the log into a new epoch (`fence` says why).
+
+Writes only come from the appliers, in stream order, through `APPLY`, whose
 guard (seq above `last` and `floor`) makes replays and several appliers
-harmless. Reads go through one script so a reply is one consistent snapshot.
+harmless, and `ADVANCE`, which moves the position only in the epoch the
+applier works in and only forwards: it refuses when the state is gone or of
+another epoch, and deletes a state that went back behind what the applier saw
+(a rollback), so that nobody trusts it. Reads take the state before and after
+the user's window, in one round trip, so a reply is one consistent snapshot
+that a wipe or rollback in between cannot fake.
+
+Idle users: a user without keys is not known to L2, whatever the reason (never
+seen, expired, Redis lost), so a read of such a user is a miss, never "no
+messages". An append for a user without keys starts a window marked `partial`
+(it holds everything from that message on, not necessarily before), except
+while the log is replayed into a new epoch from its first message; the
+applier then rebuilds the window from the log (`REBUILD` clears the mark).
 
 Scripts are called by SHA (`EVALSHA`), alone or in pipelines: redis-py's
 registered scripts send `SCRIPT EXISTS` before every pipeline, a second round
@@ -22,6 +41,7 @@ Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`), and the call re-run.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from hashlib import sha1
 
@@ -32,40 +52,91 @@ from redis.exceptions import NoScriptError
 
 from shared import lastseq
 from shared.contract import Message
-from shared.errors import Unavailable
 
-APPLIED = "tm:applied"
+from .fence import LOST, Fence, State
 
+STATE = "tm:{g}:state"
+LOCK = "tm:{g}:lock"
+_STATE_FIELDS = ("epoch", "gen", "applied", "rebuilding")
+
+# KEYS: the user's window (m, h) in the epoch, the user's last own-message seq (shared.lastseq).
+# ARGV: seq, message, window, stored bytes, idle ttl (ms), fresh (1: a replay from seq 1), role.
+# Returns {applied, previous last, count, started a partial window}.
 APPLY = """
-local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '0')
-local floor = tonumber(redis.call('HGET', KEYS[2], 'floor') or '0')
+local h = redis.call('HMGET', KEYS[2], 'last', 'floor', 'count')
+local last = tonumber(h[1] or '0')
+local floor = tonumber(h[2] or '0')
 local seq = tonumber(ARGV[1])
 if seq <= last or seq <= floor then
-  return {0, last, tonumber(redis.call('HGET', KEYS[2], 'count') or '0')}
+  return {0, last, tonumber(h[3] or '0'), 0}
 end
+local partial = 0
+if (not h[1]) and ARGV[6] == '0' then partial = 1 end
 redis.call('ZADD', KEYS[1], seq, ARGV[2])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
 local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
 redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(ARGV[4]))
 redis.call('HSET', KEYS[2], 'last', seq)
-if ARGV[5] == 'user' then redis.call('SET', KEYS[3], seq) end
-return {1, last, count}
-"""
-
-# Advance the global position; returns the previous one (false: Redis lost it).
-ADVANCE = """
-local prev = redis.call('GET', KEYS[1])
-if (not prev) or tonumber(prev) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1])
+if partial == 1 then redis.call('HSET', KEYS[2], 'partial', 1) end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if ARGV[7] == 'user' then
+  redis.call('SET', KEYS[3], seq)
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
-return prev
+return {1, last, count, partial}
 """
 
-# `last` -1: Redis holds no state for this user (never seen, or Redis lost it).
+# Move the epoch's position forward. ARGV: epoch, upto, the highest position the
+# caller saw, lock token, lock ttl (ms). Returns {code, applied}: 0 done, 1 no
+# state (lost), 2 another epoch, 3 rolled back (the state is deleted: trusted by none).
+# A replay's leader renews its lock here, and ends the replay once it reached its target.
+ADVANCE = """
+local s = redis.call('HMGET', KEYS[1], 'epoch', 'applied', 'rebuilding')
+if not s[1] then return {1, 0} end
+if s[1] ~= ARGV[1] then return {2, 0} end
+local applied = tonumber(s[2])
+if applied < tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  return {3, applied}
+end
+if tonumber(ARGV[2]) > applied then
+  applied = tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], 'applied', applied)
+end
+if s[3] then
+  local mine = redis.call('GET', KEYS[2]) == ARGV[4]
+  if applied >= tonumber(s[3]) then
+    redis.call('HDEL', KEYS[1], 'rebuilding')
+    if mine then redis.call('DEL', KEYS[2]) end
+  elseif mine then
+    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  end
+end
+return {0, applied}
+"""
+
+# A new epoch replaces whatever state there is: applied 0, replaying up to ARGV[3].
+NEW_EPOCH = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'gen', ARGV[2], 'applied', 0)
+if tonumber(ARGV[3]) > 0 then redis.call('HSET', KEYS[1], 'rebuilding', ARGV[3]) end
+return 1
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# `last` -1: Redis holds no state for this user (never seen, idle and expired, or lost).
 READ = """
-local h = redis.call('HMGET', KEYS[2], 'last', 'count', 'floor')
+local h = redis.call('HMGET', KEYS[2], 'last', 'count', 'floor', 'partial')
+if not h[1] then return {-1, 0, 0, 0, {}} end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local msgs = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-return {h[1] or '-1', h[2] or '0', h[3] or '0', msgs}
+return {h[1], h[2] or '0', h[3] or '0', h[4] or '0', msgs}
 """
 
 # Idempotent (a forget job may run again after new appends): a floor at or past
@@ -77,42 +148,53 @@ floor = tonumber(ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'floor', floor, 'last', 0, 'count', 0, 'bytes', 0)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return floor
 """
 
-# Replace one user's window with what the log holds (the auditor found it stale).
-# Refused (0) if a newer message was applied meanwhile: the caller's read is older.
+# Replace one user's window with what the log holds (the auditor found it stale,
+# or the window was started partial). Refused (0) if a newer message was applied
+# meanwhile, or the user was forgotten after the log was read: the read is older.
 REBUILD = """
-local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '0')
-if last > tonumber(ARGV[1]) then return 0 end
+local h = redis.call('HMGET', KEYS[2], 'last', 'floor')
+local newest = tonumber(ARGV[1])
+if tonumber(h[1] or '0') > newest then return 0 end
+if newest > 0 and newest <= tonumber(h[2] or '0') then return 0 end
 redis.call('DEL', KEYS[1])
-for i = 5, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
 redis.call('HSET', KEYS[2], 'last', ARGV[1], 'count', ARGV[2], 'bytes', ARGV[4])
+redis.call('HDEL', KEYS[2], 'partial')
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return 1
 """
 
 _encode = msgspec.json.Encoder().encode
 
+# ADVANCE's codes
+ADVANCED, NO_STATE, OTHER_EPOCH, WENT_BACK = 0, 1, 2, 3
 
-def keys(user_id: str) -> list[str]:
-    return [f"tm:{{{user_id}}}:m", f"tm:{{{user_id}}}:h"]
+
+def keys(user_id: str, epoch: str) -> list[str]:
+    return [f"tm:{{{user_id}}}:{epoch}:m", f"tm:{{{user_id}}}:{epoch}:h"]
 
 
 class Snapshot(msgspec.Struct):
-    """One user's window as read in one step, with the global position read before it."""
+    """One user's window as read in one step, between two reads of the state."""
 
-    applied: int  # every log message <= applied is in Redis (0: not read, not needed)
+    applied: int  # every log message <= applied is in Redis
     last: int
     count: int
     floor: int
+    partial: bool  # the window may lack the user's messages before its oldest one
     # Each message's JSON as the applier stored it (an encoded `Message`),
     # oldest first: replies splice it in rather than decode and re-encode.
     messages: list[msgspec.Raw]
 
     def complete_through(self) -> int:
         """The highest seq up to which this window is known to hold all of the user's messages."""
-        return max(self.applied, self.last, self.floor)
+        return max(self.applied, self.floor)
 
 
 class _Script:
@@ -127,15 +209,31 @@ class _Script:
 
 
 class RedisWindow:
-    def __init__(self, redis: Redis, window: int) -> None:
+    def __init__(self, redis: Redis, window: int, idle_ttl_s: float, fence: Fence,
+                 lock_ttl_s: float = 10.0) -> None:
         self.redis = redis
         self.window = window
+        self.fence = fence
+        self.ttl_ms = max(1, int(idle_ttl_s * 1000))
+        self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self._apply = _Script(APPLY)
         self._advance = _Script(ADVANCE)
+        self._new_epoch = _Script(NEW_EPOCH)
+        self._release = _Script(RELEASE)
         self._read = _Script(READ)
         self._forget = _Script(FORGET)
         self._rebuild = _Script(REBUILD)
-        self._scripts = (self._apply, self._advance, self._read, self._forget, self._rebuild)
+        self._scripts = (self._apply, self._advance, self._new_epoch, self._release, self._read,
+                         self._forget, self._rebuild)
+
+    async def load_scripts(self) -> None:
+        """Load every script, APPLY before ADVANCE: a pipeline that finds ADVANCE loaded
+        (by this or another gateway) finds APPLY too, so a batch is never advanced over
+        without being applied. Done before the first use: gateways starting together
+        would otherwise re-run batches that were half applied while another one loaded
+        the scripts, and lose which windows they started."""
+        for script in self._scripts:
+            await self.redis.script_load(script.source)
 
     async def _run(self, build: Callable[[Pipeline], None]) -> list:
         """Run the commands `build` queues, in one round trip; load the scripts if Redis lost them.
@@ -150,8 +248,7 @@ class RedisWindow:
             except NoScriptError:
                 if attempt:
                     raise
-                for script in self._scripts:
-                    await self.redis.script_load(script.source)
+                await self.load_scripts()
         raise AssertionError("unreachable")
 
     async def _call(self, script: _Script, keys: list[str], *args):
@@ -162,72 +259,133 @@ class RedisWindow:
             await self.redis.script_load(script.source)
             return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
-    async def apply_batch(self, items: list[tuple[str, Message, int]],
-                          upto_seq: int) -> tuple[list, bytes | None]:
-        """Apply messages `(user_id, message, stored bytes)`, in stream order, and
-        advance the global position to `upto_seq` (the batch's last seq, which may
-        be a message that was dead-lettered rather than applied).
+    # --- the epoch ------------------------------------------------------------
 
-        Returns one `(applied, prev_seq, count)` per item, and what the global
-        position was before (None means Redis lost its data: replay needed).
+    async def state(self) -> State | None:
+        return State.parse(await self.redis.hmget(STATE, _STATE_FIELDS))
+
+    async def take_lock(self, token: str) -> bool:
+        return bool(await self.redis.set(LOCK, token, nx=True, px=self.lock_ttl_ms))
+
+    async def release_lock(self, token: str) -> None:
+        await self._call(self._release, [LOCK], token)
+
+    async def new_epoch(self, gen: int, replay_to: int) -> State:
+        """Replace the state with a new, empty epoch (the caller holds the lock and replays
+        the log into it up to `replay_to`)."""
+        epoch = f"{gen}-{uuid.uuid4().hex[:8]}"
+        await self._call(self._new_epoch, [STATE], epoch, gen, replay_to)
+        return State(epoch, gen, 0, replay_to)
+
+    async def apply_batch(self, items: list[tuple[str, Message, int]], upto_seq: int,
+                          token: str, fresh: bool) -> tuple[list, int, int]:
+        """Apply messages `(user_id, message, stored bytes)`, in stream order, in the
+        fence's epoch, and advance its position to `upto_seq` (the batch's last seq,
+        which may be a message that was dead-lettered rather than applied).
+
+        Returns one `(applied, prev_seq, count, partial)` per item, ADVANCE's code
+        and the position. `fresh`: the epoch is being replayed from the log's
+        first message, so a user without keys is new, not expired.
         """
+        epoch, seen = self.fence.seen.epoch, self.fence.seen.applied
+        fresh_arg = 1 if fresh else 0
+
         def build(pipe: Pipeline) -> None:
             for user_id, msg, size in items:
-                self._apply.queue(pipe, [*keys(user_id), lastseq.key(user_id)], msg.seq,
-                                  _encode(msg), self.window, size, msg.role)
-            self._advance.queue(pipe, [APPLIED], upto_seq)
+                self._apply.queue(pipe, [*keys(user_id, epoch), lastseq.key(user_id)], msg.seq,
+                                  _encode(msg), self.window, size, self.ttl_ms, fresh_arg, msg.role)
+            self._advance.queue(pipe, [STATE, LOCK], epoch, upto_seq, seen, token,
+                                self.lock_ttl_ms)
 
         results = await self._run(build)
-        return results[:-1], results[-1]
+        code, applied = results[-1]
+        return results[:-1], int(code), int(applied)
 
-    async def position(self) -> int | None:
-        raw = await self.redis.get(APPLIED)
-        return None if raw is None else int(raw)
+    # --- reads ------------------------------------------------------------------
 
-    async def read(self, user_id: str, n: int, min_seq: int | None = None) -> Snapshot:
-        """The user's newest `n` messages and what proves them complete, as one snapshot.
+    async def read(self, user_id: str, n: int) -> Snapshot | str:
+        """The user's newest `n` messages and what proves them complete, as one snapshot,
+        or why Redis cannot answer for this user (a reason to pass the read down).
 
-        Usually one command: when Redis holds the user's state and it is already
-        as new as `min_seq`, the window alone proves it holds everything up to
-        `min_seq` (the applier goes in log order: all before the user's last
-        applied message is applied too). Otherwise the global position is read
-        too, first, in the same round trip (the window read after it holds at
-        least that much), which also tells a new user from a Redis that lost
-        its data.
+        One round trip: the state, the window, the state again. The window read
+        after the first state holds at least everything up to its `applied` (the
+        applier goes in log order), unless Redis lost or went back in between,
+        which the second read shows.
         """
-        last, count, floor, raw = await self._call(self._read, keys(user_id), n)
-        last, floor = int(last), int(floor)
-        if last >= 0 and (min_seq is None or max(last, floor) >= min_seq):
-            return Snapshot(0, last, int(count), floor, [msgspec.Raw(m) for m in raw])
+        for _ in range(2):
+            seen = self.fence.seen
+            if seen.epoch is None:  # this process has not seen a state yet
+                why = self.fence.judge(await self.state(), seen)
+                if why:
+                    return why
+                seen = self.fence.seen
+            epoch = seen.epoch
 
-        def build(pipe: Pipeline) -> None:
-            pipe.get(APPLIED)
-            self._read.queue(pipe, keys(user_id), n)
+            def build(pipe: Pipeline) -> None:
+                pipe.hmget(STATE, _STATE_FIELDS)
+                self._read.queue(pipe, keys(user_id, epoch), n, self.ttl_ms)
+                pipe.hmget(STATE, _STATE_FIELDS)
 
-        applied, (last, count, floor, raw) = await self._run(build)
-        if applied is None:
-            raise Unavailable("L2 has not been initialised from the log yet")
-        return Snapshot(int(applied), max(int(last), 0), int(count), int(floor),
-                        [msgspec.Raw(m) for m in raw])
+            raw_before, window, raw_after = await self._run(build)
+            before, after = State.parse(raw_before), State.parse(raw_after)
+            why = self.fence.judge(before, seen) or self.fence.judge(after, seen)
+            if why:
+                return why
+            if before.epoch != epoch:
+                continue  # a newer epoch than the keys read: read its keys
+            if after.epoch != epoch:
+                return LOST
+            last, count, floor, partial, raw = window
+            if int(last) < 0:
+                return "not_held"
+            return Snapshot(before.applied, int(last), int(count), int(floor), partial == b"1",
+                            [msgspec.Raw(m) for m in raw])
+        return LOST
+
+    async def stored_bytes(self, user_ids: list[str]) -> list[int]:
+        """Each user's bytes in the log as applied so far (0 for a user Redis does not know)."""
+        epoch = self.fence.epoch
+        if epoch is None:
+            return [0] * len(user_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hget(keys(user_id, epoch)[1], "bytes")
+        return [int(v or 0) for v in await pipe.execute()]
+
+    # --- repairs, forget, clean-up ---------------------------------------------
 
     async def rebuild(self, user_id: str, messages: list[Message], count: int, size: int) -> bool:
         """Make the user's window the newest `messages` of the log (`count` in all, `size` bytes)."""
         last = messages[-1].seq if messages else 0
         pairs = [part for m in messages[-self.window:] for part in (m.seq, _encode(m))]
-        return bool(await self._call(self._rebuild, keys(user_id), last, count, self.window, size,
-                                     *pairs))
+        return bool(await self._call(self._rebuild, keys(user_id, self.fence.epoch), last, count,
+                                     self.window, size, self.ttl_ms, *pairs))
 
-    async def stored_bytes(self, user_ids: list[str]) -> list[int]:
-        """Each user's bytes in the log as applied so far (0 for a user Redis does not know)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for user_id in user_ids:
-            pipe.hget(keys(user_id)[1], "bytes")
-        return [int(v or 0) for v in await pipe.execute()]
+    async def forget(self, user_id: str, upto_seq: int) -> None:
+        """Drop the user's window in the current epoch, again if a new epoch began meanwhile
+        (its replay may have read the log before the purge). No state: nothing to drop, the
+        epoch that replaces it is replayed from the purged log."""
+        state = await self.state()
+        while state is not None:
+            await self._call(self._forget, keys(user_id, state.epoch), upto_seq, self.ttl_ms)
+            now = await self.state()
+            if now is None or now.epoch == state.epoch:
+                return
+            state = now
+
+    async def sweep(self, epoch: str) -> int:
+        """Delete the windows of every other epoch (and of the layout before epochs):
+        stale copies no reader uses, which may hold users forgotten since."""
+        gone = 0
+        async for key in self.redis.scan_iter(match="tm:*", count=1000):
+            name = key.decode()
+            parts = name.rsplit(":", 2)
+            stale_window = len(parts) == 3 and parts[2] in ("m", "h") and parts[1] != epoch
+            if stale_window or name == "tm:applied":
+                gone += await self.redis.delete(key)
+        return gone
 
     async def wipe(self) -> None:
         """Drop every tiermem key: the applier then rebuilds clean windows from seq 1."""
         async for key in self.redis.scan_iter(match="tm:*", count=1000):
             await self.redis.delete(key)
-
-    async def forget(self, user_id: str, upto_seq: int) -> None:
-        await self._call(self._forget, keys(user_id), upto_seq)

@@ -31,6 +31,7 @@ from shared.telemetry import tracer
 
 from .applier import Applier
 from .forget import Forgetter
+from .fence import LOST, REBUILDING, ROLLED_BACK, Fence
 from .log_guard import LogGuard
 from .log_limits import log_full, watch_usage
 from .quota import Quota
@@ -48,7 +49,11 @@ async def build(rt: Runtime) -> None:
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     retention = Retention.from_settings(settings)
-    window = RedisWindow(redis, retention.window(settings.l2_window))
+    window = RedisWindow(redis, retention.window(settings.l2_window), settings.l2_idle_ttl_s, Fence())
+    try:
+        await window.load_scripts()
+    except (RedisError, OSError) as exc:  # Redis down: appends go on; loaded on first use
+        log.warning("l2_scripts_not_loaded", error=str(exc))
     guard = LogGuard(rt.js, settings.stream_replicas, settings.memory_stream_reinit)
     if await guard.open():
         await window.wipe()  # its windows and position describe the lost stream
@@ -99,12 +104,18 @@ async def build(rt: Runtime) -> None:
             return await _down(req, "too_many")
         try:
             with tracer.start_as_current_span("redis read", attributes={"db.system": "redis"}):
-                snap = await window.read(req.user_id, req.n, req.min_seq)
-        except (RedisError, OSError, Unavailable) as exc:
+                snap = await window.read(req.user_id, req.n)
+        except (RedisError, OSError) as exc:
             log.warning("l2_unavailable", error=str(exc))
             return await _down(req, "redis_unavailable")
+        if isinstance(snap, str):  # Redis cannot answer for this user (see `fence`)
+            if snap == ROLLED_BACK:
+                applier.suspect()
+            return await _down(req, snap)
         reason = _why_not(snap, req, retention.held(snap.count))
         if reason:
+            if reason == "partial":
+                applier.repair_later(req.user_id)
             return await _down(req, reason)
         reply = fit_reply(L2Reply(user_id=req.user_id, tier=TIER, seq=snap.last,
                                   messages=snap.messages), "recent", rt.nc.max_payload)
@@ -149,7 +160,8 @@ class L2Reply(msgspec.Struct):
     messages: list[msgspec.Raw]
 
 
-_REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq")
+_REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq", LOST, REBUILDING,
+            ROLLED_BACK, "not_held", "partial")
 
 
 def _why_not(snap: Snapshot, req: GetRequest, held: int) -> str:
@@ -157,6 +169,8 @@ def _why_not(snap: Snapshot, req: GetRequest, held: int) -> str:
     of the user's messages the log holds at most (retention drops the rest)."""
     if req.min_seq is not None and snap.complete_through() < req.min_seq:
         return "behind_min_seq"
+    if snap.partial and len(snap.messages) < req.n:
+        return "partial"  # what came before the window's oldest message is not known here
     if len(snap.messages) < req.n and len(snap.messages) < held:
         return "too_many"  # the user has more than the window still holds
     return ""
