@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from bench import baselines
-from bench.report import atomic_write, jsonable, targets_summary, targets_table
+from bench.report import atomic_write, jsonable, notes_section, targets_summary, targets_table
 from bench.memory import REPO_ROOT, Options, Result, Target, load_average, machine_facts, ping
 from bench.stats import Summary, announce, fmt_ratio, fmt_us, markdown_table, ratio, summarize
 from shared import bus
@@ -942,12 +942,7 @@ def markdown(report: LlmReport) -> str:
                   f"Simulator `/stats` requests during the run: **{a['simulator_requests_during_run']:,}** "
                   f"(total {a['simulator_requests_total']:,}); misses the bench saw: {a['misses_seen_by_bench']:,}. "
                   "Cost and savings use the broker's price table on the simulator's token counts."]
-    notes = [(r.title, n) for r in report.results for n in r.notes]
-    skipped = [r for r in report.results if r.skipped]
-    if notes or skipped:
-        lines += ["", "## Notes", ""]
-        lines += [f"- **{title}**: {n}" for title, n in notes]
-        lines += [f"- **{r.title}**: skipped: {r.skipped}" for r in skipped]
+    lines += notes_section(report.results)
     if f:
         libs = ", ".join(f"{k} {v}" for k, v in f.get("libraries", {}).items())
         lines += ["", "## Machine", "", markdown_table(["fact", "value"], [

@@ -91,6 +91,16 @@ def jsonable(value):
 # --------------------------------------------------------------------------- Markdown
 
 
+def notes_section(results) -> list[str]:
+    """The "Notes" lines of a report: each result's notes and why a result was skipped."""
+    notes = [(r.title, n) for r in results for n in r.notes]
+    skipped = [r for r in results if r.skipped]
+    if not (notes or skipped):
+        return []
+    return (["", "## Notes", ""] + [f"- **{title}**: {n}" for title, n in notes]
+            + [f"- **{r.title}**: skipped: {r.skipped}" for r in skipped])
+
+
 def markdown(report: Report) -> str:
     f, o = report.facts, report.options
     lines = [
@@ -134,12 +144,7 @@ def markdown(report: Report) -> str:
             [[report.baseline_labels.get(k, k), f"{s.n:,}", fmt_us(s.p50), fmt_us(s.p95), fmt_us(s.p99)]
              for k, s in report.baselines.items()],
             align=["l", "r", "r", "r", "r"]))
-    notes = [(r.title, n) for r in report.results for n in r.notes]
-    skipped = [r for r in report.results if r.skipped]
-    if notes or skipped:
-        lines += ["", "## Notes", ""]
-        lines += [f"- **{title}**: {n}" for title, n in notes]
-        lines += [f"- **{r.title}**: skipped: {r.skipped}" for r in skipped]
+    lines += notes_section(report.results)
     lines += ["", "## Machine", ""]
     libs = ", ".join(f"{k} {v}" for k, v in f.get("libraries", {}).items())
     lines.append(markdown_table(["fact", "value"], [

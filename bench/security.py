@@ -51,7 +51,7 @@ from bench import baselines
 from bench.memory import (
     Options, Report, Result, Say, Target, TierCheck, load_average, machine_facts, sidecars,
 )
-from bench.report import atomic_write, jsonable, targets_table, to_dict
+from bench.report import atomic_write, jsonable, notes_section, targets_table, to_dict
 from bench.stats import announce, fmt_ratio, fmt_us, markdown_table, ratio, ratio_interval, summarize
 from shared import bus, permissions, servers
 from shared.bus import BusAuth
@@ -347,12 +347,7 @@ def markdown(report: Report) -> str:
             ["call", "server", "n", "p50", "p95", "p99", "÷ open p50", "÷ open p95", "÷ open p99"], rows,
             align=["l", "l", "r", "r", "r", "r", "r", "r", "r"]))
     lines += ["", "## What the ratios mean", "", MEANING]
-    notes = [(r.title, n) for r in report.results for n in r.notes]
-    skipped = [r for r in report.results if r.skipped]
-    if notes or skipped:
-        lines += ["", "## Notes", ""]
-        lines += [f"- **{title}**: {n}" for title, n in notes]
-        lines += [f"- **{r.title}**: skipped: {r.skipped}" for r in skipped]
+    lines += notes_section(report.results)
     lines += ["", "## Machine", ""]
     lines.append(markdown_table(["fact", "value"], [
         ["date (UTC)", f.get("date", "?")],
