@@ -271,7 +271,8 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
         assert await window.take_lock("t")
         window.fence.adopt(await window.new_epoch(1, 1))
         msg = Message(seq=1, msg_id="m1", role="user", bot_id="b", text="hi", ts="2026-01-01T00:00:00Z")
-        assert (await window.apply_batch([("u1", msg, 10)], 1, "t", fresh=True))[1:] == (0, 1)
+        at = window.fence.seen
+        assert (await window.apply_batch([("u1", msg, 10)], 1, at, "t", fresh=True))[1:] == (0, 1)
         assert (await window.read("u1", 5)).last == 1
         # ... and the user's message seq it wrote, which the llm-broker may read, not write
         assert await clients["llm-broker"].get(lastseq.key("u1")) == b"1"

@@ -17,7 +17,10 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from services.l2_gateway.applier import Applier, RedisLost
 from services.l2_gateway.fence import LOST, REBUILDING, ROLLED_BACK, Fence, State
+from services.l2_gateway.log_head import LogHead
+from services.l2_gateway.redis_window import RedisWindow
 from services.l2_gateway.service import build
 from shared import servers, subjects
 from shared.contract import Changed
@@ -54,6 +57,85 @@ def test_the_fence_judges_a_reply_by_what_was_seen_when_it_was_asked_for():
     fence.saw(State("1-a", 1, 9))  # the applier advanced while the read was on its way
     assert fence.judge(State("1-a", 1, 7), asked) == ""
     assert fence.judge(State("1-a", 1, 7), fence.seen) == ROLLED_BACK
+
+
+async def test_an_applier_never_advances_an_epoch_its_reader_saw_but_it_did_not_join(own_redis):
+    """Redis wiped under two gateways: B makes a new epoch and replays the log into it;
+    A's reader sees that epoch (and remembers it) before A's applier notices the wipe.
+    A's next batch must not advance B's epoch with A's position: that would end B's
+    replay before the messages in between were written, and L2 would answer without
+    them."""
+    r = aioredis.from_url(own_redis["server"].url)
+    a = RedisWindow(r, 10, 60.0, Fence())
+    b = RedisWindow(r, 10, 60.0, Fence())
+    applier = Applier(rt=None, window=a, guard=None)
+    assert await a.take_lock("a")
+    a.fence.adopt(await a.new_epoch(1, 0))
+    applier.at = a.fence.seen  # A's applier joined epoch 1 ...
+    await applier._apply([], 10)  # ... and applied the log up to 10 in it
+    await a.release_lock("a")
+
+    await r.flushall()
+    assert await b.take_lock("b")
+    b.fence.adopt(await b.new_epoch(2, 30))  # B replays up to 30 into epoch 2
+    assert await a.read("u", 5) == REBUILDING  # A's reader saw epoch 2
+    with pytest.raises(RedisLost):
+        await applier._apply([], 25)  # A's applier is still in epoch 1
+    assert await b.state() == State(b.fence.epoch, 2, 0, 30)  # B's replay is untouched
+    await r.aclose()
+
+
+def test_the_log_head_says_a_position_is_overdue_only_after_the_lag():
+    now = [100.0]
+    head = LogHead(0.5, clock=lambda: now[0])
+    assert not head.overdue(0)  # nothing known about the log yet
+    head.saw(10)
+    assert not head.overdue(5)  # known for less than the lag
+    now[0] += 0.3
+    head.saw(12)
+    now[0] += 0.3  # 10 is known for 0.6 s, 12 for 0.3 s
+    assert head.overdue(9) and not head.overdue(10)
+    head.saw(11)  # an older position learned late changes nothing
+    now[0] += 0.3
+    assert head.overdue(11) and not head.overdue(12)
+    assert len(head._samples) == 1  # only what a later answer can need is kept
+
+
+async def test_a_read_passes_down_while_the_applier_lags_the_log(clean_nats, own_redis,
+                                                                 monkeypatch):
+    """The applier stalls (here: Redis writes hang; in the field, a consumer being made
+    again after NATS restarted). Appends are still acknowledged; once one has been
+    in the log for half the grace, L2 stops answering without it."""
+    stalled = asyncio.Event()
+    release = asyncio.Event()
+    apply_batch = RedisWindow.apply_batch
+
+    async def stalling(self, *args, **kwargs):
+        if stalled.is_set():
+            await release.wait()
+        return await apply_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(RedisWindow, "apply_batch", stalling)
+    env = {"NATS_URL": clean_nats, "REDIS_URL": own_redis["server"].url}
+    async with client(clean_nats) as nc:
+        await FakeL3().start(nc)
+        async with running("l2-gateway", build, env, append_apply_wait_s=0.1, audit_grace_s=1.0):
+            await ok(nc, subjects.MEMORY_APPEND, append_body("lead-lag", 0))
+            read = {"user_id": "lead-lag", "n": 5}
+            assert (await ok(nc, subjects.MEMORY_L2_GET, read))["tier"] == "l2"
+            stalled.set()
+            await ok(nc, subjects.MEMORY_APPEND, append_body("lead-lag", 1))  # acked, not applied
+            reply = await ok(nc, subjects.MEMORY_L2_GET, read)
+            assert reply["tier"] == "l2" and len(reply["messages"]) == 1  # within the grace
+            await asyncio.sleep(0.6)
+            assert (await ok(nc, subjects.MEMORY_L2_GET, read))["tier"] == "l3"
+            release.set()
+            await until(lambda: _l2_holds(nc, read, 2))  # caught up: answered again
+
+
+async def _l2_holds(nc, read: dict, count: int) -> bool:
+    reply = await ok(nc, subjects.MEMORY_L2_GET, read)
+    return reply["tier"] == "l2" and len(reply["messages"]) == count
 
 
 class Truth:

@@ -64,7 +64,7 @@ from shared.contract import Changed, LogEntry, Message, encode
 from shared.service import Runtime
 from shared.telemetry import tracer
 
-from .fence import REBUILDING, State
+from .fence import REBUILDING, Seen, State
 from .log_guard import LogGuard
 from .redis_window import ADVANCED, NO_STATE, OTHER_EPOCH, WENT_BACK, RedisWindow
 
@@ -198,6 +198,11 @@ class Applier:
         self.fence = window.fence
         self.guard = guard
         self.position = 0  # every log message <= position is applied by us
+        # The epoch this applier joined, and the highest position it saw there: its
+        # batches go there and nowhere else. Not the fence's (shared with the readers,
+        # which may have seen a newer epoch that another gateway is still replaying:
+        # advancing that one with this position would mark the replay done too early).
+        self.at = Seen()
         self.token = uuid.uuid4().hex  # this applier's value of the replay lock
         self.leading = False  # replaying the log into a new epoch, up to `_target`
         self._target = 0
@@ -229,6 +234,12 @@ class Applier:
         partial: its repair after the batch that started it failed or was lost)."""
         if user_id not in self._repairs:
             self._repairs[user_id] = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(_WAKE)
+
+    def on_bus_event(self, event: str, exc: Exception | None) -> None:
+        """After a reconnect the pull in flight may be lost: wake the consumer so it is made
+        again now, not when the pull's answer is overdue (up to ~10 s of appends unapplied)."""
+        if event == "reconnected":
             self._queue.put_nowait(_WAKE)
 
     def suspect(self) -> None:
@@ -270,7 +281,7 @@ class Applier:
                 if self._repairs:
                     self._queue.put_nowait(_WAKE)
                 await puller.open()
-                log.info("applier_started", from_seq=start + 1, epoch=self.fence.epoch,
+                log.info("applier_started", from_seq=start + 1, epoch=self.at.epoch,
                          replaying_to=self._target if self.leading else None)
                 backoff = 0.1
                 await self._consume(puller)
@@ -303,12 +314,14 @@ class Applier:
             why = self.fence.judge(state, seen)
             if not why:
                 self.leading = False
+                self.at = Seen(state.epoch, state.gen, state.applied)
                 return state.applied
             if not await self.window.take_lock(self.token):
                 await asyncio.sleep(_JOIN_POLL_S)  # another gateway replays
                 continue
             if why == REBUILDING:
                 self.leading, self._target = True, state.rebuilding
+                self.at = Seen(state.epoch, state.gen, state.applied)
                 log.warning("l2_replay_taken_over", epoch=state.epoch, applied=state.applied)
                 return state.applied
             if await self.window.state() != state:  # changed before we held the lock
@@ -317,6 +330,7 @@ class Applier:
             target = await stream.last_seq(self.rt.js)
             new = await self.window.new_epoch(self.fence.next_gen(state), target)
             self.fence.adopt(new)
+            self.at = Seen(new.epoch, new.gen, 0)
             self.leading, self._target = target > 0, target
             if not self.leading:  # an empty log: nothing to replay
                 await self.window.release_lock(self.token)
@@ -392,7 +406,7 @@ class Applier:
                 log_ = await stream.user_log(self.rt.nc, user_id)
                 size = sum(len(encode(m.entry)) for m in log_)
                 done = await self.window.rebuild(
-                    user_id, [m.entry.at(m.seq) for m in log_[-self.window.window:]], len(log_),
+                    self.at.epoch, user_id, [m.entry.at(m.seq) for m in log_[-self.window.window:]], len(log_),
                     size)
                 if done:
                     log.info("l2_window_repaired", user_id=user_id, messages=len(log_))
@@ -403,13 +417,13 @@ class Applier:
         return None
 
     async def _apply(self, items: list[tuple[str, Message, int]], upto: int) -> None:
-        seen = self.fence.seen  # the epoch the batch goes to (apply_batch reads it too)
+        at = self.at
         backoff = 0.05
         while True:
             try:
                 with tracer.start_as_current_span("redis apply", attributes={"batch": len(items)}):
                     results, code, applied = await self.window.apply_batch(
-                        items, upto, self.token, self.leading)
+                        items, upto, at, self.token, self.leading)
                 break
             except (RedisError, OSError) as exc:
                 log.warning("apply_retry", error=str(exc), retry_in=backoff, batch=len(items))
@@ -417,13 +431,14 @@ class Applier:
                 backoff = min(backoff * 2, 2.0)
         if code != ADVANCED:
             raise RedisLost(_WHY[code])  # nothing announced: the writes went to a dead epoch
-        self.fence.saw(State(seen.epoch, seen.gen, applied))
+        self.at = Seen(at.epoch, at.gen, max(at.applied, applied))
+        self.fence.saw(State(at.epoch, at.gen, applied))
         self.position = max(self.position, upto)
         if self.leading and applied >= self._target:
             self.leading = False
-            log.warning("l2_replay_done", epoch=self.fence.epoch, applied=applied)
+            log.warning("l2_replay_done", epoch=at.epoch, applied=applied)
             # Beside the applier (a scan of every key): a rebuild must not wait for it.
-            self._sweeper = asyncio.create_task(self._sweep(self.fence.epoch))
+            self._sweeper = asyncio.create_task(self._sweep(at.epoch))
         # A window started partial (the user was new, or expired while idle) counts
         # prev_seq and count from its first message only: rebuild it from the log
         # before the appends waiting see it, and announce its messages as the log says.

@@ -53,7 +53,7 @@ from redis.exceptions import NoScriptError
 from shared import lastseq
 from shared.contract import Message
 
-from .fence import LOST, Fence, State
+from .fence import LOST, Fence, Seen, State
 
 STATE = "tm:{g}:state"
 LOCK = "tm:{g}:lock"
@@ -278,16 +278,17 @@ class RedisWindow:
         return State(epoch, gen, 0, replay_to)
 
     async def apply_batch(self, items: list[tuple[str, Message, int]], upto_seq: int,
-                          token: str, fresh: bool) -> tuple[list, int, int]:
+                          at: Seen, token: str, fresh: bool) -> tuple[list, int, int]:
         """Apply messages `(user_id, message, stored bytes)`, in stream order, in the
-        fence's epoch, and advance its position to `upto_seq` (the batch's last seq,
-        which may be a message that was dead-lettered rather than applied).
+        epoch `at` (the one the applier joined, and the highest position it saw there),
+        and advance its position to `upto_seq` (the batch's last seq, which may be a
+        message that was dead-lettered rather than applied).
 
         Returns one `(applied, prev_seq, count, partial)` per item, ADVANCE's code
         and the position. `fresh`: the epoch is being replayed from the log's
         first message, so a user without keys is new, not expired.
         """
-        epoch, seen = self.fence.seen.epoch, self.fence.seen.applied
+        epoch, seen = at.epoch, at.applied
         fresh_arg = 1 if fresh else 0
 
         def build(pipe: Pipeline) -> None:
@@ -354,11 +355,13 @@ class RedisWindow:
 
     # --- repairs, forget, clean-up ---------------------------------------------
 
-    async def rebuild(self, user_id: str, messages: list[Message], count: int, size: int) -> bool:
-        """Make the user's window the newest `messages` of the log (`count` in all, `size` bytes)."""
+    async def rebuild(self, epoch: str, user_id: str, messages: list[Message], count: int,
+                      size: int) -> bool:
+        """Make the user's window in `epoch` the newest `messages` of the log (`count` in all,
+        `size` bytes)."""
         last = messages[-1].seq if messages else 0
         pairs = [part for m in messages[-self.window:] for part in (m.seq, _encode(m))]
-        return bool(await self._call(self._rebuild, keys(user_id, self.fence.epoch), last, count,
+        return bool(await self._call(self._rebuild, keys(user_id, epoch), last, count,
                                      self.window, size, self.ttl_ms, *pairs))
 
     async def forget(self, user_id: str, upto_seq: int) -> None:

@@ -3,7 +3,9 @@
 `memory.append`: validate, check the user's quota, publish to the stream
 (`Nats-Msg-Id` = a hash of user and msg_id, `stream.store`), reply only after
 the stream's ack; the applier puts it in Redis and broadcasts, and the reply
-waits (boundedly) for that so the next read hits L2. Appends are refused (503)
+waits (boundedly) for that so the next read hits L2. A read passes down
+while the applied position lags what the log held half a grace ago
+(`log_head`). Appends are refused (503)
 while the stream is lost (`log_guard`), and (507) while it is full
 (`log_limits`); the per-user quota on bytes in the log is `quota`'s. The
 stream's retention limits are set here at start-up (`shared.retention`).
@@ -33,6 +35,7 @@ from .applier import Applier
 from .forget import Forgetter
 from .fence import LOST, REBUILDING, ROLLED_BACK, Fence
 from .log_guard import LogGuard
+from .log_head import LogHead
 from .log_limits import log_full, watch_usage
 from .quota import Quota
 from .redis_window import RedisWindow, Snapshot
@@ -65,6 +68,9 @@ async def build(rt: Runtime) -> None:
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     applier = Applier(rt, window, guard)
     rt.spawn(applier.run(), "applier")
+    rt.on_bus_event(applier.on_bus_event)
+    head = LogHead(settings.audit_grace_s / 2)
+    rt.spawn(head.watch(rt.js), "log-head")
     quota = Quota(window, settings.max_user_bytes)
     served = Served.from_settings(rt.nc, "l2-gateway", settings)
     rt.spawn(served.run(), "served-records")
@@ -89,6 +95,7 @@ async def build(rt: Runtime) -> None:
                     raise Unavailable(guard.lost) from None
                 raise Unavailable(f"the durable log did not acknowledge the append ({exc!r}); "
                                   "retry with the same msg_id, it is deduplicated") from None
+            head.saw(ack.seq)
             if not ack.duplicate:
                 if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
                     log.warning("append_not_yet_in_l2", seq=ack.seq)
@@ -112,7 +119,8 @@ async def build(rt: Runtime) -> None:
             if snap == ROLLED_BACK:
                 applier.suspect()
             return await _down(req, snap)
-        reason = _why_not(snap, req, retention.held(snap.count))
+        reason = _why_not(snap, req, retention.held(snap.count),
+                          head.overdue(snap.complete_through()))
         if reason:
             if reason == "partial":
                 applier.repair_later(req.user_id)
@@ -160,15 +168,18 @@ class L2Reply(msgspec.Struct):
     messages: list[msgspec.Raw]
 
 
-_REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq", LOST, REBUILDING,
-            ROLLED_BACK, "not_held", "partial")
+_REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq", "behind_log", LOST,
+            REBUILDING, ROLLED_BACK, "not_held", "partial")
 
 
-def _why_not(snap: Snapshot, req: GetRequest, held: int) -> str:
+def _why_not(snap: Snapshot, req: GetRequest, held: int, behind_log: bool) -> str:
     """Why this snapshot cannot answer the request completely ('' if it can); `held`: how many
-    of the user's messages the log holds at most (retention drops the rest)."""
+    of the user's messages the log holds at most (retention drops the rest); `behind_log`: the
+    snapshot lags messages the log has held for too long (`log_head`)."""
     if req.min_seq is not None and snap.complete_through() < req.min_seq:
         return "behind_min_seq"
+    if behind_log:
+        return "behind_log"
     if snap.partial and len(snap.messages) < req.n:
         return "partial"  # what came before the window's oldest message is not known here
     if len(snap.messages) < req.n and len(snap.messages) < held:
