@@ -19,10 +19,10 @@ import redis.asyncio as aioredis
 
 from services.l2_gateway.applier import Applier, RedisLost
 from services.l2_gateway.fence import LOST, REBUILDING, ROLLED_BACK, Fence, State
-from services.l2_gateway.log_head import LogHead
 from services.l2_gateway.redis_window import RedisWindow
 from services.l2_gateway.service import build
 from shared import servers, subjects
+from shared.log_head import LogHead
 from shared.contract import Changed
 from tests.helpers import client, ok, running
 from tests.test_l2_gateway import FakeL3, append_body
@@ -85,19 +85,19 @@ async def test_an_applier_never_advances_an_epoch_its_reader_saw_but_it_did_not_
     await r.aclose()
 
 
-def test_the_log_head_says_a_position_is_overdue_only_after_the_lag():
+def test_the_log_head_names_a_position_only_once_it_is_older_than_the_lag():
     now = [100.0]
     head = LogHead(0.5, clock=lambda: now[0])
-    assert not head.overdue(0)  # nothing known about the log yet
+    assert head.due() == 0  # nothing known about the log yet
     head.saw(10)
-    assert not head.overdue(5)  # known for less than the lag
+    assert head.due() == 0  # known for less than the lag
     now[0] += 0.3
     head.saw(12)
     now[0] += 0.3  # 10 is known for 0.6 s, 12 for 0.3 s
-    assert head.overdue(9) and not head.overdue(10)
+    assert head.due() == 10
     head.saw(11)  # an older position learned late changes nothing
     now[0] += 0.3
-    assert head.overdue(11) and not head.overdue(12)
+    assert head.due() == 12
     assert len(head._samples) == 1  # only what a later answer can need is kept
 
 

@@ -75,7 +75,9 @@ async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_messa
         """The answers of both replicas (the queue group picks one per request)."""
         return [await ok(nc, subjects.MEMORY_L3_GET, body) for _ in range(8)]
 
-    env = {**clean_state, "LOG_LEVEL": "warning", "L3_BATCH": "1", "L3_MIN_SEQ_WAIT_S": "0.2"}
+    # A grace long enough that the held message never counts as overdue here (the next test).
+    env = {**clean_state, "LOG_LEVEL": "warning", "L3_BATCH": "1", "L3_MIN_SEQ_WAIT_S": "0.2",
+           "AUDIT_GRACE_S": "600"}
     async with client(clean_state["NATS_URL"]) as nc:
         js = nc.jetstream()
         await stream.ensure_stream(js)  # the gateway's job: the indexer waits for it
@@ -105,6 +107,42 @@ async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_messa
             for reply in await replies({"user_id": user, "n": 10, "min_seq": second}):
                 assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (
                     second, [old, first, second])
+
+
+async def test_a_read_without_min_seq_is_refused_while_indexing_lags_the_log_past_the_lag(clean_state):
+    """The indexer is stuck on a message (Postgres slow, a replica frozen): once that
+    message has been in the log for half the audit grace, L3 answers 503 rather than a
+    reply without it, also to reads that name no min_seq."""
+    user = "lead-lag"
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(rows):
+        if any(r.msg_id == f"{user}-1" for r in rows):
+            held.set()
+            await release.wait()
+
+    async def append(i: int) -> int:
+        entry = LogEntry(user_id=user, bot_id="sales-1", role="user", text=f"message {i}",
+                         msg_id=f"{user}-{i}", ts="2026-11-26T07:00:00.000Z")
+        return (await js.publish(subjects.log_subject(user), encode(entry))).seq
+
+    env = {**clean_state, "LOG_LEVEL": "warning", "L3_BATCH": "1", "L3_MIN_SEQ_WAIT_S": "0.2",
+           "AUDIT_GRACE_S": "1.0"}
+    read = {"user_id": user, "n": 10}
+    async with client(clean_state["NATS_URL"]) as nc:
+        js = nc.jetstream()
+        await stream.ensure_stream(js)
+        async with running("l3-semantic-indexer", functools.partial(build, before_commit=hold), env):
+            old = await append(0)
+            await ok(nc, subjects.MEMORY_L3_GET, {**read, "min_seq": old})
+            first = await append(1)
+            await asyncio.wait_for(held.wait(), 10)
+            await asyncio.sleep(1.0)  # message 1 is in the log for longer than the lag (0.5 s)
+            code, body = await call(nc, subjects.MEMORY_L3_GET, read)
+            assert code == 503 and "lags the log" in body["error"]["message"]
+            release.set()
+            reply = await ok(nc, subjects.MEMORY_L3_GET, read)
+            assert [m["seq"] for m in reply["messages"]] == [old, first]
 
 
 async def test_requests_waiting_for_the_floor_share_one_reading_loop(clean_nats):

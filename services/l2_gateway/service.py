@@ -5,7 +5,7 @@
 the stream's ack; the applier puts it in Redis and broadcasts, and the reply
 waits (boundedly) for that so the next read hits L2. A read passes down
 while the applied position lags what the log held half a grace ago
-(`log_head`). Appends are refused (503)
+(`shared.log_head`). Appends are refused (503)
 while the stream is lost (`log_guard`), and (507) while it is full
 (`log_limits`); the per-user quota on bytes in the log is `quota`'s. The
 stream's retention limits are set here at start-up (`shared.retention`).
@@ -26,6 +26,7 @@ from shared.contract import (
     check_get, encode, fit_reply,
 )
 from shared.errors import Unavailable
+from shared.log_head import LogHead
 from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
@@ -35,7 +36,6 @@ from .applier import Applier
 from .forget import Forgetter
 from .fence import LOST, REBUILDING, ROLLED_BACK, Fence
 from .log_guard import LogGuard
-from .log_head import LogHead
 from .log_limits import log_full, watch_usage
 from .quota import Quota
 from .redis_window import RedisWindow, Snapshot
@@ -120,7 +120,7 @@ async def build(rt: Runtime) -> None:
                 applier.suspect()
             return await _down(req, snap)
         reason = _why_not(snap, req, retention.held(snap.count),
-                          head.overdue(snap.complete_through()))
+                          snap.complete_through() < head.due())
         if reason:
             if reason == "partial":
                 applier.repair_later(req.user_id)
@@ -175,7 +175,7 @@ _REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq", "behind
 def _why_not(snap: Snapshot, req: GetRequest, held: int, behind_log: bool) -> str:
     """Why this snapshot cannot answer the request completely ('' if it can); `held`: how many
     of the user's messages the log holds at most (retention drops the rest); `behind_log`: the
-    snapshot lags messages the log has held for too long (`log_head`)."""
+    snapshot lags messages the log has held for too long (`shared.log_head`)."""
     if req.min_seq is not None and snap.complete_through() < req.min_seq:
         return "behind_min_seq"
     if behind_log:

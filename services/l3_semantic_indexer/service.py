@@ -4,6 +4,9 @@ Runs the indexer (durable log -> embeddings -> Postgres) and answers
 `memory.l3.get`: `recent` for any n, and `search` (top-k by meaning, with a
 score). L3 is the last tier: when asked for a `min_seq` it has not indexed
 yet it waits a bounded time, then answers 503 rather than a stale reply.
+A read without `min_seq` is held to the same rule for what the log has
+held for half the audit grace (`shared.log_head`): an indexer that lags
+that far makes L3 wait, then say 503, not answer without those messages.
 "Full history" is what the log's retention keeps: the sweeper deletes the
 rest.
 
@@ -23,6 +26,7 @@ from shared.contract import (
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import BadRequest, Unavailable
+from shared.log_head import LogHead
 from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
@@ -53,6 +57,8 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
     if retention.drops_anything():
         rt.spawn(Sweeper(rt.js, pool, retention, settings.retain_sweep_s).run(), "retention-sweeper")
     rt.spawn(indexer.floor.watch(), "floor-watcher")
+    head = LogHead(settings.audit_grace_s / 2)
+    rt.spawn(head.watch(rt.js), "log-head")
     served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
     rt.spawn(served.run(), "served-records")
 
@@ -71,6 +77,10 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
         if req.min_seq is not None and not await floor.reach(
                 req.min_seq, settings.l3_min_seq_wait_s):
             raise Unavailable(f"L3 has not indexed up to seq {req.min_seq} yet; retry shortly")
+        due = head.due()
+        if not await floor.reach(due, settings.l3_min_seq_wait_s):
+            raise Unavailable(f"L3's indexing lags the log (indexed up to seq {floor.value}, "
+                              f"the log held {due} {head.lag_s:g} s ago); retry shortly")
         vector = None
         if req.op == "search":
             with tracer.start_as_current_span("embed query", attributes={"model": embedder.model_id}):

@@ -1,19 +1,21 @@
-"""How far the durable log has got, as this gateway knows it (pure, but for `watch`).
+"""How far the durable log has got, as this process knows it (pure, but for `watch`).
 
-The applier can fall behind the log without anyone being told: its consumer
-is being made again after NATS restarted, Redis is slow, another gateway is
-the one receiving the appends. Appends still succeed meanwhile (the stream
+A tier can fall behind the log without anyone being told: the gateway's
+applier is making its consumer again after NATS restarted, Redis or Postgres
+is slow, an indexer is stuck. Appends still succeed meanwhile (the stream
 acknowledges them; an append's wait for the apply is bounded), so a window
-answered from Redis as it is would lack messages the clients were told are
-stored. `LogHead` keeps samples (when this process learned it, the log's
-last seq), from this gateway's own acks and from a poll of the stream every
-`POLL_S`, and says whether a position lags a seq known for longer than its
-`lag_s`. L2 passes such reads down (reason `behind_log`) rather than answer.
+answered as it is would lack messages the clients were told are stored.
+`LogHead` keeps samples (when this process learned it, the log's last seq),
+from the process's own acks and from a poll of the stream every `POLL_S`,
+and says which position has been in the log for longer than its `lag_s`
+(`due`). L2 passes a read down when its applied position is below that
+(reason `behind_log`); L3 waits for its indexed floor to reach it, as for
+a `min_seq`, and says 503 if it does not.
 
-The gateway's `lag_s` is half the auditor's grace (`AUDIT_GRACE_S`, a
-message acknowledged this long before a read must be in it): a message is
-learned at most `POLL_S` after its ack, so a read that would miss it passes
-down before the auditor would count the reply stale.
+`lag_s` is half the auditor's grace (`AUDIT_GRACE_S`: a message acknowledged
+this long before a read must be in it): a message is learned at most
+`POLL_S` after its ack, so such a read is refused before the auditor would
+count its reply stale.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ class LogHead:
             samples.append((self.clock(), seq))
             self._prune(self.clock() - self.lag_s)
 
-    def overdue(self, position: int) -> bool:
-        """True if the log held a message above `position` more than `lag_s` ago."""
+    def due(self) -> int:
+        """The highest seq the log has held for more than `lag_s` (0: none known)."""
         cutoff = self.clock() - self.lag_s
         self._prune(cutoff)
         samples = self._samples
-        return bool(samples) and samples[0][0] <= cutoff and samples[0][1] > position
+        return samples[0][1] if samples and samples[0][0] <= cutoff else 0
 
     def _prune(self, cutoff: float) -> None:
         samples = self._samples
