@@ -519,3 +519,62 @@ async def test_a_fill_too_big_to_send_falls_back_to_what_the_caller_asked(wide_l
     code, body = await call(l1.nc, l1.direct, {"user_id": u, "n": 20})
     assert code == 413 and "(n<=16)" in body["error"]["message"]
     assert l1.store.window(u) is None
+
+
+# --- a read never overtakes an event that arrived before it -----------------------
+
+
+async def test_a_read_is_answered_only_after_the_events_received_before_it(nats_url, monkeypatch):
+    """nats-py runs the events subscription's callbacks in a task of its own, so a read
+    that arrived after a forget (both in the socket together, e.g. after a SIGSTOP) could
+    be answered from the window before the forget is applied. Here the forget sits in the
+    events queue (received, not yet handled) when the read comes in."""
+    made: list[l1_service.Sidecar] = []
+
+    class Recorded(l1_service.Sidecar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(l1_service, "Sidecar", Recorded)
+    async for l1 in start_l1(nats_url):
+        u = user()
+        l1.l2.add(u, 1, 2, 3)
+        await l1.get(u, n=3)
+        assert (await l1.get(u, n=3))["tier"] == "l1"
+        sidecar = made[0]
+        queue = type("Queued", (), {"pending_msgs": 1, "pending_bytes": 0})()
+        sidecar._events = queue  # one event received, its callback not run yet
+        l1.l2.users[u] = []
+        read = asyncio.create_task(l1.get(u, n=3))
+        await asyncio.sleep(0.02)  # the read is in: it must wait for the queued event
+        assert not read.done()
+        forget = Changed(op="forget", user_id=u, seq=0, prev_seq=0, count=0)
+        queue.pending_msgs = 0  # taken off the queue, and handled
+        await sidecar.on_changed(type("Msg", (), {"subject": subjects.changed_subject(u),
+                                                 "data": encode(forget)})())
+        reply = await read
+        assert reply["tier"] == "l2" and reply["messages"] == []
+
+
+async def test_a_read_waits_for_its_users_held_forget_even_with_a_window_to_answer(l1, monkeypatch):
+    """A forget whose seq is past the log position the sidecar knows is held until a check
+    of the stream; meanwhile the user's window must not answer."""
+    u = user()
+    l1.l2.add(u, 1, 2, 3)
+    await l1.get(u, n=3)
+    assert (await l1.get(u, n=3))["tier"] == "l1"
+    last_seq = l1_service.stream.last_seq
+
+    async def slow_last_seq(js):  # the check takes a while: the read arrives during it
+        await asyncio.sleep(0.05)
+        return await last_seq(js)
+
+    monkeypatch.setattr(l1_service.stream, "last_seq", slow_last_seq)
+    js = l1.nc.jetstream()
+    beyond = await stream.last_seq(js) + 3
+    await log_reaches(js, beyond)  # in the log, but past what the sidecar has seen of it
+    l1.l2.users[u] = []
+    await l1.publish(Changed(op="forget", user_id=u, seq=beyond, prev_seq=0, count=0))
+    reply = await l1.get(u, n=3)
+    assert reply["tier"] == "l2" and reply["messages"] == []

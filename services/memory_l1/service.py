@@ -12,10 +12,16 @@ may have been lost (a reconnect, the subscription's queue filling up, events
 that could not be checked) every window is dropped; and a window lives at most
 `L1_TTL_S`, for the losses nothing shows.
 
+Events arrive on their own subscription, whose callbacks nats-py runs in a
+task of their own: a read that arrived after an event (a forget, an append)
+could be answered before that event is applied (seen after a SIGSTOP: the
+forget broadcast and the next read were in the socket together). A read
+first waits until every event received before it is applied.
+
 An event is applied only once its seq is known to lie within the log
-(`gate.SeqGate`): a forged one with a huge seq would stick. A read that
-misses while an event of its user is being checked waits for that check
-(briefly) rather than going to L2.
+(`gate.SeqGate`): a forged one with a huge seq would stick. A read of a
+user whose event is being checked waits for that check (briefly): the
+event may be a forget, or the append the read is behind.
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class Sidecar:
         self._check = asyncio.Event()  # events are held: run a check
         self._checked: list[tuple[str, asyncio.Future]] = []  # reads waiting for a user's held events
         self._refused = metrics.rejected.labels("memory-l1", "seq_beyond_log")
+        self._events_done = 0  # events taken off the subscription's queue and handled
+        self._events_waiters: list[tuple[int, asyncio.Future]] = []
 
     async def listen(self) -> None:
         self._events = await self.rt.nc.subscribe(
@@ -112,7 +120,8 @@ class Sidecar:
 
         A hit too large to send raises 413 here, so the full path refuses it.
         """
-        if req.op != "recent" or self._stats["reconnects"] != self._reconnects:
+        if (req.op != "recent" or self._stats["reconnects"] != self._reconnects
+                or self._events_queued() or self.gate.holds(req.user_id)):
             return None
         answer = self.store.recent(req.user_id, req.n, req.min_seq)
         if answer.__class__ is GetReply:
@@ -123,12 +132,16 @@ class Sidecar:
 
     async def get(self, req: GetRequest) -> msgspec.Raw:
         check_get(req)
+        if (queued := self._events_queued()) and not await self._events_handled(
+                self._events_done + queued):
+            return await self._pass_through(req, BEHIND)  # events before it are not applied
         self._check_reconnected()
         if req.op == "recent":
-            answer = self.store.recent(req.user_id, req.n, req.min_seq)
-            if (answer == BEHIND or answer == MISS) and self.gate.holds(req.user_id):
+            if self.gate.holds(req.user_id):  # a held event (a forget, too) comes first
                 await self._events_checked(req.user_id)
-                answer = self.store.recent(req.user_id, req.n, req.min_seq)
+                if self.gate.holds(req.user_id):
+                    return await self._pass_through(req, BEHIND)
+            answer = self.store.recent(req.user_id, req.n, req.min_seq)
             if answer.__class__ is GetReply:
                 body = fit_reply(answer, "recent", self.rt.nc.max_payload)
                 self._answered(req, answer)
@@ -136,11 +149,9 @@ class Sidecar:
             reason = answer
         else:
             reason = SEARCH
-        self._down[reason].inc()
-        trace.get_current_span().set_attribute("tiermem.l1.passed_down", reason)
-        if reason == TOO_MANY or reason == SEARCH:
-            # nothing to fill from: pass the lower tier's JSON through undecoded
-            return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
+        if reason == TOO_MANY or reason == SEARCH:  # nothing to fill from
+            return await self._pass_through(req, reason)
+        self._passed_down(reason)
         try:
             return fit_reply(await self._fill(req), "recent", self.rt.nc.max_payload)
         except PayloadTooLarge:
@@ -148,6 +159,15 @@ class Sidecar:
                 raise
             # The window a fill asks for is too big to send; what the caller asked may not be.
             return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
+
+    def _passed_down(self, reason: str) -> None:
+        self._down[reason].inc()
+        trace.get_current_span().set_attribute("tiermem.l1.passed_down", reason)
+
+    async def _pass_through(self, req: GetRequest, reason: str) -> msgspec.Raw:
+        """L2's answer, its JSON passed on undecoded, no window filled from it."""
+        self._passed_down(reason)
+        return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
 
     def _answered(self, req: GetRequest, answer: GetReply) -> None:
         self._hit.inc()
@@ -191,7 +211,37 @@ class Sidecar:
 
     # --- change events -------------------------------------------------------
 
+    def _events_queued(self) -> int:
+        """Events received (before the request being handled) and not yet applied."""
+        sub = self._events
+        return sub.pending_msgs if sub is not None else 0
+
+    async def _events_handled(self, count: int) -> bool:
+        """Wait (at most CHECK_WAIT_S) until `count` events in all have been handled."""
+        waiter = (count, asyncio.get_running_loop().create_future())
+        self._events_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter[1], CHECK_WAIT_S)
+            return True
+        except asyncio.TimeoutError:
+            if waiter in self._events_waiters:
+                self._events_waiters.remove(waiter)
+            return False
+
     async def on_changed(self, msg: Msg) -> None:
+        try:
+            self._on_changed(msg)
+        finally:
+            self._events_done += 1
+            if self._events_waiters:
+                waiting, self._events_waiters = self._events_waiters, []
+                for count, fut in waiting:
+                    if count > self._events_done:
+                        self._events_waiters.append((count, fut))
+                    elif not fut.done():
+                        fut.set_result(None)
+
+    def _on_changed(self, msg: Msg) -> None:
         self._check_reconnected()
         sub = self._events
         if sub is not None and (
