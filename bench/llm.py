@@ -606,7 +606,8 @@ class LlmBench:
         from shared.contract import CompleteRequest
 
         self._redis = redis = Redis.from_url(self.env["REDIS_URL"])
-        self._cache = cache = await ResponseCache.open(redis, self.env["DATABASE_URL"], embedder.model_id)
+        self._cache = cache = await ResponseCache.open(redis, self.env["DATABASE_URL"], embedder.model_id,
+                                                       command_timeout=30.0)
         self._stats_key = stats_key = f"bench:{self.run_id}:llm-stats"
         dec = msgspec.json.Decoder(CompleteRequest)
 
@@ -630,7 +631,7 @@ class LlmBench:
 
         async def exact_lookup(i: int):
             key, _, _ = exact[i % len(exact)]
-            entry = await cache.get_exact(key)
+            entry, _ = await cache.lookup(key, None, time.time())
             await stats_write()
             return entry
 
@@ -644,7 +645,7 @@ class LlmBench:
 
             async def semantic_lookup(i: int):
                 key, part, text = semantic[i % len(semantic)]
-                await cache.get_exact(key)  # the broker tries the exact tier first
+                await cache.lookup(key, None, time.time())  # the broker tries the exact tier first
                 vec = (await embedder.embed([text], input_type="query"))[0]
                 found = None
                 for cand in await cache.nearest(part, vec, time.time()):

@@ -260,7 +260,7 @@ async def test_a_planted_wrong_answer_is_found_by_re_asking_and_evicted_within_b
 
     # Plant: the cached answer says something else, and claims a price that funds audits.
     req = msgspec.convert(body, CompleteRequest)
-    key = f"llm:x:{exact_key(partition_key(req), req)}"
+    key, = [k async for k in redis.scan_iter(match=f"llm:x:*:{exact_key(partition_key(req), req)}")]
     entry = msgspec.msgpack.decode(await redis.get(key), type=Entry)
     wrong_text = "not_interested" if right["text"] != "not_interested" else "pricing"
     entry = msgspec.structs.replace(entry, text=wrong_text, cost_usd=0.01)

@@ -249,6 +249,7 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
     from services.l2_gateway.fence import Fence
     from services.l2_gateway.redis_window import RedisWindow
     from services.llm_broker import stats
+    from services.llm_broker.cache import ResponseCache
     from services.llm_broker.thresholds import Thresholds
     from shared import lastseq
     from shared.contract import Message
@@ -278,6 +279,13 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
         assert await clients["llm-broker"].get(lastseq.key("u1")) == b"1"
         with pytest.raises(NoPermissionError):
             await clients["llm-broker"].set(lastseq.key("u1"), 0)
+        # ... and the L2 state, read with every exact lookup (which makes `llm:epoch`), not written
+        cache = ResponseCache(clients["llm-broker"], None, "m")
+        entry, fence = await cache.lookup("k", "u1", 1.0)
+        assert entry is None and fence.user_seqs == {"u1": 1} and fence.untrusted == ""
+        assert cache.view.seen.epoch == window.fence.epoch and cache.view.token
+        with pytest.raises(NoPermissionError):
+            await clients["llm-broker"].hset(lastseq.STATE, "applied", 0)
         await window.forget("u1", 1)
         await window.sweep("another-epoch")
         await window.release_lock("t")

@@ -14,8 +14,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shared import servers, stream, subjects
-from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest
+from redis.asyncio import Redis
+
+from shared import lastseq, servers, stream, subjects
+from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest, Message
+from services.l2_gateway.fence import Fence
+from services.l2_gateway.redis_window import RedisWindow
 from services.l2_gateway.service import build
 from tests.helpers import call, client, ok, running, stand_in_for_llm_forget
 
@@ -281,3 +285,61 @@ async def test_append_survives_redis_outage_and_l2_catches_up_from_the_log(clean
                 assert [m["msg_id"] for m in reply["messages"]] == [f"lead-r-{i}" for i in range(4)]
     finally:
         redis.stop()
+
+
+async def test_an_append_answered_before_its_apply_records_the_users_message_seq(
+        clean_state, monkeypatch):
+    """The applier is stuck (reconnecting, say): the append's wait for it runs out and the
+    reply goes out anyway. The llm-broker must still know the user spoke (`shared.lastseq`)."""
+    held = asyncio.Event()
+    apply_batch = RedisWindow.apply_batch
+
+    async def stuck(self, *args, **kwargs):
+        await held.wait()
+        return await apply_batch(self, *args, **kwargs)
+
+    redis = Redis.from_url(clean_state["REDIS_URL"])
+    try:
+        async with client(clean_state["NATS_URL"]) as nc:
+            await FakeL3().start(nc)
+            async with running("l2-gateway", build, clean_state, append_apply_wait_s=0.2):
+                monkeypatch.setattr(RedisWindow, "apply_batch", stuck)
+                seqs = [(await ok(nc, subjects.MEMORY_APPEND, append_body("lead-s", i)))["seq"]
+                        for i in range(2)]
+                bot = await ok(nc, subjects.MEMORY_APPEND, append_body("lead-s", 2, role="assistant"))
+                assert await redis.get(lastseq.key("lead-s")) == str(seqs[-1]).encode()
+                assert 0 < await redis.pttl(lastseq.key("lead-s"))  # it expires like the window
+                held.set()  # the applier goes on: its own record keeps the newest
+                for _ in range(100):
+                    reply = await ok(nc, subjects.MEMORY_L2_GET,
+                                     {"user_id": "lead-s", "min_seq": bot["seq"]})
+                    if reply["tier"] == "l2":
+                        break
+                    await asyncio.sleep(0.05)
+                assert reply["tier"] == "l2" and len(reply["messages"]) == 3
+                assert await redis.get(lastseq.key("lead-s")) == str(seqs[-1]).encode()
+    finally:
+        await redis.aclose()
+
+
+async def test_the_applier_never_lowers_a_users_message_seq_recorded_ahead_of_it(clean_redis):
+    redis = Redis.from_url(clean_redis)
+    try:
+        window = RedisWindow(redis, 10, 60.0, Fence())
+        assert await window.take_lock("t")
+        window.fence.adopt(await window.new_epoch(1, 0))
+        await redis.set(lastseq.key("u1"), 5)  # an append of seq 5 replied before its apply
+        msg = Message(seq=3, msg_id="m3", role="user", bot_id="b", text="hi",
+                      ts="2026-01-01T00:00:00Z")
+        assert (await window.apply_batch([("u1", msg, 10)], 3, "t", fresh=True))[1] == 0
+        assert await redis.get(lastseq.key("u1")) == b"5"
+        newer = Message(seq=7, msg_id="m7", role="user", bot_id="b", text="hi",
+                        ts="2026-01-01T00:00:00Z")
+        await window.apply_batch([("u1", newer, 10)], 7, "t", fresh=True)
+        assert await redis.get(lastseq.key("u1")) == b"7"
+        # ... and the append's own record goes only upwards as well
+        assert not await window.note_user_seq("u1", 6)
+        assert await window.note_user_seq("u1", 9)
+        assert await redis.get(lastseq.key("u1")) == b"9"
+    finally:
+        await redis.aclose()

@@ -23,12 +23,12 @@ from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker.service import build as build_broker
-from shared import permissions, servers, subjects
+from shared import lastseq, permissions, servers, subjects
 from shared.contract import Changed, Message, encode
 from tests import helpers
 from tests.helpers import call, client, ok, running
+from tests.test_l2_gateway import FakeL3
 from tests.test_llm_broker import Clock, Sim, req
-
 
 
 def INTENT(text: str = "Is the house still available?", **extra) -> dict:  # noqa: N802
@@ -209,6 +209,95 @@ async def _answers(nc) -> bool:
     return code == 200
 
 
+# --- Redis wiped or rolled back ---------------------------------------------------------
+
+
+def said(user: str, msg_id: str, role: str = "user") -> dict:
+    return {"user_id": user, "bot_id": "b", "role": role, "text": f"{role} says {msg_id}",
+            "msg_id": msg_id}
+
+
+async def test_after_redis_is_wiped_an_answer_from_before_the_users_latest_message_is_refused(
+        clean_state, sim):
+    """The wipe takes the user-seq keys with it, and no gateway has replayed the log yet:
+    the semantic tier (Postgres) still holds an answer built before the user's latest
+    message, whose event was lost, and nothing in Redis says the user spoke since."""
+    env, clock = {**clean_state, "ANTHROPIC_BASE_URL": sim.url}, Clock()
+    async with client(env["NATS_URL"]) as nc:
+        async with running("l2-gateway", build_l2, env):
+            await ok(nc, subjects.MEMORY_APPEND, said("lead-42", "m1", role="assistant"))
+            async with broker_running(env, clock):
+                assert await status(nc, INTENT()) == "miss"  # built before the user said anything
+            # no broker runs: nobody hears this event
+            await ok(nc, subjects.MEMORY_APPEND, said("lead-42", "m2"))
+        async with broker_running(env, clock):
+            assert await status(nc, MARKET()) == "miss"  # this broker sees the L2 state
+            redis = Redis.from_url(env["REDIS_URL"])
+            try:
+                assert await redis.get(lastseq.key("lead-42")) == b"2"
+                await redis.flushall()  # Redis restarted empty; no gateway replays the log yet
+            finally:
+                await redis.aclose()
+            refused = counted("stale_refused", task="intent", reason="redis_lost")
+            assert await status(nc, INTENT()) == "miss"
+            assert counted("stale_refused", task="intent", reason="redis_lost") > refused
+            assert await status(nc, INTENT("Is the house still available?!")) == "miss"
+        # a gateway replays the log into a new epoch: hits come back once the check holds again
+        async with running("l2-gateway", build_l2, env), broker_running(env, clock):
+            async def hit() -> bool:
+                return await status(nc, INTENT()) == "hit"
+            await eventually(hit, timeout=20)
+
+
+async def test_a_redis_rollback_brings_back_neither_a_forgotten_users_entries_nor_outdated_ones(
+        clean_nats, clean_db, sim, tmp_path):
+    """Redis restarts from an older snapshot: it holds the exact entries of a user forgotten
+    since, and an answer built before the user's latest message next to the seq of the user's
+    message before it (so the user-seq check alone would pass it)."""
+    redis = servers.start_redis(tmp_path / "redis", die_with_parent=True)
+    env = {"NATS_URL": clean_nats, "REDIS_URL": redis.url, "DATABASE_URL": clean_db,
+           "ANTHROPIC_BASE_URL": sim.url}
+    clock = Clock()
+    admin = Redis.from_url(redis.url)
+    try:
+        async with client(clean_nats) as nc:
+            await FakeL3().start(nc, llm_forget=False)  # memory.l3.*; the broker answers llm.forget
+            async with running("l2-gateway", build_l2, env), broker_running(env, clock):
+                await ok(nc, subjects.MEMORY_APPEND, said("lead-42", "m1"))
+                await ok(nc, subjects.MEMORY_APPEND, said("gone", "g1"))
+                assert await status(nc, INTENT()) == "miss"
+                assert await status(nc, MARKET(user="gone")) == "miss"
+                await admin.save()  # the snapshot Redis will go back to
+                clock.now += 2  # the broker's clock only moves when told
+
+                await ok(nc, subjects.MEMORY_APPEND, said("lead-42", "m3"))  # drops its intent answer
+                await ok(nc, subjects.MEMORY_FORGET, {"user_id": "gone"})
+                await eventually(lambda: _no_exact_entries(admin))
+                assert await status(nc, MARKET("And Oak Ave?")) == "miss"  # sees the newer state
+
+                redis.stop()  # no save on the way down: the restart loads the older snapshot
+                redis = servers.start_redis(tmp_path / "redis", port=redis.port,
+                                            die_with_parent=True)
+                await admin.aclose()
+                admin = Redis.from_url(redis.url)
+                assert await admin.get(lastseq.key("lead-42")) == b"1"  # the older state is back
+                assert not await _no_exact_entries(admin)
+                await eventually(lambda: _answers(nc))  # the broker reconnected
+                dropped = [counted("distrusts", cause=c)
+                           for c in ("l2_rolled_back", "l2_epoch_changed")]
+                assert await status(nc, MARKET(user="gone")) == "miss"
+                assert await status(nc, INTENT()) == "miss"
+                assert sum(counted("distrusts", cause=c)
+                           for c in ("l2_rolled_back", "l2_epoch_changed")) > sum(dropped)
+    finally:
+        await admin.aclose()
+        redis.stop()
+
+
+async def _no_exact_entries(redis: Redis) -> bool:
+    return not [k async for k in redis.scan_iter(match="llm:x:*")]
+
+
 # --- stores that fail ------------------------------------------------------------------
 
 
@@ -273,7 +362,7 @@ async def test_a_failed_insert_still_returns_the_answer_paid_for_and_is_counted(
         assert await status(nc, MARKET()) == "hit"  # the exact tier took it before Postgres failed
 
 
-async def test_with_redis_down_complete_still_answers_and_stats_and_verdict_are_503(
+async def test_with_redis_down_complete_still_answers_and_stats_verdict_and_forget_are_503(
         clean_nats, clean_db, sim, tmp_path):
     redis = servers.start_redis(tmp_path / "redis", die_with_parent=True)
     env = {"NATS_URL": clean_nats, "REDIS_URL": redis.url, "DATABASE_URL": clean_db,
@@ -289,6 +378,8 @@ async def test_with_redis_down_complete_still_answers_and_stats_and_verdict_are_
             code, _ = await call(nc, subjects.LLM_VERDICT, {"entry_id": "x", "partition": "p",
                                                             "match": "exact", "wrong": True})
             assert code == 503
+            code, reply = await call(nc, subjects.LLM_FORGET, {"user_id": "lead-42"})
+            assert code == 503 and "could not forget" in reply["error"]["message"]
     finally:
         redis.stop()
 

@@ -1,5 +1,8 @@
 """Which Redis state this process may trust: the epoch fence of the L2 tier (pure policy).
 
+The state's key and its parsing are in `shared.lastseq` (the llm-broker reads
+it too, to know when the user-seq keys cannot be trusted).
+
 Redis can lose its data (restarted empty, FLUSHALL) or go back in time (a
 failover to a replica that lagged, a restore from an older snapshot), and
 several gateways write to it. Every window key carries the *epoch* it was
@@ -28,26 +31,14 @@ from __future__ import annotations
 
 import msgspec
 
+from shared.lastseq import State
+
+__all__ = ["LOST", "REBUILDING", "ROLLED_BACK", "Fence", "Seen", "State"]
+
 # Why a state cannot be trusted; also the reasons a read passes down to L3.
 LOST = "redis_lost"  # no state: Redis lost its data, or it was never initialised
 REBUILDING = "rebuilding"  # a gateway is replaying the log into a new epoch
 ROLLED_BACK = "rolled_back"  # older than a state this process has seen
-
-
-class State(msgspec.Struct, frozen=True):
-    epoch: str
-    gen: int
-    applied: int
-    rebuilding: int = 0  # the position a replay must reach before the epoch is trusted
-
-    @classmethod
-    def parse(cls, raw: list) -> State | None:
-        """From `HMGET state epoch gen applied rebuilding` (None: there is no state)."""
-        epoch, gen, applied, rebuilding = raw
-        if epoch is None or gen is None or applied is None:
-            return None
-        as_str = epoch.decode() if isinstance(epoch, bytes) else epoch
-        return cls(as_str, int(gen), int(applied), int(rebuilding or 0))
 
 
 class Seen(msgspec.Struct, frozen=True):
@@ -74,12 +65,10 @@ class Fence:
         remembers a newer epoch and position."""
         if state is None:
             return LOST
-        if state.gen < before.gen or (state.epoch == before.epoch and state.applied < before.applied):
+        if state.behind(before.epoch, before.gen, before.applied):
             return ROLLED_BACK
-        if state.epoch != before.epoch and state.gen == before.gen:
-            return ROLLED_BACK  # two epochs of one generation: ours was replaced under us
         self.saw(state)
-        return REBUILDING if state.applied < state.rebuilding else ""
+        return REBUILDING if state.replaying else ""
 
     def saw(self, state: State) -> None:
         """Remember `state` if it is newer than what was seen (never go back)."""

@@ -10,7 +10,10 @@ the user's first: see below). Both expire after `L2_IDLE_TTL_S` without an
 append or a read.
 `shared.lastseq.key(u)`: the seq of the user's newest own message (role
 "user"), set by the same script, for the llm-broker's invalidation check (it
-outlives epochs: a replay from the log sets it again).
+outlives epochs: a replay from the log sets it again). It only ever goes up:
+an append whose apply is late (the append's bounded wait for the applier ran
+out) sets it itself before replying (`note_user_seq`), so an acknowledged
+message of the user is known to the broker even before it is in the window.
 
 Global, in one slot (`{g}`): `tm:{g}:state`, the current epoch and the log
 position up to which *every* message of the stream has been applied in it
@@ -52,12 +55,11 @@ from redis.exceptions import NoScriptError
 
 from shared import lastseq
 from shared.contract import Message
+from shared.lastseq import STATE, STATE_FIELDS as _STATE_FIELDS
 
 from .fence import LOST, Fence, Seen, State
 
-STATE = "tm:{g}:state"
 LOCK = "tm:{g}:lock"
-_STATE_FIELDS = ("epoch", "gen", "applied", "rebuilding")
 
 # KEYS: the user's window (m, h) in the epoch, the user's last own-message seq (shared.lastseq).
 # ARGV: seq, message, window, stored bytes, idle ttl (ms), fresh (1: a replay from seq 1), role.
@@ -81,10 +83,20 @@ if partial == 1 then redis.call('HSET', KEYS[2], 'partial', 1) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 if ARGV[7] == 'user' then
-  redis.call('SET', KEYS[3], seq)
+  if seq > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], seq) end
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
 return {1, last, count, partial}
+"""
+
+# The user's newest own-message seq, only upwards: KEYS[1] `shared.lastseq.key(u)`,
+# ARGV seq, idle ttl (ms). An append whose apply is late writes it before APPLY does.
+NOTE_USER_SEQ = """
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
 """
 
 # Move the epoch's position forward. ARGV: epoch, upto, the highest position the
@@ -223,8 +235,9 @@ class RedisWindow:
         self._read = _Script(READ)
         self._forget = _Script(FORGET)
         self._rebuild = _Script(REBUILD)
+        self._note_user_seq = _Script(NOTE_USER_SEQ)
         self._scripts = (self._apply, self._advance, self._new_epoch, self._release, self._read,
-                         self._forget, self._rebuild)
+                         self._forget, self._rebuild, self._note_user_seq)
 
     async def load_scripts(self) -> None:
         """Load every script, APPLY before ADVANCE: a pipeline that finds ADVANCE loaded
@@ -301,6 +314,12 @@ class RedisWindow:
         results = await self._run(build)
         code, applied = results[-1]
         return results[:-1], int(code), int(applied)
+
+    async def note_user_seq(self, user_id: str, seq: int) -> bool:
+        """Record that the user's own message `seq` is acknowledged, ahead of the applier
+        (never lowering what is there); True if it raised the record."""
+        return bool(await self._call(self._note_user_seq, [lastseq.key(user_id)], seq,
+                                     self.ttl_ms))
 
     # --- reads ------------------------------------------------------------------
 

@@ -3,9 +3,11 @@
 `memory.append`: validate, check the user's quota, publish to the stream
 (`Nats-Msg-Id` = a hash of user and msg_id, `stream.store`), reply only after
 the stream's ack; the applier puts it in Redis and broadcasts, and the reply
-waits (boundedly) for that so the next read hits L2. A read passes down
-while the applied position lags what the log held half a grace ago
-(`shared.log_head`). Appends are refused (503)
+waits (boundedly) for that so the next read hits L2. If that wait runs out, a
+user's own message still gets its seq recorded in Redis before the reply
+(`shared.lastseq`: what the llm-broker checks its hits against). A read
+passes down while the applied position lags what the log held half a grace
+ago (`shared.log_head`). Appends are refused (503)
 while the stream is lost (`log_guard`), and (507) while it is full
 (`log_limits`); the per-user quota on bytes in the log is `quota`'s. The
 stream's retention limits are set here at start-up (`shared.retention`).
@@ -13,6 +15,8 @@ stream's retention limits are set here at start-up (`shared.retention`).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import msgspec
 import structlog
@@ -99,9 +103,22 @@ async def build(rt: Runtime) -> None:
             if not ack.duplicate:
                 if not await applier.wait_applied(ack.seq, settings.append_apply_wait_s):
                     log.warning("append_not_yet_in_l2", seq=ack.seq)
+                    if entry.role == "user":
+                        await _note_user_seq(req.user_id, ack.seq)
         finally:
             quota.release(req.user_id, size)
         return AppendReply(user_id=req.user_id, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def _note_user_seq(user_id: str, seq: int) -> None:
+        """The reply goes out before the applier wrote the message: record the user's
+        newest message seq now, or the llm-broker could serve an answer built before it
+        (`shared.lastseq`). Best effort, bounded: Redis down costs a log line, not the
+        append (the applier sets it once Redis is back)."""
+        try:
+            async with asyncio.timeout(settings.append_apply_wait_s):
+                await window.note_user_seq(user_id, seq)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("user_seq_not_noted", seq=seq, error=str(exc) or type(exc).__name__)
 
     async def get(req: GetRequest) -> msgspec.Raw:
         check_get(req)

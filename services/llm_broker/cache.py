@@ -1,8 +1,10 @@
 """The two tiers of the response cache, and invalidation.
 
-Exact tier, Redis: `llm:x:<exact key>` -> the entry (msgpack); Redis's own
-expiry only collects garbage, freshness is always judged against the entry's
-absolute `expires_at` by the caller's clock. Semantic tier, Postgres:
+Exact tier, Redis: `llm:x:<key epoch>:<exact key>` -> the entry (msgpack);
+Redis's own expiry only collects garbage, freshness is always judged against
+the entry's absolute `expires_at` by the caller's clock. The key epoch is the
+token `llm:epoch` holds; it is replaced when Redis was wiped or rolled back
+(`l2state`), which drops the whole exact tier at once. Semantic tier, Postgres:
 `llm.entries`, nearest neighbours inside one partition; `sweep` deletes the
 expired rows (nothing else would: a hit never reads them, and no TTL applies).
 
@@ -11,7 +13,12 @@ created) and `llm:{u}:inv` (when the user last spoke). Storing an answer that
 was computed before the user's latest message is refused, so an in-flight
 miss cannot re-insert what an invalidation just removed; for the invalidating
 classes, likewise one computed before `llm:distrust_before` (when a broker
-last found that change events may have been lost, `policy.stale`).
+last found that change events may have been lost, `policy.stale`). An
+entry is stored only under the key epoch in force (PUT checks `llm:epoch`).
+
+Every exact lookup (`lookup`) reads, in one round trip, the entry, the
+distrust time, the user's newest message seq, the L2 state and `llm:epoch`:
+what `l2state.View` judges and `policy.stale` checks hits against.
 
 What the stores raise when they are down, slow or refuse is `STORE_ERRORS`:
 the broker turns it into a miss, or a 503 where nothing else can answer.
@@ -30,13 +37,18 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import lastseq, pg
+from shared.lastseq import State
 
+from . import l2state
 from .policy import Entry
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 GC_GRACE_S = 60
 INV_TTL_S = 86400 * 2  # longer than any entry lives
 DISTRUST = "llm:distrust_before"
+EPOCH = "llm:epoch"  # the exact tier's key epoch (`l2state.KeyEpoch`)
+NO_TOKEN = "-"  # read before any key epoch is known: nothing is stored under it
+KEY_EPOCH_CHANGED = "not_cached_key_epoch_changed"
 
 # Redis down or refusing; Postgres down, refusing, or past `command_timeout`
 # (asyncpg raises TimeoutError, and InterfaceError for a connection it lost).
@@ -45,9 +57,11 @@ STORE_ERRORS = (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceErr
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Entry)
 
-# Store only if the entry was computed after the user's last invalidation
-# (and, for an invalidating class, ARGV[4] = 1, after the last distrust).
+# Store only under the key epoch in force (ARGV[5], the `llm:epoch` value the
+# key was made from; -1 otherwise), and if the entry was computed after the user's
+# last invalidation (and, for an invalidating class, ARGV[4] = 1, after the last distrust).
 PUT = """
+if (redis.call('GET', KEYS[5]) or '') ~= ARGV[5] then return -1 end
 local inv = tonumber(redis.call('GET', KEYS[2]) or '0')
 if ARGV[4] == '1' then
   local distrust = tonumber(redis.call('GET', KEYS[4]) or '0')
@@ -70,6 +84,20 @@ for i = n + 1, #KEYS do indexes[#indexes + 1] = redis.call('SMEMBERS', KEYS[i]) 
 return indexes
 """
 
+# Replace the key epoch KEYS[1] if it still is ARGV[1] ('': missing) with ARGV[2],
+# and then, if ARGV[3] is not '', move the distrust time KEYS[2] forward to it.
+# Returns {1 if replaced, the value in force}.
+REPLACE_EPOCH = """
+local was = redis.call('GET', KEYS[1]) or ''
+if was ~= ARGV[1] then return {0, was} end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then
+  local before = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if tonumber(ARGV[3]) > before then redis.call('SET', KEYS[2], ARGV[3]) end
+end
+return {1, ARGV[2]}
+"""
+
 # Move the distrust time forward, never back (brokers' clocks differ a little).
 DISTRUST_SINCE = """
 local was = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -86,6 +114,10 @@ def _int(raw: bytes | None) -> int | None:
     return None if raw is None else int(raw)
 
 
+def _text(raw: bytes | str | None) -> str:
+    return "" if raw is None else raw.decode() if isinstance(raw, bytes) else raw
+
+
 class Candidate(msgspec.Struct):
     entry: Entry
     similarity: float
@@ -93,10 +125,13 @@ class Candidate(msgspec.Struct):
 
 class Fence(msgspec.Struct):
     """What a hit of an invalidating class is checked against (`policy.stale`), read with
-    the exact lookup: the newest user-message seq of the users read so far, and the distrust time."""
+    the exact lookup: the newest user-message seq of the users read so far, the distrust
+    time, and why the user seqs cannot be trusted at all ('': they can; `l2state`)."""
 
     user_seqs: dict[str, int | None]
     distrust_before: float
+    untrusted: str = ""
+    distrusted: str = ""  # this lookup replaced the key epoch with a distrust, and why (`l2state`)
 
 
 class ResponseCache:
@@ -107,6 +142,8 @@ class ResponseCache:
         self._put = redis.register_script(PUT)
         self._distrust = redis.register_script(DISTRUST_SINCE)
         self._mark_spoke = redis.register_script(MARK_SPOKE)
+        self._replace_epoch = redis.register_script(REPLACE_EPOCH)
+        self.view = l2state.View()
 
     @classmethod
     async def open(cls, redis: Redis, dsn: str, model_id: str,
@@ -127,19 +164,51 @@ class ResponseCache:
 
     # --- exact ---------------------------------------------------------------
 
-    async def get_exact(self, key: str) -> Entry | None:
-        raw = await self.redis.get(f"llm:x:{key}")
-        return None if raw is None else _dec.decode(raw)
+    def _xkey(self, key: str, token: str | None = None) -> str:
+        return f"llm:x:{token or self.view.token or NO_TOKEN}:{key}"
 
-    async def get_exact_fenced(self, key: str, user_id: str | None) -> tuple[Entry | None, Fence]:
-        """`get_exact` and, in the same round trip, the `Fence` for `user_id`'s hits."""
+    async def lookup(self, key: str, user_id: str | None,
+                     now: float) -> tuple[Entry | None, Fence]:
+        """The exact entry and, in the same round trip, the `Fence` its hits (and the semantic
+        tier's, for `user_id`: an invalidating class) are checked against.
+
+        Usually one round trip. A second one only when `llm:epoch` changed since the
+        last lookup: to replace it (`l2state`: the entry read is of a dropped tier,
+        and the distrust moves to `now`), or to read the entry under the new one.
+        The state is judged against what was seen when the lookup was sent: a
+        concurrent lookup may have seen a newer one since, which proves nothing.
+        """
+        view = self.view
+        used, before = view.token or NO_TOKEN, view.seen
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(f"llm:x:{key}")
+        pipe.get(self._xkey(key, used))
         pipe.get(DISTRUST)
+        pipe.get(EPOCH)  # before the state: a key epoch bound to a newer state is never stale
+        pipe.hmget(lastseq.STATE, lastseq.STATE_FIELDS)
         if user_id is not None:
             pipe.get(lastseq.key(user_id))
-        raw, distrust, *seq = await pipe.execute()
-        fence = Fence({user_id: _int(seq[0])} if seq else {}, float(distrust or 0))
+        raw, distrust, epoch, state, *seq = await pipe.execute()
+        judged = view.judge(State.parse(state), epoch, before)
+        distrust_before = float(distrust or 0)
+        distrusted = ""
+        if judged.replace is not None:
+            raw = None  # an entry of the tier being dropped
+            since = repr(now) if judged.distrust else ""
+            won, epoch = await self._replace_epoch(
+                keys=[EPOCH, DISTRUST], args=[_text(epoch), judged.replace.encode(), since])
+            view.adopt(epoch)
+            if judged.distrust:
+                distrust_before = max(distrust_before, now)
+            distrusted = judged.cause if won and judged.distrust else ""
+        elif judged.token is None:
+            raw = None  # a late read (`l2state.View.judge`)
+        else:
+            if epoch != view.raw:
+                view.adopt(epoch)
+            if judged.token != used:  # read under another key epoch: read again under this one
+                raw = await self.redis.get(self._xkey(key, judged.token))
+        fence = Fence({user_id: _int(seq[0])} if seq else {}, distrust_before,
+                      judged.untrusted, distrusted)
         return (None if raw is None else _dec.decode(raw)), fence
 
     async def user_seq(self, user_id: str) -> int | None:
@@ -160,13 +229,21 @@ class ResponseCache:
     # --- writes --------------------------------------------------------------
 
     async def put(self, entry: Entry, vector: np.ndarray | None, computed_at: float,
-                  invalidating: bool) -> bool:
+                  invalidating: bool) -> str:
         """Store in both tiers unless the user spoke after `computed_at` (or, for an
-        `invalidating` class, change events may have been lost since)."""
+        `invalidating` class, change events may have been lost since), or the key
+        epoch changed since the lookup (Redis was wiped or rolled back meanwhile).
+        Returns the outcome, as logged: `cached`, `not_cached_user_spoke` or
+        `not_cached_key_epoch_changed`."""
+        if self.view.token is None:
+            return KEY_EPOCH_CHANGED  # no key epoch read yet (Redis was down for the lookup)
         inv, index = _user_keys(entry.user_id)
         ttl = int(entry.expires_at - entry.created_at) + GC_GRACE_S
-        stored = await self._put(keys=[f"llm:x:{entry.id}", inv, index, DISTRUST],
-                                 args=[_enc.encode(entry), ttl, computed_at, int(invalidating)])
+        stored = await self._put(keys=[self._xkey(entry.id), inv, index, DISTRUST, EPOCH],
+                                 args=[_enc.encode(entry), ttl, computed_at, int(invalidating),
+                                       _text(self.view.raw)])
+        if stored == -1:
+            return KEY_EPOCH_CHANGED
         if stored and vector is not None:
             await self.pool.execute(
                 "INSERT INTO llm.entries (id, partition, user_id, volatility, embedding_model,"
@@ -175,11 +252,11 @@ class ResponseCache:
                 " entry = EXCLUDED.entry, expires_at = EXCLUDED.expires_at",
                 entry.id, entry.partition, entry.user_id, entry.volatility, self.model_id,
                 vector, _enc.encode(entry), entry.expires_at)
-        return bool(stored)
+        return "cached" if stored else "not_cached_user_spoke"
 
     async def evict_id(self, entry_id: str) -> bool:
         """Drop one entry from both tiers; True if either held it."""
-        in_redis = await self.redis.delete(f"llm:x:{entry_id}")
+        in_redis = await self.redis.delete(self._xkey(entry_id))
         in_pg = await self.pool.execute("DELETE FROM llm.entries WHERE id = $1", entry_id)
         return bool(in_redis) or in_pg != "DELETE 0"
 

@@ -15,6 +15,16 @@ the user's newest message seq that the l2-gateway records, and against the
 last time a broker found events lost (`policy.stale`), read in the exact
 lookup's round trip.
 
+Redis wiped or rolled back (`l2state`, judged from the l2-gateway's state read
+in the same round trip): while the user seqs cannot be trusted (the state is
+missing, replayed, or older than one seen), every invalidating hit, exact or
+semantic, is a miss (`tiermem_llm_stale_refused_total{reason="redis_lost" |
+"rebuilding" | "rolled_back"}`); and the exact tier is dropped at once (a new
+key epoch) with a distrust of every older invalidating entry
+(`tiermem_llm_distrusts_total{cause="l2_epoch_changed" | "l2_rolled_back"}`),
+so neither an entry of a forgotten user nor one invalidated after the snapshot
+comes back with a rollback.
+
 A store that is down or slow costs a request a miss, never a 500: a failed
 lookup goes on to the model, a failed store still returns the answer paid for
 (logged and counted); `llm.verdict` and `llm.stats`, which only the stores
@@ -29,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
 import msgspec
 import structlog
 from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT
@@ -41,10 +50,9 @@ from shared.contract import (
     CacheInfo, Changed, CompleteReply, CompleteRequest, ForgetReply, ForgetRequest, LLMVerdict,
     LLMVerdictReply, TextBlock, check_complete, decoder,
 )
-from shared.errors import Unavailable
 from shared.embeddings import embedder_from_settings
-from shared.retention import Retention
 from shared.errors import Unavailable
+from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
@@ -124,17 +132,17 @@ class Broker:
 
     async def _exact(self, key: str, now: float,
                      user_id: str | None) -> tuple[Entry | None, Fence | None]:
-        """The exact entry if fresh, and (for an invalidating class: `user_id` given)
-        what its hits are checked against; None for both when Redis fails."""
+        """The exact entry if fresh, and what hits are checked against (the user seq of
+        `user_id`, given for an invalidating class); None for both when Redis fails.
+        A lookup that found Redis wiped or rolled back (`l2state`) distrusts here too."""
         try:
             with tracer.start_as_current_span("redis get", attributes={"db.system": "redis"}):
-                if user_id is None:
-                    entry, fence = await self.cache.get_exact(key), None
-                else:
-                    entry, fence = await self.cache.get_exact_fenced(key, user_id)
+                entry, fence = await self.cache.lookup(key, user_id, now)
         except STORE_ERRORS as exc:
             log.warning("exact_tier_unavailable", error=str(exc))
             return None, None
+        if fence.distrusted:
+            self.distrust(fence.distrusted)
         return (entry if entry is not None and entry.fresh(now) else None), fence
 
     async def _current(self, entry: Entry, fence: Fence | None, task_label: str) -> bool:
@@ -144,6 +152,8 @@ class Broker:
         reason = None
         if fence is None:
             reason = "unverifiable"  # Redis failed: nothing to check against
+        elif fence.untrusted:
+            reason = fence.untrusted  # Redis was wiped or rolled back: its user seqs may be old
         else:
             seqs = fence.user_seqs
             if entry.user_id not in seqs:  # a global entry another user's request created
@@ -218,7 +228,7 @@ class Broker:
             metrics.llm_not_cached.labels(task_label, "store_failed").inc()
             log.warning("cache_store_failed", error=str(exc) or type(exc).__name__)
             return
-        log.info("cached" if stored else "not_cached_user_spoke", volatility=entry.volatility)
+        log.info(stored, volatility=entry.volatility)
 
     async def _call(self, req: CompleteRequest, labels):
         answer = await self.upstream.complete(req)
@@ -280,7 +290,7 @@ class Broker:
         """`llm.forget`: drop every entry of the user; the reply confirms it to the gateway."""
         try:
             dropped = await self.cache.forget(req.user_id, self.clock())
-        except (RedisError, OSError, asyncpg.PostgresError) as exc:
+        except STORE_ERRORS as exc:
             raise Unavailable(f"the LLM cache could not forget the user: {exc}") from None
         log.info("llm_cache_forgot_user", user_id=req.user_id, dropped=dropped)
         return ForgetReply(user_id=req.user_id, deleted=dropped)
