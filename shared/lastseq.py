@@ -14,6 +14,13 @@ Redis Cluster slot with the user's window, which the applying script needs).
 what its fields mean). The broker reads it with every exact lookup: while it
 is missing, being replayed or older than a state seen before (Redis wiped or
 rolled back), the user-seq keys cannot be trusted (`services/llm_broker/l2state.py`).
+
+`DUE`: the highest log seq that has been in the log for half the audit grace
+(`shared.log_head`), as the gateways know it from their acks and the stream,
+raised (never lowered) by each of them at most every `DUE_EVERY_S`. While
+the state's `applied` is below it, the applier lags acknowledged messages
+for longer than the grace allows, so the user-seq keys may lack them: the
+broker then distrusts them too (`behind_log`), as L2 passes its reads down.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import msgspec
 
 STATE = "tm:{g}:state"
 STATE_FIELDS = ("epoch", "gen", "applied", "rebuilding")
+DUE = "tm:{g}:due"
+DUE_EVERY_S = 0.05
 
 
 def key(user_id: str) -> str:

@@ -286,6 +286,11 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
         assert cache.view.seen.epoch == window.fence.epoch and cache.view.token
         with pytest.raises(NoPermissionError):
             await clients["llm-broker"].hset(lastseq.STATE, "applied", 0)
+        # ... and the log position due (the gateway's), below which L2's user seqs may lag
+        await window.note_due(5)
+        assert (await cache.lookup("k", "u1", 1.0))[1].untrusted == "behind_log"
+        with pytest.raises(NoPermissionError):
+            await clients["llm-broker"].set(lastseq.DUE, 0)
         await window.forget("u1", 1)
         await window.sweep("another-epoch")
         await window.release_lock("t")

@@ -21,7 +21,7 @@ from services.l2_gateway.applier import Applier, RedisLost
 from services.l2_gateway.fence import LOST, REBUILDING, ROLLED_BACK, Fence, State
 from services.l2_gateway.redis_window import RedisWindow
 from services.l2_gateway.service import build
-from shared import servers, subjects
+from shared import lastseq, servers, subjects
 from shared.log_head import LogHead
 from shared.contract import Changed
 from tests.helpers import client, ok, running
@@ -129,6 +129,11 @@ async def test_a_read_passes_down_while_the_applier_lags_the_log(clean_nats, own
             assert reply["tier"] == "l2" and len(reply["messages"]) == 1  # within the grace
             await asyncio.sleep(0.6)
             assert (await ok(nc, subjects.MEMORY_L2_GET, read))["tier"] == "l3"
+            # and the broker is told (`lastseq.DUE` above what Redis applied)
+            r = aioredis.from_url(env["REDIS_URL"])
+            state = lastseq.State.parse(await r.hmget(lastseq.STATE, lastseq.STATE_FIELDS))
+            assert int(await r.get(lastseq.DUE)) > state.applied
+            await r.aclose()
             release.set()
             await until(lambda: _l2_holds(nc, read, 2))  # caught up: answered again
 

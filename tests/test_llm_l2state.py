@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from services.llm_broker import l2state
 from services.llm_broker.l2state import (
     EPOCH_CHANGED, LOST, REBUILDING, ROLLED_BACK, WENT_BACK, KeyEpoch, Seen, View,
 )
@@ -136,3 +137,11 @@ def test_key_epoch_values_round_trip_and_malformed_ones_read_as_missing():
     assert KeyEpoch.parse(KeyEpoch("ab12", "", Seen()).encode()) == KeyEpoch("ab12", "", Seen())
     for bad in (None, "", "x", "a/b/c/d/e/f", "/b/c/1/2", "a/b/c/x/2"):
         assert KeyEpoch.parse(bad) is None
+
+
+def test_the_user_seqs_are_untrusted_while_the_state_applied_less_than_the_log_held_long_enough():
+    state = State("1-a", 1, 40)
+    assert l2state.behind_log(state, 41) == l2state.BEHIND_LOG
+    assert l2state.behind_log(state, 40) == ""
+    assert l2state.behind_log(state, None) == ""  # no gateway wrote it (or it expired, idle)
+    assert l2state.behind_log(None, 41) == ""  # no state: `View.judge` says why

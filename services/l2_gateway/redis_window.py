@@ -89,9 +89,10 @@ end
 return {1, last, count, partial}
 """
 
-# The user's newest own-message seq, only upwards: KEYS[1] `shared.lastseq.key(u)`,
-# ARGV seq, idle ttl (ms). An append whose apply is late writes it before APPLY does.
-NOTE_USER_SEQ = """
+# Raise a seq key, never lower it: KEYS[1], ARGV seq, ttl (ms). The user's newest
+# own-message seq (`shared.lastseq.key(u)`: an append whose apply is late writes it
+# before APPLY does), and the log position known long enough (`shared.lastseq.DUE`).
+RAISE = """
 if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
@@ -183,6 +184,7 @@ return 1
 """
 
 _encode = msgspec.json.Encoder().encode
+DUE_TTL_MS = 60_000  # gateways refresh it while appends come in; gone, it proves nothing
 
 # ADVANCE's codes
 ADVANCED, NO_STATE, OTHER_EPOCH, WENT_BACK = 0, 1, 2, 3
@@ -235,9 +237,9 @@ class RedisWindow:
         self._read = _Script(READ)
         self._forget = _Script(FORGET)
         self._rebuild = _Script(REBUILD)
-        self._note_user_seq = _Script(NOTE_USER_SEQ)
+        self._raise = _Script(RAISE)
         self._scripts = (self._apply, self._advance, self._new_epoch, self._release, self._read,
-                         self._forget, self._rebuild, self._note_user_seq)
+                         self._forget, self._rebuild, self._raise)
 
     async def load_scripts(self) -> None:
         """Load every script, APPLY before ADVANCE: a pipeline that finds ADVANCE loaded
@@ -318,8 +320,11 @@ class RedisWindow:
     async def note_user_seq(self, user_id: str, seq: int) -> bool:
         """Record that the user's own message `seq` is acknowledged, ahead of the applier
         (never lowering what is there); True if it raised the record."""
-        return bool(await self._call(self._note_user_seq, [lastseq.key(user_id)], seq,
-                                     self.ttl_ms))
+        return bool(await self._call(self._raise, [lastseq.key(user_id)], seq, self.ttl_ms))
+
+    async def note_due(self, seq: int) -> None:
+        """Record that the log has held `seq` for half the grace (`shared.lastseq.DUE`)."""
+        await self._call(self._raise, [lastseq.DUE], seq, DUE_TTL_MS)
 
     # --- reads ------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import metrics, stream, subjects
+from shared import lastseq, metrics, stream, subjects
 from shared.contract import (
     AppendReply, AppendRequest, EvictReply, EvictRequest, ForgetRequest, GetRequest, check_append,
     check_get, encode, fit_reply,
@@ -75,6 +75,7 @@ async def build(rt: Runtime) -> None:
     rt.on_bus_event(applier.on_bus_event)
     head = LogHead(settings.audit_grace_s / 2)
     rt.spawn(head.watch(rt.js), "log-head")
+    rt.spawn(_publish_due(head, window), "log-due")
     quota = Quota(window, settings.max_user_bytes)
     served = Served.from_settings(rt.nc, "l2-gateway", settings)
     rt.spawn(served.run(), "served-records")
@@ -173,6 +174,21 @@ async def build(rt: Runtime) -> None:
         return EvictReply(user_id=req.user_id, evicted=done)
 
     rt.endpoint("evict", subjects.MEMORY_L2_EVICT, EvictRequest, evict, concurrency=8)
+
+
+async def _publish_due(head: LogHead, window: RedisWindow) -> None:
+    """Keep `shared.lastseq.DUE` at what this gateway knows the log held half a grace ago
+    (the llm-broker distrusts the user seqs while Redis's applied position is below it)."""
+    written = 0
+    while True:
+        await asyncio.sleep(lastseq.DUE_EVERY_S)
+        due = head.due()
+        if due > written:
+            try:
+                await window.note_due(due)
+                written = due
+            except (RedisError, OSError) as exc:  # the applier's own retries say Redis is down
+                log.debug("log_due_not_written", error=str(exc))
 
 
 class L2Reply(msgspec.Struct):

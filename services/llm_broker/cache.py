@@ -185,10 +185,13 @@ class ResponseCache:
         pipe.get(DISTRUST)
         pipe.get(EPOCH)  # before the state: a key epoch bound to a newer state is never stale
         pipe.hmget(lastseq.STATE, lastseq.STATE_FIELDS)
+        pipe.get(lastseq.DUE)
         if user_id is not None:
             pipe.get(lastseq.key(user_id))
-        raw, distrust, epoch, state, *seq = await pipe.execute()
-        judged = view.judge(State.parse(state), epoch, before)
+        raw, distrust, epoch, state, due, *seq = await pipe.execute()
+        parsed = State.parse(state)
+        judged = view.judge(parsed, epoch, before)
+        untrusted = judged.untrusted or l2state.behind_log(parsed, _int(due))
         distrust_before = float(distrust or 0)
         distrusted = ""
         if judged.replace is not None:
@@ -208,7 +211,7 @@ class ResponseCache:
             if judged.token != used:  # read under another key epoch: read again under this one
                 raw = await self.redis.get(self._xkey(key, judged.token))
         fence = Fence({user_id: _int(seq[0])} if seq else {}, distrust_before,
-                      judged.untrusted, distrusted)
+                      untrusted, distrusted)
         return (None if raw is None else _dec.decode(raw)), fence
 
     async def user_seq(self, user_id: str) -> int | None:

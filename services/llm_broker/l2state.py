@@ -18,6 +18,9 @@ and `View.judge` decides:
   this broker saw (lower `gen`, same epoch at a lower `applied`, another epoch
   of the same `gen`). Every hit of an invalidating class, exact or semantic,
   is then a miss.
+- The user-seq check is untrusted as well while the state's `applied` is
+  below `shared.lastseq.DUE` (`behind_log`): the applier lags messages that
+  the log has held for half the audit grace, whose user seqs may be missing.
 - The exact tier lives under a *key epoch*, `llm:x:<token>:<key>`. `llm:epoch`
   holds the token, the L2 epoch it was made in (its *binding*) and what its
   maker had seen of the L2 state. A value missing, bound to another L2 epoch
@@ -52,9 +55,15 @@ from shared.lastseq import State
 LOST = "redis_lost"
 REBUILDING = "rebuilding"
 ROLLED_BACK = "rolled_back"
+BEHIND_LOG = "behind_log"
 # Why the exact tier's key epoch was replaced (the distrust's cause).
 EPOCH_CHANGED = "l2_epoch_changed"
 WENT_BACK = "l2_rolled_back"
+
+
+def behind_log(state: State | None, due: int | None) -> str:
+    """`BEHIND_LOG` if the state applied less of the log than it held half a grace ago."""
+    return BEHIND_LOG if state is not None and due is not None and state.applied < due else ""
 
 
 class Seen(msgspec.Struct, frozen=True):

@@ -17,9 +17,10 @@ lookup's round trip.
 
 Redis wiped or rolled back (`l2state`, judged from the l2-gateway's state read
 in the same round trip): while the user seqs cannot be trusted (the state is
-missing, replayed, or older than one seen), every invalidating hit, exact or
-semantic, is a miss (`tiermem_llm_stale_refused_total{reason="redis_lost" |
-"rebuilding" | "rolled_back"}`); and the exact tier is dropped at once (a new
+missing, replayed, older than one seen, or its applied position lags what the
+log held half a grace ago), every invalidating hit, exact or semantic, is a
+miss (`tiermem_llm_stale_refused_total{reason="redis_lost" | "rebuilding" |
+"rolled_back" | "behind_log"}`); and the exact tier is dropped at once (a new
 key epoch) with a distrust of every older invalidating entry
 (`tiermem_llm_distrusts_total{cause="l2_epoch_changed" | "l2_rolled_back"}`),
 so neither an entry of a forgotten user nor one invalidated after the snapshot
@@ -153,7 +154,7 @@ class Broker:
         if fence is None:
             reason = "unverifiable"  # Redis failed: nothing to check against
         elif fence.untrusted:
-            reason = fence.untrusted  # Redis was wiped or rolled back: its user seqs may be old
+            reason = fence.untrusted  # Redis wiped, rolled back or behind: its user seqs may be old
         else:
             seqs = fence.user_seqs
             if entry.user_id not in seqs:  # a global entry another user's request created
