@@ -331,11 +331,12 @@ async def test_the_applier_never_lowers_a_users_message_seq_recorded_ahead_of_it
         await redis.set(lastseq.key("u1"), 5)  # an append of seq 5 replied before its apply
         msg = Message(seq=3, msg_id="m3", role="user", bot_id="b", text="hi",
                       ts="2026-01-01T00:00:00Z")
-        assert (await window.apply_batch([("u1", msg, 10)], 3, "t", fresh=True))[1] == 0
+        at = window.fence.seen
+        assert (await window.apply_batch([("u1", msg, 10)], 3, at, "t", fresh=True))[1] == 0
         assert await redis.get(lastseq.key("u1")) == b"5"
         newer = Message(seq=7, msg_id="m7", role="user", bot_id="b", text="hi",
                         ts="2026-01-01T00:00:00Z")
-        await window.apply_batch([("u1", newer, 10)], 7, "t", fresh=True)
+        await window.apply_batch([("u1", newer, 10)], 7, window.fence.seen, "t", fresh=True)
         assert await redis.get(lastseq.key("u1")) == b"7"
         # ... and the append's own record goes only upwards as well
         assert not await window.note_user_seq("u1", 6)
