@@ -212,3 +212,17 @@ async def test_an_append_past_the_users_byte_quota_gets_413_and_stores_nothing(c
             await ok(nc, subjects.MEMORY_APPEND, append_body("lead-other", 0))
             await ok(nc, subjects.MEMORY_FORGET, {"user_id": "lead-q"})
             await ok(nc, subjects.MEMORY_APPEND, append_body("lead-q", 100))
+
+
+async def test_with_retention_the_quota_counts_what_the_log_still_holds(clean_state):
+    """Retention drops a user's old messages from the log: the quota must not keep
+    counting them, or an active user hits the limit for good."""
+    limit = 800  # room for about four messages
+    async with client(clean_state["NATS_URL"]) as nc:
+        await FakeL3().start(nc)
+        async with running("l2-gateway", build, clean_state, max_user_bytes=limit,
+                           retain_max_per_user=2):
+            for i in range(12):
+                await ok(nc, subjects.MEMORY_APPEND, append_body("lead-kept", i))
+            stored = await stream.user_log(nc, "lead-kept")
+            assert [m.entry.msg_id for m in stored] == ["lead-kept-10", "lead-kept-11"]

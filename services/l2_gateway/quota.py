@@ -16,11 +16,18 @@ appends in flight on other replicas and by ones not applied within
 plus ~200 bytes of envelope). With Redis down it is not checked (appends must
 still succeed), and a Redis rebuilt from the log counts up from zero until
 the applier has caught up.
+
+Retention (`shared.retention`) drops old messages from the log without
+telling Redis, so with it on the count only grows: an append that would pass
+the limit first has the user's count made again from what the log holds now
+(`recount`: the applier rebuilds the window, bytes included), and is judged
+against that.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import structlog
 from redis.exceptions import RedisError
@@ -33,9 +40,11 @@ log = structlog.get_logger()
 
 
 class Quota:
-    def __init__(self, window: RedisWindow, limit: int) -> None:
+    def __init__(self, window: RedisWindow, limit: int,
+                 recount: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.window = window
         self.limit = limit
+        self.recount = recount  # make a user's count again from the log (None: it is exact)
         self.reserved: dict[str, int] = {}
         self._waiting: list[tuple[str, int, asyncio.Future]] = []
         self._reader: asyncio.Task | None = None
@@ -66,6 +75,9 @@ class Quota:
                     if fut.done():  # the append was cancelled
                         continue
                     total = (have or 0) + self.reserved.get(user_id, 0) + size
+                    if have is not None and total > self.limit and self.recount is not None:
+                        have = await self._recounted(user_id, have)
+                        total = have + self.reserved.get(user_id, 0) + size
                     if have is not None and total > self.limit:
                         fut.set_exception(PayloadTooLarge(
                             f"this user's messages would take {total} bytes in the log; the limit "
@@ -75,3 +87,12 @@ class Quota:
                         fut.set_result(None)
         finally:
             self._reader = None
+
+    async def _recounted(self, user_id: str, have: int) -> int:
+        """The user's bytes once counted again from the log (`have` if that failed)."""
+        try:
+            if await self.recount(user_id):
+                return (await self.window.stored_bytes([user_id]))[0]
+        except (RedisError, OSError) as exc:
+            log.warning("quota_not_recounted", error=str(exc))
+        return have

@@ -76,7 +76,9 @@ async def build(rt: Runtime) -> None:
     head = LogHead(settings.audit_grace_s / 2)
     rt.spawn(head.watch(rt.js), "log-head")
     rt.spawn(_publish_due(head, window), "log-due")
-    quota = Quota(window, settings.max_user_bytes)
+    quota = Quota(window, settings.max_user_bytes,
+                  recount=(lambda user: applier.repair(user, settings.request_timeout_s / 2))
+                  if retention.drops_anything() else None)
     served = Served.from_settings(rt.nc, "l2-gateway", settings)
     rt.spawn(served.run(), "served-records")
     answered = metrics.answers.labels(TIER, "recent")
