@@ -57,19 +57,30 @@ async def test_a_message_stored_between_the_two_reads_of_the_floor_is_not_counte
             watcher.cancel()
 
 
-async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_message_is_uncommitted(clean_state):
-    user = "lead-2"
-    held, release = asyncio.Event(), asyncio.Event()
+def holding(msg_id: str, held: asyncio.Event, release: asyncio.Event):
+    """A `before_commit` hook: the batch holding `msg_id` waits for `release` (sets `held`)."""
 
-    async def hold(rows):  # the slow replica: stuck with message 1 until released
-        if any(r.msg_id == f"{user}-1" for r in rows):
+    async def hold(rows):
+        if any(r.msg_id == msg_id for r in rows):
             held.set()
             await release.wait()
 
+    return hold
+
+
+async def append_message(js, user: str, i: int) -> int:
+    entry = LogEntry(user_id=user, bot_id="sales-1", role="user", text=f"message {i}",
+                     msg_id=f"{user}-{i}", ts="2026-11-26T07:00:00.000Z")
+    return (await js.publish(subjects.log_subject(user), encode(entry))).seq
+
+
+async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_message_is_uncommitted(clean_state):
+    user = "lead-2"
+    held, release = asyncio.Event(), asyncio.Event()
+    hold = holding(f"{user}-1", held, release)  # the slow replica: stuck with message 1 until released
+
     async def append(i: int) -> int:
-        entry = LogEntry(user_id=user, bot_id="sales-1", role="user", text=f"message {i}",
-                         msg_id=f"{user}-{i}", ts="2026-11-26T07:00:00.000Z")
-        return (await js.publish(subjects.log_subject(user), encode(entry))).seq
+        return await append_message(js, user, i)
 
     async def replies(body: dict) -> list[dict]:
         """The answers of both replicas (the queue group picks one per request)."""
@@ -115,16 +126,10 @@ async def test_a_read_without_min_seq_is_refused_while_indexing_lags_the_log_pas
     reply without it, also to reads that name no min_seq."""
     user = "lead-lag"
     held, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(rows):
-        if any(r.msg_id == f"{user}-1" for r in rows):
-            held.set()
-            await release.wait()
+    hold = holding(f"{user}-1", held, release)
 
     async def append(i: int) -> int:
-        entry = LogEntry(user_id=user, bot_id="sales-1", role="user", text=f"message {i}",
-                         msg_id=f"{user}-{i}", ts="2026-11-26T07:00:00.000Z")
-        return (await js.publish(subjects.log_subject(user), encode(entry))).seq
+        return await append_message(js, user, i)
 
     env = {**clean_state, "LOG_LEVEL": "warning", "L3_BATCH": "1", "L3_MIN_SEQ_WAIT_S": "0.2",
            "AUDIT_GRACE_S": "1.0"}
