@@ -76,7 +76,8 @@ def markdown(out: Path) -> str:
              "client kept: every acknowledged append must be in the durable log and in L3 (acked lost), once "
              "(duplicates); no read may lack an acknowledged message with seq <= `min_seq` or one acknowledged more "
              f"than {GRACE_S:.0f} s before it (stale served); nothing of a forgotten user may be served after the "
-             "forget's reply (forgotten served); no `lead_intent` hit may be older than the user's latest message, "
+             "forget's reply (forgotten served); no `lead_intent` hit may have been stored before the user's latest "
+             "message (acknowledged more than the grace before the hit) was sent, "
              "and no hit may be an answer cut short on `max_tokens` (stale LLM hits). Recovery: from the fault's end "
              "until the workload's requests succeed again. Bold numbers are failures; `just chaos` exits 1 on any.", ""]
     for mode, (stem, title) in MODES.items():

@@ -22,6 +22,9 @@ class Ack:
     seq: int
     role: str
     t: float  # when the ack arrived
+    # When the (successful) request was sent: the message became durable, and known to
+    # the tiers, somewhere between this and `t`; the client cannot tell where.
+    t_sent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,10 +176,17 @@ def stale_llm_hits(truth: Truth, invalidating: set[str], grace_s: float, *, sinc
             continue
         if c.task not in invalidating or c.age_s is None:
             continue
-        said = [a.t for a in truth.acks.get(c.user, ()) if a.role == "user" and a.t < c.t_sent - grace_s]
+        said = [a for a in truth.acks.get(c.user, ()) if a.role == "user" and a.t < c.t_sent - grace_s]
+        if not said:
+            continue
+        latest = max(said, key=lambda a: a.t)
+        # Stale only if stored before the message was even sent: an entry stored between
+        # the send and the ack's arrival may have been built after the gateway recorded it
+        # (the broker serves no other), and the client cannot tell which.
+        known = latest.t if latest.t_sent is None else latest.t_sent
         stored = c.t_reply - c.age_s
-        if said and stored < max(said):
-            bad.append(f"{c.user}: {c.task} hit stored {max(said) - stored:.2f} s before the user's latest message")
+        if stored < known:
+            bad.append(f"{c.user}: {c.task} hit stored {known - stored:.2f} s before the user's latest message")
     return bad
 
 

@@ -56,7 +56,7 @@ class Workload:
             code, reply = await call(self.nc, subjects.MEMORY_APPEND, body)
             self._record("append", t0, code == 200)
             if code == 200:
-                ack = Ack(user, msg_id, reply["seq"], role, time.time())
+                ack = Ack(user, msg_id, reply["seq"], role, time.time(), t_sent=t0)
                 self.truth.ack(ack)
                 return ack
             await asyncio.sleep(0.1)

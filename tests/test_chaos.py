@@ -79,6 +79,17 @@ def test_an_intent_hit_older_than_the_users_latest_message_is_stale():
     assert len(t.stale_llm_hits(truth, {"lead_intent"}, grace_s=1.0)) == 1
 
 
+def test_an_intent_hit_stored_while_the_users_message_was_being_acknowledged_is_not_counted():
+    """Stored after the append was sent, before its ack arrived: the gateway may have recorded
+    the message by then (a sidecar frozen and thawed held the ack 0.27 s in one chaos trial)."""
+    truth = log_of(t.Ack("u", "a", 1, "user", 100.3, t_sent=100.0))
+    between = t.LLMCall("u", "lead_intent", 150.0, 150.1, "hit", 50.0, "end_turn")  # stored at 100.1
+    before = t.LLMCall("u", "lead_intent", 150.0, 150.1, "hit", 50.2, "end_turn")  # stored at 99.9
+    truth.llm += [between, before]
+    assert t.stale_llm_hits(truth, {"lead_intent"}, grace_s=1.0) == [
+        "u: lead_intent hit stored 0.10 s before the user's latest message"]
+
+
 def test_a_hit_on_an_answer_cut_short_is_a_bad_llm_hit():
     truth = t.Truth()
     truth.llm.append(t.LLMCall("u", "reply", 1.0, 1.1, "hit", 0.5, "max_tokens"))
