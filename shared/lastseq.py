@@ -66,3 +66,31 @@ class State(msgspec.Struct, frozen=True):
     @property
     def replaying(self) -> bool:
         return self.applied < self.rebuilding
+
+
+class Seen(msgspec.Struct, frozen=True):
+    """The newest L2 state a process saw: its epoch, generation and highest `applied`.
+    A reply can only be judged against what was seen when it was asked for (a newer
+    state seen while the reply was on its way proves nothing)."""
+
+    epoch: str | None = None
+    gen: int = 0
+    applied: int = 0  # the highest `applied` seen in `epoch`
+
+    @classmethod
+    def of(cls, state: State) -> Seen:
+        return cls(state.epoch, state.gen, state.applied)
+
+    def after(self, state: State) -> Seen:
+        """What was seen once `state` is seen too: the newer of the two, never going back."""
+        if state.gen > self.gen:
+            return Seen.of(state)
+        if state.epoch == self.epoch and state.applied > self.applied:
+            return Seen(self.epoch, self.gen, state.applied)
+        return self
+
+    def covers(self, other: Seen) -> bool:
+        """Had whoever saw `self` seen a state at least as new as `other`?"""
+        if self.gen != other.gen:
+            return self.gen > other.gen
+        return self.epoch == other.epoch and self.applied >= other.applied

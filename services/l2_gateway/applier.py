@@ -314,14 +314,14 @@ class Applier:
             why = self.fence.judge(state, seen)
             if not why:
                 self.leading = False
-                self.at = Seen(state.epoch, state.gen, state.applied)
+                self.at = Seen.of(state)
                 return state.applied
             if not await self.window.take_lock(self.token):
                 await asyncio.sleep(_JOIN_POLL_S)  # another gateway replays
                 continue
             if why == REBUILDING:
                 self.leading, self._target = True, state.rebuilding
-                self.at = Seen(state.epoch, state.gen, state.applied)
+                self.at = Seen.of(state)
                 log.warning("l2_replay_taken_over", epoch=state.epoch, applied=state.applied)
                 return state.applied
             if await self.window.state() != state:  # changed before we held the lock
@@ -330,7 +330,7 @@ class Applier:
             target = await stream.last_seq(self.rt.js)
             new = await self.window.new_epoch(self.fence.next_gen(state), target)
             self.fence.adopt(new)
-            self.at = Seen(new.epoch, new.gen, 0)
+            self.at = Seen.of(new)
             self.leading, self._target = target > 0, target
             if not self.leading:  # an empty log: nothing to replay
                 await self.window.release_lock(self.token)
@@ -431,8 +431,9 @@ class Applier:
                 backoff = min(backoff * 2, 2.0)
         if code != ADVANCED:
             raise RedisLost(_WHY[code])  # nothing announced: the writes went to a dead epoch
-        self.at = Seen(at.epoch, at.gen, max(at.applied, applied))
-        self.fence.saw(State(at.epoch, at.gen, applied))
+        reached = State(at.epoch, at.gen, applied)
+        self.at = at.after(reached)
+        self.fence.saw(reached)
         self.position = max(self.position, upto)
         if self.leading and applied >= self._target:
             self.leading = False

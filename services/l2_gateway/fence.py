@@ -29,9 +29,7 @@ running (nothing remembers a newer state then).
 
 from __future__ import annotations
 
-import msgspec
-
-from shared.lastseq import State
+from shared.lastseq import Seen, State
 
 __all__ = ["LOST", "REBUILDING", "ROLLED_BACK", "Fence", "Seen", "State"]
 
@@ -39,15 +37,6 @@ __all__ = ["LOST", "REBUILDING", "ROLLED_BACK", "Fence", "Seen", "State"]
 LOST = "redis_lost"  # no state: Redis lost its data, or it was never initialised
 REBUILDING = "rebuilding"  # a gateway is replaying the log into a new epoch
 ROLLED_BACK = "rolled_back"  # older than a state this process has seen
-
-
-class Seen(msgspec.Struct, frozen=True):
-    """What a process had seen when it sent a request: a reply can only be judged
-    against that (a newer state seen while the reply was on its way proves nothing)."""
-
-    epoch: str | None = None
-    gen: int = 0
-    applied: int = 0  # the highest `applied` seen in `epoch`
 
 
 class Fence:
@@ -72,15 +61,11 @@ class Fence:
 
     def saw(self, state: State) -> None:
         """Remember `state` if it is newer than what was seen (never go back)."""
-        now = self.seen
-        if state.gen > now.gen:
-            self.seen = Seen(state.epoch, state.gen, state.applied)
-        elif state.epoch == now.epoch and state.applied > now.applied:
-            self.seen = Seen(now.epoch, now.gen, state.applied)
+        self.seen = self.seen.after(state)
 
     def adopt(self, state: State) -> None:
         """Take `state` as the current epoch (a new epoch this process made or joins)."""
-        self.seen = Seen(state.epoch, state.gen, state.applied)
+        self.seen = Seen.of(state)
 
     def next_gen(self, state: State | None) -> int:
         """The generation of an epoch that replaces `state`: above every one seen."""

@@ -49,7 +49,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from shared.lastseq import State
+from shared.lastseq import Seen, State
 
 # Why the user-seq check cannot be trusted (also metric label values); as the gateway's fence.
 LOST = "redis_lost"
@@ -64,20 +64,6 @@ WENT_BACK = "l2_rolled_back"
 def behind_log(state: State | None, due: int | None) -> str:
     """`BEHIND_LOG` if the state applied less of the log than it held half a grace ago."""
     return BEHIND_LOG if state is not None and due is not None and state.applied < due else ""
-
-
-class Seen(msgspec.Struct, frozen=True):
-    """The newest L2 state a process saw: its epoch, generation and highest `applied`."""
-
-    epoch: str | None = None
-    gen: int = 0
-    applied: int = 0
-
-    def covers(self, other: Seen) -> bool:
-        """Had whoever saw `self` seen a state at least as new as `other`?"""
-        if self.gen != other.gen:
-            return self.gen > other.gen
-        return self.epoch == other.epoch and self.applied >= other.applied
 
 
 class KeyEpoch(msgspec.Struct, frozen=True):
@@ -165,11 +151,7 @@ class View:
             return LOST if known else ""
         if state.behind(before.epoch, before.gen, before.applied):
             return ROLLED_BACK
-        seen = self.seen  # may be newer than `before` (a concurrent read): kept if so
-        if state.gen > seen.gen:
-            self.seen = Seen(state.epoch, state.gen, state.applied)
-        elif state.epoch == seen.epoch and state.applied > seen.applied:
-            self.seen = Seen(seen.epoch, seen.gen, state.applied)
+        self.seen = self.seen.after(state)  # may be newer than `before` (a concurrent read)
         return REBUILDING if state.replaying else ""
 
     def _parse(self, raw: bytes | str | None) -> KeyEpoch | None:
