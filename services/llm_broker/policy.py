@@ -45,6 +45,9 @@ from shared.contract import CompleteRequest, Usage
 from shared.errors import BadRequest, PayloadTooLarge
 from shared.retention import Retention
 
+from . import bound
+from .bound import DEFAULT_MAX_FALSE_HIT_RATE
+
 DEFAULT_CONFIG = Path(__file__).with_name("config.toml")
 
 
@@ -73,6 +76,8 @@ class Config(msgspec.Struct, frozen=True):
     # Further task and bot names that metrics label by name (any other is `other`).
     tasks: list[str] = []
     bots: list[str] = []
+    # The false-hit bound each partition's semantic threshold keeps (`bound`).
+    max_false_hit_rate: float = DEFAULT_MAX_FALSE_HIT_RATE
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Config":
@@ -80,6 +85,7 @@ class Config(msgspec.Struct, frozen=True):
         config = msgspec.convert(raw, cls)
         if "default" not in config.prices:
             raise ValueError("the price table needs a `default` row")
+        bound.check_rate(config.max_false_hit_rate)
         return config
 
     def with_retention(self, retention: Retention) -> "Config":
