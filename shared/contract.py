@@ -368,6 +368,10 @@ class ServedLLM(msgspec.Struct, kw_only=True):
     at: float
     trace_id: str = ""
     span_id: str = ""
+    # semantic hits: the guard's score and the partition's threshold it passed (the
+    # broker's false-hit bound weighs each verdict by them, services/llm_broker/bound.py)
+    score: float | None = None
+    threshold: float | None = None
 
 
 class ServedBatch(msgspec.Struct, kw_only=True):
@@ -391,6 +395,20 @@ class EvictReply(msgspec.Struct):
     evicted: bool
 
 
+class PartitionBound(msgspec.Struct, kw_only=True):
+    """One partition's false-hit bound as the llm-broker keeps it: its threshold and
+    the audited semantic hits counted at that threshold (since it last moved)."""
+
+    threshold: float
+    level: int = 0  # steps above the guard's fitted threshold
+    checks: int = 0
+    wrong: int = 0
+    false_hit_rate: float = 0.0  # wrong / checks
+    upper_bound: float = 1.0  # its Wilson upper bound, one-sided 95 %
+    max_false_hit_rate: float = 0.01  # the bound the threshold is kept to
+    moves: int = 0  # times the threshold moved (tightened or loosened)
+
+
 class LLMVerdict(msgspec.Struct):
     """Internal, auditor -> llm-broker: an audited hit was right or wrong."""
 
@@ -398,11 +416,14 @@ class LLMVerdict(msgspec.Struct):
     partition: str
     match: str
     wrong: bool
+    score: float | None = None  # the served record's (semantic hits)
+    threshold: float | None = None  # the threshold the hit was served at
 
 
 class LLMVerdictReply(msgspec.Struct):
     evicted: bool
     threshold: float | None = None  # the partition's semantic threshold after the verdict
+    bound: PartitionBound | None = None  # the partition's false-hit bound after it
 
 
 class AuditStatsRequest(msgspec.Struct):
@@ -428,6 +449,7 @@ class Accuracy(msgspec.Struct):
     wrong: int = 0
     evicted: int = 0
     false_hit_rate: float = 0.0
+    upper_bound: float = 1.0  # Wilson upper bound of false_hit_rate, one-sided 95 % (1.0 if unchecked)
 
 
 class AuditStatsReply(msgspec.Struct):
@@ -441,3 +463,11 @@ class AuditStatsReply(msgspec.Struct):
     budget_fraction: float = 0.0
     skipped_over_budget: int = 0
     records_dropped: int = 0
+    # The false-hit bound (the broker's `max_false_hit_rate`; None before any LLM verdict),
+    # audits by match (exact, semantic: the bound is on semantic hits), and the partitions
+    # whose threshold the bound moved most (at most PARTITIONS_REPORTED, tightest first).
+    max_false_hit_rate: float | None = None
+    llm_by_match: dict[str, Accuracy] = {}
+    partitions: dict[str, PartitionBound] = {}
+    partitions_audited: int = 0  # partitions with a semantic verdict
+    partitions_tightened: int = 0  # of those, above the fitted threshold now

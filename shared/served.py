@@ -89,11 +89,12 @@ class Served:
                                  l1_id, *_trace_ids()))
 
     def llm(self, entry_id: str, partition: str, match: str, similarity: float, age_s: float,
-            saved_usd: float, text: str, request: CompleteRequest) -> None:
-        """Record an llm-broker cache hit."""
+            saved_usd: float, text: str, request: CompleteRequest, *,
+            score: float | None = None, threshold: float | None = None) -> None:
+        """Record an llm-broker cache hit (`score`, `threshold`: the guard's, for a semantic one)."""
         if self._take():
             self._llm.append((entry_id, partition, match, similarity, age_s, saved_usd, text,
-                              request, self.clock(), *_trace_ids()))
+                              request, self.clock(), *_trace_ids(), score, threshold))
 
     def batch(self) -> ServedBatch | None:
         """Everything recorded since the last call, as one batch (None if nothing)."""
@@ -108,8 +109,8 @@ class Served:
                     for t, u, op, n, ms, seq, msgs, at, l1, tid, sid in memory],
             llm=[ServedLLM(entry_id=e, partition=p, match=m, similarity=sim, age_s=age,
                            saved_usd=saved, text=text, request=req, at=at, trace_id=tid,
-                           span_id=sid)
-                 for e, p, m, sim, age, saved, text, req, at, tid, sid in llm])
+                           span_id=sid, score=score, threshold=threshold)
+                 for e, p, m, sim, age, saved, text, req, at, tid, sid, score, threshold in llm])
 
     async def flush(self) -> None:
         batch = self.batch()

@@ -300,6 +300,10 @@ async def test_a_wrong_semantic_verdict_raises_its_partitions_threshold(llm_stac
     raised = await ok(nc, subjects.LLM_VERDICT, {**verdict, "wrong": True})
     assert raised["threshold"] > first["threshold"]
     assert float(await redis.hget(thresholds.KEY, "p1")) == raised["threshold"]
+    # the reply carries the partition's false-hit bound: one step up, evidence reset
+    assert raised["bound"] == {"threshold": raised["threshold"], "level": 1, "checks": 0,
+                               "wrong": 0, "false_hit_rate": 0.0, "upper_bound": 1.0,
+                               "max_false_hit_rate": 0.01, "moves": 1}
     # a wrong exact hit is stale data, not loose matching: evicted, threshold unchanged
     exact = await ok(nc, subjects.LLM_VERDICT, {**verdict, "partition": "p2", "match": "exact",
                                                "wrong": True})

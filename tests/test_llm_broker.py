@@ -20,10 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
+from services.llm_broker import guard
 from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.service import build as build_broker
 from shared import servers, subjects
-from shared.contract import Usage
+from shared.contract import ServedBatch, Usage
 from tests.helpers import call, client, ok, running
 
 
@@ -96,6 +97,28 @@ async def test_paraphrase_in_the_same_partition_is_a_semantic_hit(broker):
     para = await ok(nc, subjects.LLM_COMPLETE, req("is the house on main street still available ?"))
     assert para["cache"]["status"] == "hit", para["cache"]
     assert sim.calls() == 1
+
+
+async def test_a_semantic_hits_record_carries_the_guard_score_and_the_threshold_it_passed(broker):
+    """The auditor's verdict on it is weighed by them (services/llm_broker/bound.py)."""
+    nc, _, _, _ = broker
+    batches: list[ServedBatch] = []
+
+    async def keep(msg) -> None:
+        batches.append(msgspec.json.decode(msg.data, type=ServedBatch))
+
+    sub = await nc.subscribe(subjects.audit_served("llm-broker"), cb=keep)
+    await ok(nc, subjects.LLM_COMPLETE, req("Is the house on Main Street still available?"))
+    hit = await ok(nc, subjects.LLM_COMPLETE, req("is the house on main street still available ?"))
+    assert hit["cache"]["match"] == "semantic"
+    for _ in range(100):
+        if any(r.match == "semantic" for b in batches for r in b.llm):
+            break
+        await asyncio.sleep(0.02)
+    await sub.unsubscribe()
+    rec, = [r for b in batches for r in b.llm if r.match == "semantic"]
+    assert rec.threshold == pytest.approx(guard.default_threshold(None), abs=0.5)
+    assert rec.score is not None and rec.score >= rec.threshold
 
 
 @pytest.mark.parametrize("first,second", [

@@ -256,3 +256,37 @@ async def test_expired_counts_restart_from_the_stored_threshold_never_looser(red
         assert (st.level, st.move, st.total_checks, st.total_wrong) == (3, "", 2, 1)
     finally:
         await close(clients)
+
+
+# --------------------------------------------------------------------------- audit.stats
+
+
+async def test_audit_stats_report_the_bound_the_semantic_rate_and_the_tightest_partitions(
+        redis_urls):
+    from services.freshness_auditor import tally as tally_mod
+    from shared.contract import PartitionBound
+
+    client = aioredis.from_url(redis_urls)
+    try:
+        t = tally_mod.Tally(client, 0.05)
+        for i in range(40):
+            t.llm("lead_intent", "intent", "checked", "semantic")
+        t.llm("lead_intent", "intent", "wrong", "semantic")
+        t.llm("static", "reply", "checked", "exact")
+        for i in range(tally_mod.PARTITIONS_REPORTED + 5):
+            t.partition(f"p{i}", PartitionBound(threshold=DEFAULT, checks=i, max_false_hit_rate=0.02))
+        t.partition("hot", PartitionBound(threshold=0.9, level=2, moves=2, max_false_hit_rate=0.02))
+        t.partition("hot", PartitionBound(threshold=0.8, level=1, moves=1))  # older: ignored
+        await t.flush()
+        stats = await t.read()
+        assert stats.max_false_hit_rate == 0.02
+        sem = stats.llm_by_match["semantic"]
+        assert (sem.checked, sem.wrong, sem.false_hit_rate) == (40, 1, 0.025)
+        assert sem.upper_bound == pytest.approx(bound.wilson_upper(1, 40), abs=1e-6)
+        assert stats.llm_by_match["exact"].checked == 1
+        assert stats.partitions_audited == tally_mod.PARTITIONS_REPORTED + 6
+        assert stats.partitions_tightened == 1
+        assert len(stats.partitions) == tally_mod.PARTITIONS_REPORTED
+        assert next(iter(stats.partitions)) == "hot" and stats.partitions["hot"].level == 2
+    finally:
+        await client.aclose()

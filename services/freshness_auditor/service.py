@@ -13,7 +13,10 @@ each batch through the queue group). The auditor:
 - re-asks the model for LLM hits while the spend stays within
   `audit_llm_budget` of what the audited hits saved, compares the answers
   (`judge.answers_agree`), and tells the broker each verdict (`llm.verdict`):
-  a wrong hit is evicted and tightens its partition's matching;
+  a wrong hit is evicted; a semantic one is evidence for its partition's
+  false-hit bound, which tightens or loosens its threshold
+  (`services/llm_broker/bound.py`), and the partition's standing in the
+  reply is kept for `audit.stats`;
 - answers `audit.stats` with the counts and rates (kept in Redis, `tally`).
 
 Each audit is a span in the trace of the lookup it audits, so a stale
@@ -101,7 +104,7 @@ class Auditor:
                 self._enqueue(self.memory_queue, rec, "memory")
         for hit in batch.llm:
             vol, task, match = self._llm_labels(hit)
-            self.tally.llm(vol, task, "served")
+            self.tally.llm(vol, task, "served", match)
             metrics.audit_served.labels("llm", match).inc()
             self.tally.add("saved_usd", hit.saved_usd)
             self.budget.earn(hit.saved_usd)
@@ -235,23 +238,26 @@ class Auditor:
                                                 cosine=cosine, min_cosine=self.agree_cosine)
             wrong = not agree
             span.set_attribute("tiermem.audit.verdict", "wrong" if wrong else "right")
-            self.tally.llm(vol, task, "checked")
+            self.tally.llm(vol, task, "checked", match)
             counts = self._checks.setdefault((vol, task), [0, 0])
             counts[0] += 1
             metrics.audit_checks.labels("llm", match, vol, task,
                                         "wrong" if wrong else "right").inc()
             if wrong:
                 counts[1] += 1
-                self.tally.llm(vol, task, "wrong")
+                self.tally.llm(vol, task, "wrong", match)
                 log.warning("wrong_llm_hit", task=task, volatility=vol, match=hit.match,
                             similarity=hit.similarity, reason=reason, entry_id=hit.entry_id,
                             served_trace_id=hit.trace_id)
             metrics.audit_false_hit_rate.labels(vol, task).set(counts[1] / counts[0])
             verdict = await self.rt.request(
                 subjects.LLM_VERDICT, LLMVerdict(entry_id=hit.entry_id, partition=hit.partition,
-                                                 match=hit.match, wrong=wrong), LLMVerdictReply)
+                                                 match=hit.match, wrong=wrong, score=hit.score,
+                                                 threshold=hit.threshold), LLMVerdictReply)
+            if verdict.bound is not None and hit.match == "semantic":
+                self.tally.partition(hit.partition, verdict.bound)
             if wrong and verdict.evicted:
-                self.tally.llm(vol, task, "evicted")
+                self.tally.llm(vol, task, "evicted", match)
                 metrics.audit_evictions.labels("llm").inc()
             return wrong
 

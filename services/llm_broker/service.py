@@ -49,7 +49,7 @@ from redis.asyncio import Redis
 from shared import metrics, subjects
 from shared.contract import (
     CacheInfo, Changed, CompleteReply, CompleteRequest, ForgetReply, ForgetRequest, LLMVerdict,
-    LLMVerdictReply, TextBlock, check_complete, decoder,
+    LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder,
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import Unavailable
@@ -92,7 +92,8 @@ class Broker:
         self._flights: dict[str, asyncio.Future] = {}
         self.totals = stats.Totals()
         self.served = served
-        self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id))
+        self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id),
+                                     config.max_false_hit_rate)
         self.invalidating = frozenset(config.invalidating())
         self.pending = Pending()
         self.distrust_before = 0.0  # this broker's own, before every broker has read it
@@ -119,7 +120,9 @@ class Broker:
                 vector = (await self.embedder.embed([latest_user_text(req)], input_type="query"))[0]
             found = await self._semantic(req, partition, vector, now, labels[1], fence)
             if found is not None:
-                return await self._hit(req, labels, found[0], "semantic", found[1], now)
+                entry, similarity, score, threshold = found
+                return await self._hit(req, labels, entry, "semantic", similarity, now,
+                                       score=score, threshold=threshold)
         user_seq = (fence.user_seqs.get(req.user_id) or 0) if fence is not None else 0
         for _ in range(3):  # a concurrent identical request's answer cut short is no hit to share:
             entry, cost, leader = await self._single_flight(req, key, partition, volatility, vector,
@@ -189,7 +192,7 @@ class Broker:
                 if not await self._current(cand.entry, fence, task_label):
                     continue
                 log.info("semantic_hit", similarity=round(cand.similarity, 4), reason=verdict.reason)
-                return cand.entry, cand.similarity
+                return cand.entry, cand.similarity, verdict.score, threshold
             metrics.llm_refused.labels(task_label, verdict.reason).inc()
             log.info("semantic_refused", similarity=round(cand.similarity, 4), reason=verdict.reason)
         return None
@@ -240,13 +243,14 @@ class Broker:
         metrics.llm_cost.labels(*labels).inc(cost)
         return answer, cost
 
-    async def _hit(self, req, labels, entry: Entry, match: str, similarity: float, now: float):
+    async def _hit(self, req, labels, entry: Entry, match: str, similarity: float, now: float,
+                   *, score: float | None = None, threshold: float | None = None):
         info = CacheInfo(status="hit", match=match, similarity=round(similarity, 4),
                          age_s=round(entry.age(now), 3))
         metrics.llm_saved.labels(*labels).inc(entry.cost_usd)
         if self.served is not None:
             self.served.llm(entry.id, entry.partition, match, similarity, info.age_s,
-                            entry.cost_usd, entry.text, req)
+                            entry.cost_usd, entry.text, req, score=score, threshold=threshold)
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage,
                                  0.0, entry.cost_usd, info, f"hits_{match}")
 
@@ -262,18 +266,23 @@ class Broker:
                              saved_usd=round(saved, 8), cache=info)
 
     async def verdict(self, v: LLMVerdict) -> LLMVerdictReply:
-        """The auditor re-asked an audited hit: count it; a wrong one is evicted and,
-        for a semantic match, tightens its partition's threshold."""
+        """The auditor re-asked an audited hit: count it; a wrong one is evicted. A
+        semantic one is evidence for its partition's false-hit bound (`thresholds`):
+        it may tighten or loosen the partition's threshold."""
         try:
             evicted = False
             if v.wrong:
                 evicted = await self.cache.evict_id(v.entry_id)
                 log.warning("llm_wrong_hit_evicted", entry_id=v.entry_id, match=v.match)
-            threshold = await self.thresholds.record(v.partition, v.wrong,
-                                                     tighten=v.match == "semantic")
+            st = await self.thresholds.record(v.partition, v.wrong, tighten=v.match == "semantic",
+                                              score=v.score, served_at=v.threshold)
         except STORE_ERRORS as exc:
             raise _stores_down(exc) from None
-        return LLMVerdictReply(evicted=evicted, threshold=threshold)
+        return LLMVerdictReply(evicted=evicted, threshold=st.threshold, bound=PartitionBound(
+            threshold=st.threshold, level=st.level, checks=st.checks, wrong=st.wrong,
+            false_hit_rate=round(st.wrong / st.checks, 6) if st.checks else 0.0,
+            upper_bound=round(st.upper, 6), max_false_hit_rate=self.thresholds.max_false_hit_rate,
+            moves=st.version))
 
     async def flush_stats(self, every_s: float = STATS_FLUSH_S) -> None:
         """Background loop: add the counted totals to Redis for `llm.stats`."""
