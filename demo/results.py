@@ -174,5 +174,19 @@ def _audit_lines(audit: dict | None) -> list[str]:
             for k, v in sorted(llm.items())))
     else:
         lines.append("false-hit rate (audited) n/a (no LLM hits audited yet)")
+    lines.append(_bound_line(audit))
     lines.append(f"                         (freshness-auditor, window {audit.get('window_s', 0):.0f} s)")
     return lines
+
+
+def _bound_line(audit: dict) -> str:
+    """Semantic hits against the false-hit bound the broker keeps (its `max_false_hit_rate`)."""
+    sem = (audit.get("llm_by_match") or {}).get("semantic")
+    bound = audit.get("max_false_hit_rate")
+    if not sem or not sem.get("checked"):
+        return "semantic false hits      n/a (no semantic hit audited yet)"
+    return (f"semantic false hits      {_pct(sem.get('false_hit_rate', 0.0))} "
+            f"({sem.get('wrong', 0)}/{sem.get('checked', 0)}), 95 % upper bound "
+            f"{_pct(sem.get('upper_bound', 1.0))}; bound "
+            f"{'n/a' if bound is None else _pct(bound)}; partitions tightened "
+            f"{audit.get('partitions_tightened', 0)}/{audit.get('partitions_audited', 0)}")

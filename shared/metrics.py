@@ -63,6 +63,9 @@ llm_not_cached = Counter("tiermem_llm_not_cached",
 llm_distrusts = Counter("tiermem_llm_distrusts",
                         "Times the broker found change events may have been lost, by cause",
                         ["cause"])
+llm_false_hit_bound = Gauge("tiermem_llm_false_hit_bound",
+                            "The broker's max_false_hit_rate: the share of a partition's semantic "
+                            "hits that may be wrong (services/llm_broker/bound.py)")
 
 audit_served = Counter("tiermem_audit_served", "Served records the auditor received",
                        ["kind", "tier"])

@@ -197,7 +197,7 @@ def test_dashboard_covers_tiers_latency_cost_and_freshness():
     assert {"tiermem_memory_answers_total", "tiermem_request_seconds_bucket",
             "tiermem_llm_cost_usd_total", "tiermem_llm_saved_usd_total",
             "tiermem_audit_checks_total", "tiermem_audit_stale_rate",
-            "tiermem_audit_false_hit_rate"} <= named
+            "tiermem_audit_false_hit_rate", "tiermem_llm_false_hit_bound"} <= named
 
 
 def test_alert_rules_name_only_exported_metrics_and_labels(scraped):

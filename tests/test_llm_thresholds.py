@@ -290,3 +290,15 @@ async def test_audit_stats_report_the_bound_the_semantic_rate_and_the_tightest_p
         assert next(iter(stats.partitions)) == "hot" and stats.partitions["hot"].level == 2
     finally:
         await client.aclose()
+
+
+def test_the_demo_table_shows_the_semantic_rate_its_upper_bound_and_the_bound():
+    from demo.results import _audit_lines
+
+    audit = {"memory": {}, "max_false_hit_rate": 0.01, "partitions_tightened": 1,
+             "partitions_audited": 7, "llm_by_match": {"semantic": {
+                 "checked": 40, "wrong": 1, "false_hit_rate": 0.025, "upper_bound": 0.11}}}
+    line, = [ln for ln in _audit_lines(audit) if ln.startswith("semantic false hits")]
+    assert line.split(None, 3)[3] == ("2.5 % (1/40), 95 % upper bound 11.0 %; bound 1.0 %; "
+                                      "partitions tightened 1/7")
+    assert "n/a" in [ln for ln in _audit_lines({"memory": {}}) if ln.startswith("semantic")][0]

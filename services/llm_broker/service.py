@@ -94,6 +94,7 @@ class Broker:
         self.served = served
         self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id),
                                      config.max_false_hit_rate)
+        metrics.llm_false_hit_bound.set(config.max_false_hit_rate)
         self.invalidating = frozenset(config.invalidating())
         self.pending = Pending()
         self.distrust_before = 0.0  # this broker's own, before every broker has read it
