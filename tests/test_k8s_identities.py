@@ -303,7 +303,9 @@ async def test_redis_acl_lets_each_service_run_its_own_redis_code_and_nothing_el
         assert (await stats.read(clients["llm-broker"])) is not None
         thresholds = Thresholds(clients["llm-broker"], 0.9)
         await thresholds.load()
-        await thresholds.record("p", wrong=True, tighten=True)
+        assert (await thresholds.record("p", wrong=True, tighten=True)).move == "tightened"
+        await thresholds.load()  # both hashes in one snapshot: a script, not MULTI
+        assert thresholds.get("p") > 0.9
         # freshness-auditor: its tally
         tally = Tally(clients["freshness-auditor"], 0.05)
         tally.memory("l1", "checked")

@@ -17,7 +17,7 @@ the threshold is held where the evidence supports the bound:
   itself tolerates the odd one its bound allows.
 - **loosen** (one level down, never below level 0) only when that upper
   bound is at or below the bound: with no wrong hit at 1 % that takes
-  `checks_to_loosen(0)` = 268 clean checks, with one 473.
+  `checks_to_loosen(0)` = 268 clean checks, with one wrong 446.
 - every move starts the new level's counts from zero: evidence gathered at
   one threshold says nothing certain about another.
 

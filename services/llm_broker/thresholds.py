@@ -98,6 +98,9 @@ redis.call('EXPIRE', audit, ttl)
 return {level, ARGV[9 + level], version, n, w, total, total_wrong, move}
 """
 
+# One snapshot of both hashes (the broker's Redis user may run scripts, not MULTI).
+SNAPSHOT = "return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}"
+
 
 @dataclass(frozen=True, slots=True)
 class Standing:
@@ -125,17 +128,15 @@ class Thresholds:
         self._by_partition: dict[str, float] = {}
         self._versions: dict[str, int] = {}
         self._record = redis.register_script(RECORD)
+        self._snapshot = redis.register_script(SNAPSHOT)
 
     def get(self, partition: str) -> float:
         return self._by_partition.get(partition, self.default)
 
     async def load(self) -> None:
-        pipe = self.redis.pipeline(transaction=True)  # one snapshot of both hashes
-        pipe.hgetall(KEY)
-        pipe.hgetall(VERSIONS)
-        raw, versions = await pipe.execute()
-        loaded = {k.decode(): float(v) for k, v in raw.items()}
-        seen = {k.decode(): int(v) for k, v in versions.items()}
+        raw, versions = await self._snapshot(keys=[KEY, VERSIONS])
+        loaded = {k.decode(): float(v) for k, v in zip(raw[::2], raw[1::2])}
+        seen = {k.decode(): int(v) for k, v in zip(versions[::2], versions[1::2])}
         for partition, version in self._versions.items():  # newer than this snapshot: keep ours
             if version > seen.get(partition, 0):
                 seen[partition] = version
