@@ -97,11 +97,6 @@ def test_which_verdicts_are_evidence_about_the_current_threshold():
 # --------------------------------------------------------------------------- Redis
 
 
-@pytest.fixture
-async def redis_urls(clean_redis):
-    return clean_redis
-
-
 async def replicas(url: str, n: int, rate: float = RATE):
     clients = [aioredis.from_url(url) for _ in range(n)]
     return clients, [Thresholds(c, DEFAULT, rate) for c in clients]
@@ -131,12 +126,12 @@ def replay(verdicts_by_total, standings, top, rate=RATE):
     return state
 
 
-async def test_racing_replicas_never_loosen_past_the_bound(redis_urls):
+async def test_racing_replicas_never_loosen_past_the_bound(clean_redis):
     """8 replicas apply 1,500 verdicts of one partition at once: 3 % of the hits a
     threshold serves are wrong (above the 1 % bound), the rest right. Every
     verdict is applied exactly once in some serial order, every loosening had the
     evidence, and the partition ends tighter than where it started."""
-    clients, reps = await replicas(redis_urls, 8)
+    clients, reps = await replicas(clean_redis, 8)
     grid = reps[0].grid
     rng = random.Random(12)
     made: list[tuple[bool, float, float]] = []
@@ -168,10 +163,10 @@ async def test_racing_replicas_never_loosen_past_the_bound(redis_urls):
         await close(clients)
 
 
-async def test_racing_replicas_loosen_a_partition_that_keeps_the_bound(redis_urls):
+async def test_racing_replicas_loosen_a_partition_that_keeps_the_bound(clean_redis):
     """Clean checks at a tightened threshold bring it back down, one level per
     `checks_to_loosen(0)` checks, and never below the fitted threshold."""
-    clients, reps = await replicas(redis_urls, 4)
+    clients, reps = await replicas(clean_redis, 4)
     try:
         st = await reps[0].record("q", True, tighten=True, score=0.99, served_at=DEFAULT)
         st = await reps[1].record("q", True, tighten=True, score=0.99, served_at=DEFAULT)
@@ -200,10 +195,10 @@ async def test_racing_replicas_loosen_a_partition_that_keeps_the_bound(redis_url
         await close(clients)
 
 
-async def test_a_stale_replica_cannot_overwrite_a_tighter_threshold(redis_urls):
+async def test_a_stale_replica_cannot_overwrite_a_tighter_threshold(clean_redis):
     """The old bug: replica B, still at the fitted threshold, used to write its own
     raise over A's higher one."""
-    clients, (a, b) = await replicas(redis_urls, 2)
+    clients, (a, b) = await replicas(clean_redis, 2)
     try:
         await b.load()
         for _ in range(3):
@@ -220,8 +215,8 @@ async def test_a_stale_replica_cannot_overwrite_a_tighter_threshold(redis_urls):
         await close(clients)
 
 
-async def test_a_reload_read_before_a_move_does_not_undo_it(redis_urls):
-    clients, (a,) = await replicas(redis_urls, 1)
+async def test_a_reload_read_before_a_move_does_not_undo_it(clean_redis):
+    clients, (a,) = await replicas(clean_redis, 1)
     try:
         await a.record("p", True, tighten=True, score=0.99, served_at=DEFAULT)
         raised = a.get("p")
@@ -243,8 +238,8 @@ async def test_a_reload_read_before_a_move_does_not_undo_it(redis_urls):
         await close(clients)
 
 
-async def test_expired_counts_restart_from_the_stored_threshold_never_looser(redis_urls):
-    clients, (a,) = await replicas(redis_urls, 1)
+async def test_expired_counts_restart_from_the_stored_threshold_never_looser(clean_redis):
+    clients, (a,) = await replicas(clean_redis, 1)
     try:
         await clients[0].hset(KEY, "old", "0.93")  # a threshold from before the grid
         st = await a.record("old", False, tighten=True, score=0.99, served_at=0.93)
@@ -260,11 +255,11 @@ async def test_expired_counts_restart_from_the_stored_threshold_never_looser(red
 
 
 async def test_audit_stats_report_the_bound_the_semantic_rate_and_the_tightest_partitions(
-        redis_urls):
+        clean_redis):
     from services.freshness_auditor import tally as tally_mod
     from shared.contract import PartitionBound
 
-    client = aioredis.from_url(redis_urls)
+    client = aioredis.from_url(clean_redis)
     try:
         t = tally_mod.Tally(client, 0.05)
         for i in range(40):
