@@ -170,7 +170,7 @@ def bot_message(p: Persona, rng: random.Random) -> str:
 # llm-broker marks for the model's prompt cache) and in every run.
 #
 # The local simulator picks its task from words of the system prompt (services/llm_simulator/
-# rules.py): the reply prompts must not name scoring, intents or "market"; the score guide must not
+# rules.py): the reply prompts must not name scoring or intents; the score guide must not
 # name the lead buckets; the labelling guide must not name scoring. tests/test_demo.py checks it.
 
 FEATURES = ("updated kitchen with quartz counters", "new roof (2021)", "original hardwood floors",

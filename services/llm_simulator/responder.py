@@ -33,7 +33,8 @@ from typing import Any
 
 import msgspec
 
-from services.llm_simulator.rules import bucket, classify_intent, detect_task, free_text, score_lead
+from services.llm_simulator.answers import compose
+from services.llm_simulator.rules import bucket, classify_intent, detect_task, score_lead
 
 CHARS_PER_TOKEN = 4
 IMAGE_TOKENS = 1600
@@ -297,6 +298,16 @@ def _digest(request: MessagesRequest) -> int:
     return int.from_bytes(hashlib.blake2b(canon, digest_size=8).digest(), "big")
 
 
+def free_text(request: MessagesRequest) -> str:
+    """The reply to the latest user turn: facts from the whole request, wording from its exact bytes."""
+    question = request.latest_user_text()
+    last_user = max(i for i, t in enumerate(request.turns) if t.role == "user")
+    earlier_user = [t.text for t in request.turns[:last_user] if t.role == "user"]
+    others = [t.text for i, t in enumerate(request.turns) if i != last_user]
+    return compose(question, request.system_text, earlier_user, others, classify_intent(question),
+                   _digest(request))
+
+
 def generate(request: MessagesRequest) -> tuple[str, str]:
     """(task, full reply text before max_tokens and stop sequences)."""
     task = detect_task(request.system_text)
@@ -313,7 +324,7 @@ def generate(request: MessagesRequest) -> tuple[str, str]:
         else:
             text = str(score)
     else:
-        text = free_text(request.latest_user_text(), request.system_text, _digest(request))
+        text = free_text(request)
     prefill = request.prefill
     if prefill and text.startswith(prefill):  # the reply continues the prefilled turn
         text = text[len(prefill):]

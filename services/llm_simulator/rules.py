@@ -3,9 +3,9 @@
 Why rules and not randomness: the broker's cache is only worth auditing if a
 cached answer can be *wrong*. So label-like tasks are decided by rules over
 the content (paraphrases get the same label, different requests can get
-different ones) and free-text replies echo what the request asked (the
-"3-bed" and the "4-bed" question share an intent but not a reply). Same
-request, same text, whatever the temperature.
+different ones) and free-text replies state the facts the request asked
+about (a question about one home and one about another share an intent but
+not a reply). Same request, same text.
 
 Task, from the system prompt (all system text blocks, case-insensitive),
 first match wins:
@@ -44,17 +44,18 @@ first match wins:
    under contract, pending, still there/up/open/listed, off the market,
    taken, gone, still have it/the), else `other`. Reply: the label (`"availability"`);
    with "json" in the system prompt, `{"intent": "availability"}`.
-3. `free_text` otherwise: a reply that names the content words, numbers and
-   names of the latest user turn, with a sentence fitting its intent
-   (market-context wording when the system prompt mentions "market"). A hash
-   of the request (model, system, messages) picks among phrasings.
+3. `free_text` otherwise: see `answers` (facts from the request's content,
+   wording from a hash of its exact bytes); the intent above picks the kind of
+   sentence (a showing slot, whether it is available, figures asked for).
+
+The word rules are general English for home buying and its loans, written
+without any application's lists of places, kinds of home or names (a test
+holds the demo's lists against this package's source).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
-from typing import Any
 
 INTENTS = ("not_interested", "schedule_viewing", "financing", "pricing", "availability", "other")
 
@@ -151,118 +152,3 @@ def detect_task(system_text: str) -> str:
     if re.search(r"\bintents?\b", low):
         return "intent"
     return "free_text"
-
-
-# --------------------------------------------------------------------------- free text
-
-
-_STOPWORDS = frozenset("""
-a about above after again all also am an and any are as at be been being both but by can could
-did do does doing dont for from had has get got have having hello hey hi how i id if im in into is it its
-ive just know let lets like many me more much my no not now of ok okay on or our out please so some still
-than thank thanks that thats the their them then there these they this those to too up us very
-want was we were what whats when where which who why will with would yes you your youre
-""".split())
-
-
-def content_words(text: str, limit: int = 8) -> list[str]:
-    """Key words of a message in their original form (keeps '3-bed', '$450k', 'Main')."""
-    out: list[str] = []
-    for raw in text.split():
-        word = re.sub(r"['\u2019]s$", "", raw.strip(".,!?;:()[]{}\"'`"))
-        if not word or re.sub(r"[^a-z0-9]", "", word.lower()) in _STOPWORDS:
-            continue
-        if word.lower() not in (w.lower() for w in out):
-            out.append(word)
-        if len(out) == limit:
-            break
-    return out
-
-
-def details(text: str) -> list[str]:
-    """Numbers and names in a message: tokens with a digit, capitalised words mid-sentence."""
-    out: list[str] = []
-    sentence_start = True
-    for raw in text.split():
-        word = raw.strip(".,!?;:()[]{}\"'`")
-        plain = re.sub(r"[^a-z0-9]", "", word.lower())
-        keep = bool(re.search(r"\d", word)) or (
-            word[:1].isupper() and not sentence_start and plain not in _STOPWORDS)
-        if word and keep and word not in out:
-            out.append(word)
-        sentence_start = raw[-1:] in ".!?"
-    return out
-
-
-def _pick(options: tuple, h: int, salt: int) -> Any:
-    return options[(h >> (salt * 8)) % len(options)]
-
-
-_OPENERS = ("Thanks for reaching out.", "Great question.", "Happy to help.", "Thanks for your message.")
-_CLOSERS = ("Anything else I can help with?", "Let me know what works for you.",
-            "Would you like me to send more details?", "Talk soon.")
-_DAYS = ("Tuesday", "Wednesday", "Thursday", "Saturday")
-_TIMES = ("10am", "1pm", "4pm", "6pm")
-
-
-def _intent_sentence(intent: str, h: int, noted: list[str]) -> str:
-    if intent == "availability":
-        return _pick(("Yes, it is still on the market as of today.",
-                      "It is still available, and there has been steady interest."), h, 1)
-    if intent == "pricing":
-        price = 250_000 + (h >> 16) % 141 * 5_000
-        return f"It is listed at ${price:,} and the seller is open to reasonable offers."
-    if intent == "schedule_viewing":
-        day = next((w for w in noted if re.fullmatch(_WEEKDAY, w.lower())), _pick(_DAYS, h, 1))
-        at = next((w for w in noted if re.fullmatch(r"\d{1,2}(?::\d\d)?\s?[ap]m", w.lower())),
-                  _pick(_TIMES, h, 2))
-        return f"I can set up a showing on {day} at {at}."
-    if intent == "financing":
-        return "Most buyers here use a 30-year fixed loan; a lender can pre-approve you within a day or two."
-    if intent == "not_interested":
-        return "Understood, I will not reach out again."
-    return "Let me look into that and get back to you shortly."
-
-
-_HOME_KINDS = re.compile(r"\b(single-family|condos?|townhomes?|townhouses?|apartments?|duplex(?:es)?|"
-                         r"lofts?|land|lots?|multi-family|ranch(?:es)?)\b", re.IGNORECASE)
-
-
-def _subject_hash(subject: str) -> int:
-    return int.from_bytes(hashlib.blake2b(subject.lower().encode(), digest_size=8).digest(), "big")
-
-
-def market_subject(text: str) -> str:
-    """What a market question is about: the places and numbers it names, and kinds of home."""
-    kinds = [k.lower() for k in _HOME_KINDS.findall(text)]
-    names = [w for w in details(text) if w.lower() not in ("market", "current")]
-    return " ".join(dict.fromkeys([*kinds, *names]))
-
-
-def free_text(latest: str, system_text: str, h: int) -> str:
-    """A reply to the latest user turn; `h` (a hash of the request) picks among phrasings."""
-    topic = " ".join(content_words(latest)) or "your question"
-    noted = details(latest)
-    if re.search(r"\bmarket\b", system_text.lower()):
-        # A market has one set of figures whoever asks and however: they follow from
-        # what the question names (the area, the kind of home), not from its wording.
-        subject = market_subject(latest)
-        m = _subject_hash(subject)
-        median = 300_000 + (m >> 16) % 101 * 5_000
-        days = 10 + (m >> 24) % 50
-        trend = _pick(("rising", "flat", "falling"), m, 4)
-        text = (f"Market context for {subject or 'your area'}: median list price ${median:,}, "
-                f"{days} days on market on average, inventory {trend} over the last month.")
-    else:
-        intent = classify_intent(latest)
-        # The facts (a price, a showing slot) follow from what the message names, as a
-        # model reading the listing sheet would give them; only the phrasing follows `h`.
-        sentence = _intent_sentence(intent, _subject_hash(" ".join(noted)), noted)
-        if intent == "not_interested":
-            return f"{sentence} Thanks for letting me know."
-        text = f"{_pick(_OPENERS, h, 0)} You asked about {topic}. {sentence}"
-        if noted:
-            text += f" Noted: {', '.join(noted)}."
-        text += f" {_pick(_CLOSERS, h, 3)}"
-    return text
-
