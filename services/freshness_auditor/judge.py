@@ -11,9 +11,9 @@ When the user was forgotten after the read, what the log lacks now proves
 nothing: the verdict is *inconclusive*.
 
 LLM: a hit is *right* when a fresh answer to the same request agrees with
-the one served: the same label for label-like tasks (lead score, intent),
-the same meaning for free text (embedding cosine at or above a threshold, and
-none of the guard's hard differences: numbers, negation, options, entities).
+the one served: the same label for label-like tasks (lead score, intent);
+for free text, each answer entails the other, as an independent judge
+(`entailment`: never the broker's guard) scores it in both directions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import re
 
 import msgspec
 
-from services.llm_broker import guard
 from shared.contract import ServedMemory
 from shared.stream import Logged
 
@@ -66,19 +65,28 @@ def normalise_label(text: str) -> str:
     return _space.sub(" ", text).strip().strip(".!").casefold()
 
 
-def answers_agree(served: str, fresh: str, *, label: bool, cosine: float | None,
-                  min_cosine: float) -> tuple[bool, str]:
-    """Do two answers to one request say the same? Returns (agree, reason)."""
+def answers_agree(served: str, fresh: str, *, label: bool,
+                  support: tuple[float, float] | None = None,
+                  threshold: float = 0.5) -> tuple[bool, str]:
+    """Do two answers to one request say the same? Returns (agree, reason).
+
+    `support`: for free text, (how much of the fresh answer the served one
+    entails, how much of the served answer the fresh one entails), from an
+    `entailment` judge; both must reach `threshold`. A wrong hit either
+    misses something the right answer says or says something it does not.
+    """
     if normalise_label(served) == normalise_label(fresh):
         return True, "same"
     if label:
         return False, "label_differs"
-    veto = guard.veto(served, fresh)
-    if veto is not None:
-        return False, veto
-    if cosine is None or cosine < min_cosine:
-        return False, "meaning_differs"
-    return True, "same_meaning"
+    if support is None:
+        raise ValueError("free-text answers need the judge's support in both directions")
+    fresh_in_served, served_in_fresh = support
+    if fresh_in_served < threshold:
+        return False, "misses_fresh_content"
+    if served_in_fresh < threshold:
+        return False, "adds_content"
+    return True, "entails_both_ways"
 
 
 class Budget:

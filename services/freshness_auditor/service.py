@@ -12,11 +12,12 @@ each batch through the queue group). The auditor:
   counted);
 - re-asks the model for LLM hits while the spend stays within
   `audit_llm_budget` of what the audited hits saved, compares the answers
-  (`judge.answers_agree`), and tells the broker each verdict (`llm.verdict`):
-  a wrong hit is evicted; a semantic one is evidence for its partition's
-  false-hit bound, which tightens or loosens its threshold
-  (`services/llm_broker/bound.py`), and the partition's standing in the
-  reply is kept for `audit.stats`;
+  (`judge.answers_agree`: labels by equality, free text by an entailment
+  judge of its own, `entailment`, never the broker's guard), and tells the
+  broker each verdict (`llm.verdict`): a wrong hit is evicted; a semantic one
+  is evidence for its partition's false-hit bound, which tightens or loosens
+  its threshold (`services/llm_broker/bound.py`), and the partition's
+  standing in the reply is kept for `audit.stats`;
 - answers `audit.stats` with the counts and rates (kept in Redis, `tally`).
 
 Each audit is a span in the trace of the lookup it audits, so a stale
@@ -44,15 +45,14 @@ from services.llm_broker.upstream import Upstream, make_client
 from shared import metrics, pii, stream, subjects
 from shared.contract import (
     AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
-    ServedBatch, ServedLLM, ServedMemory, encode,
+    ServedBatch, ServedLLM, ServedMemory, Usage, encode,
 )
-from shared.embeddings import embedder_from_settings
 from shared.errors import TierError
 from shared.ids import to_token
 from shared.service import Runtime
 from shared.telemetry import tracer
 
-from . import judge
+from . import entailment, judge
 from .tally import Tally
 
 log = structlog.get_logger()
@@ -68,16 +68,16 @@ ESTIMATE_MARGIN = 1.25  # a re-ask is booked at this multiple of the hit's origi
 
 class Auditor:
     def __init__(self, rt: Runtime, tally: Tally, upstream: Upstream, config: Config,
-                 embedder, *, rng: random.Random | None = None) -> None:
+                 free_text, *, rng: random.Random | None = None) -> None:
+        """`free_text`: an `entailment` judge (TokenAlignment or LLMJudge)."""
         s = rt.settings
         self.rt = rt
         self.tally = tally
         self.upstream = upstream
         self.config = config
-        self.embedder = embedder
+        self.free_text = free_text
         self.sample_rate = s.audit_sample_rate
         self.grace_s = s.audit_grace_s
-        self.agree_cosine = s.audit_llm_agree_cosine
         self.budget = judge.Budget(s.audit_llm_budget)
         self.rng = rng or random.Random()
         self.memory_queue: asyncio.Queue[ServedMemory] = asyncio.Queue(QUEUE_MAX)
@@ -230,12 +230,14 @@ class Auditor:
             self.tally.add("spend_usd", spent)
             metrics.audit_spend.inc(spent)
             label = task in self.config.label_tasks
-            cosine = None
-            if not label:
-                a, b = await self.embedder.embed([hit.text, answer.text], input_type="document")
-                cosine = float(a @ b)
-            agree, reason = judge.answers_agree(hit.text, answer.text, label=label,
-                                                cosine=cosine, min_cosine=self.agree_cosine)
+            support = None
+            if not label and judge.normalise_label(hit.text) != judge.normalise_label(answer.text):
+                support = await self._support(hit, answer.text)
+                if support is None:
+                    span.set_attribute("tiermem.audit.verdict", "unjudged")
+                    return False
+            agree, reason = judge.answers_agree(hit.text, answer.text, label=label, support=support,
+                                                threshold=self.free_text.threshold)
             wrong = not agree
             span.set_attribute("tiermem.audit.verdict", "wrong" if wrong else "right")
             self.tally.llm(vol, task, "checked", match)
@@ -261,6 +263,33 @@ class Auditor:
                 metrics.audit_evictions.labels("llm").inc()
             return wrong
 
+    async def _support(self, hit: ServedLLM, fresh: str) -> tuple[float, float] | None:
+        """The free-text judge's support both ways; None when there is no verdict
+        (the LLM judge over budget or answering anything but two yes/no words)."""
+        if not isinstance(self.free_text, entailment.LLMJudge):
+            return await self.free_text.support(hit.text, fresh)
+        price = self.config.price_of(hit.request.model)
+        estimate = ESTIMATE_MARGIN * cost_usd(price, Usage(
+            input_tokens=entailment.prompt_tokens(hit.text, fresh),
+            output_tokens=entailment.JUDGE_MAX_TOKENS))
+        if not self.budget.reserve(estimate):
+            self.tally.add("skipped_over_budget")
+            metrics.audit_skipped.labels("llm", "over_budget").inc()
+            return None
+        try:
+            support, usage = await self.free_text.ask(hit.text, fresh, model=hit.request.model)
+        except BaseException:
+            self.budget.settle(estimate, 0.0)
+            raise
+        spent = cost_usd(price, usage)
+        self.budget.settle(estimate, spent)
+        self.tally.add("spend_usd", spent)
+        metrics.audit_spend.inc(spent)
+        if support is None:
+            metrics.audit_skipped.labels("llm", "unjudged").inc()
+            log.warning("audit_judge_unparsable", entry_id=hit.entry_id)
+        return support
+
     # --- reporting -----------------------------------------------------------
 
     async def flush(self) -> None:
@@ -279,6 +308,16 @@ class Auditor:
         return await self.tally.read()
 
 
+def make_judge(kind: str, upstream: Upstream):
+    """The free-text judge the `AUDIT_JUDGE` setting names."""
+    kind = (kind or "embedding").strip().lower()
+    if kind == "embedding":
+        return entailment.TokenAlignment()
+    if kind == "llm":
+        return entailment.LLMJudge(upstream)
+    raise SystemExit(f"unknown AUDIT_JUDGE {kind!r}; choose embedding or llm")
+
+
 def _audit_span(name: str, trace_id: str, span_id: str, attributes: dict):
     """A span in the audited request's trace (child of, and linked to, the span that served it)."""
     if not trace_id:
@@ -295,12 +334,13 @@ async def build(rt: Runtime) -> Auditor:
     redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
-    embedder = embedder_from_settings(s)
-    rt.on_close(embedder.aclose)
     client = make_client(s)
     rt.on_close(client.close)
+    upstream = Upstream(client, s)
+    free_text = make_judge(s.audit_judge, upstream)
+    rt.on_close(free_text.aclose)
     config = Config.load(s.llm_config or None)
-    auditor = Auditor(rt, Tally(redis, s.audit_llm_budget), Upstream(client, s), config, embedder)
+    auditor = Auditor(rt, Tally(redis, s.audit_llm_budget), upstream, config, free_text)
     rt.on_close(auditor.flush)
     for i in range(MEMORY_WORKERS):
         rt.spawn(auditor.memory_worker(), f"memory-audit-{i}")

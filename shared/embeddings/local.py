@@ -189,9 +189,8 @@ class MiniLMEmbedder(_ThreadedEmbedder):
         self.dim = 384
         self.model_id = "minilm-l6-v2-onnx-int8"
 
-    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+    def _hidden(self, texts: list[str]):
+        """(row indices, token states (batch, seq, 384), attention mask) per padded batch."""
         blank = _blank_rows(texts)
         # sort by length so each padded batch holds texts of similar size
         order = sorted((i for i in range(len(texts)) if not blank[i]), key=lambda i: len(texts[i]))
@@ -203,10 +202,30 @@ class MiniLMEmbedder(_ThreadedEmbedder):
             feed = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._inputs:
                 feed["token_type_ids"] = np.zeros_like(ids)
-            hidden = self._session.run(None, feed)[0]  # (batch, seq, 384)
+            yield idx, self._session.run(None, feed)[0], mask
+
+    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for idx, hidden, mask in self._hidden(texts):
             m = mask[..., None].astype(np.float32)
             out[idx] = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
         return l2_normalize(out)
+
+    def tokens_sync(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's contextual token vectors, unit rows, without [CLS] and [SEP]
+        ((0, 384) for a blank text): for comparisons finer than one pooled vector
+        (the freshness auditor's token alignment)."""
+        texts = list(texts)
+        out = [np.zeros((0, self.dim), dtype=np.float32) for _ in texts]
+        for idx, hidden, mask in self._hidden(texts):
+            for row, i in enumerate(idx):
+                n = int(mask[row].sum())
+                out[i] = l2_normalize(hidden[row, 1 : n - 1])
+        return out
+
+    async def tokens(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return await self._run_in_thread(self.tokens_sync, list(texts))
 
     async def embed(self, texts: Sequence[str], *, input_type: str | None = None) -> np.ndarray:
         texts = list(texts)
