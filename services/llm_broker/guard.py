@@ -11,6 +11,8 @@ a miss.
 less when both were seen before (the text analysis is cached, since one
 query meets several candidates). In order:
 
+0. The same words in the same order (case, spacing, punctuation aside):
+   served, score 1.0, whatever the cosine (embedders are case-sensitive).
 1. Hard vetoes, general rules of English that change the answer whatever
    the cosine: `numbers_differ` ("3" vs "4", "$40k" vs "$50,000", "third"
    vs "4th"), `negation_differs` ("is" vs "is not"), `antonym` (both texts
@@ -530,6 +532,11 @@ def features(query: str, candidate: str, cosine: float) -> tuple[float, ...]:
     return _features(_analyse(query or ""), _analyse(candidate or ""), float(cosine))
 
 
+def same_words(query: str, candidate: str) -> bool:
+    """The same words in the same order: only case, spacing or punctuation differ."""
+    return _analyse(query or "").seq == _analyse(candidate or "").seq
+
+
 def content_differs(query: str, candidate: str) -> bool:
     """Does either text have a content word the other lacks?"""
     return _analyse(query or "").content != _analyse(candidate or "").content
@@ -608,6 +615,8 @@ def decide(query: str, candidate: str, cosine: float, *, threshold: float | None
         a, b = _analyse(query or ""), _analyse(candidate or "")
     except Exception:  # noqa: BLE001 - a guard that crashes would drop the request: refuse instead
         return Verdict(False, "unparsable", 0.0)
+    if a.seq == b.seq:
+        return Verdict(True, "ok", 1.0)  # the same words: only case, spacing or punctuation differ
     reason = _veto(a, b)
     if reason is not None:
         return Verdict(False, reason, 0.0)
