@@ -392,6 +392,18 @@ def write_model(results: list[dict], path: Path = guard.MODEL_PATH) -> None:
     tmp.replace(path)
 
 
+def disagreements(d: Data, r: dict) -> int:
+    """How many pairs `guard.decide` (the broker's path) serves differently from
+    the scores measured here, at the default threshold; 0 unless they drifted."""
+    t = r["model"]["threshold"]
+    *_, score = fit_guard(d, r["model"]["substitution_min_cosine"])
+    wrong = sum(guard.decide(p.a, p.b, float(c), space=r["model_id"]).serve != bool(s >= t)
+                for p, c, s in zip(d.pairs, d.cos, score) if p.a != p.b)
+    if wrong:
+        print(f"warning: guard.decide disagrees with the measured scores on {wrong} pairs", flush=True)
+    return wrong
+
+
 def latency(d: Data, model_id: str, n: int = 2000) -> dict:
     """Per-decision cost of `guard.decide` in ms. Cold: neither text analysed
     before (a new query); warm: both analyses cached (one query meets several
@@ -509,7 +521,9 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['embedder']} | {r['embed_ms_per_sentence']:.2f} | "
                      f"{lat['cold']['p50_ms']:.3f} / {lat['cold']['p95_ms']:.3f} ms | "
                      f"{lat['warm']['p50_ms']:.3f} / {lat['warm']['p95_ms']:.3f} ms |")
-    lines += ["", "The verifier is a dot product over 8 features; the cost is the text analysis "
+    lines += ["", "Pairs on which `guard.decide` (the broker's path) and this measurement disagree at the "
+              "default: " + ", ".join(f"{r['embedder']} {r['decide_disagrees']}" for r in results) + ".",
+              "", "The verifier is a dot product over 8 features; the cost is the text analysis "
               "(cold: both texts new) and difflib. Semantic hit p95 (embed + nearest + guard) is "
               "measured by `python -m bench --only llm` (llm.md).", ""]
     lines += ["## Reading", ""] + [f"* {line}" for line in doc["discussion"]] + [""]
@@ -612,7 +626,7 @@ async def run(kinds: list[str], write: bool) -> int:
         tmp.unlink()
     for r in results:
         d = data[r["model_id"]]
-        # The shipped path must give the fitted scores: decide() on the report halves agrees.
+        r["decide_disagrees"] = disagreements(d, r)
         r["latency"] = latency(d, r["model_id"])
     doc = {"run_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "took_s": time.perf_counter() - started,
