@@ -1,10 +1,13 @@
-"""`python -m bench [--quick] [--only memory|llm|security|all] [--out bench/results]`: run the benchmarks, write the reports.
+"""`python -m bench [--quick] [--only memory|llm|security|guard|all] [--out bench/results]`: run the benchmarks, write the reports.
 
 `memory` is the memory tiers (bench/memory.py, `memory.md`), `llm` the
 llm-broker (bench/llm.py, `llm.md`), `security` the cost of auth and TLS on
 the bus (bench/security.py, `security.md`: its own three nats-servers, no
 stack); `all` runs memory then llm on one stack, then security once that
-stack is down. `summary.md` (+ `summary.png`) puts every measurement in one
+stack is down, then `guard`: the semantic cache's guard measured on the
+report halves of public paraphrase/STS sets (bench/guard_calibration.py,
+`guard.md`; measure only, the shipped model is left alone; no stack).
+`summary.md` (+ `summary.png`) puts every measurement in one
 table with its baseline and ratio (an area not run keeps its last figures).
 Every NATS connection presents an identity: the bench's own client and its
 echo processes the stack's admin (`NATS_ADMIN_*` in its stack.env; the bench
@@ -43,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="10k messages over 100 users, 1,000 dev pairs and fewer samples (a few minutes)")
-    p.add_argument("--only", choices=("memory", "llm", "security", "all"), default="all",
-                   help="which benchmark to run (default all: memory, then llm, on one stack; then security)")
+    p.add_argument("--only", choices=("memory", "llm", "security", "guard", "all"), default="all",
+                   help="which benchmark to run (default all: memory, then llm, on one stack; then security, "
+                        "then guard)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--stack-env", type=Path,
                    help="use the running stack described by this stack.env instead of starting one")
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.stack_env and not opts.stack_env.is_file():
         p.error(f"--stack-env {opts.stack_env}: no such file (is the stack up?)")
 
+    if args.only == "guard":
+        return _guard()
     t0 = time.monotonic()
 
     def say(line: str) -> None:
@@ -100,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for path in paths:
         print(f"wrote {path}")
+    if args.only == "all":
+        bad |= _guard() != 0
     return 1 if bad else 0
+
+
+def _guard() -> int:
+    """The guard's calibration, measure only (the shipped guard_model.json is left alone)."""
+    from bench import guard_calibration
+
+    return guard_calibration.main(["--no-write-model"])
 
 
 def _console(results) -> bool:

@@ -1,22 +1,26 @@
 """The semantic cache's guard (services/llm_broker/guard.py): pure unit and
-property tests, no I/O. Cosines for the chat pairs come from the default
-embedder (wordllama, weights shipped in its wheel), as in production.
+property tests, no I/O. Cosines come from the default embedder (wordllama,
+weights shipped in its wheel), as in production.
 
-The pairs below are hand-written for these tests (the calibration in
-bench/guard_calibration.py uses different ones), so the rates asserted here
-are a check on text the guard was not tuned on. Measured at the shipped
-default threshold: 7 of 22 paraphrases served, 22 of 22 look-alikes refused.
-Most refused paraphrases swap a word for a synonym in a short question
-("house"/"home", "viewing"/"showing"); wordllama scores those no higher than
-a swap of topic ("garage"/"pool"), so the guard refuses both
-(bench/results/guard.md).
+Where every test pair comes from (issue 12: none appears in, or was written
+from, a list in guard.py, the demo's vocabulary or the calibration):
+- "report half": pairs of the public sets bundled in bench/data/guard/ (STS
+  headlines, SICK; bench/data/guard/README.md) that fall in the *report* half,
+  which the guard's verifier and thresholds were never fitted on; cited by
+  set and pair id.
+- "hand-written": general English written for these tests. Words of the
+  guard's closed classes (weekdays, directions, wh-words) or its number
+  words appear only in the test of that very rule.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import math
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,171 +31,169 @@ from services.llm_broker import guard
 from services.llm_broker.guard import MAX_THRESHOLD, Verdict, decide, tightened, veto
 from shared.embeddings import make_embedder
 
-# Lead messages and their paraphrases (same question, same answer).
-PARAPHRASES = [
-    ("Is the house still available?", "Is that home still on the market?"),
-    ("What's the asking price?", "How much are they asking for it?"),
-    ("Can I schedule a viewing this weekend?", "Could I book a showing this weekend?"),
-    ("Does the house have a garage?", "Is there a garage with the house?"),
-    ("How many bedrooms does it have?", "How many bedrooms are there?"),
-    ("Are pets allowed?", "Is it pet friendly?"),
-    ("I'm interested in the property on Main St.", "I am interested in the Main St property."),
-    ("Can you send me more photos?", "Could you send me some more pictures?"),
-    ("What are the HOA fees?", "How much is the HOA fee?"),
-    ("Is the price negotiable?", "Is there any room to negotiate on the price?"),
-    ("When was the house built?", "What year was the house built?"),
-    ("I'd like to see the house tomorrow.", "I would like to view the house tomorrow."),
-    ("Do you offer financing?", "Is financing available?"),
-    ("What's the square footage?", "How many square feet is it?"),
-    ("Is the neighborhood safe?", "Is it a safe neighborhood?"),
-    ("Can you call me back later?", "Could you give me a call later?"),
-    ("Is parking included?", "Does it come with parking?"),
-    ("How close is it to the school?", "How far is it from the school?"),
-    ("Are utilities included in the rent?", "Does the rent include utilities?"),
-    ("What time works for you?", "When works best for you?"),
-    ("Thanks, I'll think about it.", "Thank you, let me think about it."),
-    ("Is the 3-bed still available?", "Is the 3-bedroom still available?"),
-]
+SETS = Path(__file__).resolve().parent.parent / "bench" / "data" / "guard"
 
-# Look-alikes: most words shared, a different question (a cached answer would be wrong).
-LOOKALIKES = [
-    ("What is the 30-year mortgage rate?", "What is the 15-year mortgage rate?"),
-    ("How do I enable 2FA?", "How do I disable 2FA?"),
-    ("Is the 3-bed still available?", "Is the 4-bed still available?"),
-    ("Is the house on Main St still available?", "Is the house on Oak Ave still available?"),
-    ("Does the house have a garage?", "Does the house have a pool?"),
-    ("Is the price negotiable?", "Is the price not negotiable?"),
-    ("Can I schedule a viewing on Monday?", "Can I schedule a viewing on Tuesday?"),
-    ("I want to buy a house.", "I want to sell a house."),
-    ("Are pets allowed?", "Are pets not allowed?"),
-    ("What is the price of the condo?", "What is the price of the townhouse?"),
-    ("My budget is $400k.", "My budget is $500k."),
-    ("Is the house still available?", "Is the house still under contract?"),
-    ("Call me in the morning.", "Call me in the evening."),
-    ("Can you increase my offer?", "Can you decrease my offer?"),
-    ("I'd like to add a bathroom.", "I'd like to remove a bathroom."),
-    ("Is the interest rate fixed?", "Is the interest rate variable?"),
-    ("Please email me at john@example.com", "Please email me at jane@example.com"),
-    ("I can afford three thousand a month.", "I can afford four thousand a month."),
-    ("Is the basement finished?", "Is the basement unfinished?"),
-    ("Is there a school nearby?", "Is there a hospital nearby?"),
-    ("Do you accept my offer?", "Do you reject my offer?"),
-    ("The showing is before noon.", "The showing is after noon."),
-]
+
+def _report_half(name: str) -> list[tuple[str, int, str, str]]:
+    """(id, label, a, b) of one bundled set's report half: the split of
+    bench/guard_calibration.py (`Pair.fit`), recomputed here on purpose."""
+    with open(SETS / f"{name}.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    return [(pid, int(label), a, b) for pid, label, _score, a, b in rows
+            if hashlib.sha1(f"{name}:{pid}".encode()).digest()[0] % 2 == 1]
+
+
+def _pair(name: str, pid: str) -> tuple[str, str, int]:
+    """One report-half pair by its id: (a, b, label)."""
+    for rid, label, a, b in _report_half(name):
+        if rid == pid:
+            return a, b, label
+    raise KeyError(f"{name} pair {pid} is not in the report half")
 
 
 @pytest.fixture(scope="module")
-async def chat_cosines():
-    """(model_id, paraphrase cosines, look-alike cosines) from the default embedder."""
+async def report_halves():
+    """{set: (labels, cosines, pairs)} for the bundled sets' report halves."""
     embedder = make_embedder("wordllama")
     try:
-        out = []
-        for pairs in (PARAPHRASES, LOOKALIKES):
-            v = await embedder.embed([t for pair in pairs for t in pair])
-            out.append(np.einsum("ij,ij->i", v[0::2], v[1::2]).tolist())
-        return embedder.model_id, out[0], out[1]
+        out = {}
+        for name in ("sts_headlines", "sick"):
+            rows = _report_half(name)
+            v = await embedder.embed([t for _, _, a, b in rows for t in (a, b)])
+            cos = np.einsum("ij,ij->i", v[0::2], v[1::2]).astype(float)
+            out[name] = (np.array([r[1] for r in rows]), cos, [(r[2], r[3]) for r in rows])
+        return embedder.model_id, out
     finally:
         await embedder.aclose()
 
 
-# ---------------------------------------------------------------- the named hard negatives
+# ---------------------------------------------------------------- the hard rules
+
+
+@pytest.mark.parametrize(
+    ("name", "pid", "reason"),
+    [
+        ("sick", "3403", "antonym"),                    # folding / unfolding (negated form)
+        ("sick", "45", "negation_differs"),             # "are not sparring" / "are sparring"
+        ("sick", "9369", "entities_differ"),            # European / American
+        ("sts_headlines", "2014-99", "antonym"),        # Friday / Wednesday
+        ("sts_headlines", "2013-13", "numbers_differ"),  # "kills 8, wounds 5" / "kills 8"
+    ],
+)
+def test_public_negatives_are_refused_by_the_general_rules(name, pid, reason):
+    """Report-half pairs labelled "different meaning" by their annotators."""
+    a, b, label = _pair(name, pid)
+    assert label == 0
+    for q, c in ((a, b), (b, a)):
+        assert decide(q, c, 0.999) == Verdict(False, reason, 0.0), (q, c)
 
 
 @pytest.mark.parametrize(
     ("query", "candidate", "reason"),
-    [
-        ("What is the 30-year mortgage rate?", "What is the 15-year mortgage rate?", "numbers_differ"),
-        ("How do I enable 2FA?", "How do I disable 2FA?", "antonym"),
-        ("Is the 3-bed still available?", "Is the 4-bed still available?", "numbers_differ"),
-        ("Is the three-bed still available?", "Is the 4-bed still available?", "numbers_differ"),
-        ("My budget is $400k.", "My budget is $500,000.", "numbers_differ"),
-        ("Is the price negotiable?", "Isn't the price negotiable?", "negation_differs"),
-        ("I can come", "I can't come", "negation_differs"),
-        ("i dont want it", "i want it", "negation_differs"),
-        ("Is the house on Main St still available?", "Is the house on Oak Ave still available?",
-         "entities_differ"),
-        ("Please email john@example.com", "Please email jane@example.com", "entities_differ"),
-        ("Shares rose 5%", "Shares fell 5%", "antonym"),
-        ("Can we meet on monday?", "Can we meet on tuesday?", "antonym"),
-        ("When is the showing?", "Where is the showing?", "antonym"),
-        ("Is the basement finished?", "Is the basement unfinished?", "antonym"),
-        ("Is the house on the market?", "Is the house off the market?", "antonym"),
-        ("Market update for single-family homes in Oak Park",
-         "Market update for condo homes in Oak Park", "antonym"),
-        ("Is the condo on Main St still available?", "Is the townhouse on Main St still available?",
-         "antonym"),
-        ("Can we meet this week?", "Can we meet next week?", "antonym"),
-        ("Can you send the details?", "Did you send the details?", "antonym"),
-        ("Should I sell now?", "Should I sell later?", "antonym"),
-        ("When can I move in?", "When can I move out?", "antonym"),
+    [  # hand-written
+        ("The train leaves at 7.", "The train leaves at 8.", "numbers_differ"),
+        ("She turned thirty last year.", "She turned 31 last year.", "numbers_differ"),
+        ("The loan is $40k.", "The loan is $45,000.", "numbers_differ"),
+        ("Is the museum open to visitors?", "Is the museum not open to visitors?", "negation_differs"),
+        ("He can swim", "He can't swim", "negation_differs"),
+        ("Flights from Oslo to Lisbon", "Flights from Oslo to Vienna", "entities_differ"),
+        ("Write to alice@example.org", "Write to bob@example.org", "entities_differ"),
+        ("Which road leads north?", "Which road leads south?", "antonym"),
+        ("Why did the bridge close?", "When did the bridge close?", "antonym"),
+        ("The ferry runs on Sundays.", "The ferry runs on Mondays.", "antonym"),
+        ("Was the door locked?", "Was the door unlocked?", "antonym"),
     ],
 )
-def test_named_look_alikes_are_refused_whatever_the_cosine(query, candidate, reason):
+def test_general_rules_refuse_whatever_the_cosine(query, candidate, reason):
     for q, c in ((query, candidate), (candidate, query)):
-        verdict = decide(q, c, 0.999)
-        assert verdict == Verdict(False, reason, 0.0), (q, c)
+        assert decide(q, c, 0.999) == Verdict(False, reason, 0.0), (q, c)
 
 
 @pytest.mark.parametrize(
     ("a", "b"),
-    [
-        ("My budget is $400k.", "My budget is $400,000."),
-        ("My budget is $400k.", "My budget is four hundred thousand dollars."),
-        ("Three bedrooms, please.", "3 bedrooms, please."),
-        ("Is the 3-bed still available?", "Is the three-bed still available?"),
-        ("On the third floor", "On the 3rd floor"),
-        ("Rates rose 4.4%", "Rates rose 4.4 percent"),
-        ("Twenty-five people", "25 people"),
-        ("It costs $1.5m", "It costs 1,500,000 dollars"),
-        ("No, it is not sold.", "It is not sold."),
-        ("I can't come", "I cannot come"),
-        ("I don't want it", "I do not want it"),
-        ("Is that one still available?", "Is the house still available?"),  # "one" is a pronoun here
-        ("Amrozi accused his brother.", "He said Amrozi accused his brother."),  # sentence-initial name
+    [  # hand-written, except the two report-half positives at the end
+        ("The loan is $40k.", "The loan is $40,000."),
+        ("The loan is $40k.", "The loan is forty thousand dollars."),
+        ("Seven people came.", "7 people came."),
+        ("On the fifth day", "On the 5th day"),
+        ("Inflation rose 2.5%", "Inflation rose 2.5 percent"),
+        ("It weighs 1.5m tonnes", "It weighs 1,500,000 tonnes"),
+        ("No, it is not ready.", "It is not ready."),
+        ("I can't swim", "I cannot swim"),
+        ("Kowalski won the race.", "He said Kowalski won the race."),  # a sentence-initial name
+        _pair("sts_headlines", "2013-8")[:2],  # "Syria says suicide bomber kills 10 in Damascus"
+        _pair("sick", "3")[:2],                # "The young boys are playing outdoors ..."
     ],
 )
-def test_equal_facts_written_differently_pass_the_vetoes(a, b):
+def test_equal_facts_written_differently_pass_the_rules(a, b):
     assert veto(a, b) is None
     assert veto(b, a) is None
 
 
-# ---------------------------------------------------------------- hand-made chat pairs at the default
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [  # hand-written
+        ("Where is the nearest pharmacy?", "where is the nearest pharmacy"),
+        ("How old is the Eiffel Tower?", "how old is the eiffel tower ?"),
+    ],
+)
+def test_the_same_words_in_another_case_are_served_whatever_the_cosine(a, b):
+    """Embedders are case-sensitive (wordllama: ~0.84 for a case-only change)."""
+    assert decide(a, b, 0.5) == Verdict(True, "ok", 1.0)
+    assert decide(a, b, 0.5, threshold=MAX_THRESHOLD).serve
+    assert not decide(a, b.replace("nearest", "closest").replace("old", "tall"), 0.5).serve
 
 
-async def test_most_look_alikes_are_refused_at_the_default_threshold(chat_cosines):
-    space, _, cosines = chat_cosines
-    verdicts = [decide(q, c, cos, space=space) for (q, c), cos in zip(LOOKALIKES, cosines)]
-    served = [(pair, v) for pair, v in zip(LOOKALIKES, verdicts) if v.serve]
-    assert len(served) <= 0.05 * len(LOOKALIKES), served
+def test_no_list_of_the_guard_holds_domain_words():
+    """Issue 12: the closed sets are general English only; none of the demo's
+    words (its kinds of home, areas, streets) is an option or stopword."""
+    words = {w for line in guard.OPTIONS for w in line.replace("|", " ").split()}
+    for demo_word in ("condo", "townhome", "townhouse", "duplex", "house", "apartment", "rent", "buy",
+                      "sell", "market", "on", "off", "enable", "disable", "morning", "evening"):
+        assert demo_word not in words
+        assert demo_word not in guard._OPTION_INDEX
 
 
-async def test_paraphrases_are_served_at_the_measured_rate(chat_cosines):
-    """Measured 7/22 (32 %) with wordllama at the default threshold, which is
-    set for MRPC's look-alikes; the bound leaves room for one pair to move when
-    the model is re-fitted. Below it, they are served more often while the
-    look-alikes stay refused (the rules refuse those, not the threshold)."""
-    space, cosines, _ = chat_cosines
-    verdicts = [decide(q, c, cos, space=space) for (q, c), cos in zip(PARAPHRASES, cosines)]
-    served = sum(v.serve for v in verdicts)
-    assert served >= 6, [(p, v) for p, v in zip(PARAPHRASES, verdicts)]
-    looser = sum(decide(q, c, cos, threshold=0.5, space=space).serve for (q, c), cos in zip(PARAPHRASES, cosines))
-    assert looser > served
-    assert all(v.reason in {"ok", "content_differs", "below_threshold", "antonym"} for v in verdicts)
+# ---------------------------------------------------------------- the verifier on public data
 
 
-async def test_the_guard_beats_a_bare_cosine_threshold_on_chat(chat_cosines):
-    """At the bare-cosine threshold that matches the guard's false-hit rate on
-    MRPC, a bare threshold serves fewer paraphrases and more look-alikes."""
-    space, para, looks = chat_cosines
-    bare = 0.9385  # bench/results/guard.md: the bare threshold for <= 0.6 % false hits (fit half)
-    guard_served = sum(decide(q, c, cos, space=space).serve for (q, c), cos in zip(PARAPHRASES, para))
-    guard_wrong = sum(decide(q, c, cos, space=space).serve for (q, c), cos in zip(LOOKALIKES, looks))
-    assert guard_served > sum(c >= bare for c in para)
-    assert guard_wrong <= sum(c >= bare for c in looks)
+async def test_the_default_keeps_false_hits_low_on_the_report_halves(report_halves):
+    """Measured at the shipped default (bench/results/guard.md); a test of text
+    the verifier was never fitted on. The bound allows a couple of pairs of
+    noise over the 1 % target on ~950 negatives."""
+    space, sets = report_halves
+    for name, (labels, cos, pairs) in sets.items():
+        served = np.array([decide(a, b, c, space=space).serve for (a, b), c in zip(pairs, cos)])
+        false_hits = served[labels == 0].mean()
+        hits = served[labels == 1].mean()
+        assert false_hits <= 0.015, (name, false_hits)
+        assert hits >= 0.03, (name, hits)
+
+
+async def test_the_guard_beats_bare_cosine_at_one_percent_false_hits(report_halves):
+    """The report-half curve: within 1 % false hits, ranking by the guard's
+    score serves more paraphrases than ranking by the cosine."""
+    space, sets = report_halves
+    for name, (labels, cos, pairs) in sets.items():
+        score = np.array([_score(a, b, c, space) for (a, b), c in zip(pairs, cos)])
+        assert _hits_at(score, labels, 0.01) > _hits_at(cos, labels, 0.01), name
+
+
+def _score(a: str, b: str, c: float, space: str) -> float:
+    v = decide(a, b, c, threshold=0.0, space=space)
+    return v.score if v.serve else -math.inf
+
+
+def _hits_at(scores: np.ndarray, labels: np.ndarray, budget: float) -> float:
+    neg = np.sort(scores[labels == 0])[::-1]
+    t = np.nextafter(neg[int(budget * len(neg))], np.inf)
+    return float((scores[labels == 1] >= t).mean())
 
 
 def test_a_lower_threshold_serves_more_and_a_higher_one_less():
-    q, c, cos = "Does the house have a garage?", "Is there a garage with the house?", 0.95
+    q, c = "How tall is the tower?", "What is the height of the tower?"  # hand-written
+    floor = guard._MODELS[guard._DEFAULT_SPACE].substitution_min_cosine
+    cos = max(floor, 0.95)
     score = decide(q, c, cos).score
     assert 0.0 < score < 1.0
     assert decide(q, c, cos, threshold=score).serve
@@ -202,16 +204,22 @@ def test_a_lower_threshold_serves_more_and_a_higher_one_less():
 
 @pytest.mark.parametrize(
     ("q", "c"),
-    [
-        ("Is the kitchen renovated?", "Is the bathroom renovated?"),  # a swap
-        ("Is the house available?", "Is the house available for rent?"),  # an addition
+    [  # hand-written
+        ("The cat sat on the mat.", "The dog sat on the mat."),  # a swap
+        ("Is the bakery open?", "Is the bakery open for lunch?"),  # an addition
     ],
 )
 def test_a_content_word_difference_needs_the_embedder_to_vouch_for_it(q, c):
-    floor = guard._MODELS[guard._DEFAULT_SPACE].substitution_min_cosine
-    assert decide(q, c, floor - 0.01).reason == "content_differs"
-    assert decide(q, c, floor - 0.01, threshold=0.0).reason == "content_differs"  # not a threshold matter
-    assert decide(q, c, floor).reason in {"ok", "below_threshold"}
+    """For the shipped models with a swap floor (it is fitted per embedder and
+    may be 0, i.e. no swap rule: then the verifier alone weighs the difference)."""
+    spaces = [space for space, m in guard._MODELS.items() if m.substitution_min_cosine > 0.0]
+    if not spaces:
+        pytest.skip("no shipped model has a swap floor")
+    for space in spaces:
+        floor = guard._MODELS[space].substitution_min_cosine
+        assert decide(q, c, floor - 0.01, space=space).reason == "content_differs"
+        assert decide(q, c, floor - 0.01, threshold=0.0, space=space).reason == "content_differs"
+        assert decide(q, c, floor, space=space).reason in {"ok", "below_threshold"}
 
 
 # ---------------------------------------------------------------- the model and the hook
@@ -225,7 +233,7 @@ def test_the_shipped_model_loads_for_the_default_embedder():
     assert guard.default_threshold("no-such-embedder") == guard.DEFAULT_THRESHOLD
     model = guard._MODELS[guard._DEFAULT_SPACE]
     assert len(model.weights) == len(guard.FEATURES)
-    assert 0.0 < model.substitution_min_cosine < 1.0
+    assert 0.0 <= model.substitution_min_cosine < 1.0  # 0: no swap rule (fitted, bench/results/guard.md)
 
 
 def test_a_missing_model_file_falls_back_to_a_strict_rule(tmp_path):
@@ -266,10 +274,9 @@ def test_tightened_is_monotone_and_bounded(t, wrong, more_wrong, extra_checks):
 
 # ---------------------------------------------------------------- properties
 
-WORDS = st.sampled_from(
-    "the house home price is still available can i see it tomorrow garage pool offer "
-    "rent monthly fee how much what when does have a with for my your please call me "
-    "Main Street condo bedroom bath listing agent".split()
+WORDS = st.sampled_from(  # hand-written general words, none from a list of guard.py but stopwords
+    "the bakery river bridge is still open can i see it ticket museum library cost fee how "
+    "much what does have a with for my your please call me Kowalski Harbour tower height".split()
 )
 
 
@@ -355,8 +362,8 @@ def test_a_check_is_cheap():
     before (~0.1 ms measured), analysis included. This thread's CPU time, not wall
     time or the process's: the box is shared, and in the full suite other threads
     of this process (services run in-process by other tests) burn CPU too."""
-    pairs = [(f"Is the {i}-bed on Main St still available for {w}?", f"Is that {i}-bed still available, {w}?")
-             for i in range(50) for w in ("me", "us", "them", "my wife")]
+    pairs = [(f"Is the {i}-seat table at Harbour Cafe still free for {w}?", f"Is that {i}-seat table still free, {w}?")
+             for i in range(50) for w in ("me", "us", "them", "my sister")]
     started = time.thread_time()
     for q, c in pairs:
         decide(q, c, 0.9)
