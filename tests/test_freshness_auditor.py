@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import types
 import uuid
 
 import msgspec
@@ -22,18 +23,21 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from services.freshness_auditor.service import build as build_auditor
+from services.freshness_auditor.service import ESTIMATE_MARGIN, Auditor, build as build_auditor
 from services.l2_gateway.redis_window import STATE, keys
 from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.llm_broker import thresholds
-from services.llm_broker.policy import Entry, exact_key, partition_key
+from services.llm_broker.policy import Config, Entry, cost_usd, exact_key, partition_key
 from services.llm_broker.service import build as build_broker
+from services.llm_broker.upstream import Answer
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
 from shared.contract import (
-    CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, encode,
+    CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, Usage, encode,
 )
+from shared.errors import TierError
+from shared.settings import Settings
 from tests.helpers import client, ok, running, stand_in_for_llm_forget
 
 GRACE_S = 0.3
@@ -333,3 +337,76 @@ async def test_forged_tier_task_and_class_names_are_counted_as_other(clean_state
         if family.name.startswith("tiermem_audit"):
             for sample in family.samples:
                 assert not {"tier-0", "task-0", "class-0", "m0"} & set(sample.labels.values())
+
+
+# --- the audit budget's books --------------------------------------------------
+
+
+class _Tally:
+    """Counts kept in memory (the auditor's `Tally` without Redis)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def add(self, name: str, amount: float = 1) -> None:
+        self.totals[name] = self.totals.get(name, 0) + amount
+
+    def llm(self, *_args) -> None:
+        return None
+
+    def partition(self, *_args) -> None:
+        return None
+
+
+class _Upstream:
+    """Answers every re-ask with the same text at a known usage."""
+
+    def __init__(self, text: str, usage: Usage) -> None:
+        self.text, self.usage = text, usage
+
+    async def complete(self, _req):
+        return Answer(self.text, [], "claude-haiku-4-5", "end_turn", self.usage)
+
+
+class _FailingVerdicts:
+    """A runtime whose `llm.verdict` request fails (the broker is down)."""
+
+    def __init__(self) -> None:
+        self.settings = Settings.from_env({"NATS_URL": "nats://127.0.0.1:9"}, audit_llm_budget=1.0)
+        self.asked = 0
+
+    async def request(self, *_args, **_kwargs):
+        self.asked += 1
+        raise TierError("broker unavailable", 503)
+
+
+async def test_an_audit_that_fails_after_its_re_ask_keeps_the_re_ask_spent():
+    """The re-ask is settled once, at what it cost; a later failure must not un-book it
+    (before: the worker settled it a second time, as if nothing had been spent)."""
+    usage = Usage(input_tokens=400, output_tokens=20)
+    config = Config.load()
+    cost = cost_usd(config.price_of("claude-haiku-4-5"), usage)
+    verdicts = _FailingVerdicts()
+    auditor = Auditor(verdicts, _Tally(), _Upstream("hot", usage), config,
+                      free_text=types.SimpleNamespace(threshold=0.5))  # a label task: never asked
+    request = msgspec.convert({**intent("Is it still available?"), "task": "lead_score"},
+                              CompleteRequest)
+    hit = ServedLLM(entry_id="e1", partition="p", match="exact", similarity=1.0, age_s=0.0,
+                    saved_usd=cost, text="hot", at=time.time(), request=request)
+    estimate = ESTIMATE_MARGIN * cost
+    auditor.budget.earn(10 * cost)
+    assert auditor.budget.reserve(estimate)
+    await auditor.llm_queue.put((hit, estimate))
+    worker = asyncio.create_task(auditor.llm_worker())
+    try:
+        deadline = time.monotonic() + 5
+        while verdicts.asked == 0:  # it fails where meant to: telling the broker the verdict
+            assert time.monotonic() < deadline, "the audit never ran"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # let the failure reach the worker's handler
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    assert auditor.tally.totals["spend_usd"] == pytest.approx(cost)
+    assert auditor.budget.spent == pytest.approx(cost)  # before the fix: cost - estimate < 0

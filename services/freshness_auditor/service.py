@@ -212,19 +212,27 @@ class Auditor:
             hit, estimate = await self.llm_queue.get()
             try:
                 await self.audit_llm(hit, estimate)
-            except Exception as exc:  # noqa: BLE001
-                self.budget.settle(estimate, 0.0)
+            except Exception as exc:  # noqa: BLE001 - the audit settled its own booking
                 metrics.audit_skipped.labels("llm", "error").inc()
                 log.warning("llm_audit_failed", entry_id=hit.entry_id, error=repr(exc))
 
     async def audit_llm(self, hit: ServedLLM, estimate: float) -> bool:
-        """Re-ask, compare, report; returns whether the hit was wrong."""
+        """Re-ask, compare, report; returns whether the hit was wrong.
+
+        Settles the re-ask's booking (`estimate`) exactly once, here: to what
+        the call cost once it answered, to nothing if it failed. Whatever
+        raises after that (the judge, the verdict request) leaves the spend as
+        booked: the money was spent."""
         req = hit.request
         vol, task, match = self._llm_labels(hit)
         with _audit_span("audit llm hit", hit.trace_id, hit.span_id,
                          {"tiermem.task": task, "tiermem.volatility": vol,
                           "tiermem.match": hit.match}) as span:
-            answer = await self.upstream.complete(req)
+            try:
+                answer = await self.upstream.complete(req)
+            except BaseException:
+                self.budget.settle(estimate, 0.0)
+                raise
             spent = cost_usd(self.config.price_of(req.model), answer.usage)
             self.budget.settle(estimate, spent)
             self.tally.add("spend_usd", spent)
