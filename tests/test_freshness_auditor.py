@@ -17,6 +17,7 @@ import time
 import types
 import uuid
 
+import httpx
 import msgspec
 import pytest
 from prometheus_client import generate_latest
@@ -294,6 +295,81 @@ async def test_a_planted_wrong_answer_is_found_by_re_asking_and_evicted_within_b
     # The cap: audits spent at most BUDGET of what the audited hits saved, so some were skipped.
     assert 0 < stats["audit_spend_usd"] <= BUDGET * stats["saved_usd"] + 1e-9, stats
     assert stats["skipped_over_budget"] >= 1 and served_wrong >= 3
+
+
+@pytest.fixture
+async def judged_stack(clean_state, simulator):
+    """Broker and auditor with the LLM judge, and budget enough to audit every free-text hit."""
+    env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
+    settings = {**AUDIT, "audit_llm_budget": 5.0, "audit_judge": "llm"}
+    async with running("llm-broker", build_broker, env, **settings), \
+            running("freshness-auditor", build_auditor, env, **settings):
+        async with _clients(env) as (nc, _):
+            yield nc, simulator
+
+
+# A brief of our own: a kind of home the request lists is a fact of the question.
+# Written for this test; not from the demo (services/agent_worker) nor from the broker
+# guard's word lists (services/llm_broker/guard.py holds neither kind).
+QUILLFEATHER = ("You are the assistant of Quillfeather Realty. Answer the client's text in two "
+                "sentences. Kinds of property on our books: farmhouse, schoolhouse, boathouse, granary.")
+
+
+def reply_request(text: str) -> dict:
+    return {"task": "reply", "user_id": "lead-9", "model": "claude-haiku-4-5", "system": QUILLFEATHER,
+            "max_tokens": 300, "temperature": 0, "messages": [{"role": "user", "content": text}],
+            "cache": {"volatility": "static", "mode": "semantic", "scope": "user"}}
+
+
+def judge_calls(simulator: str) -> int:
+    return httpx.get(f"{simulator}/stats").json()["by_task"].get("entailment", 0)
+
+
+async def test_the_auditor_flags_a_wrong_free_text_hit_that_the_guard_passed(judged_stack):
+    """Issue 12, part 4, end to end: the broker's guard serves the farmhouse's answer for
+    the schoolhouse (one fact differs, wordllama cosine 0.83); the auditor re-asks the
+    simulator, asks it (the LLM judge) whether the two answers entail each other, finds the
+    hit wrong and has it evicted. A true paraphrase hit in the same partition is judged right."""
+    nc, simulator = judged_stack
+    judged_before = judge_calls(simulator)
+    first = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow farmhouse?"))
+    assert first["cache"]["status"] == "miss"
+
+    para = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much does the Harlow farmhouse cost?"))
+    assert (para["cache"]["status"], para["cache"]["match"]) == ("hit", "semantic"), para["cache"]
+    stats = await stats_until(nc, lambda s: s["llm_by_task"].get("reply", {}).get("checked", 0) >= 1)
+    assert (stats["llm_by_task"]["reply"]["checked"], stats["llm_by_task"]["reply"]["wrong"]) == (1, 0), stats
+
+    other = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow schoolhouse?"))
+    assert (other["cache"]["status"], other["cache"]["match"]) == ("hit", "semantic"), other["cache"]
+    assert other["text"] == first["text"]  # the farmhouse's price, served for the schoolhouse
+    stats = await stats_until(nc, lambda s: s["llm_by_task"]["reply"].get("evicted", 0) >= 1)
+    reply = stats["llm_by_task"]["reply"]
+    assert (reply["checked"], reply["wrong"], reply["evicted"]) == (2, 1, 1), stats
+    assert judge_calls(simulator) - judged_before == 2  # both judged by the model, none skipped
+    assert stats["skipped_over_budget"] == 0
+    # Evicted: the schoolhouse is now answered for itself.
+    again = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow schoolhouse?"))
+    assert again["cache"]["status"] == "miss" and again["text"] != first["text"]
+
+
+async def test_a_free_text_audit_the_budget_cannot_judge_is_skipped_not_re_asked(clean_state, simulator):
+    """With the LLM judge, a re-ask is only worth its cost if the judge's call fits too:
+    otherwise the audit is skipped and counted, and nothing is spent."""
+    env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
+    cost = 0.001
+    # the budget pays for the re-ask (1.25 x cost) but not for it and the judge's call
+    settings = {**AUDIT, "audit_llm_budget": 1.3, "audit_judge": "llm"}
+    request = msgspec.convert(reply_request("How much is the Harlow granary?"), CompleteRequest)
+    hit = ServedLLM(entry_id="e1", partition="p", match="semantic", similarity=0.9, age_s=0.0,
+                    saved_usd=cost, text="The granary in Harlow is $310,000. " * 40, at=time.time(),
+                    request=request)
+    async with running("freshness-auditor", build_auditor, env, **settings):
+        async with client(env["NATS_URL"]) as nc:
+            await nc.publish(subjects.audit_served("test"), encode(ServedBatch(source="test", llm=[hit])))
+            stats = await stats_until(nc, lambda s: s["skipped_over_budget"] >= 1)
+    assert stats["skipped_over_budget"] == 1 and stats["audit_spend_usd"] == 0, stats
+    assert stats["llm_by_task"]["reply"].get("checked", 0) == 0
 
 
 async def test_a_wrong_semantic_verdict_raises_its_partitions_threshold(llm_stack):
