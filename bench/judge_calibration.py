@@ -138,8 +138,9 @@ def markdown(doc: dict) -> str:
         "- MRPC's negatives are look-alikes (high word overlap, one clause or figure differs); "
         "on them a token-alignment proxy is right about two times in three. An audit's wrong "
         "hit is usually a plainer difference, but the judge is a proxy, not an NLI model: it "
-        "weighs words, not logic (a swapped number or role barely moves it). For those, set "
-        "`AUDIT_JUDGE=llm` (a budgeted model call that answers entailment both ways).",
+        "weighs words, not logic (a swapped number or role barely moves it). For those the "
+        "auditor's default is `AUDIT_JUDGE=llm` (a budgeted model call that answers entailment "
+        "both ways); this judge is the option that costs no extra call.",
         "- The judge shares nothing with the broker's matching: another model (MiniLM, not "
         "WordLlama), token alignment rather than one pooled cosine, and no rule or word list of "
         "`guard.py`. Its misses and the guard's are not the same misses.",

@@ -165,26 +165,20 @@ async def test_the_token_judge_keeps_a_restated_answer_and_flags_another(token_j
                              support=await token_judge.support(served, other), threshold=t)[0]
 
 
-@needs_minilm
-@pytest.mark.xfail(strict=True, reason="known gap, bench/results/judge.md: the token-alignment proxy "
-                   "flags 0 of the 7 MRPC report-half non-paraphrases the guard serves; "
-                   "AUDIT_JUDGE=llm is the judge for such look-alikes")
-async def test_the_token_judge_flags_a_wrong_answer_the_guard_passes(token_judge):
-    from services.llm_broker import guard
-    from shared.embeddings import make_embedder
+# The token judge's known gap (bench/results/judge.md: it flags 0 of the 7 MRPC report-half
+# non-paraphrases the guard serves) was a strict xfail here. The judge that closes it is the
+# default now, AUDIT_JUDGE=llm, tested end to end in tests/test_freshness_auditor.py
+# (test_the_auditor_flags_a_wrong_free_text_hit_that_the_guard_passed).
 
-    # MRPC train 882107/882059, report half, Quality 0 (not paraphrases: "two teachers"
-    # vs "two other priests"); public data, not from guard.py's word lists.
-    served = ("Daniel C. Clark and James Hargadon; a former priest, Bruce Ewing; and two teachers "
-              "are awaiting trial.")
-    fresh = ("Two other priests, the Revs Daniel C Clark and James Hargadon, and a former priest, "
-             "Bruce Ewing, are awaiting trial.")
-    wordllama = make_embedder("wordllama")
-    a, b = await wordllama.embed([served, fresh])
-    assert guard.decide(served, fresh, float(a @ b), space=wordllama.model_id).serve
-    assert not answers_agree(served, fresh, label=False,
-                             support=await token_judge.support(served, fresh),
-                             threshold=token_judge.threshold)[0]
+
+def test_the_default_free_text_judge_is_the_model():
+    from services.freshness_auditor.service import make_judge
+    from shared.settings import Settings
+
+    assert Settings.from_env({"NATS_URL": "nats://127.0.0.1:9"}).audit_judge == "llm"
+    assert isinstance(make_judge("", upstream=None), entailment.LLMJudge)
+    with pytest.raises(SystemExit):
+        make_judge("guard", upstream=None)
 
 
 def test_labels_compare_without_case_space_or_final_stop():

@@ -14,26 +14,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import types
 import uuid
 
+import httpx
 import msgspec
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from services.freshness_auditor.service import build as build_auditor
+from services.freshness_auditor.service import ESTIMATE_MARGIN, Auditor, build as build_auditor
 from services.l2_gateway.redis_window import STATE, keys
 from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.llm_broker import thresholds
-from services.llm_broker.policy import Entry, exact_key, partition_key
+from services.llm_broker.policy import Config, Entry, cost_usd, exact_key, partition_key
 from services.llm_broker.service import build as build_broker
+from services.llm_broker.upstream import Answer
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
 from shared.contract import (
-    CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, encode,
+    CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, Usage, encode,
 )
+from shared.errors import TierError
+from shared.settings import Settings
 from tests.helpers import client, ok, running, stand_in_for_llm_forget
 
 GRACE_S = 0.3
@@ -292,6 +297,81 @@ async def test_a_planted_wrong_answer_is_found_by_re_asking_and_evicted_within_b
     assert stats["skipped_over_budget"] >= 1 and served_wrong >= 3
 
 
+@pytest.fixture
+async def judged_stack(clean_state, simulator):
+    """Broker and auditor with the LLM judge, and budget enough to audit every free-text hit."""
+    env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
+    settings = {**AUDIT, "audit_llm_budget": 5.0, "audit_judge": "llm"}
+    async with running("llm-broker", build_broker, env, **settings), \
+            running("freshness-auditor", build_auditor, env, **settings):
+        async with _clients(env) as (nc, _):
+            yield nc, simulator
+
+
+# A brief of our own: a kind of home the request lists is a fact of the question.
+# Written for this test; not from the demo (services/agent_worker) nor from the broker
+# guard's word lists (services/llm_broker/guard.py holds neither kind).
+QUILLFEATHER = ("You are the assistant of Quillfeather Realty. Answer the client's text in two "
+                "sentences. Kinds of property on our books: farmhouse, schoolhouse, boathouse, granary.")
+
+
+def reply_request(text: str) -> dict:
+    return {"task": "reply", "user_id": "lead-9", "model": "claude-haiku-4-5", "system": QUILLFEATHER,
+            "max_tokens": 300, "temperature": 0, "messages": [{"role": "user", "content": text}],
+            "cache": {"volatility": "static", "mode": "semantic", "scope": "user"}}
+
+
+def judge_calls(simulator: str) -> int:
+    return httpx.get(f"{simulator}/stats").json()["by_task"].get("entailment", 0)
+
+
+async def test_the_auditor_flags_a_wrong_free_text_hit_that_the_guard_passed(judged_stack):
+    """Issue 12, part 4, end to end: the broker's guard serves the farmhouse's answer for
+    the schoolhouse (one fact differs, wordllama cosine 0.83); the auditor re-asks the
+    simulator, asks it (the LLM judge) whether the two answers entail each other, finds the
+    hit wrong and has it evicted. A true paraphrase hit in the same partition is judged right."""
+    nc, simulator = judged_stack
+    judged_before = judge_calls(simulator)
+    first = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow farmhouse?"))
+    assert first["cache"]["status"] == "miss"
+
+    para = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much does the Harlow farmhouse cost?"))
+    assert (para["cache"]["status"], para["cache"]["match"]) == ("hit", "semantic"), para["cache"]
+    stats = await stats_until(nc, lambda s: s["llm_by_task"].get("reply", {}).get("checked", 0) >= 1)
+    assert (stats["llm_by_task"]["reply"]["checked"], stats["llm_by_task"]["reply"]["wrong"]) == (1, 0), stats
+
+    other = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow schoolhouse?"))
+    assert (other["cache"]["status"], other["cache"]["match"]) == ("hit", "semantic"), other["cache"]
+    assert other["text"] == first["text"]  # the farmhouse's price, served for the schoolhouse
+    stats = await stats_until(nc, lambda s: s["llm_by_task"]["reply"].get("evicted", 0) >= 1)
+    reply = stats["llm_by_task"]["reply"]
+    assert (reply["checked"], reply["wrong"], reply["evicted"]) == (2, 1, 1), stats
+    assert judge_calls(simulator) - judged_before == 2  # both judged by the model, none skipped
+    assert stats["skipped_over_budget"] == 0
+    # Evicted: the schoolhouse is now answered for itself.
+    again = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow schoolhouse?"))
+    assert again["cache"]["status"] == "miss" and again["text"] != first["text"]
+
+
+async def test_a_free_text_audit_the_budget_cannot_judge_is_skipped_not_re_asked(clean_state, simulator):
+    """With the LLM judge, a re-ask is only worth its cost if the judge's call fits too:
+    otherwise the audit is skipped and counted, and nothing is spent."""
+    env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
+    cost = 0.001
+    # the budget pays for the re-ask (1.25 x cost) but not for it and the judge's call
+    settings = {**AUDIT, "audit_llm_budget": 1.3, "audit_judge": "llm"}
+    request = msgspec.convert(reply_request("How much is the Harlow granary?"), CompleteRequest)
+    hit = ServedLLM(entry_id="e1", partition="p", match="semantic", similarity=0.9, age_s=0.0,
+                    saved_usd=cost, text="The granary in Harlow is $310,000. " * 40, at=time.time(),
+                    request=request)
+    async with running("freshness-auditor", build_auditor, env, **settings):
+        async with client(env["NATS_URL"]) as nc:
+            await nc.publish(subjects.audit_served("test"), encode(ServedBatch(source="test", llm=[hit])))
+            stats = await stats_until(nc, lambda s: s["skipped_over_budget"] >= 1)
+    assert stats["skipped_over_budget"] == 1 and stats["audit_spend_usd"] == 0, stats
+    assert stats["llm_by_task"]["reply"].get("checked", 0) == 0
+
+
 async def test_a_wrong_semantic_verdict_raises_its_partitions_threshold(llm_stack):
     nc, redis = llm_stack
     verdict = {"entry_id": "p1:abc", "partition": "p1", "match": "semantic", "wrong": False}
@@ -333,3 +413,76 @@ async def test_forged_tier_task_and_class_names_are_counted_as_other(clean_state
         if family.name.startswith("tiermem_audit"):
             for sample in family.samples:
                 assert not {"tier-0", "task-0", "class-0", "m0"} & set(sample.labels.values())
+
+
+# --- the audit budget's books --------------------------------------------------
+
+
+class _Tally:
+    """Counts kept in memory (the auditor's `Tally` without Redis)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def add(self, name: str, amount: float = 1) -> None:
+        self.totals[name] = self.totals.get(name, 0) + amount
+
+    def llm(self, *_args) -> None:
+        return None
+
+    def partition(self, *_args) -> None:
+        return None
+
+
+class _Upstream:
+    """Answers every re-ask with the same text at a known usage."""
+
+    def __init__(self, text: str, usage: Usage) -> None:
+        self.text, self.usage = text, usage
+
+    async def complete(self, _req):
+        return Answer(self.text, [], "claude-haiku-4-5", "end_turn", self.usage)
+
+
+class _FailingVerdicts:
+    """A runtime whose `llm.verdict` request fails (the broker is down)."""
+
+    def __init__(self) -> None:
+        self.settings = Settings.from_env({"NATS_URL": "nats://127.0.0.1:9"}, audit_llm_budget=1.0)
+        self.asked = 0
+
+    async def request(self, *_args, **_kwargs):
+        self.asked += 1
+        raise TierError("broker unavailable", 503)
+
+
+async def test_an_audit_that_fails_after_its_re_ask_keeps_the_re_ask_spent():
+    """The re-ask is settled once, at what it cost; a later failure must not un-book it
+    (before: the worker settled it a second time, as if nothing had been spent)."""
+    usage = Usage(input_tokens=400, output_tokens=20)
+    config = Config.load()
+    cost = cost_usd(config.price_of("claude-haiku-4-5"), usage)
+    verdicts = _FailingVerdicts()
+    auditor = Auditor(verdicts, _Tally(), _Upstream("hot", usage), config,
+                      free_text=types.SimpleNamespace(threshold=0.5))  # a label task: never asked
+    request = msgspec.convert({**intent("Is it still available?"), "task": "lead_score"},
+                              CompleteRequest)
+    hit = ServedLLM(entry_id="e1", partition="p", match="exact", similarity=1.0, age_s=0.0,
+                    saved_usd=cost, text="hot", at=time.time(), request=request)
+    estimate = ESTIMATE_MARGIN * cost
+    auditor.budget.earn(10 * cost)
+    assert auditor.budget.reserve(estimate)
+    await auditor.llm_queue.put((hit, estimate))
+    worker = asyncio.create_task(auditor.llm_worker())
+    try:
+        deadline = time.monotonic() + 5
+        while verdicts.asked == 0:  # it fails where meant to: telling the broker the verdict
+            assert time.monotonic() < deadline, "the audit never ran"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # let the failure reach the worker's handler
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    assert auditor.tally.totals["spend_usd"] == pytest.approx(cost)
+    assert auditor.budget.spent == pytest.approx(cost)  # before the fix: cost - estimate < 0

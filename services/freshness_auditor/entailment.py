@@ -5,7 +5,7 @@ matches requests with a pooled WordLlama cosine and the guard's lexical rules
 (`services.llm_broker.guard`), so a wrong hit those let through would be
 judged right by the same rules. Two judges, neither of them that one:
 
-- `TokenAlignment` (the default, `AUDIT_JUDGE=embedding`): a bidirectional
+- `TokenAlignment` (`AUDIT_JUDGE=embedding`, no extra model call): a bidirectional
   entailment *proxy* with another model, all-MiniLM-L6-v2 (int8 ONNX, the
   `minilm` extra), at the level of tokens. Each answer's contextual token
   vectors are aligned to their nearest tokens in the other answer
@@ -21,10 +21,14 @@ judged right by the same rules. Two judges, neither of them that one:
   (bench/results/judge.md). A proxy, not an NLI model (none ships in a wheel):
   it sees weights of words, not logic, and on MRPC's look-alike pairs it is
   right about two times in three.
-- `LLMJudge` (`AUDIT_JUDGE=llm`): asks the model, through the auditor's own
-  upstream and within its audit budget, whether each answer entails the other
-  (strict yes/no, both directions). Costs a call per audit; sees what a model
-  sees (numbers, negation, roles).
+- `LLMJudge` (`AUDIT_JUDGE=llm`, the default): asks the model, through the
+  auditor's own upstream and within its audit budget, whether each answer
+  entails the other (strict yes/no, both directions). Costs a call per audit;
+  sees what a model sees (numbers, negation, roles). The default because it is
+  the only judge accurate enough to act on: a verdict evicts an entry and
+  moves its partition's threshold. The auditor books its call before the
+  re-ask; when the budget cannot pay for both the audit is skipped (counted),
+  never judged by the weaker proxy instead.
 """
 
 from __future__ import annotations

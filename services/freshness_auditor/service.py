@@ -212,30 +212,53 @@ class Auditor:
             hit, estimate = await self.llm_queue.get()
             try:
                 await self.audit_llm(hit, estimate)
-            except Exception as exc:  # noqa: BLE001
-                self.budget.settle(estimate, 0.0)
+            except Exception as exc:  # noqa: BLE001 - the audit settled its own booking
                 metrics.audit_skipped.labels("llm", "error").inc()
                 log.warning("llm_audit_failed", entry_id=hit.entry_id, error=repr(exc))
 
     async def audit_llm(self, hit: ServedLLM, estimate: float) -> bool:
-        """Re-ask, compare, report; returns whether the hit was wrong."""
+        """Re-ask, compare, report; returns whether the hit was wrong.
+
+        Settles the re-ask's booking (`estimate`) exactly once, here: to what
+        the call cost once it answered, to nothing if it failed. Whatever
+        raises after that (the judge, the verdict request) leaves the spend as
+        booked: the money was spent. With the LLM judge, a free-text audit
+        books the judge's call too, before the re-ask: when the budget cannot
+        pay for both, the audit is skipped (counted), never re-asked and left
+        unjudged, nor judged by a weaker method."""
         req = hit.request
         vol, task, match = self._llm_labels(hit)
+        label = task in self.config.label_tasks
         with _audit_span("audit llm hit", hit.trace_id, hit.span_id,
                          {"tiermem.task": task, "tiermem.volatility": vol,
                           "tiermem.match": hit.match}) as span:
-            answer = await self.upstream.complete(req)
+            judge_booking = 0.0
+            if not label and isinstance(self.free_text, entailment.LLMJudge):
+                # the fresh answer is not known yet: booked as long as the served one (settled to cost)
+                judge_booking = self._judge_estimate(hit, hit.text)
+                if not self.budget.reserve(judge_booking):
+                    self.budget.settle(estimate, 0.0)
+                    self.tally.add("skipped_over_budget")
+                    metrics.audit_skipped.labels("llm", "over_budget").inc()
+                    span.set_attribute("tiermem.audit.verdict", "skipped")
+                    return False
+            try:
+                answer = await self.upstream.complete(req)
+            except BaseException:
+                self.budget.settle(estimate + judge_booking, 0.0)
+                raise
             spent = cost_usd(self.config.price_of(req.model), answer.usage)
             self.budget.settle(estimate, spent)
             self.tally.add("spend_usd", spent)
             metrics.audit_spend.inc(spent)
-            label = task in self.config.label_tasks
             support = None
             if not label and judge.normalise_label(hit.text) != judge.normalise_label(answer.text):
-                support = await self._support(hit, answer.text)
+                support = await self._support(hit, answer.text, judge_booking)
                 if support is None:
                     span.set_attribute("tiermem.audit.verdict", "unjudged")
                     return False
+            elif judge_booking:
+                self.budget.settle(judge_booking, 0.0)  # the same text: nothing to judge
             agree, reason = judge.answers_agree(hit.text, answer.text, label=label, support=support,
                                                 threshold=self.free_text.threshold)
             wrong = not agree
@@ -263,26 +286,25 @@ class Auditor:
                 metrics.audit_evictions.labels("llm").inc()
             return wrong
 
-    async def _support(self, hit: ServedLLM, fresh: str) -> tuple[float, float] | None:
-        """The free-text judge's support both ways; None when there is no verdict
-        (the LLM judge over budget or answering anything but two yes/no words)."""
-        if not isinstance(self.free_text, entailment.LLMJudge):
-            return await self.free_text.support(hit.text, fresh)
-        price = self.config.price_of(hit.request.model)
-        estimate = ESTIMATE_MARGIN * cost_usd(price, Usage(
+    def _judge_estimate(self, hit: ServedLLM, fresh: str) -> float:
+        """What to book for the LLM judge's call on the served answer and `fresh`."""
+        return ESTIMATE_MARGIN * cost_usd(self.config.price_of(hit.request.model), Usage(
             input_tokens=entailment.prompt_tokens(hit.text, fresh),
             output_tokens=entailment.JUDGE_MAX_TOKENS))
-        if not self.budget.reserve(estimate):
-            self.tally.add("skipped_over_budget")
-            metrics.audit_skipped.labels("llm", "over_budget").inc()
-            return None
+
+    async def _support(self, hit: ServedLLM, fresh: str, booking: float) -> tuple[float, float] | None:
+        """The free-text judge's support both ways; None when there is no verdict (the LLM
+        judge answering anything but two yes/no words). `booking`: what `audit_llm` reserved
+        for the LLM judge's call, settled here exactly once."""
+        if not isinstance(self.free_text, entailment.LLMJudge):
+            return await self.free_text.support(hit.text, fresh)
         try:
             support, usage = await self.free_text.ask(hit.text, fresh, model=hit.request.model)
         except BaseException:
-            self.budget.settle(estimate, 0.0)
+            self.budget.settle(booking, 0.0)
             raise
-        spent = cost_usd(price, usage)
-        self.budget.settle(estimate, spent)
+        spent = cost_usd(self.config.price_of(hit.request.model), usage)
+        self.budget.settle(booking, spent)
         self.tally.add("spend_usd", spent)
         metrics.audit_spend.inc(spent)
         if support is None:
@@ -310,7 +332,7 @@ class Auditor:
 
 def make_judge(kind: str, upstream: Upstream):
     """The free-text judge the `AUDIT_JUDGE` setting names."""
-    kind = (kind or "embedding").strip().lower()
+    kind = (kind or "llm").strip().lower()
     if kind == "embedding":
         return entailment.TokenAlignment()
     if kind == "llm":

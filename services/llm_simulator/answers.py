@@ -192,10 +192,24 @@ def subject_of(question: str, context: str) -> Subject:
     return Subject(tuple(figures), tuple(names), tuple(opts), negated)
 
 
-def topic_words(question: str, limit: int = 8) -> list[str]:
-    """The question's own content words, in its order: what the answer restates."""
+def topic_words(question: str, context: str = "", limit: int = 8) -> list[str]:
+    """The question's own content words, in its order: what the answer restates.
+
+    A word capitalised only because it opens a sentence ("Price of ...?") is
+    restated in lower case, as a writer would mid-sentence; a name keeps its
+    capitals (one the request writes capitalised mid-sentence, or a head
+    before a colon, as `subject_of` tells them apart).
+    """
+    known = capitalised_mid_sentence(f"{context}\n{question}")
+    for head in re.findall(r"(?:^|[.!?]\s+)((?:[A-Z][\w'-]*\s+)*[A-Z][\w'-]*):", question):
+        known.update(head.split())
     out: list[str] = []
-    for word in _tokens(question):
+    start = True
+    for raw in question.split():
+        word = raw.strip(".,!?;:()[]{}\"'`")
+        if start and word[:1].isupper() and not word.isupper() and word not in known:
+            word = word.lower()
+        start = raw[-1:] in ".!?" or raw.endswith("\n")
         if word and _plain(word) not in _STOPWORDS and word.lower() not in (w.lower() for w in out):
             out.append(word)
         if len(out) == limit:
@@ -330,7 +344,7 @@ def compose(question: str, system: str, earlier_user: list[str], others: list[st
     lines = context.splitlines()
     line = evidence(subject, lines)
     what = _named(subject, "it")
-    topic = " ".join(topic_words(question)) or "your question"
+    topic = " ".join(topic_words(question, context)) or "your question"
 
     if intent == "not_interested":
         return w.pick(("Understood, I will not reach out again.", "Got it, I won't contact you again.",

@@ -1,7 +1,8 @@
 """What the simulator answers: request JSON in, Anthropic Message JSON out. No I/O.
 
 The reply text comes from `rules` (labels by rules over the content, free
-text derived from the request); this module validates, counts tokens, keeps
+text derived from the request; an entailment judge's request, "A: ... B: ...",
+is answered by `judging`); this module validates, counts tokens, keeps
 the prompt cache and shapes the Message.
 
 Validation follows the real API: 400 `invalid_request_error` with the
@@ -33,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from services.llm_simulator import judging
 from services.llm_simulator.answers import compose
 from services.llm_simulator.rules import bucket, classify_intent, detect_task, score_lead
 
@@ -310,6 +312,9 @@ def free_text(request: MessagesRequest) -> str:
 
 def generate(request: MessagesRequest) -> tuple[str, str]:
     """(task, full reply text before max_tokens and stop sequences)."""
+    pair = judging.statements(request.system_text, request.latest_user_text())
+    if pair is not None:  # an auditor asking whether two answers entail each other
+        return "entailment", judging.judge(*pair)
     task = detect_task(request.system_text)
     wants_json = "json" in request.system_text.lower()
     if task == "intent":
