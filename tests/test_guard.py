@@ -236,6 +236,33 @@ def test_the_shipped_model_loads_for_the_default_embedder():
     assert 0.0 <= model.substitution_min_cosine < 1.0  # 0: no swap rule (fitted, bench/results/guard.md)
 
 
+def _align(a: str, b: str) -> float:
+    return guard.features(a, b, 0.9)[guard.FEATURES.index("align_min")]
+
+
+def test_the_worst_aligned_word_shows_a_substitution_however_long_the_text():
+    """Hand-written. One swapped noun keeps the sentence cosine high; its best
+    match in the other text stays low whatever surrounds it, while an
+    inflection or a synonym aligns well."""
+    short = _align("Where can I buy a used car?", "Where can I buy a used bicycle?")
+    long = _align("Where can I buy a cheap used car near the old station in the town centre this week?",
+                  "Where can I buy a cheap used bicycle near the old station in the town centre this week?")
+    assert short < 0.3 and long < 0.3
+    assert _align("The teachers went on strike", "The teacher went on strike") > 0.7
+    assert _align("How big is the house?", "How large is the house?") > 0.6
+    assert _align("is it", "was it") == 1.0  # no content words on either side
+    assert _align("The dog runs", "") == 0.0
+
+
+def test_without_the_word_table_alignment_is_by_exact_words(monkeypatch):
+    """A broken wordllama install: a content word the other text lacks counts
+    as unaligned (0), which can only lower the score."""
+    monkeypatch.setattr(guard.wordvec, "vectors", lambda words: None)
+    guard._analyse.cache_clear()
+    assert _align("How big is the house?", "How large is the house?") == 0.0
+    assert _align("The houses are big", "The house is big") == 1.0
+
+
 def test_a_missing_model_file_falls_back_to_a_strict_rule(tmp_path):
     with pytest.warns(RuntimeWarning, match="fallback"):
         models, default = guard._load_models(tmp_path / "missing.json")

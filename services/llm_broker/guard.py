@@ -25,8 +25,10 @@ query meets several candidates). In order:
 2. `content_differs`: a content word of one text is missing from the other
    and the cosine is below the embedder's `substitution_min_cosine` (the
    floor is chosen on public data, fit halves only).
-3. The verifier: a logistic regression over the cosine and general lexical
-   features (`FEATURES`), fitted with sign constraints on the fit halves of
+3. The verifier: a logistic regression over the cosine, general lexical
+   features and one word-alignment feature (`align_min`: the worst-aligned
+   content word's best cosine in the other text, from wordllama's static
+   word vectors, `wordvec`) (`FEATURES`), fitted with sign constraints on the fit halves of
    public paraphrase/STS sets (MRPC train, STS headlines, SICK) by
    `python -m bench.guard_calibration` and shipped in `guard_model.json`.
    Serve if score >= threshold (`below_threshold` otherwise).
@@ -42,9 +44,10 @@ the auditor to tighten its partitions.
 
 Known blind spots (cheap features cannot see them; the auditor has to):
 swapped roles with the same words ("did the buyer call the seller" vs "did
-the seller call the buyer", only `order_differs` hints at it), synonyms vs
-co-hyponyms of open-class words ("car"/"automobile" vs "car"/"truck": no
-offline lexicon on PyPI ships WordNet's data), and the crude stemmer's merges.
+the seller call the buyer", only `order_differs` hints at it), co-hyponyms
+that static word vectors place close together ("car"/"truck" align nearly as
+well as "car"/"automobile": no offline lexicon on PyPI ships WordNet's data),
+and the crude stemmer's merges.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOpera
 from difflib import SequenceMatcher
 from functools import lru_cache
 from pathlib import Path
+
+from . import wordvec
 
 __all__ = [
     "Verdict",
@@ -209,6 +214,8 @@ class _Text:
     options: tuple[tuple[int, frozenset[int]], ...]  # (option set, options picked)
     seq: tuple[str, ...]                     # the lower-cased words in order
     trigrams: frozenset[str]                 # character 3-grams: spelling variants
+    vocab: tuple[str, ...]                   # the distinct lower-cased words, in order
+    content_at: tuple[int, ...]              # positions in `vocab` of the content words
 
 
 @lru_cache(maxsize=16384)
@@ -329,12 +336,8 @@ def _strip_clitic(word: str) -> str:
 def _analyse(text: str) -> _Text:
     words, attached, entities, negations = _words(text)
     stems = [stem(w) for w in words]
-    content = frozenset(
-        s for w, s in zip(words, stems)
-        if len(w) > 1 and not w[0].isdigit() and w not in STOPWORDS and s not in _STOP_STEMS
-        and w not in NEGATORS and w not in UNITS and w not in SCALES and w not in ORDINALS
-        and w not in DIGIT_SUFFIXES
-    )
+    content = frozenset(s for w, s in zip(words, stems) if _is_content(w, s))
+    vocab = tuple(dict.fromkeys(words))
     picked: dict[int, set[int]] = {}
     for key in set(words):
         for g, o in _OPTION_INDEX.get(key, ()):
@@ -350,7 +353,15 @@ def _analyse(text: str) -> _Text:
         options=tuple((g, frozenset(o)) for g, o in sorted(picked.items())),
         seq=tuple(words),
         trigrams=frozenset(trigrams),
+        vocab=vocab,
+        content_at=tuple(i for i, w in enumerate(vocab) if _is_content(w, stem(w))),
     )
+
+
+def _is_content(word: str, stemmed: str) -> bool:
+    return (len(word) > 1 and not word[0].isdigit() and word not in STOPWORDS
+            and stemmed not in _STOP_STEMS and word not in NEGATORS and word not in UNITS
+            and word not in SCALES and word not in ORDINALS and word not in DIGIT_SUFFIXES)
 
 
 def _numbers(words: list[str], attached: list[bool]) -> list[str]:
@@ -490,6 +501,7 @@ FEATURES = (
     "sequence_ratio",    # difflib ratio over the word sequences: shared runs of words
     "content_jaccard",   # content words in common over content words in either
     "order_differs",     # 1 when both have the same content words in another order
+    "align_min",         # the worst-aligned content word: its best word-vector cosine in the other text
 )
 # Every feature is general (no word list); the weights are fitted on the fit
 # halves of public paraphrase/STS sets (bench/guard_calibration.py), with a
@@ -513,7 +525,33 @@ def _features(a: _Text, b: _Text, cosine: float) -> tuple[float, ...]:
         SequenceMatcher(None, *sorted((a.seq, b.seq)), autojunk=False).ratio() if n_a + n_b else 1.0,
         len(a.content & b.content) / content_union if content_union else 1.0,
         order,
+        _align_min(a, b),
     )
+
+
+def _align_min(a: _Text, b: _Text) -> float:
+    """Each content word of either text against its best match among all the
+    words of the other (cosine of static wordllama word vectors, `wordvec`);
+    the lowest of these. A substitution ("teachers" / "priests") stays low
+    however long the sentences around it are, which the sentence cosine does
+    not; a synonym or an inflection scores near 1. 1.0 when neither text has
+    a content word, 0.0 when only one has words. Without the token table:
+    1.0 for a word the other text contains (or its stem), else 0.0."""
+    if not a.content_at and not b.content_at:
+        return 1.0
+    if not a.vocab or not b.vocab:
+        return 0.0
+    va, vb = wordvec.vectors(a.vocab), wordvec.vectors(b.vocab)
+    if va is None or vb is None:
+        return float(all(w in b.words or stem(w) in b.words for w in (a.vocab[i] for i in a.content_at))
+                     and all(w in a.words or stem(w) in a.words for w in (b.vocab[i] for i in b.content_at)))
+    sims = va @ vb.T
+    worst = 1.0
+    if a.content_at:
+        worst = min(worst, float(sims[list(a.content_at)].max(axis=1).min()))
+    if b.content_at:
+        worst = min(worst, float(sims[:, list(b.content_at)].max(axis=0).min()))
+    return min(max(worst, 0.0), 1.0)
 
 
 def _content_order(t: _Text) -> tuple[str, ...]:

@@ -58,7 +58,7 @@ from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
-from . import guard, stats
+from . import guard, stats, wordvec
 from .thresholds import Thresholds
 from .cache import STORE_ERRORS, Fence, ResponseCache
 from .changes import Batch, Pending
@@ -92,6 +92,7 @@ class Broker:
         self._flights: dict[str, asyncio.Future] = {}
         self.totals = stats.Totals()
         self.served = served
+        wordvec.load()  # the guard's word table (~0.3 s, once a process): at start, not on a hit
         self.thresholds = Thresholds(redis, guard.default_threshold(embedder.model_id),
                                      config.max_false_hit_rate)
         metrics.llm_false_hit_bound.set(config.max_false_hit_rate)
