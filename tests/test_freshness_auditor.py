@@ -315,6 +315,11 @@ QUILLFEATHER = ("You are the assistant of Quillfeather Realty. Answer the client
                 "sentences. Kinds of property on our books: farmhouse, schoolhouse, boathouse, granary.")
 
 
+# A long question: one changed word costs little cosine, so the guard serves the swap
+# (wordllama cosine 0.94, guard score 0.96 against a default threshold of 0.94).
+HARLOW = "the asking price of the old {k} on Harlow Road, the one by the river with the big barn and orchard?"
+
+
 def reply_request(text: str) -> dict:
     return {"task": "reply", "user_id": "lead-9", "model": "claude-haiku-4-5", "system": QUILLFEATHER,
             "max_tokens": 300, "temperature": 0, "messages": [{"role": "user", "content": text}],
@@ -327,20 +332,20 @@ def judge_calls(simulator: str) -> int:
 
 async def test_the_auditor_flags_a_wrong_free_text_hit_that_the_guard_passed(judged_stack):
     """Issue 12, part 4, end to end: the broker's guard serves the farmhouse's answer for
-    the schoolhouse (one fact differs, wordllama cosine 0.83); the auditor re-asks the
+    the schoolhouse (one fact differs in a long question); the auditor re-asks the
     simulator, asks it (the LLM judge) whether the two answers entail each other, finds the
     hit wrong and has it evicted. A true paraphrase hit in the same partition is judged right."""
     nc, simulator = judged_stack
     judged_before = judge_calls(simulator)
-    first = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow farmhouse?"))
+    first = await ok(nc, subjects.LLM_COMPLETE, reply_request("Could you tell me " + HARLOW.format(k="farmhouse")))
     assert first["cache"]["status"] == "miss"
 
-    para = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much does the Harlow farmhouse cost?"))
+    para = await ok(nc, subjects.LLM_COMPLETE, reply_request("Can you tell me " + HARLOW.format(k="farmhouse")))
     assert (para["cache"]["status"], para["cache"]["match"]) == ("hit", "semantic"), para["cache"]
     stats = await stats_until(nc, lambda s: s["llm_by_task"].get("reply", {}).get("checked", 0) >= 1)
     assert (stats["llm_by_task"]["reply"]["checked"], stats["llm_by_task"]["reply"]["wrong"]) == (1, 0), stats
 
-    other = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow schoolhouse?"))
+    other = await ok(nc, subjects.LLM_COMPLETE, reply_request("Could you tell me " + HARLOW.format(k="schoolhouse")))
     assert (other["cache"]["status"], other["cache"]["match"]) == ("hit", "semantic"), other["cache"]
     assert other["text"] == first["text"]  # the farmhouse's price, served for the schoolhouse
     stats = await stats_until(nc, lambda s: s["llm_by_task"]["reply"].get("evicted", 0) >= 1)
@@ -349,7 +354,7 @@ async def test_the_auditor_flags_a_wrong_free_text_hit_that_the_guard_passed(jud
     assert judge_calls(simulator) - judged_before == 2  # both judged by the model, none skipped
     assert stats["skipped_over_budget"] == 0
     # Evicted: the schoolhouse is now answered for itself.
-    again = await ok(nc, subjects.LLM_COMPLETE, reply_request("How much is the Harlow schoolhouse?"))
+    again = await ok(nc, subjects.LLM_COMPLETE, reply_request("Could you tell me " + HARLOW.format(k="schoolhouse")))
     assert again["cache"]["status"] == "miss" and again["text"] != first["text"]
 
 
