@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from services.llm_broker import guard
-from services.llm_broker.guard import MAX_THRESHOLD, Verdict, decide, tightened, veto
+from services.llm_broker.guard import MAX_THRESHOLD, Verdict, decide, veto
 from shared.embeddings import make_embedder
 
 SETS = Path(__file__).resolve().parent.parent / "bench" / "data" / "guard"
@@ -270,33 +270,6 @@ def test_a_missing_model_file_falls_back_to_a_strict_rule(tmp_path):
     assert model.score(guard.features("a b c", "a b c d", 0.94)) < model.threshold
     assert model.score(guard.features("a b c", "a b c d", 0.96)) > model.threshold
     assert model.substitution_min_cosine > 1.0  # every content-word swap is refused
-
-
-def test_tightened_raises_only_on_evidence_and_never_lowers():
-    t = guard.DEFAULT_THRESHOLD
-    assert tightened(t, 0, 0) == t
-    assert tightened(t, 0, 10_000) == t
-    assert tightened(t, 1, 1000) == t  # 0.1 % wrong: within target
-    assert tightened(t, 5, 100) > t  # 5 % wrong: clearly above 1 %
-    assert tightened(t, 50, 100) > tightened(t, 5, 100)
-    assert tightened(t, 100, 100) <= MAX_THRESHOLD
-    assert tightened(0.999, 100, 100) == MAX_THRESHOLD
-    # a partition whose answers keep coming back wrong converges to the cap
-    x = 0.5
-    for _ in range(50):
-        x = tightened(x, 10, 20)
-    assert x == pytest.approx(MAX_THRESHOLD)
-    with pytest.raises(ValueError):
-        tightened(t, 3, 2)
-    with pytest.raises(ValueError):
-        tightened(t, -1, 2)
-
-
-@given(st.floats(0.0, 1.0), st.integers(0, 500), st.integers(0, 500), st.integers(0, 500))
-def test_tightened_is_monotone_and_bounded(t, wrong, more_wrong, extra_checks):
-    checks = wrong + more_wrong + extra_checks
-    lo, hi = tightened(t, wrong, checks), tightened(t, wrong + more_wrong, checks)
-    assert min(t, MAX_THRESHOLD) <= lo <= hi <= MAX_THRESHOLD
 
 
 # ---------------------------------------------------------------- properties

@@ -34,8 +34,8 @@ query meets several candidates). In order:
    Serve if score >= threshold (`below_threshold` otherwise).
 
 The threshold is an argument so that the broker can keep one per cache
-partition and raise it when the freshness auditor finds wrong hits there
-(`tightened`, in the spirit of vCache's per-prompt thresholds).
+partition and move it with the freshness auditor's verdicts there
+(`bound.py`, in the spirit of vCache's per-prompt thresholds).
 
 Cosines of different embedders live on different scales: pass the embedder's
 `model_id` as `space` to use the model fitted for it. An embedder without a
@@ -70,7 +70,6 @@ __all__ = [
     "decide",
     "veto",
     "features",
-    "tightened",
     "default_threshold",
     "reload_models",
     "DEFAULT_THRESHOLD",
@@ -80,7 +79,7 @@ __all__ = [
 
 MODEL_PATH = Path(__file__).with_name("guard_model.json")
 FALLBACK = "fallback"  # the model used when guard_model.json is missing or stale
-MAX_THRESHOLD = 0.999  # `tightened` stops here; a threshold of 1.0 would mean "never serve"
+MAX_THRESHOLD = 0.999  # the top of the bound's grid; a threshold of 1.0 would mean "never serve"
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,28 +671,3 @@ def decide(query: str, candidate: str, cosine: float, *, threshold: float | None
     if score >= limit:
         return Verdict(True, "ok", score)
     return Verdict(False, "below_threshold", score)
-
-
-def tightened(threshold: float, wrong_hits: int, checks: int, *, target: float = 0.01,
-              z: float = 1.2816) -> float:
-    """A partition's next threshold after the auditor checked `checks` of its
-    semantic hits and found `wrong_hits` of them wrong.
-
-    Raises the threshold only when the wrong-hit rate is above `target` with
-    some confidence (its Wilson lower bound at z = 1.28, one-sided 90 %, is
-    above it: 2 wrong in 100 checks is not enough, 3 is), then shrinks the
-    margin 1 - threshold by target / bound, at most 4x per call: a rate just
-    above target raises it a little, a clearly bad one a lot. Never lowers it
-    (loosening is a separate, deliberate decision) and never goes above
-    MAX_THRESHOLD.
-    """
-    if checks < 0 or wrong_hits < 0 or wrong_hits > checks:
-        raise ValueError(f"need 0 <= wrong_hits <= checks, got {wrong_hits}/{checks}")
-    t = min(max(float(threshold), 0.0), MAX_THRESHOLD)
-    if wrong_hits == 0:
-        return t
-    p, n = wrong_hits / checks, checks
-    lower = (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
-    if lower <= target:
-        return t
-    return min(1.0 - (1.0 - t) * max(target / lower, 0.25), MAX_THRESHOLD)

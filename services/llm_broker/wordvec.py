@@ -33,9 +33,9 @@ def load() -> bool:
         with _lock:
             if "table" not in _state:
                 try:
-                    from shared.embeddings.local import _load_wordllama
+                    from shared.embeddings.local import load_wordllama
 
-                    inference = _load_wordllama(DIM)
+                    inference = load_wordllama(DIM)
                     tokenizer = inference.tokenizer
                     tokenizer.no_padding()
                     tokenizer.no_truncation()

@@ -70,7 +70,7 @@ class WordLlamaEmbedder(_ThreadedEmbedder):
     def __init__(self, dim: int = 256, *, inline_chars: int | None = None) -> None:
         if dim not in (64, 128, 256):
             raise ValueError("wordllama ships 256-d weights; dim must be 64, 128 or 256")
-        inference = _load_wordllama(dim)
+        inference = load_wordllama(dim)
         self._tokenizer = inference.tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
@@ -114,7 +114,7 @@ class WordLlamaEmbedder(_ThreadedEmbedder):
         return await self._run_in_thread(self.embed_sync, texts)
 
 
-def _load_wordllama(dim: int):
+def load_wordllama(dim: int):
     """Load the packaged weights; never touches the network."""
     # wordllama's inference module calls logging.basicConfig(level=INFO) at
     # import time; keep the root logger as the service configured it.
