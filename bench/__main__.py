@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     # broker's misses) and evict entries the hit-latency step reads back; the memory
     # bench's "Auditing overhead" step measures what auditing costs the serving path.
     os.environ.setdefault("AUDIT_LLM_BUDGET", "0")
+    # The same for L3's rolling summaries: each is an llm.complete the llm bench did not send.
+    # The context step puts a summary row of its own instead (bench/memory.py).
+    os.environ.setdefault("SUMMARY_BLOCK", "0")
     try:
         rep, llm_rep, sec_rep = uvloop.run(_run(opts, say, args.only))
     except KeyboardInterrupt:

@@ -45,7 +45,7 @@ import msgspec
 
 from bench import baselines, corpus
 from bench.stats import Summary, announce, fmt_us, ratio, summarize
-from shared import bus
+from shared import bus, tokens
 from shared.bus import BusAuth
 from shared.permissions import ADMIN, MEMORY_L1
 
@@ -594,6 +594,7 @@ class Bench:
             await self.step("L2 hit", self.l2_hit)
             await self.step("L3 recent", self.l3_recent)
             await self.step("Search", self.search)
+            await self.step("Context", self.context)
             await self.step("Append, one in flight", self.append_single)
             await self.step("Auditing overhead", self.audit_overhead)
         finally:
@@ -903,6 +904,92 @@ class Bench:
                        f"for {hits}/{n} queries ({100 * hits / n:.0f} %); e.g. {queries[0][1]!r} "
                        f"for {queries[0][2]!r}")
         self.add(r)
+
+    async def context(self) -> None:
+        """memory.get op=context on one user with a long history (10,000 messages; quick 2,000)."""
+        o = self.opts
+        size = 2000 if o.quick else 10_000
+        r = Result(key="context", title=f"Context: memory.get op=context, budget 2,000 ({size:,}-message user)",
+                   baseline_label="3× NATS round trip + embed + store.search in-process")
+        if why := self._loaded_or("memory-l1", "l2-gateway", "l3-semantic-indexer"):
+            r.skipped = why
+            self.add(r)
+            return
+        user = f"bench{self.run_id}-context"
+        conv = self.plan.convs[self.plan.long_users[0] if self.plan.long_users else 0]
+        texts = [conv[i % len(conv)].text for i in range(size)]
+        seqs = [0] * size
+
+        async def append(i: int) -> None:
+            body = _encode({"user_id": user, "bot_id": "sales-1", "role": "user" if i % 2 == 0 else "assistant",
+                            "text": texts[i], "msg_id": f"ctx-{i}"})
+            seqs[i] = decode(await self.nc.request("memory.append", body, timeout=15), _append_reply).seq
+
+        self.say(f"context: appending {size:,} messages for one user")
+        await baselines.run_concurrent(append, size, o.in_flight)
+        # L3 must hold them all before the reads mean anything.
+        last = max(seqs)
+        deadline = time.monotonic() + o.index_timeout_s
+        while True:
+            msg = await self.nc.request("memory.l3.get", _encode({"user_id": user, "n": 1, "min_seq": last}),
+                                        timeout=15)
+            if not (msg.headers or {}).get("Nats-Service-Error-Code"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"L3 did not index the context user up to seq {last}")
+        summaries_on = await self._context_summary(user, sorted(seqs))
+        queries = [q for _, q, _ in self._queries(200)]
+        bodies = [_encode({"user_id": user, "op": "context", "budget_tokens": 2000, "n": 50, "k": 5,
+                           "query": q}) for q in queries]
+        sizes: list[int] = []
+
+        def check(msg) -> None:
+            reply = msgspec.json.decode(msg.data)
+            if (msg.headers or {}).get("Nats-Service-Error-Code") or reply["tokens"] > 2000 or reply["missing"]:
+                raise AssertionError(f"bad context reply: {msg.headers} {msg.data[:300]!r}")
+            sizes.append(reply["tokens"])
+
+        async with self._inproc_search([(0, q, "") for q in queries]) as inproc:
+            extra = {"inproc": inproc} if inproc else {}
+
+            async def ours(i: int):
+                return await self.nc.request("memory.get", bodies[i % len(bodies)], timeout=10)
+
+            out = await baselines.interleaved({"ours": (ours, check), **self.bare_calls("nats_rt"), **extra},
+                                              o.heavy_samples, o.warmup // 2)
+        s = r.summary = summarize(out["ours"])
+        parts = [(3, summarize(out["nats_rt"]))]
+        if "inproc" in out:
+            parts.append((1, summarize(out["inproc"])))
+        else:
+            r.baseline_label = "3× NATS round trip (no in-process L3 baseline)"
+        r.baseline = _compose(parts)
+        r.ratio_p50 = ratio(s.p50, r.baseline.p50)
+        r.targets.append(Target("p95 ≤ 15 ms (the search target: a context is a window read + a search)",
+                                s.p95 <= 15_000, fmt_us(s.p95)))
+        r.notes.append(f"the window (n=50) from L1/L2, then L3's parts through the l2-gateway: the newest summary "
+                       f"and a search (k=5) below the window; {len(sizes):,} replies, all within the budget "
+                       f"(tokens p50 {sorted(sizes)[len(sizes) // 2] if sizes else 0:,})")
+        r.notes.append(summaries_on)
+        self.add(r)
+
+    async def _context_summary(self, user: str, seqs: list[int]) -> str:
+        """A summary for the context user, so reads carry one: the summarizer's own when it
+        runs, else a row put in its place (the bench turns it off, see bench/__main__.py)."""
+        dsn = self.env.get("DATABASE_URL")
+        if not dsn:
+            return "no DATABASE_URL: the reads carry no summary"
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            text = " ".join(f"The lead mentioned item {i}." for i in range(60))  # ~1.5k bytes, ~500 tokens
+            await conn.fetchval("SELECT l3.put_summary($1, $2, $3, $4, $5)", user, seqs[0], seqs[-60],
+                                text, tokens.estimate(text))
+        finally:
+            await conn.close()
+        return ("the background summarizer is off in this bench (its LLM calls would upset the llm bench's "
+                "call accounting); one summary row of ~500 tokens stands in for it, so each read fetches one")
 
     @contextlib.asynccontextmanager
     async def _inproc_search(self, queries):

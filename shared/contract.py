@@ -20,10 +20,12 @@ from shared.ids import ID_PATTERN
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Role = Literal["user", "assistant", "system"]
-Op = Literal["recent", "search"]
+Op = Literal["recent", "search", "context"]
 MAX_N = 1000
 MAX_K = 100
 MAX_QUERY_CHARS = 4096
+MAX_BUDGET_TOKENS = 200_000
+DEFAULT_BUDGET_TOKENS = 2000
 
 
 class Message(msgspec.Struct):
@@ -113,12 +115,17 @@ class GetRequest(msgspec.Struct):
     min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
     query: str | None = None
     k: Annotated[int, msgspec.Meta(ge=1, le=MAX_K)] = 5
+    # op "context" only: the token budget of the whole context, and (tier to tier) the first
+    # seq of the recent window, below which L3 looks for relevant messages and the summary
+    budget_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_BUDGET_TOKENS)] = DEFAULT_BUDGET_TOKENS
+    before_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 def check_get(req: GetRequest) -> GetRequest:
-    if req.op == "search":
+    if req.op == "search" or (req.op == "context" and req.query is not None):
         if req.query is None or not req.query.strip():
-            raise BadRequest("search needs a non-empty `query`")
+            raise BadRequest(f"{req.op} needs a non-empty `query`" if req.op == "search"
+                             else "`query`, when given, must not be empty")
         if len(req.query) > MAX_QUERY_CHARS:
             raise BadRequest(f"query is longer than {MAX_QUERY_CHARS} characters")
         _reject_surrogates(req.query, "query")
@@ -130,6 +137,50 @@ class GetReply(msgspec.Struct):
     tier: str
     seq: int
     messages: list[Message]
+
+
+# --- memory.get op "context" --------------------------------------------------
+
+
+class Summary(msgspec.Struct):
+    """A rolling summary of a user's messages `from_seq`..`upto_seq` (made through llm.complete)."""
+
+    text: str
+    from_seq: int
+    upto_seq: int
+    tokens: int
+
+
+class ContextParts(msgspec.Struct):
+    """L3's part of a context (op "context" on memory.l3.get): what lies below `before_seq`."""
+
+    user_id: str
+    seq: int  # L3's floor for this user: the parts are complete up to here
+    summary: Summary | None
+    relevant: list[Message]
+
+
+class ContextReply(msgspec.Struct):
+    """What a bot puts in its prompt, within `budget_tokens` (estimated, `shared.tokens`).
+
+    `messages` is the recent window (oldest first, contiguous, the newest
+    included; `seq` is as for `recent`, so `min_seq` holds), `relevant` older
+    messages that match the query (best first), `summary` the rolling summary
+    of older history. `covers` says which seqs each part stands for and
+    `missing` which parts could not be had (a tier down, nothing summarised
+    yet): a bot never waits for a summary being written.
+    """
+
+    user_id: str
+    tier: str
+    seq: int
+    messages: list[Message]
+    relevant: list[Message]
+    summary: Summary | None
+    tokens: int
+    budget_tokens: int
+    covers: dict[str, list[int]]
+    missing: list[str]
 
 
 def fit_reply(reply: msgspec.Struct, op: str, max_payload: int) -> msgspec.Raw:

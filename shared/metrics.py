@@ -41,6 +41,11 @@ answers = Counter("tiermem_memory_answers", "memory reads answered, by tier and 
 passed_down = Counter("tiermem_memory_passed_down",
                       "memory reads a tier passed to the next, by reason",
                       ["tier", "reason"])
+summaries = Counter("tiermem_summaries", "Rolling summaries the l3-semantic-indexer made or failed to make",
+                    ["outcome"])
+context_parts = Counter("tiermem_context_parts",
+                        "Parts of memory.get op context answers, by part and outcome "
+                        "(served, trimmed to the budget, missing)", ["part", "outcome"])
 rejected = Counter("tiermem_rejected_messages",
                    "Internal bus messages refused as forged or unusable, by service and reason",
                    ["service", "reason"])

@@ -117,7 +117,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
                   f"$JS.API.STREAM.INFO.{DEAD}", f"$JS.API.STREAM.CREATE.{DEAD}",
                   f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{S.L3_CONSUMER}",
                   f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{S.L3_CONSUMER}",
-                  f"$JS.ACK.{STREAM}.{S.L3_CONSUMER}.>"),
+                  f"$JS.ACK.{STREAM}.{S.L3_CONSUMER}.>",
+                  S.LLM_COMPLETE),  # rolling summaries (services.l3_semantic_indexer.summaries)
          subscribe=(S.MEMORY_L3_GET, S.MEMORY_L3_FORGET, *_SERVE, _inbox(L3_INDEXER))),
     Role(LLM_BROKER,
          publish=(S.audit_served(LLM_BROKER),),

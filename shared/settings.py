@@ -68,6 +68,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     embedder_dim: int = 0
     l3_batch: int = 256
     l3_min_seq_wait_s: float = 2.0
+    # rolling summaries for memory.get op "context" (services/l3_semantic_indexer/summaries.py):
+    # each extends the last by `summary_block` messages once `summary_keep` newer ones exist
+    # (those are served verbatim); 0 blocks: no summaries
+    summary_block: int = 40
+    summary_keep: int = 20
+    summary_model: str = "claude-haiku-4-5"
 
     anthropic_base_url: str = ""  # the local simulator; empty with a key: Claude itself
     anthropic_api_key: str = ""

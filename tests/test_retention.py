@@ -223,8 +223,11 @@ async def test_the_sweeper_deletes_rows_below_the_logs_first_seq_in_batches(l3_p
             return n
 
         monkeypatch.setattr(store, "retire_older", spy)
+        for user, first, last in (("a", 1, 5), ("b", 8, 9), ("b", 10, 11)):  # rolling summaries
+            assert await l3_pool.fetchval("SELECT l3.put_summary($1, $2, $3, 'summary', 1)", user, first, last)
         sweeper = Sweeper(js, l3_pool, Retention(max_age_s=3600), 3600, batch=3)
-        assert await sweeper.sweep() == {"age": 9}
+        assert await sweeper.sweep() == {"age": 9, "summaries": 2}  # those standing for swept rows
+        assert await l3_pool.fetch("SELECT user_id, from_seq FROM l3.summaries") == [("b", 10)]
         assert calls == [(10, 3), (10, 3), (10, 3), (10, 0)]  # bounded, until one comes back short
         assert await seqs_of(l3_pool, "a") == [] and await seqs_of(l3_pool, "b") == [10, 11]
         assert await n_rows(l3_pool, "a") == 0 and await n_rows(l3_pool, "b") == 2

@@ -10,13 +10,14 @@
 it to LangChain's chat-message history.
 """
 
-from shared.contract import (AppendReply, CacheInfo, CompleteReply, CompleteRequest, ForgetReply, GetReply,
-                             Message, Usage)
+from shared.contract import (AppendReply, CacheInfo, CompleteReply, CompleteRequest, ContextReply, ForgetReply,
+                             GetReply, Message, Summary, Usage)
 from shared.errors import BadRequest, PayloadTooLarge, StorageFull, TierError, Unavailable, UpstreamTimeout
 from tiermem.client import AsyncClient, Client
 
 __all__ = [
     "AsyncClient", "Client",
-    "AppendReply", "CacheInfo", "CompleteReply", "CompleteRequest", "ForgetReply", "GetReply", "Message", "Usage",
+    "AppendReply", "CacheInfo", "CompleteReply", "CompleteRequest", "ContextReply", "ForgetReply", "GetReply",
+    "Message", "Summary", "Usage",
     "TierError", "BadRequest", "PayloadTooLarge", "Unavailable", "UpstreamTimeout", "StorageFull",
 ]

@@ -38,13 +38,16 @@ from opentelemetry import context as otel_context
 
 from shared import subjects, telemetry
 from shared.bus import BusAuth, connect
-from shared.contract import AppendReply, CompleteReply, CompleteRequest, ForgetReply, GetReply, decoder
+from shared.contract import (
+    DEFAULT_BUDGET_TOKENS, AppendReply, CompleteReply, CompleteRequest, ContextReply, ForgetReply, GetReply,
+    decoder,
+)
 from shared.errors import PayloadTooLarge, TierError, Unavailable, UpstreamTimeout, from_code
 from shared.permissions import WORKER
 
 T = TypeVar("T")
 _encode = msgspec.json.Encoder().encode
-_DECODERS = {kind: decoder(kind) for kind in (AppendReply, GetReply, ForgetReply, CompleteReply)}
+_DECODERS = {kind: decoder(kind) for kind in (AppendReply, GetReply, ContextReply, ForgetReply, CompleteReply)}
 
 
 class AsyncClient:
@@ -106,6 +109,20 @@ class AsyncClient:
         """The `k` stored messages of this user closest to `query` (each with its `score`)."""
         return await self._request(self.get_subject, {"user_id": user_id, "op": "search", "query": query,
                                                       "k": k}, GetReply)
+
+    async def context(self, user_id: str, budget_tokens: int = DEFAULT_BUDGET_TOKENS, *,
+                      query: str | None = None, n: int = 10, k: int = 5,
+                      min_seq: int | None = None) -> ContextReply:
+        """What to put in a prompt within `budget_tokens`: the newest of the last `n`
+        messages, the rolling summary of older history and, with a `query`, the `k`
+        older messages that match it best (see the README's "Context assembly")."""
+        body: dict[str, Any] = {"user_id": user_id, "op": "context", "budget_tokens": budget_tokens,
+                                "n": n, "k": k}
+        if query is not None:
+            body["query"] = query
+        if min_seq is not None:
+            body["min_seq"] = min_seq
+        return await self._request(self.get_subject, body, ContextReply)
 
     async def forget(self, user_id: str) -> ForgetReply:
         """Remove everything stored for this user, in every tier and in the LLM cache."""
@@ -198,6 +215,10 @@ class Client:
 
     def search(self, user_id: str, query: str, k: int = 5) -> GetReply:
         return self._call(self._async.search, user_id, query, k)
+
+    def context(self, user_id: str, budget_tokens: int = DEFAULT_BUDGET_TOKENS, *,
+                query: str | None = None, n: int = 10, k: int = 5, min_seq: int | None = None) -> ContextReply:
+        return self._call(self._async.context, user_id, budget_tokens, query=query, n=n, k=k, min_seq=min_seq)
 
     def forget(self, user_id: str) -> ForgetReply:
         return self._call(self._async.forget, user_id)

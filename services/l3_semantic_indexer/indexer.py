@@ -93,6 +93,7 @@ class Indexer:
         self.floor = Floor(lambda: stream.last_seq(rt.js),
                            lambda: rt.js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER))
         self._before_commit = before_commit
+        self.on_indexed: Callable[[set[str]], None] | None = None  # the users of each committed batch
         self._dead = {r: metrics.dead_lettered.labels(subjects.L3_CONSUMER, r)
                       for r in (UNDECODABLE, SUBJECT_MISMATCH)}
 
@@ -136,6 +137,8 @@ class Indexer:
         for msg in good:
             await msg.ack()
         log.debug("indexed", batch=len(rows), inserted=inserted)
+        if self.on_indexed is not None:
+            self.on_indexed({r.user_id for r in rows})
 
     async def _dead_letter(self, msg, seq: int, bad: Poison) -> None:
         """Keep `msg` in the dead-letter stream, then take it off the log's consumer.

@@ -1,8 +1,10 @@
 """l3-semantic-indexer: the full history in Postgres + pgvector.
 
 Runs the indexer (durable log -> embeddings -> Postgres) and answers
-`memory.l3.get`: `recent` for any n, and `search` (top-k by meaning, with a
-score). L3 is the last tier: when asked for a `min_seq` it has not indexed
+`memory.l3.get`: `recent` for any n, `search` (top-k by meaning, with a
+score) and `context` (the parts of a context below a recent window: the
+newest rolling summary, made in the background by summaries.py, and the
+messages that match the query). L3 is the last tier: when asked for a `min_seq` it has not indexed
 yet it waits a bounded time, then answers 503 rather than a stale reply.
 A read without `min_seq` is held to the same rule for what the log has
 held for half the audit grace (`shared.log_head`): an indexer that lags
@@ -22,17 +24,17 @@ import msgspec
 
 from shared import metrics, stream, subjects
 from shared.contract import (
-    ForgetReply, GetReply, GetRequest, L3ForgetRequest, Message, check_get, fit_reply,
+    ContextParts, ForgetReply, GetReply, GetRequest, L3ForgetRequest, Message, check_get, encode, fit_reply,
 )
 from shared.embeddings import embedder_from_settings
-from shared.errors import BadRequest, Unavailable
+from shared.errors import BadRequest, PayloadTooLarge, Unavailable
 from shared.log_head import LogHead
 from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
 
-from . import store
+from . import store, summaries
 from .indexer import Indexer
 from .sweeper import Sweeper
 
@@ -52,6 +54,11 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
     await stream.wait_for_stream(rt.js)
     await stream.ensure_dead_letter_stream(rt.js, settings.stream_replicas)
     indexer = Indexer(rt, pool, embedder, before_commit=before_commit)
+    if settings.summary_block > 0:
+        summarizer = summaries.Summarizer(rt, pool, indexer.floor, block=settings.summary_block,
+                                          keep=settings.summary_keep, model=settings.summary_model)
+        indexer.on_indexed = summarizer.note
+        rt.spawn(summarizer.run(), "summarizer")
     rt.spawn(indexer.run(), "indexer")
     retention = Retention.from_settings(settings)
     if retention.drops_anything():
@@ -82,10 +89,12 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
             raise Unavailable(f"L3's indexing lags the log (indexed up to seq {floor.value}, "
                               f"the log held {due} {head.lag_s:g} s ago); retry shortly")
         vector = None
-        if req.op == "search":
+        if req.query is not None and req.op != "recent":
             with tracer.start_as_current_span("embed query", attributes={"model": embedder.model_id}):
                 vector = (await embedder.embed([req.query], input_type="query"))[0]
         upto = floor.value
+        if req.op == "context":
+            return await parts(req, vector, upto)
         messages, newest = await read(req, vector, upto)
         # The user has rows above the floor this process knows: learn the floor now, and if
         # some of those rows are still not provably complete, claim only what is.
@@ -99,6 +108,24 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
         served.memory(TIER, req.user_id, req.op, req.k if req.op == "search" else req.n,
                       req.min_seq, seq, messages)
         return reply
+
+    async def parts(req: GetRequest, vector, upto: int) -> msgspec.Raw:
+        """L3's share of a context: below the caller's window, the newest summary and
+        the messages that best match the query (none without one)."""
+        below = upto if req.before_seq is None else min(upto, req.before_seq - 1)
+        relevant: list[Message] = []
+        with tracer.start_as_current_span("postgres context", attributes={"db.system": "postgresql"}):
+            summary = await summaries.latest(pool, req.user_id, below)
+            if vector is not None and below > 0:
+                relevant, _ = await store.search(pool, req.user_id, req.query, vector, req.k,
+                                                 embedder.model_id, floor=below)
+            seq = await store.newest_upto(pool, req.user_id, upto)
+        metrics.answers.labels(TIER, req.op).inc()
+        body = encode(ContextParts(req.user_id, seq, summary, relevant))
+        if len(body) > rt.nc.max_payload:
+            raise PayloadTooLarge(f"the context parts are {len(body)} bytes, over max_payload "
+                                  f"{rt.nc.max_payload}; ask for fewer relevant messages (k)")
+        return msgspec.Raw(body)
 
     async def forget(req: L3ForgetRequest) -> ForgetReply:
         # The tombstone would also void messages not yet written: a forged or confused

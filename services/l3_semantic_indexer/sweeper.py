@@ -11,6 +11,9 @@ Every `RETAIN_SWEEP_S` this deletes
 - by count: rows beyond their user's newest `RETAIN_MAX_PER_USER`, as the
   stream keeps per subject (one subject per user).
 
+Summaries that stand for a swept message go with it (`summaries.retire`);
+the next one is made from the oldest messages still held.
+
 In batches of `SWEEP_BATCH` rows, each one short transaction under its
 users' locks (`l3.retire`), so the indexer's batches wait little behind it
 and a first sweep over a large history does not hold Postgres for long.
@@ -29,7 +32,7 @@ from nats.js import JetStreamContext
 from shared import metrics, subjects
 from shared.retention import Retention
 
-from . import store
+from . import store, summaries
 
 log = structlog.get_logger()
 SWEEP_BATCH = 1000
@@ -65,6 +68,7 @@ class Sweeper:
             deleted["count"] = await self._drain("count", store.retire_beyond,
                                                  self.retention.max_per_user)
         if any(deleted.values()):
+            deleted["summaries"] = await summaries.retire(self.pool)
             log.info("retention_swept", tier=TIER, **deleted)
         return deleted
 

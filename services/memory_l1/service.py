@@ -33,14 +33,15 @@ import structlog
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
+from services.memory_l1.context import assemble
 from services.memory_l1.gate import SeqGate
 from services.memory_l1.window import BEHIND, MISS, TOO_MANY, WindowStore
 from shared import metrics, stream, subjects
 from shared.served import Served
 from shared.contract import (
-    Changed, EvictRequest, GetReply, GetRequest, check_get, decoder, fit_reply,
+    Changed, ContextParts, EvictRequest, GetReply, GetRequest, check_get, decoder, encode, fit_reply,
 )
-from shared.errors import PayloadTooLarge, Unavailable
+from shared.errors import PayloadTooLarge, TierError, Unavailable
 from shared.ids import from_token
 from shared.retention import Retention
 from shared.service import Runtime
@@ -57,6 +58,8 @@ EVENTS_PENDING_BYTES = 64 * 1024 * 1024
 # How long a read behind min_seq waits for held events to be checked before going to L2
 # (a check is one JetStream API round trip, well under a millisecond when all is well).
 CHECK_WAIT_S = 0.1
+# A context is served without L3's parts rather than wait longer than this for them.
+CONTEXT_PARTS_TIMEOUT_S = 1.0
 
 
 async def build(rt: Runtime, *, store: WindowStore | None = None) -> None:
@@ -132,6 +135,8 @@ class Sidecar:
 
     async def get(self, req: GetRequest) -> msgspec.Raw:
         check_get(req)
+        if req.op == "context":
+            return await self._context(req)
         if (queued := self._events_queued()) and not await self._events_handled(
                 self._events_done + queued):
             return await self._pass_through(req, BEHIND)  # events before it are not applied
@@ -159,6 +164,29 @@ class Sidecar:
                 raise
             # The window a fill asks for is too big to send; what the caller asked may not be.
             return await self.rt.request(subjects.MEMORY_L2_GET, req, msgspec.Raw)
+
+    async def _context(self, req: GetRequest) -> msgspec.Raw:
+        """The recent window as `recent` serves it (read-your-writes), plus L3's parts
+        below it; without those parts (L3 down or slow) the window alone, saying so."""
+        recent = _reply.decode(await self.get(GetRequest(req.user_id, "recent", req.n, req.min_seq)))
+        before = recent.messages[0].seq if recent.messages else recent.seq + 1
+        parts = None
+        try:
+            parts = await self.rt.request(
+                subjects.MEMORY_L2_GET,  # the gateway passes what is not `recent` on to L3
+                GetRequest(req.user_id, "context", query=req.query, k=req.k, before_seq=before),
+                ContextParts, timeout=CONTEXT_PARTS_TIMEOUT_S)
+        except TierError as exc:
+            log.warning("context_parts_unavailable", error=exc.message, code=exc.code)
+            metrics.context_parts.labels("l3", "missing").inc()
+        reply = assemble(recent, parts, req.budget_tokens, want_relevant=req.query is not None)
+        for part, served in (("summary", reply.summary is not None), ("relevant", bool(reply.relevant))):
+            metrics.context_parts.labels(part, "served" if served else "none").inc()
+        body = encode(reply)
+        if len(body) > self.rt.nc.max_payload:
+            raise PayloadTooLarge(f"the context is {len(body)} bytes, over max_payload "
+                                  f"{self.rt.nc.max_payload}; ask for a smaller budget_tokens")
+        return msgspec.Raw(body)
 
     def _passed_down(self, reason: str) -> None:
         self._down[reason].inc()
