@@ -1,6 +1,7 @@
 """The HTML report: one self-contained file, plots embedded as PNG data URIs.
 
-Plots: latency distribution per tier, LLM cache hit rate and cost over
+Plots: the cost waterfall against a fleet without tiermem (same run),
+latency distribution per tier, LLM cache hit rate and cost over
 simulated time, the tiers' shares, and the waterfall of one slow lookup's
 trace (the spans the services wrote to `TRACE_FILE`, under the call as the
 worker measured it).
@@ -32,6 +33,9 @@ def write(path: Path, records: list[dict], summary: dict, *, spans_path: Path, p
         ("LLM cache hit rate and cost over simulated time", _time_plot(records, prices)),
         ("Share of lookups per tier", _share_plot(summary)),
     ]
+    if summary.get("cost"):
+        plots.insert(0, ("Cost per month: a fleet without tiermem, then each layer of tiermem (same run)",
+                         _cost_plot(summary["cost"])))
     waterfall, caption = _waterfall(records, spans_path)
     if waterfall:
         plots.append((f"Trace of one slow lookup: {caption}", waterfall))
@@ -126,6 +130,21 @@ def _time_plot(records: list[dict], prices: dict) -> str:
     a2.set_xlabel("simulated time")
     for a in (a1, a2):
         a.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def _cost_plot(cost: dict) -> str:
+    steps = cost["waterfall"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    values = [st["per_month_usd"] for st in steps]
+    bars = ax.bar([st["step"].replace(" ", "\n", 1) for st in steps], values,
+                  color=["#c92a2a", "#e8590c", "#1971c2", "#2b8a3e"])
+    for bar, st in zip(bars, steps):
+        ax.annotate(f"${st['per_month_usd']:,.0f}\n{100 * (st['share_of_baseline'] or 0):.0f} %",
+                    (bar.get_x() + bar.get_width() / 2, st["per_month_usd"]), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("USD per month")
+    ax.set_ylim(0, max(values) * 1.25 if values and max(values) > 0 else 1)
+    ax.grid(True, axis="y", alpha=0.3)
     return _png(fig)
 
 

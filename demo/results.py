@@ -46,6 +46,47 @@ def tokens(record: dict) -> int:
     return sum(record.get(kind, 0) for kind in TOKEN_KINDS)
 
 
+def full_price_usd(record: dict, prices: dict, output_tokens: float) -> float:
+    """Every input token at the plain input price (no provider prompt caching), plus the output."""
+    price = prices.get(record["model"]) or prices["default"]
+    inputs = sum(record.get(kind, 0) for kind in ("input_tokens", "cache_creation_input_tokens",
+                                                  "cache_read_input_tokens"))
+    return (inputs * price["input"] + output_tokens * price["output"]) / 1_000_000
+
+
+WATERFALL = ("without tiermem", "with tiered context", "+ provider prompt caching", "+ response cache")
+
+
+def waterfall(records: list[dict], llm: list[dict], prices: dict) -> dict | None:
+    """The cost of one run, step by step from the fleet without tiermem (services/agent_worker/
+    baseline.py) to tiermem's: our prompts at full price, then with the provider's prompt
+    cache as billed, then without the calls the response cache answered. None: no baseline."""
+    base = [r for r in records if r.get("kind") == "baseline" and "error" not in r]
+    if not base:
+        return None
+    sent = [r["output_tokens"] for r in base if r["task"] == "memory_retrieval" and r.get("sent")]
+    mean_out = sum(sent) / len(sent) if sent else float(MEMORY_OUTPUT_FALLBACK)
+    baseline_usd = sum(full_price_usd(r, prices, mean_out if r["output_tokens"] is None else r["output_tokens"])
+                       for r in base)
+    steps = [baseline_usd,
+             sum(full_price_usd(r, prices, r.get("output_tokens", 0)) for r in llm),
+             sum(cost_usd(r, prices) for r in llm),
+             sum(cost_usd(r, prices) for r in llm if r["status"] != "hit")]
+    memory = [r for r in base if r["task"] == "memory_retrieval"]
+    return {
+        "steps": dict(zip(WATERFALL, steps)),
+        "baseline_calls": len(base),
+        "baseline_unpriced": sum(1 for r in records if r.get("kind") == "baseline" and "error" in r),
+        "memory_retrieval": {"calls": len(memory), "sent": len(sent),
+                             "mean_output_tokens": mean_out if sent else None},
+        "baseline_input_tokens": sum(r["input_tokens"] for r in base),
+    }
+
+
+# Output tokens a memory-retrieval call is assumed to write when no sample was sent (a tiny run).
+MEMORY_OUTPUT_FALLBACK = 200
+
+
 def _latency(values: list[float]) -> dict:
     return {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
             "p99": percentile(values, 99)}
@@ -103,6 +144,22 @@ def summarize(records: list[dict], *, prices: dict, days: int, leads: int) -> di
             "per_lead_without_usd": without / days * 30 / leads,
             "per_lead_with_usd": with_cache / days * 30 / leads,
         },
+        "cost": _cost(waterfall(records, llm, prices), days, leads),
+    }
+
+
+def _cost(w: dict | None, days: int, leads: int) -> dict | None:
+    """The waterfall per month (x 30 / days) and per lead, with each step's share of the baseline."""
+    if w is None:
+        return None
+    month = {k: v / days * 30 for k, v in w["steps"].items()}
+    base = month[WATERFALL[0]]
+    return {
+        "baseline_per_month_usd": base,
+        "tiermem_per_month_usd": month[WATERFALL[-1]],
+        "waterfall": [{"step": k, "per_month_usd": v, "per_lead_usd": v / leads,
+                       "share_of_baseline": v / base if base else None} for k, v in month.items()],
+        **{k: v for k, v in w.items() if k != "steps"},
     }
 
 
@@ -151,8 +208,23 @@ def format_table(s: dict, *, header: str, audit: dict | None) -> str:
         f"price table of the llm-broker)",
         "",
     ]
+    lines += _waterfall_lines(s.get("cost"))
     lines += _audit_lines(audit)
     return "\n".join(lines)
+
+
+def _waterfall_lines(cost: dict | None) -> list[str]:
+    if cost is None:
+        return ["cost vs a fleet without tiermem  n/a (no baseline priced: DEMO_BASELINE=0 or no endpoint)", ""]
+    lines = ["cost vs a fleet without tiermem (same run; per month, per lead, share of the baseline):"]
+    for step in cost["waterfall"]:
+        lines.append(f"  {step['step']:<28} {_usd(step['per_month_usd']):>12}  {_usd(step['per_lead_usd']):>8}"
+                     f"  {_pct(step['share_of_baseline'] or 0):>8}")
+    m = cost["memory_retrieval"]
+    out = "n/a" if m["mean_output_tokens"] is None else f"{m['mean_output_tokens']:.0f}"
+    lines += [f"  (baseline: every call with the whole transcript plus {m['calls']:,} memory-retrieval calls, "
+              f"tokens by count_tokens, not sent; their output {out} tokens, the mean of {m['sent']} sent)", ""]
+    return lines
 
 
 def _audit_lines(audit: dict | None) -> list[str]:

@@ -117,6 +117,10 @@ class Demo:
             "SIMULATOR_LATENCY_MEDIAN_S": f"{SIM_LATENCY_MEDIAN_S / speed:.9f}",
             "SIMULATOR_LATENCY_P95_S": f"{SIM_LATENCY_P95_S / speed:.9f}",
             "TIERMEM_STATE_DIR": str(self.stack_dir),
+            # The bots build prompts from the recent window, not from memory.get op=context yet,
+            # so L3's rolling summaries would be LLM spend nobody reads (and calls the results
+            # table, computed from the workers' logs, would not see).
+            "SUMMARY_BLOCK": "0",
         })
 
     def _stack_up(self) -> dict[str, str]:

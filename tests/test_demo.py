@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import subprocess
 import sys
@@ -136,6 +137,44 @@ def test_cost_recomputes_from_the_price_table_and_tokens(short_run):
     billed = sum(r["cost_usd"] for r in llm if r["status"] != "hit")
     assert billed == pytest.approx(with_cache, abs=1e-8 * len(llm))
     assert f"${month['with_usd']:,.2f}" in results["table"]
+
+
+def test_the_baseline_recounts_from_the_logs_and_its_waterfall_from_the_price_table(short_run):
+    """A fleet without tiermem, priced in the same run (services/agent_worker/baseline.py).
+
+    Its tokens are recounted here from the character count of every block the
+    log holds, with the simulator's tokenizer rule (a token per 4 characters of
+    each text block), not with the code that counted them.
+    """
+    results = json.loads((short_run["run"] / "results.json").read_text())
+    records = _records(short_run["run"])
+    base = [r for r in records if r["kind"] == "baseline"]
+    llm = [r for r in records if r["kind"] == "llm" and r["code"] == 200]
+    assert base and not [r for r in base if "error" in r]
+    for r in base:
+        assert r["input_tokens"] == sum(math.ceil(chars / 4) for chars in r["blocks"]), r
+    interactions = [r for r in records if r["kind"] == "interaction"]
+    memory = [r for r in base if r["task"] == "memory_retrieval"]
+    assert len(memory) == len(interactions)  # one memory-retrieval call an interaction
+    assert len(base) - len(memory) == len(llm)  # and a twin of every call the bots made
+    # The whole transcript is never smaller than the window our bots sent.
+    twins = {(r["ix"], r["task"]): r for r in base if r["task"] != "memory_retrieval"}
+    assert sum(r["input_tokens"] for r in twins.values()) >= sum(
+        r["input_tokens"] + r["cache_creation_input_tokens"] + r["cache_read_input_tokens"] for r in llm) * 0.99
+
+    def price(r, out):
+        p = PRICES.get(r["model"], PRICES["default"])
+        return (r["input_tokens"] * p["input"] + out * p["output"]) / 1e6
+
+    sent = [r["output_tokens"] for r in memory if r["sent"]]
+    mean_out = sum(sent) / len(sent) if sent else 200
+    baseline = sum(price(r, mean_out if r["output_tokens"] is None else r["output_tokens"]) for r in base)
+    cost = results["cost"]
+    assert cost["baseline_per_month_usd"] == pytest.approx(baseline / DAYS * 30)
+    assert cost["tiermem_per_month_usd"] == pytest.approx(results["month"]["with_usd"])
+    steps = [st["per_month_usd"] for st in cost["waterfall"]]
+    assert steps[0] >= steps[1] >= steps[2] >= steps[3] > 0, steps  # each layer saves, none costs
+    assert f"${cost['baseline_per_month_usd']:,.2f}" in results["table"]
 
 
 def test_report_holds_its_plots(short_run):

@@ -63,6 +63,7 @@ from datetime import datetime, timedelta, timezone
 import msgspec
 
 from services.agent_worker import conversations as conv
+from services.agent_worker.baseline import Baseline, memory_request, messages_body
 from services.agent_worker.client import Call, Tiermem
 from services.agent_worker.scenario import LeadPlan, Mix
 
@@ -167,6 +168,8 @@ class LeadState:
 
     def __init__(self, plan: LeadPlan) -> None:
         self.lead_at = max((at for role, _, at in plan.history if role == "user"), default=-1e12)
+        # the whole conversation so far: what a fleet without tiermem puts in every prompt (baseline.py)
+        self.transcript = [{"role": role, "text": text} for role, text, _ in plan.history]
         self.checkin_at = -1e12
         self.unanswered = 0
 
@@ -176,8 +179,10 @@ class LeadState:
 
 
 class Bot:
-    def __init__(self, client: Tiermem, log: CallLog, clock: SimClock, mix: Mix) -> None:
+    def __init__(self, client: Tiermem, log: CallLog, clock: SimClock, mix: Mix,
+                 baseline: Baseline | None = None) -> None:
         self.client, self.log, self.clock, self.mix = client, log, clock, mix
+        self.baseline = baseline
 
     async def run_lead(self, plan: LeadPlan) -> None:
         rng = random.Random(plan.user_id)  # the lead's own draws: same run, same calls
@@ -193,7 +198,8 @@ class Bot:
             t0 = time.perf_counter()
             if ev.kind == "inbound":
                 state.lead_at, state.unanswered = ev.at, 0
-                await self.inbound(plan, bot, ev.text, i, ctx, rng)
+                state.transcript.append({"role": "user", "text": ev.text})
+                await self.inbound(plan, bot, ev.text, i, ctx, rng, state)
             else:
                 await self.review(plan, bot, ev.role or "qualifier", ev.at, i, ctx, rng, state)
             self.log.write({"kind": "interaction", **ctx, "sim": round(ev.at, 1),
@@ -201,8 +207,9 @@ class Bot:
                             "ms": round((time.perf_counter() - t0) * 1000, 3)})
 
     async def inbound(self, plan: LeadPlan, bot: str, text: str, i: int, ctx: dict,
-                      rng: random.Random) -> None:
+                      rng: random.Random, state: LeadState) -> None:
         user, c = plan.user_id, self.client
+        self.remember(ctx, state)
         a = await c.append(user, bot, "user", text, f"{user}:{i}:in", self.clock.iso())
         self.log.call(a, "append", ctx, role="user", seq=a.reply.get("seq"), dup=a.reply.get("duplicate"))
         if not a.ok:
@@ -211,26 +218,31 @@ class Bot:
         window = await self.read(c.recent(user, 10, min_seq=seq), ctx, n=10)
         await self.more_reads(user, seq, ctx, rng)
         history = window or [{"role": "user", "text": text}]
-        asks = [self.llm(score_request(plan, history, bot), ctx),
+        full = state.transcript
+        asks = [self.llm(score_request(plan, history, bot), ctx, score_request(plan, full, bot)),
                 self.llm(intent_request(plan, text, bot), ctx)]
         if rng.random() < self.mix["market"]:
             asks.append(self.llm(market_request(plan, rng, bot), ctx))
         await asyncio.gather(*asks)
-        answer = await self.llm(reply_request(plan, history, bot=bot, role="qualifier"), ctx)
+        answer = await self.llm(reply_request(plan, history, bot=bot, role="qualifier"), ctx,
+                                reply_request(plan, full, bot=bot, role="qualifier"))
         if answer is not None:
             r = await c.append(user, bot, "assistant", answer, f"{user}:{i}:out", self.clock.iso())
             self.log.call(r, "append", ctx, role="assistant", seq=r.reply.get("seq"))
+            if r.ok:
+                state.transcript.append({"role": "assistant", "text": answer})
 
     async def review(self, plan: LeadPlan, bot: str, role: str, at: float, i: int, ctx: dict,
                      rng: random.Random, state: LeadState) -> None:
         """A bot looks at a quiet lead: re-read, re-score, re-classify, its role's job, maybe a text."""
         user = plan.user_id
+        self.remember(ctx, state)
         window = await self.read(self.client.recent(user, 10), ctx, n=10)
         if not window:
             return
         await self.more_reads(user, None, ctx, rng)
         last_lead = next((m["text"] for m in reversed(window) if m["role"] == "user"), None)
-        asks = [self.llm(score_request(plan, window, bot), ctx)]
+        asks = [self.llm(score_request(plan, window, bot), ctx, score_request(plan, state.transcript, bot))]
         if last_lead:
             asks.append(self.llm(intent_request(plan, last_lead, bot), ctx))
         if role == "nurture" and rng.random() < self.mix["market"]:
@@ -245,7 +257,8 @@ class Bot:
         if not (wants and state.may_check_in(role, at) and rng.random() < self.mix["nudge"]):
             return
         request = reply_request(plan, window, bot=bot, role=role, instruction=INSTRUCTIONS[role])
-        answer = await self.llm(request, ctx)
+        answer = await self.llm(request, ctx, reply_request(plan, state.transcript, bot=bot, role=role,
+                                                            instruction=INSTRUCTIONS[role]))
         if answer is not None:
             r = await self.client.append(user, bot, "assistant", answer, f"{user}:{i}:{role}",
                                          self.clock.iso())
@@ -253,6 +266,7 @@ class Bot:
             if r.ok:
                 state.checkin_at = at
                 state.unanswered += 1
+                state.transcript.append({"role": "assistant", "text": answer})
 
     async def more_reads(self, user: str, seq: int | None, ctx: dict, rng: random.Random) -> None:
         """Sometimes more than the last 10: a longer read, the older history, a search."""
@@ -274,10 +288,19 @@ class Bot:
         self.log.call(call, "get", ctx, n=n, tier=call.reply.get("tier"), count=len(messages))
         return messages
 
-    async def llm(self, body: dict, ctx: dict) -> str | None:
+    def remember(self, ctx: dict, state: LeadState) -> None:
+        """The baseline fleet's memory-retrieval call of this interaction (priced, not sent)."""
+        if self.baseline is not None:
+            self.baseline.add(ctx, "memory_retrieval", memory_request(HAIKU, state.transcript), None)
+
+    async def llm(self, body: dict, ctx: dict, twin: dict | None = None) -> str | None:
+        """One llm.complete; `twin` is the same call as a fleet without tiermem builds it (the
+        whole transcript for the window; None: the same request), priced for the baseline."""
         call = await self.client.complete(body)
         r = call.reply
         usage, cache = r.get("usage") or {}, r.get("cache") or {}
+        if self.baseline is not None and call.ok:
+            self.baseline.add(ctx, body["task"], messages_body(twin or body), usage.get("output_tokens", 0))
         self.log.call(call, "llm", ctx, task=body["task"], model=body["model"],
                       volatility=body["cache"]["volatility"], mode=body["cache"]["mode"],
                       scope=body["cache"]["scope"], status=cache.get("status"), match=cache.get("match"),

@@ -17,6 +17,8 @@ Settings (environment, read once at start):
 | `DEMO_T0` | after seeding | unix time simulated time starts (the demo sets it for every worker) |
 | `DEMO_SEED_HISTORY` | 1 | append each lead's imported history first |
 | `DEMO_DATE` | 2026-03-02 | day 1 of simulated time (message timestamps) |
+| `DEMO_BASELINE` | 1 | price what a fleet without tiermem would have sent (`baseline.py`), through `count_tokens` |
+| `ANTHROPIC_BASE_URL`, `ANTHROPIC_API_KEY` | `.tiermem/stack.env` | the Messages API the baseline counts tokens with (the simulator) |
 
 The llm-broker's TTLs and the model's latency are wall-clock: against a stack
 that `just demo` did not start (it scales them, see demo/run.py), run at
@@ -34,9 +36,11 @@ import socket
 import time
 from typing import Mapping
 
+import anthropic
 import msgspec
 
 from services.agent_worker import scenario
+from services.agent_worker.baseline import Baseline
 from services.agent_worker.bot import Bot, CallLog, SimClock, sim_start
 from services.agent_worker.client import Tiermem
 from services.agent_worker.scenario import Mix
@@ -64,6 +68,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     t0: float = 0.0
     seed_history: bool = True
     date: str = "2026-03-02"
+    # the same-run baseline (baseline.py): priced through this Messages API endpoint
+    baseline: bool = True
+    anthropic_base_url: str = ""
+    anthropic_api_key: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
@@ -82,6 +90,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
             "speed": env.get("DEMO_SPEED"), "mix": env.get("DEMO_MIX"), "seed": env.get("DEMO_SEED"),
             "run": env.get("DEMO_RUN") or secrets.token_hex(3), "t0": env.get("DEMO_T0"),
             "seed_history": env.get("DEMO_SEED_HISTORY"), "date": env.get("DEMO_DATE"),
+            "baseline": env.get("DEMO_BASELINE"), "anthropic_base_url": env.get("ANTHROPIC_BASE_URL"),
+            "anthropic_api_key": env.get("ANTHROPIC_API_KEY"),
         }
         values = {k: v for k, v in raw.items() if v not in (None, "")}
         if "nats_url" not in values:
@@ -115,7 +125,8 @@ async def run(s: WorkerSettings, stop: asyncio.Event) -> int:
         calls.write({"kind": "start", "leads": len(plans), "events": sum(len(p.events) for p in plans),
                      "t0": clock.t0, "speed": s.speed, "days": s.days, "run": s.run,
                      "sidecar": s.l1_id or "(queue group)"})
-        bot = Bot(client, calls, clock, mix)
+        baseline = _baseline(s, calls)
+        bot = Bot(client, calls, clock, mix, baseline)
         tasks = [asyncio.create_task(bot.run_lead(p)) for p in plans]
         flusher = asyncio.create_task(_flush_every(calls, 0.5))
         stopper = asyncio.create_task(stop.wait())
@@ -127,11 +138,24 @@ async def run(s: WorkerSettings, stop: asyncio.Event) -> int:
         await asyncio.gather(done, flusher, stopper, return_exceptions=True)
         if finished and done.exception() is not None:
             raise done.exception()
+        if baseline is not None and finished:
+            await baseline.drain()
         calls.write({"kind": "end", "finished": finished, "calls": calls.calls, "errors": calls.errors})
         return 0
     finally:
         calls.close()
         await nc.close()
+
+
+def _baseline(s: WorkerSettings, calls: CallLog) -> Baseline | None:
+    """The pricer of the fleet without tiermem, when there is an endpoint to count tokens with."""
+    if not s.baseline or not (s.anthropic_base_url or s.anthropic_api_key):
+        calls.write({"kind": "baseline_off", "why": "DEMO_BASELINE=0" if not s.baseline
+                     else "no ANTHROPIC_BASE_URL or ANTHROPIC_API_KEY to count tokens with"})
+        return None
+    client = anthropic.AsyncAnthropic(base_url=s.anthropic_base_url or None,
+                                      api_key=s.anthropic_api_key or "simulator", max_retries=2)
+    return Baseline(client, calls.write, seed=f"{s.seed}:{s.shard}")
 
 
 async def seed(client: Tiermem, plans: list[scenario.LeadPlan], start) -> tuple[int, int]:
