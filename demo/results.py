@@ -188,6 +188,7 @@ def format_table(s: dict, *, header: str, audit: dict | None) -> str:
         rows.append((f"  {tier.upper() if tier != 'all' else 'all tiers'}", share, f"{lat['count']:,}",
                      _ms(lat["p50"]), _ms(lat["p95"]), _ms(lat["p99"])))
     ap = s["appends"]
+    rows.append(("  (design)", "74/14/12", "", "", "4.8 ms", ""))
     rows.append(("  (appends)", "", f"{ap['count']:,}", _ms(ap["p50"]), _ms(ap["p95"]), _ms(ap["p99"])))
     widths = [max(len(r[c]) for r in rows) for c in range(6)]
     for r in rows:

@@ -4,7 +4,10 @@
    the servers named by `NATS_URL` / `REDIS_URL` / `DATABASE_URL`), every
    service with `TRACE_FILE` set, so sampled lookups leave their spans.
 2. Append every lead's imported history, then start the agent workers
-   (`python -m services.agent_worker`) on one shared simulated clock.
+   (`python -m services.agent_worker`, `DEMO_WORKERS`, 3 by default) on one
+   shared simulated clock, each with a memory-l1 sidecar of its own that it
+   reads through (`L1_ID`), as in a pod; a lead's events all go to worker
+   `index % workers` (sticky routing).
 3. Progress on stderr until the workers finish their plan.
 4. Ask the freshness-auditor for `audit.stats`, stop everything, print the
    table (computed from the workers' call logs, see demo/results.py) and
@@ -72,6 +75,7 @@ class Demo:
         self.run_dir = cfg.dir / "run"
         self.mix = scenario.Mix.parse(cfg.mix)
         self.workers: list[tuple[subprocess.Popen, Path]] = []
+        self.sidecars: list[subprocess.Popen] = []
         self.run_id = f"r{int(time.time()) % 1_000_000:06d}"
 
     # --- the whole run -------------------------------------------------------
@@ -88,6 +92,7 @@ class Demo:
             env = self._stack_up()
             before = _request(env, "llm.stats")
             self._seed(env)
+            self._start_sidecars(env)
             self._start_workers(env)
             self._wait_for_workers()
             audit = _request(env, "audit.stats")
@@ -113,7 +118,6 @@ class Demo:
         os.environ.update({
             "TRACE_FILE": str(self.run_dir / "spans.jsonl"),
             "LLM_CONFIG": str(write_scaled_config(BROKER_CONFIG, self.run_dir / "llm-config.toml", speed)),
-            "L1_MAX_USERS": str(self.cfg.l1_users),
             "SIMULATOR_LATENCY_MEDIAN_S": f"{SIM_LATENCY_MEDIAN_S / speed:.9f}",
             "SIMULATOR_LATENCY_P95_S": f"{SIM_LATENCY_P95_S / speed:.9f}",
             "TIERMEM_STATE_DIR": str(self.stack_dir),
@@ -151,6 +155,16 @@ class Demo:
         c = self.cfg
         return scenario.plan_fleet(c.leads, run=self.run_id, bots=c.bots, days=c.days, mix=self.mix, seed=c.seed)
 
+    def _start_sidecars(self, env: dict[str, str]) -> None:
+        """A memory-l1 sidecar per worker, as in a pod: the worker reads through its own (`L1_ID`)."""
+        for i in range(self.cfg.workers):
+            l1_env = {**stack.service_env("memory-l1", self.stack_dir, env, 0), "L1_ID": sidecar_id(i)}
+            self.sidecars.append(servers.spawn(f"memory-l1-{i}", [sys.executable, "-m", "services.memory_l1"],
+                                               log_path=self.run_dir / f"memory-l1-{i}.log", env=l1_env,
+                                               cwd=REPO))
+        if not asyncio.run(_answering(env, [sidecar_id(i) for i in range(self.cfg.workers)], self.cfg.up_timeout)):
+            raise DemoError(f"the workers' memory-l1 sidecars did not come up; see {self.run_dir}/memory-l1-*.log")
+
     def _start_workers(self, env: dict[str, str]) -> None:
         c = self.cfg
         t0 = time.time() + 1.5  # workers import and connect meanwhile
@@ -158,7 +172,8 @@ class Demo:
         self.t0 = t0
         for i in range(c.workers):
             calls = self.run_dir / f"calls-{i}.jsonl"
-            worker_env = {**os.environ, **env, "WORKER_ID": f"worker-{i}", "WORKER_LOG": str(calls),
+            worker_env = {**os.environ, **env, "WORKER_ID": f"worker-{i}", "L1_ID": sidecar_id(i),
+                          "WORKER_LOG": str(calls),
                           "WORKER_SHARD": str(i), "WORKER_SHARDS": str(c.workers),
                           "DEMO_LEADS": str(c.leads), "DEMO_BOTS": str(c.bots), "DEMO_DAYS": str(c.days),
                           "DEMO_SPEED": repr(c.speed), "DEMO_MIX": c.mix, "DEMO_SEED": str(c.seed),
@@ -188,10 +203,19 @@ class Demo:
             time.sleep(0.25)
 
     def _stop_workers(self) -> None:
+        for proc in self.sidecars:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for proc, _ in self.workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc, _ in self.workers:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for proc in self.sidecars:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -208,7 +232,7 @@ class Demo:
         summary["broker"] = _broker_delta(before, after)
         summary["audit"] = audit
         summary["settings"] = {"leads": c.leads, "bots": c.bots, "days": c.days, "speed": c.speed,
-                               "workers": c.workers, "mix": dict(self.mix), "l1_users": c.l1_users,
+                               "workers": c.workers, "mix": dict(self.mix),
                                "seed": c.seed, "wall_s": round(wall_s, 1)}
         header = (f"tiermem demo: {c.leads} leads, {c.bots} bots, {c.days} simulated day(s) "
                   f"({summary['interactions']:,} interactions, {summary['calls']:,} calls, "
@@ -273,6 +297,32 @@ def _request(env: dict[str, str], subject: str, timeout: float = 5.0) -> dict | 
         return json.loads(msg.data)
 
     return asyncio.run(ask())
+
+
+def sidecar_id(worker: int) -> str:
+    return f"demo-w{worker}"
+
+
+async def _answering(env: dict[str, str], l1_ids: list[str], timeout: float) -> bool:
+    """True once every sidecar answers on its own subject (as admin: any user id will do)."""
+    from shared.bus import connect_as
+    from shared.permissions import ADMIN
+
+    nc = await connect_as(env, ADMIN, connect_timeout=5, allow_reconnect=False)
+    deadline = time.monotonic() + timeout
+    try:
+        for l1_id in l1_ids:
+            while True:
+                try:
+                    await nc.request(f"memory.get.{l1_id}", b'{"user_id": "demo-warmup", "n": 1}', timeout=1)
+                    break
+                except Exception:  # noqa: BLE001 - not subscribed yet
+                    if time.monotonic() > deadline:
+                        return False
+                    await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    return True
 
 
 class Progress:

@@ -6,9 +6,8 @@
 | `DEMO_BOTS` | `--bots` | 3 | bots by role: qualifier, nurture, scheduler (more: a second of each, ...) |
 | `DEMO_DAYS` | `--days` | 1 | simulated days (07:00 on day 1 to 23:00 on the last) |
 | `DEMO_SPEED` | `--speed` | 240 | simulated seconds per wall second (240: the 16-hour day in 4 minutes) |
-| `DEMO_WORKERS` | `--workers` | 1 | agent-worker processes (leads are sharded across them) |
+| `DEMO_WORKERS` | `--workers` | 3 | agent-worker processes, each reading through a memory-l1 sidecar of its own; a lead's events all go to worker `index % workers` (sticky routing, as a deployment routes a lead's webhooks to one pod) |
 | `DEMO_MIX` | `--mix` | "" | call mix over `services/agent_worker/scenario.py` `Mix.DEFAULTS`, e.g. `search=0.1,market=0.8` |
-| `DEMO_L1_USERS` | `--l1-users` | 100 | leads a memory-l1 sidecar keeps windows for (`L1_MAX_USERS`) |
 | `DEMO_SEED` | `--seed` | 1 | the plan's random seed |
 | `DEMO_DIR` | `--dir` | `.tiermem/demo` | state of the demo's own stack (wiped each run) and its outputs |
 | `DEMO_REAL_LLM` | | 0 | with `ANTHROPIC_API_KEY` set the broker would call Claude (and spend money): set 1 to allow |
@@ -40,9 +39,8 @@ class DemoSettings:
     bots: int = scenario.BOTS
     days: int = scenario.DAYS
     speed: float = scenario.SPEED
-    workers: int = 1
+    workers: int = 3
     mix: str = ""
-    l1_users: int = 100
     seed: int = 1
     dir: Path = REPO / ".tiermem" / "demo"
     real_llm: bool = False
@@ -60,13 +58,12 @@ class DemoSettings:
         p.add_argument("--speed", type=float, default=float(env.get("DEMO_SPEED", d.speed)))
         p.add_argument("--workers", type=int, default=int(env.get("DEMO_WORKERS", d.workers)))
         p.add_argument("--mix", default=env.get("DEMO_MIX", d.mix))
-        p.add_argument("--l1-users", type=int, default=int(env.get("DEMO_L1_USERS", d.l1_users)))
         p.add_argument("--seed", type=int, default=int(env.get("DEMO_SEED", d.seed)))
         p.add_argument("--dir", type=Path, default=Path(env.get("DEMO_DIR") or d.dir))
         a = p.parse_args(argv)
-        if min(a.leads, a.bots, a.days, a.workers, a.l1_users) < 1 or a.speed <= 0:
-            p.error("leads, bots, days, workers and l1-users must be >= 1 and speed > 0")
+        if min(a.leads, a.bots, a.days, a.workers) < 1 or a.speed <= 0:
+            p.error("leads, bots, days and workers must be >= 1 and speed > 0")
         return cls(leads=a.leads, bots=a.bots, days=a.days, speed=a.speed, workers=min(a.workers, a.leads),
-                   mix=a.mix, l1_users=a.l1_users, seed=a.seed, dir=a.dir.resolve(),
+                   mix=a.mix, seed=a.seed, dir=a.dir.resolve(),
                    real_llm=env.get("DEMO_REAL_LLM") == "1",
                    up_timeout=float(env.get("TIERMEM_UP_TIMEOUT", d.up_timeout)))
