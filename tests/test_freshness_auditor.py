@@ -29,16 +29,18 @@ from services.l2_gateway.redis_window import STATE, keys
 from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.llm_broker import thresholds
-from services.llm_broker.policy import Config, Entry, cost_usd, exact_key, partition_key
+from services.llm_broker.policy import Entry, exact_key, partition_key
 from services.llm_broker.service import build as build_broker
-from services.llm_broker.upstream import Answer
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
 from shared.contract import (
     CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, Usage, encode,
 )
 from shared.errors import TierError
+from shared.llm_config import Config
+from shared.pricing import cost_usd
 from shared.settings import Settings
+from shared.upstream import Answer
 from tests.helpers import client, ok, running, stand_in_for_llm_forget
 
 GRACE_S = 0.3

@@ -21,10 +21,11 @@ from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker import guard
-from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.service import build as build_broker
 from shared import servers, subjects
 from shared.contract import ServedBatch, Usage
+from shared.llm_config import Config
+from shared.pricing import cost_usd
 from tests.helpers import call, client, ok, running
 
 

@@ -18,8 +18,8 @@ from services.l2_gateway.service import build as gateway
 from services.l3_semantic_indexer import store
 from services.l3_semantic_indexer.service import build as indexer
 from services.l3_semantic_indexer.sweeper import Sweeper
-from services.llm_broker.policy import Config
 from shared import metrics, stream, subjects
+from shared.llm_config import Config
 from shared.retention import Retention
 from tests.helpers import call, client, ok, running
 from tests.test_l2_gateway import FakeL3, append_body
