@@ -132,7 +132,6 @@ def test_only_absent_dev_data_is_an_acceptable_skip():
 def test_the_summary_puts_every_measurement_in_one_table_with_a_plot(tmp_path):
     from bench import summary
     from bench.memory import Result, Target
-from bench.report import write_files
     from bench.stats import Summary
 
     lat = Result(key="l1_hit", title="L1 hit", summary=Summary(100, 250.0, 500.0, 900.0, 260.0, 200.0, 1e3),

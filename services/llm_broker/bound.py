@@ -42,8 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.llm_config import DEFAULT_MAX_FALSE_HIT_RATE
-from shared.wilson import Z95_ONE_SIDED as Z
+from shared.wilson import Z95_ONE_SIDED as Z  # the Wilson bound is one-sided 95 %
 from shared.wilson import wilson_upper
+
 STEP = 0.5  # each level up multiplies the margin 1 - threshold by this
 EPS = 1e-9  # thresholds are compared with this slack (they travel as decimal text)
 
