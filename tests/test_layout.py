@@ -95,3 +95,19 @@ def test_request_and_reply_types_live_in_the_contract():
     assert not offenders, "wire types belong in shared/contract.py:\n" + "\n".join(offenders)
     assert {"L2Reply", "LLMStatsReply", "ForgetStatus", "ForgetJob"} <= set(
         struct_classes(REPO / "shared" / "contract.py"))
+
+
+def test_one_copy_of_each_statistic():
+    """Percentiles come from bench/stats.py (numpy.percentile), Wilson intervals from
+    shared/wilson.py: two copies drift apart and two reports stop agreeing on "p95"."""
+    home = {"percentile": REPO / "bench" / "stats.py", "wilson": REPO / "shared" / "wilson.py"}
+    offenders = []
+    for folder in ("services", "shared", "bench", "chaos"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    for stat, allowed in home.items():
+                        if stat in node.name.lower() and path != allowed:
+                            offenders.append(f"{path.relative_to(REPO)}: {node.name}")
+    assert not offenders, "use bench.stats.percentile / shared.wilson:\n" + "\n".join(offenders)
