@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import write_files
+from bench.stats import fmt_pct, percentile
 from services.llm_broker import guard
 from shared.embeddings import make_embedder
 
@@ -425,8 +427,8 @@ def latency(d: Data, model_id: str, n: int = 2000) -> dict:
             t = time.perf_counter()
             guard.decide(a, b, c, space=model_id)
             samples.append((time.perf_counter() - t) * 1e3)
-        return {"p50_ms": float(np.percentile(samples, 50)), "p95_ms": float(np.percentile(samples, 95)),
-                "p99_ms": float(np.percentile(samples, 99)), "n": len(samples)}
+        return {"p50_ms": percentile(samples, 50), "p95_ms": percentile(samples, 95),
+                "p99_ms": percentile(samples, 99), "n": len(samples)}
 
     guard._analyse.cache_clear()
     guard.wordvec.vectors.cache_clear()  # cold: the words' vectors are looked up again too
@@ -436,10 +438,6 @@ def latency(d: Data, model_id: str, n: int = 2000) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def pct(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f} %"
 
 
 def _row(r: dict, method: str, s: str) -> dict:
@@ -489,10 +487,10 @@ def markdown(doc: dict) -> str:
                 fh40 = by_r[0.4]["false_hit_rate"]
                 fh80 = by_r[0.8]["false_hit_rate"]
                 lines.append(
-                    f"| {s} | {r['embedder']} | {METHODS[m]} | **{pct(best['recall'])}** | "
-                    f"{pct(dflt['recall'])} | {pct(dflt['false_hit_rate'])} ({dflt['wrong']}) | "
-                    f"{pct(fh40) if math.isfinite(fh40) else 'unreachable'} | "
-                    f"{pct(fh80) if math.isfinite(fh80) else 'unreachable'} |")
+                    f"| {s} | {r['embedder']} | {METHODS[m]} | **{fmt_pct(best['recall'])}** | "
+                    f"{fmt_pct(dflt['recall'])} | {fmt_pct(dflt['false_hit_rate'])} ({dflt['wrong']}) | "
+                    f"{fmt_pct(fh40) if math.isfinite(fh40) else 'unreachable'} | "
+                    f"{fmt_pct(fh80) if math.isfinite(fh80) else 'unreachable'} |")
     lines += ["", "Report-half sizes: " + "; ".join(
         f"{s}: {results[0]['sets'][s]['pairs']['report_positives']} positives, "
         f"{results[0]['sets'][s]['pairs']['report_negatives']} negatives" for s in sets if s in results[0]['sets'])
@@ -507,7 +505,7 @@ def markdown(doc: dict) -> str:
             for s in sets:
                 if s in r["sets"]:
                     f = _row(r, m, s)["default"]["fit"]
-                    cells.append(f"{pct(f['recall'])} / {pct(f['false_hit_rate'])}")
+                    cells.append(f"{fmt_pct(f['recall'])} / {fmt_pct(f['false_hit_rate'])}")
                 else:
                     cells.append("")
             lines.append(f"| {r['embedder']} | {METHODS[m]} | {r['defaults'][m]:.4f} | " + " | ".join(cells) + " |")
@@ -519,9 +517,9 @@ def markdown(doc: dict) -> str:
             f"{r['embedder']}: {METHODS[m]}" for r in results if s in r["sets"] for m in METHODS) + " |",
             "|---:|" + "---:|" * sum(len(METHODS) for r in results if s in r["sets"])]
         for i, level in enumerate(FH_LEVELS):
-            cells = [pct(_row(r, m, s)["curve_by_false_hits"][i]["recall"])
+            cells = [fmt_pct(_row(r, m, s)["curve_by_false_hits"][i]["recall"])
                      for r in results if s in r["sets"] for m in METHODS]
-            lines.append(f"| {pct(level)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {fmt_pct(level)} | " + " | ".join(cells) + " |")
         lines.append("")
 
     lines += ["## Cost", "", "| embedder | embed, ms a sentence (batched, niced, beside a fault-suite run; measured when first embedded, later runs read the /tmp cache) | guard.decide cold p50 / p95 "
@@ -583,9 +581,9 @@ def discussion(results: list[dict]) -> list[str]:
         for s, v in r["sets"].items():
             g = next(c for c in v["methods"]["guard"]["curve_by_false_hits"] if c["budget"] == 0.01)
             b = next(c for c in v["methods"]["bare"]["curve_by_false_hits"] if c["budget"] == 0.01)
-            out.append(f"{r['embedder']}, {s}: within 1 % false hits the guard serves {pct(g['recall'])} of "
-                       f"the paraphrases, bare cosine {pct(b['recall'])}; the rules let at most "
-                       f"{pct(v['max_recall_past_rules'])} through. Target ({pct(TARGET_RECALL)} at "
+            out.append(f"{r['embedder']}, {s}: within 1 % false hits the guard serves {fmt_pct(g['recall'])} of "
+                       f"the paraphrases, bare cosine {fmt_pct(b['recall'])}; the rules let at most "
+                       f"{fmt_pct(v['max_recall_past_rules'])} through. Target ({fmt_pct(TARGET_RECALL)} at "
                        f"<= 1 %): {'met' if g['recall'] >= TARGET_RECALL else 'not met'}.")
     return out
 
@@ -655,29 +653,14 @@ async def run(kinds: list[str], write: bool) -> int:
            "targets": {"false_hit_rate": TARGET_FALSE_HITS, "recall": TARGET_RECALL, "margin": MARGIN},
            "results": results}
     doc["discussion"] = discussion(results)
-    OUT.mkdir(parents=True, exist_ok=True)
-    slim = _jsonable({**doc, "results": [{**r, "sets": {s: {**v, "methods": {
+    slim = {**doc, "results": [{**r, "sets": {s: {**v, "methods": {
         m: {k: x for k, x in mv.items() if k != "roc"} for m, mv in v["methods"].items()}}
-        for s, v in r["sets"].items()}} for r in results]})
-    (OUT / "guard.json").write_text(json.dumps(slim, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (OUT / "guard.md").write_text(markdown(doc), encoding="utf-8")
-    plot(results, OUT / "guard.png")
+        for s, v in r["sets"].items()}} for r in results]}
+    write_files(OUT, "guard", markdown=markdown(doc), data=slim, plot=lambda png: plot(results, png))
     for line in doc["discussion"]:
         print(line)
     print(f"wrote {OUT / 'guard.md'}, guard.json, guard.png" + (f", {guard.MODEL_PATH}" if write else ""))
     return 0
-
-
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return _jsonable(v.item())
-    return v
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,8 @@ import time
 import numpy as np
 
 from bench.guard_calibration import DATA, OUT, load_mrpc
+from bench.report import write_files
+from bench.stats import fmt_pct
 from services.freshness_auditor import entailment
 from services.llm_broker import guard  # bench only: the auditor itself never imports the guard
 from shared.embeddings import make_embedder
@@ -105,10 +107,6 @@ async def measure() -> dict:
     }
 
 
-def pct(v: float) -> str:
-    return f"{100 * v:.1f} %"
-
-
 def markdown(doc: dict) -> str:
     j, c, g = doc["judge"], doc["pooled_cosine"], doc["guard_passed_wrong"]
     lines = [
@@ -127,13 +125,13 @@ def markdown(doc: dict) -> str:
                     (f"pooled MiniLM cosine ≥ {c['threshold']} (reference)", c)):
         for half in ("fit", "report"):
             x = r[half]
-            lines.append(f"| {name} | {half} | {x['pairs']} | {pct(x['accuracy'])} | "
-                         f"{pct(x['right_kept'])} | {pct(x['wrong_flagged'])} | {x['auc']:.3f} |")
+            lines.append(f"| {name} | {half} | {x['pairs']} | {fmt_pct(x['accuracy'])} | "
+                         f"{fmt_pct(x['right_kept'])} | {fmt_pct(x['wrong_flagged'])} | {x['auc']:.3f} |")
     share = g["flagged"] / g["pairs"] if g["pairs"] else 0.0
     lines += [
         "", "## Wrong hits the guard lets through",
         "", f"Report-half non-paraphrases that `guard.decide` serves (wordllama cosine, as the "
-        f"broker matches): **{g['pairs']}**; the judge flags **{g['flagged']}** ({pct(share)}).",
+        f"broker matches): **{g['pairs']}**; the judge flags **{g['flagged']}** ({fmt_pct(share)}).",
         "", "## What this means", "",
         "- MRPC's negatives are look-alikes (high word overlap, one clause or figure differs); "
         "on them a token-alignment proxy is right about two times in three. An audit's wrong "
@@ -162,9 +160,7 @@ async def run(write: bool) -> int:
             "about": "Fitted by `python -m bench.judge_calibration` on the MRPC training split "
                      "(fit half, max Youden's J); see bench/results/judge.md.",
             "measured": doc["measured"]}, indent=1) + "\n", encoding="utf-8")
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "judge.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        (OUT / "judge.md").write_text(markdown(doc), encoding="utf-8")
+        write_files(OUT, "judge", markdown=markdown(doc), data=doc)
     return 0
 
 

@@ -49,11 +49,17 @@ import msgspec
 
 from bench import baselines
 from bench.guard_calibration import in_fit_half
-from bench.report import atomic_write, jsonable, notes_section, targets_summary, targets_table
-from bench.memory import REPO_ROOT, Options, Result, Target, load_average, machine_facts, ping
-from bench.stats import Summary, announce, fmt_ratio, fmt_us, markdown_table, ratio, summarize
+from bench.report import notes_section, targets_summary, targets_table, write_files
+from bench.memory import (
+    REPO_ROOT, Options, Result, ServiceError, Target, decode, load_average, machine_facts, ping,
+)
+from bench.stats import (
+    Summary, announce, fmt_pct, fmt_ratio, fmt_us, markdown_table, percentile, ratio, summarize,
+)
 from shared import bus
+from shared.contract import CompleteReply, LLMStatsReply, decoder
 from shared.permissions import ADMIN
+from shared.wilson import wilson
 
 NAME = "llm"
 MRPC = REPO_ROOT.parent / "shared" / "data" / "mrpc" / "msr_paraphrase_train.txt"
@@ -124,19 +130,6 @@ def sample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
     return [pairs[i] for i in keep]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of the proportion k/n (95 % by default); (0, 1) when n is 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got {k}/{n}")
-    p = k / n
-    mid = p + z * z / (2 * n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    den = 1 + z * z / n
-    return max(0.0, (mid - half) / den), min(1.0, (mid + half) / den)
-
-
 @dataclass
 class DevTally:
     """Outcomes of the dev pairs: how many of each kind were served from cache."""
@@ -167,12 +160,6 @@ class DevTally:
             "precision": self.paraphrase_hits / hits if hits else math.nan,
             "served": hits,
         }
-
-
-def pct(value: float | None, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{100 * value:.{digits}f} %"
 
 
 # Latency setup: 5 questions about each of 40 listings; each question has a
@@ -233,35 +220,9 @@ class LlmReport:
     duration_s: float = 0.0
 
 
-class ServiceError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{code} {message}")
-        self.code = code
-
-
-class CacheInfo(msgspec.Struct):
-    status: str
-    match: str | None = None
-    similarity: float | None = None
-    age_s: float | None = None
-
-
-class Reply(msgspec.Struct):
-    cache: CacheInfo
-    text: str = ""
-    cost_usd: float = 0.0
-    saved_usd: float = 0.0
-
-
-_reply = msgspec.json.Decoder(Reply)
+_reply = decoder(CompleteReply)
+_stats = decoder(LLMStatsReply)
 _encode = msgspec.json.Encoder().encode
-
-
-def decode(msg) -> Reply:
-    headers = msg.headers or {}
-    if code := headers.get("Nats-Service-Error-Code"):
-        raise ServiceError(int(code), headers.get("Nats-Service-Error", ""))
-    return _reply.decode(msg.data)
 
 
 def body(text: str, user: str, system: str = SYSTEM_CHAT, task: str = "reply") -> bytes:
@@ -283,7 +244,7 @@ class MatchCheck:
     def __call__(self, msg) -> None:
         self.seen += 1
         try:
-            c = decode(msg).cache
+            c = decode(msg, _reply).cache
             got = f"{c.status}/{c.match}" if c.status == "hit" else c.status
         except ServiceError as exc:
             got = f"error {exc.code}"
@@ -360,17 +321,14 @@ class LlmBench:
             why = f"{type(exc).__name__}: {exc}".strip()[:400]
             self.add(Result(key=title.lower().replace(" ", "_"), title=title, skipped=f"failed: {why}"))
 
-    async def complete(self, payload: bytes, timeout: float = 30) -> Reply:
-        reply = decode(await self.nc.request("llm.complete", payload, timeout=timeout))
+    async def complete(self, payload: bytes, timeout: float = 30) -> CompleteReply:
+        reply = decode(await self.nc.request("llm.complete", payload, timeout=timeout), _reply)
         self.misses_seen += reply.cache.status == "miss"
         return reply
 
     async def llm_stats(self) -> dict:
         msg = await self.nc.request("llm.stats", b"{}", timeout=5)
-        if (msg.headers or {}).get("Nats-Service-Error-Code"):
-            raise ServiceError(int(msg.headers["Nats-Service-Error-Code"]),
-                               msg.headers.get("Nats-Service-Error", ""))
-        return json.loads(msg.data)
+        return msgspec.structs.asdict(decode(msg, _stats))
 
     async def simulator_stats(self) -> dict:
         import httpx
@@ -741,12 +699,12 @@ class LlmBench:
         }
         lo, hi = rates["false_hit_rate_ci95"]
         r.targets.append(Target("false hits ≤ 1 % of the non-paraphrases", rates["false_hit_rate"] <= 0.01,
-                                f"{tally.false_hits}/{tally.negatives} = {pct(rates['false_hit_rate'], 2)} "
-                                f"(95 % CI {pct(lo, 2)}–{pct(hi, 2)})"))
+                                f"{tally.false_hits}/{tally.negatives} = {fmt_pct(rates['false_hit_rate'], 2)} "
+                                f"(95 % CI {fmt_pct(lo, 2)}–{fmt_pct(hi, 2)})"))
         lo, hi = rates["hit_rate_ci95"]
         r.targets.append(Target("≥ 40 % of the paraphrases hit", rates["hit_rate"] >= 0.40,
-                                f"{tally.paraphrase_hits}/{tally.paraphrases} = {pct(rates['hit_rate'])} "
-                                f"(95 % CI {pct(lo)}–{pct(hi)})"))
+                                f"{tally.paraphrase_hits}/{tally.paraphrases} = {fmt_pct(rates['hit_rate'])} "
+                                f"(95 % CI {fmt_pct(lo)}–{fmt_pct(hi)})"))
         r.targets.append(Target("no errors, every first ask a miss", tally.errors == 0 and not tally.first_not_miss,
                                 f"{tally.errors} errors, {tally.first_not_miss} first asks not a miss"))
         which = "a deterministic sample, --quick" if len(pairs) < len(everything) else "all"
@@ -755,7 +713,7 @@ class LlmBench:
                        f"broker in {res.elapsed_s:.1f} s ({2 * len(pairs) / res.elapsed_s:,.0f} requests/s, "
                        f"most of them misses that call the simulator and store), {IN_FLIGHT} pairs in flight; "
                        "a user per pair, cache.mode semantic, a free-text task")
-        r.notes.append(f"precision {pct(rates['precision'])}: {rates['served']} served, "
+        r.notes.append(f"precision {fmt_pct(rates['precision'])}: {rates['served']} served, "
                        f"{tally.false_hits} of them wrong; {tally.identical_pairs} pairs were identical strings")
         if errors:
             r.notes.append(f"first errors: {errors}")
@@ -837,9 +795,9 @@ class LlmBench:
             "wrong_examples": wrong_examples, "elapsed_s": elapsed,
         }
         r.targets.append(Target("≤ 1 % of the hits wrong", wrong_share <= 0.01,
-                                f"{wrong}/{hits} = {pct(wrong_share, 2)} ({store_hits} while storing)"))
+                                f"{wrong}/{hits} = {fmt_pct(wrong_share, 2)} ({store_hits} while storing)"))
         r.targets.append(Target("≥ 85 % of the paraphrases served right", right_rate >= 0.85,
-                                f"{outcome['right']}/{outcome['paraphrases']} = {pct(right_rate)}"))
+                                f"{outcome['right']}/{outcome['paraphrases']} = {fmt_pct(right_rate)}"))
         r.targets.append(Target("no errors", errors == 0, f"{errors} errors"))
         r.notes.append(f"{len(answers):,} distinct sentences #1 stored in one partition ({store_hits} of them "
                        f"served another pair's answer while storing: counted wrong); "
@@ -871,7 +829,7 @@ class LlmBench:
         hits = delta.get("hits_exact", 0) + delta.get("hits_semantic", 0)
         req = delta.get("requests", 0)
         r.notes.append(f"during the run: {req:,} requests, {delta.get('hits_exact', 0):,} exact and "
-                       f"{delta.get('hits_semantic', 0):,} semantic hits ({pct(hits / req if req else None)}), "
+                       f"{delta.get('hits_semantic', 0):,} semantic hits ({fmt_pct(hits / req if req else None)}), "
                        f"{delta.get('misses', 0):,} misses; spent ${delta.get('cost_usd', 0):.4f}, "
                        f"saved ${delta.get('saved_usd', 0):.4f} (simulated prices)")
         self.add(r)
@@ -905,25 +863,15 @@ def summarize_plain(values: list[float]) -> dict | None:
     """min/p50/max of plain numbers (similarities), or None."""
     if not values:
         return None
-    v = sorted(values)
-    return {"n": len(v), "min": v[0], "p50": v[len(v) // 2], "max": v[-1]}
+    return {"n": len(values), "min": min(values), "p50": percentile(values, 50), "max": max(values)}
 
 
 # --------------------------------------------------------------------------- writing the report
 
 
 def write(report: LlmReport, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{NAME}.md", out / f"{NAME}.json"]
-    atomic_write(paths[0], markdown(report))
-    atomic_write(paths[1], json.dumps(jsonable(to_dict(report)), indent=2, ensure_ascii=False) + "\n")
-    png = out / f"{NAME}.png"
-    try:
-        if plot(report, png):
-            paths.append(png)
-    except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
-        print(f"plot failed: {exc}", flush=True)
-    return paths
+    return write_files(out, NAME, markdown=markdown(report), data=to_dict(report),
+                       plot=lambda png: plot(report, png))
 
 
 def to_dict(report: LlmReport) -> dict:
@@ -995,11 +943,11 @@ def markdown(report: LlmReport) -> str:
             markdown_table(
                 ["", "pairs", "served from cache", "rate", "95 % CI"],
                 [["paraphrases (Quality 1)", f"{d['paraphrases']:,}", f"{d['paraphrase_hits']:,}",
-                  pct(d["hit_rate"]), f"{pct(ci[0])}–{pct(ci[1])}"],
+                  fmt_pct(d["hit_rate"]), f"{fmt_pct(ci[0])}–{fmt_pct(ci[1])}"],
                  ["non-paraphrases (Quality 0): false hits", f"{d['negatives']:,}", f"{d['false_hits']:,}",
-                  pct(d["false_hit_rate"], 2), f"{pct(fci[0], 2)}–{pct(fci[1], 2)}"],
+                  fmt_pct(d["false_hit_rate"], 2), f"{fmt_pct(fci[0], 2)}–{fmt_pct(fci[1], 2)}"],
                  ["precision (served pairs that are paraphrases)", "", f"{d['served']:,}",
-                  pct(d["precision"]), ""]],
+                  fmt_pct(d["precision"]), ""]],
                 align=["l", "r", "r", "r", "r"]),
             "",
             f"Targets: false hits ≤ 1 % — **{'met' if d['false_hit_rate'] <= 0.01 else 'not met'}**; "
@@ -1040,11 +988,11 @@ def markdown(report: LlmReport) -> str:
             markdown_table(
                 ["paraphrases asked", "served right", "non-paraphrases asked", "hits", "wrong hits",
                  "wrong share of hits"],
-                [[f"{q.get('paraphrases', 0):,}", f"{q.get('right', 0):,} = {pct(q['right_hit_rate'])} "
-                  f"({pct(lo)}–{pct(hi)})", f"{q.get('non_paraphrases', 0):,}",
+                [[f"{q.get('paraphrases', 0):,}", f"{q.get('right', 0):,} = {fmt_pct(q['right_hit_rate'])} "
+                  f"({fmt_pct(lo)}–{fmt_pct(hi)})", f"{q.get('non_paraphrases', 0):,}",
                   f"{q.get('right', 0) + q.get('wrong', 0) + q['store_hits']:,}",
                   f"{q.get('wrong', 0) + q['store_hits']:,} ({q['store_hits']} while storing)",
-                  f"{pct(q['wrong_share_of_hits'], 2)} ({pct(wlo, 2)}–{pct(whi, 2)})"]],
+                  f"{fmt_pct(q['wrong_share_of_hits'], 2)} ({fmt_pct(wlo, 2)}–{fmt_pct(whi, 2)})"]],
                 align=["r"] * 6),
         ]
         if q.get("wrong_examples"):
@@ -1150,7 +1098,7 @@ def plot(report: LlmReport, path: Path) -> bool:
         vals = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in vals]
         bars = ax2.bar(names, [100 * v for v in vals], color=["#2ca02c", "#d62728", "#1f77b4"])
         for rect, v in zip(bars, vals):
-            ax2.text(rect.get_x() + rect.get_width() / 2, max(100 * v, 1) + 1.5, pct(v, 2 if v < 0.1 else 1),
+            ax2.text(rect.get_x() + rect.get_width() / 2, max(100 * v, 1) + 1.5, fmt_pct(v, 2 if v < 0.1 else 1),
                      ha="center", fontsize=8)
         ax2.plot([-0.4, 0.4], [40, 40], color="#2ca02c", ls="--", lw=1)
         ax2.text(0, 42, "target ≥ 40 %", ha="center", fontsize=7, color="#2ca02c")

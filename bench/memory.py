@@ -47,11 +47,11 @@ from bench import baselines, corpus
 from bench.stats import Summary, announce, fmt_us, ratio, summarize
 from shared import bus, tokens
 from shared.bus import BusAuth
+from shared.contract import AppendReply, GetReply, decoder
 from shared.permissions import ADMIN, MEMORY_L1
+from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
-SERVICE_ERROR = "Nats-Service-Error"
 
 
 # --------------------------------------------------------------------------- options and results
@@ -309,37 +309,17 @@ class ServiceError(Exception):
         self.code = code
 
 
-class Message(msgspec.Struct):
-    seq: int
-    msg_id: str
-    role: str
-    text: str
-    score: float | None = None
-
-
-class GetReply(msgspec.Struct):
-    user_id: str
-    tier: str
-    seq: int
-    messages: list[Message]
-
-
-class AppendReply(msgspec.Struct):
-    user_id: str
-    seq: int
-    duplicate: bool
-
-
-_get_reply = msgspec.json.Decoder(GetReply)
-_append_reply = msgspec.json.Decoder(AppendReply)
+_get_reply = decoder(GetReply)
+_append_reply = decoder(AppendReply)
 _encode = msgspec.json.Encoder().encode
 
 
-def decode(msg, decoder):
-    code = (msg.headers or {}).get(SERVICE_ERROR_CODE)
+def decode(msg, reply_decoder):
+    """The reply decoded with `reply_decoder` (a `shared.contract.decoder`), or the service's error."""
+    code = (msg.headers or {}).get(ERROR_CODE_HEADER)
     if code:
-        raise ServiceError(int(code), (msg.headers or {}).get(SERVICE_ERROR, ""))
-    return decoder.decode(msg.data)
+        raise ServiceError(int(code), (msg.headers or {}).get(ERROR_HEADER, ""))
+    return reply_decoder.decode(msg.data)
 
 
 async def ping(nc, name: str) -> bool:

@@ -1,11 +1,21 @@
-"""Write a run's results: `memory.md` for people, `memory.json` for tools, `memory.png` to look at."""
+"""Write a run's results: `<name>.md` for people, `<name>.json` for tools, `<name>.png` to look at.
+
+`write_files` is the one writer every bench's report goes through (memory,
+llm, security, the summary, the guard and judge calibrations, search
+quality): each file appears whole or not at all, NaN and infinity become
+JSON null, and a plot that fails costs the picture, never the numbers. The
+memory report's own tables and plot follow.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
+
+import numpy as np
 
 from bench.memory import Report, Result, Target
 from bench.stats import Summary, fmt_ratio, fmt_us, markdown_table
@@ -13,18 +23,32 @@ from bench.stats import Summary, fmt_ratio, fmt_us, markdown_table
 NAME = "memory"
 
 
-def write(report: Report, out: Path) -> list[Path]:
+def write_files(out: Path, name: str, *, markdown: str | None = None, data=None,
+                plot: Callable[[Path], object] | None = None) -> list[Path]:
+    """`name`.md, `name`.json and `name`.png in `out`, for each of `markdown`, `data` and
+    `plot` given; the paths written. `plot(path)` draws the picture (returning False:
+    nothing to draw)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{NAME}.md", out / f"{NAME}.json"]
-    atomic_write(paths[0], markdown(report))
-    atomic_write(paths[1], json.dumps(jsonable(to_dict(report)), indent=2, ensure_ascii=False) + "\n")
-    png = out / f"{NAME}.png"
-    try:
-        plot(report, png)
-        paths.append(png)
-    except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
-        print(f"plot failed: {exc}", flush=True)
+    paths = []
+    if markdown is not None:
+        paths.append(out / f"{name}.md")
+        atomic_write(paths[-1], markdown)
+    if data is not None:
+        paths.append(out / f"{name}.json")
+        atomic_write(paths[-1], json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n")
+    if plot is not None:
+        png = out / f"{name}.png"
+        try:
+            if plot(png) is not False:
+                paths.append(png)
+        except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
+            print(f"{name} plot failed: {exc}", flush=True)
     return paths
+
+
+def write(report: Report, out: Path) -> list[Path]:
+    return write_files(out, NAME, markdown=markdown(report), data=to_dict(report),
+                       plot=lambda png: plot(report, png))
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -79,6 +103,9 @@ def targets_summary(results) -> dict:
 
 
 def jsonable(value):
+    """`value` as plain JSON: numpy scalars as Python numbers, NaN and infinity as None."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
     if isinstance(value, dict):

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.report import write_files
+from bench.stats import percentile
 from services.l3_semantic_indexer import store
 from shared.embeddings import make_embedder
 
@@ -59,11 +61,6 @@ def load_mrpc() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return pos, neg
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
 async def timed(fn, n: int) -> dict:
     for _ in range(min(20, n)):
         await fn()
@@ -72,7 +69,7 @@ async def timed(fn, n: int) -> dict:
         t = time.perf_counter()
         await fn()
         samples.append((time.perf_counter() - t) * 1e3)
-    return {"p50_ms": round(pct(samples, 50), 3), "p95_ms": round(pct(samples, 95), 3),
+    return {"p50_ms": round(percentile(samples, 50), 3), "p95_ms": round(percentile(samples, 95), 3),
             "mean_ms": round(statistics.fmean(samples), 3), "n": n}
 
 
@@ -408,9 +405,8 @@ async def run(args, dsn: str) -> int:
         report["latency"] = lat
 
     await pool.close()
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "search_quality" if args.embedder == "wordllama" else f"search_quality_{args.embedder}"
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    write_files(args.out, name, data=report)
     print(json.dumps(report, indent=1))
     return 0
 

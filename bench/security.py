@@ -51,7 +51,7 @@ from bench import baselines
 from bench.memory import (
     Options, Report, Result, Say, Target, TierCheck, load_average, machine_facts, sidecars,
 )
-from bench.report import atomic_write, jsonable, notes_section, targets_table, to_dict
+from bench.report import notes_section, targets_table, to_dict, write_files
 from bench.stats import announce, fmt_ratio, fmt_us, markdown_table, ratio, ratio_interval, summarize
 from shared import bus, permissions, servers
 from shared.bus import BusAuth
@@ -369,9 +369,5 @@ def markdown(report: Report) -> str:
 
 
 def write(report: Report, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    md, js = out / f"{NAME}.md", out / f"{NAME}.json"
-    atomic_write(md, markdown(report))
-    atomic_write(js, json.dumps(jsonable(to_dict(report)), indent=2, ensure_ascii=False) + "\n")
-    return [md, js]
+    return write_files(out, NAME, markdown=markdown(report), data=to_dict(report))
 

@@ -1,9 +1,11 @@
 """Latency statistics and the tables the report prints. Pure code, no I/O.
 
 Samples are durations in seconds (from `time.perf_counter`); summaries hold
-microseconds, the unit every figure in the report uses. Percentiles use
-linear interpolation between closest ranks (numpy's default), so p50 of an
-even-sized sample is the mean of the two middle values.
+microseconds, the unit every figure in the report uses. Every bench takes its
+percentiles from `percentile` here, which is `numpy.percentile` (linear
+interpolation between closest ranks, so p50 of an even-sized sample is the
+mean of the two middle values): one definition, so two reports never disagree
+on what "p95" means. Rates get their interval from `shared.wilson`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 __all__ = ["Summary", "percentile", "summarize", "ratio", "ratio_interval", "fmt_us", "fmt_ratio",
-           "markdown_table"]
+           "fmt_pct", "markdown_table"]
 
 
 @dataclass(frozen=True)
@@ -32,32 +36,28 @@ class Summary:
         return asdict(self)
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The `q`-th percentile (0..100) of an already sorted, non-empty sequence."""
-    if not sorted_values:
+def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
+    """The `q`-th percentile (0..100) of a non-empty sample, in any order (`numpy.percentile`)."""
+    if len(values) == 0:
         raise ValueError("percentile of an empty sample")
     if not 0 <= q <= 100:
         raise ValueError(f"percentile {q} is outside 0..100")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    frac = pos - lo
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+    return float(np.percentile(values, q))
 
 
 def summarize(samples_s: Sequence[float]) -> Summary:
     """Summary in microseconds of durations given in seconds."""
     if not samples_s:
         raise ValueError("no samples")
-    us = sorted(s * 1e6 for s in samples_s)
+    us = np.asarray(samples_s, dtype=float) * 1e6
     return Summary(
-        n=len(us),
+        n=int(us.size),
         p50=percentile(us, 50),
         p95=percentile(us, 95),
         p99=percentile(us, 99),
-        mean=sum(us) / len(us),
-        min=us[0],
-        max=us[-1],
+        mean=float(us.mean()),
+        min=float(us.min()),
+        max=float(us.max()),
     )
 
 
@@ -75,8 +75,6 @@ def ratio_interval(ours_s: Sequence[float], base_s: Sequence[float], q: float = 
     Why: a ratio near 1.05× is only a verdict if noise alone moves it less
     than that; the interval says how far resampling the same runs moves it.
     """
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     ours, base = np.asarray(ours_s, dtype=float), np.asarray(base_s, dtype=float)
     num = np.percentile(rng.choice(ours, (rounds, ours.size)), q, axis=1)
@@ -92,6 +90,13 @@ def fmt_us(value: float | None) -> str:
     if value < 1000:
         return f"{value:.0f} µs"
     return f"{value / 1000:.2f} ms"
+
+
+def fmt_pct(value: float | None, digits: int = 1) -> str:
+    """A rate (0..1) as a percentage; "–" when there is none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.{digits}f} %"
 
 
 def fmt_ratio(value: float | None) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.report import atomic_write, load_results
+from bench.report import load_results, write_files
 from bench.stats import fmt_ratio, fmt_us, markdown_table
 
 AREAS = ("memory", "llm", "security")  # the table's order
@@ -90,13 +90,5 @@ def plot(parts: list[tuple[str, list, str]], path: Path) -> None:
 
 def write(parts: list[tuple[str, list]], started: str, out: Path) -> list[Path]:
     """`summary.md` and `summary.png` for this run's (area, results), which started at `started`."""
-    out.mkdir(parents=True, exist_ok=True)
     parts = with_earlier_runs([(area, results, started) for area, results in parts], out)
-    md, png = out / "summary.md", out / "summary.png"
-    atomic_write(md, markdown(parts))
-    try:
-        plot(parts, png)
-    except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
-        print(f"summary plot failed: {exc}", flush=True)
-        return [md]
-    return [md, png]
+    return write_files(out, "summary", markdown=markdown(parts), plot=lambda png: plot(parts, png))

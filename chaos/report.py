@@ -12,10 +12,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.report import atomic_write
-from bench.stats import markdown_table
+from bench.report import write_files
+from bench.stats import markdown_table, percentile
 from chaos.runner import GRACE_S, TrialResult
-from chaos.truth import percentile
 
 COLUMNS = ("acked_lost", "duplicates", "stale_served", "forgotten_served", "stale_llm_hits")
 MODES = {"single": ("chaos", "single NATS server, stream R1"), "cluster": ("chaos-cluster", "3-node NATS cluster, stream R3")}
@@ -32,7 +31,8 @@ def rows(results: list[TrialResult]) -> list[dict]:
         out.append({"fault": fault, "trials": len(trials), **{c: sum(getattr(r, c) for r in trials) for c in COLUMNS},
                     "not_recovered": sum(r.recovery_s is None for r in trials),
                     "forget_failed": sum(not r.forget_ok for r in trials),
-                    "recovery_p95_s": percentile(recov, 0.95), "latency_p95_max_ms": max(p95s) if p95s else None,
+                    "recovery_p95_s": percentile(recov, 95) if recov else None,
+                    "latency_p95_max_ms": max(p95s) if p95s else None,
                     "notes": sorted({n for r in trials for n in r.notes})[:4]})
     return out
 
@@ -42,19 +42,12 @@ def failed(summary: list[dict]) -> bool:
 
 
 def write(results: list[TrialResult], out: Path, mode: str, options: dict) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem, _ = MODES[mode]
+    stem, title = MODES[mode]
     data = {"mode": mode, "options": options, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "summary": rows(results), "trials": [asdict(r) for r in results]}
-    paths = [out / f"{stem}.json", out / "chaos.md"]
-    atomic_write(paths[0], json.dumps(data, indent=1) + "\n")
-    atomic_write(paths[1], markdown(out))
-    try:
-        plot(results, out / f"{stem}.png", MODES[mode][1])
-        paths.append(out / f"{stem}.png")
-    except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
-        print(f"plot failed: {exc}", flush=True)
-    return paths
+    # this mode's JSON first: the Markdown shows every mode whose JSON is there
+    paths = write_files(out, stem, data=data, plot=lambda png: plot(results, png, title))
+    return paths[:1] + write_files(out, "chaos", markdown=markdown(out)) + paths[1:]
 
 
 def table(summary: list[dict]) -> str:

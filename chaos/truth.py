@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from bench.stats import percentile
+
 
 @dataclass(frozen=True)
 class Ack:
@@ -207,15 +209,8 @@ def p95_timeline(calls: list[Call], start: float, end: float, step: float = 0.5)
     t = start
     while t < end:
         bucket = [c for c in calls if t <= c.t_sent < t + step]
-        lat = sorted((c.t_reply - c.t_sent) * 1000 for c in bucket if c.ok)
-        p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None
+        lat = [(c.t_reply - c.t_sent) * 1000 for c in bucket if c.ok]
+        p95 = percentile(lat, 95) if lat else None
         out.append((round(t - start, 3), p95, sum(1 for c in bucket if not c.ok)))
         t += step
     return out
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

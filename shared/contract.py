@@ -139,6 +139,17 @@ class GetReply(msgspec.Struct):
     messages: list[Message]
 
 
+class L2Reply(msgspec.Struct):
+    """`GetReply` as L2 sends it: the messages are the JSON Redis holds, spliced
+    in as is (decoding and re-encoding 50 of them cost ~23 µs a read). Same
+    bytes on the wire as `GetReply`: a reader decodes it as one."""
+
+    user_id: str
+    tier: str
+    seq: int
+    messages: list[msgspec.Raw]
+
+
 # --- memory.get op "context" --------------------------------------------------
 
 
@@ -237,6 +248,28 @@ class L3ForgetRequest(msgspec.Struct):
 
     user_id: Id
     upto_seq: int
+
+
+class ForgetJob(msgspec.Struct):
+    """Internal: a pending forget as the work-queue stream `FORGET` holds it
+    (`memory.forgetjob.<user>`); a job recorded by one gateway version is run by
+    the next, so it evolves like every wire type."""
+
+    user_id: str
+    upto_seq: int  # the log position the forget covers: later appends are kept
+    recorded_at: float  # unix seconds
+    not_before: float  # the consumer leaves it to the request that recorded it until then
+
+
+# --- memory.forget.status (admin) --------------------------------------------
+# The request is a `ForgetRequest`.
+
+
+class ForgetStatus(msgspec.Struct):
+    user_id: str
+    pending: bool
+    since: float | None = None  # when the oldest pending job was recorded (unix seconds)
+    upto_seq: int | None = None
 
 
 # --- memory.changed.<user> (internal broadcast) ------------------------------
@@ -378,6 +411,31 @@ class CompleteReply(msgspec.Struct):
     cost_usd: float
     saved_usd: float
     cache: CacheInfo
+
+
+# --- llm.stats ---------------------------------------------------------------
+
+
+class LLMStatsRequest(msgspec.Struct):
+    pass
+
+
+class LLMStatsReply(msgspec.Struct):
+    """The llm-broker's running totals, summed over every replica."""
+
+    requests: int = 0
+    hits_exact: int = 0
+    hits_semantic: int = 0
+    misses: int = 0
+    uncached: int = 0
+    upstream_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    saved_usd: float = 0.0
+    hit_rate: float = 0.0
 
 
 # --- audit.served.* (internal) and audit.stats (public) ----------------------

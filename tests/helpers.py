@@ -1,4 +1,12 @@
-"""Helpers shared by the service tests: run a service in-process, talk raw NATS.
+"""Helpers shared by the service tests: run a service in-process, talk raw NATS, wait.
+
+Waiting: a test never sleeps a fixed time hoping something has happened (it
+passes when the behaviour is merely slow to show and fails on a loaded box).
+It waits with `eventually` (until a check passes, with a generous timeout
+that costs nothing when the check passes early) or proves something does not
+happen with `never_within` (the check is watched for the whole window, which
+is the claim). A sleep left in a test is part of the scenario (a TTL or a
+grace period that must pass) and says so beside it.
 
 The test NATS server is locked (tests/conftest.py): `IDENTITIES` holds its
 role -> password table, and every connection here presents the identity of
@@ -10,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-
+import inspect
 import os
+import time
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
@@ -98,3 +107,51 @@ async def stand_in_for_llm_forget(nc) -> list[str]:
     await nc.subscribe(subjects.LLM_FORGET, cb=forget)
     await nc.flush()
     return asked
+
+
+async def _checked(check: Callable[[], object]):
+    """`check()`'s value, awaited if it is a coroutine function's; an AssertionError it
+    raises is returned (a check may assert instead of returning a bool)."""
+    try:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+    except AssertionError as exc:
+        return exc
+
+
+async def eventually(check: Callable[[], object], timeout: float = 10.0, every: float = 0.02,
+                     what: str | None = None):
+    """Wait until `check()` passes; its value.
+
+    `check` is a plain or async callable. It passes when it returns a truthy
+    value without raising AssertionError (a check that asserts returns True at
+    its end). Fails after `timeout` seconds with the check's last assertion, or
+    `what` did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await _checked(check)
+        if value and not isinstance(value, AssertionError):
+            return value
+        if time.monotonic() >= deadline:
+            if isinstance(value, AssertionError):
+                raise AssertionError(f"not within {timeout} s: {value}") from value
+            raise AssertionError(f"not within {timeout} s: {what or 'the condition'} "
+                                 f"(last value {value!r})")
+        await asyncio.sleep(every)
+
+
+async def never_within(seconds: float, happened: Callable[[], object], every: float = 0.02,
+                       what: str | None = None) -> None:
+    """Assert `happened()` stays false for `seconds`: watched the whole window (first at once,
+    last at its end), so it fails as soon as the thing happens. `happened` is a plain or async
+    callable; an AssertionError it raises counts as happened."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = await _checked(happened)
+        if value:
+            raise AssertionError(f"{what or 'it'} happened within {seconds} s: {value!r}")
+        if time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(min(every, max(0.0, deadline - time.monotonic())))

@@ -16,7 +16,7 @@ import contextlib
 import pytest
 
 from shared import bus, permissions, servers, subjects
-from tests.helpers import IDENTITIES, auth, client
+from tests.helpers import IDENTITIES, auth, client, eventually, never_within
 
 pytestmark = pytest.mark.usefixtures("locked")
 
@@ -54,10 +54,17 @@ async def connected(url: str, role: str):
         yield nc, seen
 
 
-async def settle(nc) -> None:
-    """Errors for what was sent arrive before the PONG of a flush; a little slack for the callback."""
+async def refused(nc, check) -> None:
+    """Wait until `check()` sees the refusals: the server sends them before the PONG of a
+    flush, and the error callback runs soon after."""
     await nc.flush()
-    await asyncio.sleep(0.05)
+    await eventually(check, timeout=5, what="the refusals")
+
+
+async def not_refused(nc, seen: Violations) -> None:
+    """Prove nothing sent was refused: after the flush, no error arrives for a while."""
+    await nc.flush()
+    await never_within(0.2, lambda: seen.errors, what="a permission error")
 
 
 # The agent worker's forbidden ground, from issue 10: internal events, the log, JetStream, evictions.
@@ -90,7 +97,7 @@ async def test_the_worker_may_use_the_public_contract(nats_url):
         await nc.subscribe(nc.new_inbox())
         for subject in public:
             await nc.publish(subject, b"{}")
-        await settle(nc)
+        await not_refused(nc, seen)
     assert seen.errors == []
 
 
@@ -98,7 +105,7 @@ async def test_the_worker_cannot_forge_internal_events_or_touch_the_stream(nats_
     async with connected(nats_url, permissions.WORKER) as (nc, seen):
         for subject in WORKER_MUST_NOT_PUBLISH:
             await nc.publish(subject, b"{}")
-        await settle(nc)
+        await refused(nc, lambda: all(seen.of("publish", s) for s in WORKER_MUST_NOT_PUBLISH))
     missing = [s for s in WORKER_MUST_NOT_PUBLISH if not seen.of("publish", s)]
     assert missing == []
 
@@ -107,7 +114,7 @@ async def test_the_worker_cannot_forge_internal_events_or_touch_the_stream(nats_
 async def test_the_worker_cannot_listen_to_internal_subjects(nats_url, subject):
     async with connected(nats_url, permissions.WORKER) as (nc, seen):
         await nc.subscribe(subject)
-        await settle(nc)
+        await refused(nc, lambda: seen.of("subscription", subject))
     assert seen.of("subscription", subject)
 
 
@@ -118,7 +125,7 @@ async def test_a_forged_change_event_from_a_worker_reaches_nobody(nats_url):
         forged = b'{"user_id": "lead-1", "kind": "append", "seq": 999999999}'
         await worker.publish(subjects.changed_subject("lead-1"), forged)
         await worker.publish(subjects.MEMORY_L1_EVICT, b'{"user_id": "lead-1"}')
-        await settle(worker)
+        await refused(worker, lambda: seen.of("publish", subjects.changed_subject("lead-1")))
         with pytest.raises(asyncio.TimeoutError):
             await heard.next_msg(timeout=0.2)
     assert seen.of("publish", subjects.changed_subject("lead-1"))
@@ -132,7 +139,7 @@ async def test_each_role_may_use_every_subject_of_its_allow_list(nats_url, name)
             await nc.subscribe(pattern)
         for pattern in role.publish:
             await nc.publish(concrete(pattern), b"{}")
-        await settle(nc)
+        await not_refused(nc, seen)
     assert seen.errors == []
 
 
@@ -145,7 +152,9 @@ async def test_no_service_role_may_delete_the_stream_or_read_another_roles_repli
         await nc.publish(f"$JS.API.STREAM.DELETE.{subjects.STREAM}", b"")
         await nc.subscribe(f"{permissions.default_inbox(other)}.>")
         await nc.subscribe("_INBOX.>")
-        await settle(nc)
+        await refused(nc, lambda: seen.of("publish", f"$JS.API.STREAM.DELETE.{subjects.STREAM}")
+                      and seen.of("subscription", f"{permissions.default_inbox(other)}.>")
+                      and seen.of("subscription", "_INBOX.>"))
     assert seen.of("publish", f"$JS.API.STREAM.DELETE.{subjects.STREAM}")
     assert seen.of("subscription", f"{permissions.default_inbox(other)}.>")
     assert seen.of("subscription", "_INBOX.>")
@@ -170,7 +179,7 @@ async def test_each_service_role_is_refused_outside_its_job(nats_url, name):
     async with connected(nats_url, name) as (nc, seen):
         for subject in FORBIDDEN_TO[name]:
             await nc.publish(subject, b"{}")
-        await settle(nc)
+        await refused(nc, lambda: all(seen.of("publish", s) for s in FORBIDDEN_TO[name]))
     assert [s for s in FORBIDDEN_TO[name] if not seen.of("publish", s)] == []
 
 
@@ -191,7 +200,7 @@ async def test_a_service_may_prove_its_identity_with_an_nkey_seed(tmp_path):
         try:
             await nc.subscribe(subjects.MEMORY_GET)
             await nc.publish(subjects.MEMORY_APPEND, b"{}")
-            await settle(nc)
+            await refused(nc, lambda: seen.of("publish", subjects.MEMORY_APPEND))
         finally:
             await nc.close()
         assert seen.errors and seen.of("publish", subjects.MEMORY_APPEND) == seen.errors

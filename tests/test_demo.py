@@ -28,7 +28,7 @@ from demo.settings import DemoSettings
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
-PRICES = tomllib.loads((REPO / "services" / "llm_broker" / "config.toml").read_text())["prices"]
+PRICES = tomllib.loads((REPO / "shared" / "llm_config.toml").read_text())["prices"]
 LEADS, DAYS = 24, 1
 
 
@@ -222,9 +222,9 @@ def test_prompts_are_what_the_simulator_reads_them_as():
 
 
 def test_scaled_config_divides_ttls_and_keeps_prices(tmp_path):
-    scaled = tomllib.loads(write_scaled_config(REPO / "services/llm_broker/config.toml",
+    scaled = tomllib.loads(write_scaled_config(REPO / "shared/llm_config.toml",
                                                tmp_path / "c.toml", 1440).read_text())
-    original = tomllib.loads((REPO / "services/llm_broker/config.toml").read_text())
+    original = tomllib.loads((REPO / "shared/llm_config.toml").read_text())
     for name, v in original["volatility"].items():
         assert scaled["volatility"][name]["ttl_s"] == pytest.approx(v["ttl_s"] / 1440)
         assert scaled["volatility"][name]["invalidate_on_user_message"] == v.get("invalidate_on_user_message", False)

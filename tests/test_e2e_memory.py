@@ -23,7 +23,7 @@ from nats.js.errors import NotFoundError
 from services.l2_gateway.redis_window import STATE, keys as l2_keys
 from shared import permissions, subjects
 from tests.conftest import REPO, reset_servers, stack_processes
-from tests.helpers import call, client, identity_env, ok
+from tests.helpers import call, client, eventually, identity_env, ok
 
 pytestmark = pytest.mark.e2e
 USERS, PER_USER = 50, 40
@@ -68,12 +68,12 @@ async def loaded(stack):
 
 
 async def wait_l3(nc, user: str, seq: int) -> None:
-    for _ in range(200):
+    """Until L3 indexed `user` up to `seq`."""
+    async def indexed():
         code, _reply = await call(nc, subjects.MEMORY_L3_GET, {"user_id": user, "n": 1, "min_seq": seq})
-        if code == 200:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"L3 never indexed {user} up to {seq}")
+        return code == 200
+
+    await eventually(indexed, timeout=20, every=0.1, what=f"L3 indexed {user} up to {seq}")
 
 
 async def test_concurrent_appends_get_distinct_increasing_seqs_per_user(loaded):
@@ -167,9 +167,13 @@ async def test_forget_removes_one_user_everywhere_and_keeps_the_others(stack, lo
         await ok(nc, subjects.MEMORY_GET, {"user_id": gone, "n": 5})  # into L1 first
         reply = await ok(nc, subjects.MEMORY_FORGET, {"user_id": gone})
         assert reply["user_id"] == gone and reply["deleted"] >= PER_USER
-        await asyncio.sleep(0.2)
-        for subject in (subjects.MEMORY_GET, subjects.MEMORY_L2_GET, subjects.MEMORY_L3_GET):
-            assert (await ok(nc, subject, {"user_id": gone, "n": 5}))["messages"] == [], subject
+
+        async def nothing_left():  # every L1 is told by a broadcast, which the reply does not wait for
+            for subject in (subjects.MEMORY_GET, subjects.MEMORY_L2_GET, subjects.MEMORY_L3_GET):
+                assert (await ok(nc, subject, {"user_id": gone, "n": 5}))["messages"] == [], subject
+            return True
+
+        await eventually(nothing_left)
         assert (await ok(nc, subjects.MEMORY_GET, {"user_id": gone, "op": "search",
                                                     "query": "weather", "k": 5}))["messages"] == []
         with pytest.raises(NotFoundError):
@@ -193,7 +197,7 @@ async def test_forget_removes_one_user_everywhere_and_keeps_the_others(stack, lo
 
 async def test_services_survive_a_quiet_log(stack, loaded):
     """Idle consumers time out their fetches; that must not end the service."""
-    await asyncio.sleep(3)
+    await asyncio.sleep(3)  # scenario: a quiet log, longer than the consumers' fetch timeouts (1 s)
     async with client(stack["env"]["NATS_URL"]) as nc:
         for name in ("memory-l1", "l2-gateway", "l3-semantic-indexer"):
             msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=5)
@@ -237,8 +241,7 @@ async def test_indexer_killed_mid_stream_leaves_every_message_exactly_once(stack
             acks += 1
 
         writer = asyncio.gather(*(one(u, i) for i in range(100) for u in users))
-        while acks < total // 4:
-            await asyncio.sleep(0.005)
+        await eventually(lambda: acks >= total // 4, timeout=60, every=0.005)
         os.kill(indexer["pid"], signal.SIGKILL)
         await writer
         replacement = subprocess.Popen(
@@ -249,12 +252,11 @@ async def test_indexer_killed_mid_stream_leaves_every_message_exactly_once(stack
         try:
             pg = await asyncpg.connect(env["DATABASE_URL"])
             try:
-                for _ in range(600):
-                    count = await pg.fetchval(
-                        "SELECT count(*) FROM l3.messages WHERE user_id = ANY($1)", users)
-                    if count >= total:
-                        break
-                    await asyncio.sleep(0.1)
+                async def all_indexed():
+                    return await pg.fetchval(
+                        "SELECT count(*) FROM l3.messages WHERE user_id = ANY($1)", users) >= total
+
+                await eventually(all_indexed, timeout=60, every=0.1, what="every message indexed")
                 rows = await pg.fetch("SELECT user_id, msg_id, seq FROM l3.messages WHERE user_id = ANY($1)",
                                       users)
             finally:

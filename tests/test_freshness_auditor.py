@@ -29,17 +29,19 @@ from services.l2_gateway.redis_window import STATE, keys
 from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.llm_broker import thresholds
-from services.llm_broker.policy import Config, Entry, cost_usd, exact_key, partition_key
+from services.llm_broker.policy import Entry, exact_key, partition_key
 from services.llm_broker.service import build as build_broker
-from services.llm_broker.upstream import Answer
 from services.memory_l1.service import build as build_l1
-from shared import subjects, telemetry
+from shared import metrics, subjects, telemetry
 from shared.contract import (
     CacheOptions, Changed, CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, Usage, encode,
 )
 from shared.errors import TierError
+from shared.llm_config import Config
+from shared.pricing import cost_usd
 from shared.settings import Settings
-from tests.helpers import client, ok, running, stand_in_for_llm_forget
+from shared.upstream import Answer
+from tests.helpers import client, eventually, ok, running, stand_in_for_llm_forget
 
 GRACE_S = 0.3
 AUDIT = {"served_flush_s": 0.02, "audit_sample_rate": 1.0, "audit_grace_s": GRACE_S}
@@ -51,13 +53,13 @@ async def audit_stats(nc) -> dict:
 
 
 async def stats_until(nc, done, timeout: float = 20.0) -> dict:
-    """Poll `audit.stats` until `done(stats)`; the last stats on timeout (the assert shows them)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """`audit.stats` once `done(stats)` holds (on timeout the failure shows the last stats)."""
+    async def check():
         stats = await audit_stats(nc)
-        if done(stats) or time.monotonic() > deadline:
-            return stats
-        await asyncio.sleep(0.05)
+        assert done(stats), stats
+        return stats
+
+    return await eventually(check, timeout=timeout)
 
 
 def tier(stats: dict, name: str) -> dict:
@@ -156,7 +158,7 @@ async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(mem
     window = (await l2_keys(redis, user))[0]
     newest = (await redis.zrange(window, -1, -1))[0]
     assert await redis.zrem(window, newest) == 1
-    await asyncio.sleep(GRACE_S + 0.1)  # acknowledged well before the read
+    await asyncio.sleep(GRACE_S + 0.1)  # scenario: acknowledged longer than the grace before the read
     # (asked for more than it now holds, L2 would see its count is short and pass down)
     stale = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": user, "n": 2})
     assert (stale["tier"], seqs(stale)) == ("l2", real[:2])
@@ -176,20 +178,22 @@ async def test_planted_stale_windows_are_found_evicted_and_counted_once_each(mem
     await nc.publish(subjects.changed_subject(user), encode(Changed(
         op="append", user_id=user, seq=forged.seq, prev_seq=real[-1], count=3, message=forged)))
     await nc.flush()
-    await asyncio.sleep(0.05)
-    hit = await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})
-    assert (hit["tier"], seqs(hit)) == ("l1", [*real, forged.seq])
+
+    async def forged_served():  # once the sidecar applied the forged event
+        hit = await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})
+        assert (hit["tier"], seqs(hit)) == ("l1", [*real, forged.seq])
+        return True
+
+    await eventually(forged_served)
     stats = await stats_until(nc, lambda s: tier(s, "l1")["evicted"] >= 1)
     assert (tier(stats, "l1")["stale"], tier(stats, "l1")["evicted"]) == (1, 1), stats
     after = await ok(nc, subjects.MEMORY_GET, {"user_id": user, "n": 10})
     assert (after["tier"], seqs(after)) == ("l2", real)  # refilled from L2, the fake gone
 
-    # Nothing else was stale: the counts are the planted cases, and every read was checked.
-    await asyncio.sleep(0.3)
-    stats = await audit_stats(nc)
+    # Nothing else was stale: the counts are the planted cases, once every read was checked.
+    stats = await stats_until(nc, lambda s: all(t["checked"] + t["inconclusive"] == t["served"]
+                                                for t in s["memory"].values()))
     assert {name: t["stale"] for name, t in stats["memory"].items() if t["stale"]} == {"l1": 1, "l2": 2}
-    for name, t in stats["memory"].items():
-        assert t["checked"] + t["inconclusive"] == t["served"], (name, stats)
 
 
 async def test_a_read_just_before_a_forget_is_inconclusive_and_one_after_it_stale(memory_stack):
@@ -197,9 +201,9 @@ async def test_a_read_just_before_a_forget_is_inconclusive_and_one_after_it_stal
     user = "lead-forgotten"
     real = [await append(nc, user, f"message {i}") for i in range(3)]
     before = time.time()
-    await asyncio.sleep(GRACE_S + 0.1)
+    await asyncio.sleep(GRACE_S + 0.1)  # scenario: the read at `before` is a grace before the forget
     await ok(nc, subjects.MEMORY_FORGET, {"user_id": user})
-    await asyncio.sleep(GRACE_S + 0.1)
+    await asyncio.sleep(GRACE_S + 0.1)  # scenario: and the read at `after` a grace after it
     after = time.time()
     # What a tier would report had it served the user's window at those two moments
     # (tier l3: counted, never evicted, so nothing else happens).
@@ -221,11 +225,9 @@ async def test_an_audit_is_a_span_in_the_trace_of_the_lookup_it_audits(memory_st
                                timeout=10, headers=telemetry.inject())
     assert msgspec.json.decode(msg.data)["tier"] == "l1"
     trace_id = caller.get_span_context().trace_id
-    deadline = time.monotonic() + 10
-    while not (audits := [s for s in spans.get_finished_spans()
-                          if s.name == "audit memory" and s.context.trace_id == trace_id]):
-        assert time.monotonic() < deadline, "no audit span in the lookup's trace"
-        await asyncio.sleep(0.05)
+    audits = await eventually(lambda: [s for s in spans.get_finished_spans()
+                                       if s.name == "audit memory" and s.context.trace_id == trace_id],
+                              what="an audit span in the lookup's trace")
     served = next(s for s in spans.get_finished_spans()
                   if s.context.trace_id == trace_id and s.name.startswith("memory.get"))
     audit = audits[0]
@@ -272,15 +274,17 @@ async def test_a_planted_wrong_answer_is_found_by_re_asking_and_evicted_within_b
     await redis.set(key, msgspec.msgpack.encode(entry), ex=600)
 
     served_wrong = 0
-    for _ in range(60):  # each hit adds to the budget; the audit comes once it is funded
+
+    async def evicted():  # each hit adds to the budget; the audit comes once it is funded
+        nonlocal served_wrong
         reply = await ok(nc, subjects.LLM_COMPLETE, body)
-        if reply["cache"]["status"] != "hit":
-            break
-        assert reply["text"] == wrong_text
-        served_wrong += 1
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("the planted answer was never evicted")
+        if reply["cache"]["status"] == "hit":
+            assert reply["text"] == wrong_text
+            served_wrong += 1
+            return None
+        return reply
+
+    reply = await eventually(evicted, every=0.05, what="the planted answer evicted")
     # Evicted: the same request misses, is answered right, and is cached right again.
     assert reply["text"] == right["text"]
     again = await ok(nc, subjects.LLM_COMPLETE, body)
@@ -479,12 +483,12 @@ async def test_an_audit_that_fails_after_its_re_ask_keeps_the_re_ask_spent():
     assert auditor.budget.reserve(estimate)
     await auditor.llm_queue.put((hit, estimate))
     worker = asyncio.create_task(auditor.llm_worker())
+    failed = metrics.audit_skipped.labels("llm", "error")
+    before = failed._value.get()
     try:
-        deadline = time.monotonic() + 5
-        while verdicts.asked == 0:  # it fails where meant to: telling the broker the verdict
-            assert time.monotonic() < deadline, "the audit never ran"
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # let the failure reach the worker's handler
+        # it fails where meant to (telling the broker the verdict), and the worker handled it
+        await eventually(lambda: verdicts.asked and failed._value.get() == before + 1, timeout=5,
+                         what="the audit failing at its verdict")
     finally:
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):

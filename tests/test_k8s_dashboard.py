@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import shared.metrics  # noqa: F401 - declares every tiermem metric (labels of sample-less ones)
 from shared import stack, subjects
 from tests.conftest import REPO, reset_servers, stack_processes
-from tests.helpers import call, client, ok
+from tests.helpers import call, client, eventually, ok
 
 pytestmark = pytest.mark.e2e
 DASHBOARD = REPO / "deploy" / "grafana" / "tiermem.json"
@@ -90,12 +90,12 @@ async def _traffic(nc) -> None:
                  {"user_id": user, "op": "recent", "n": 25},                  # too many for L1: L2
                  {"user_id": user, "op": "recent", "n": 200, "min_seq": seq},  # too many for L2: L3
                  {"user_id": user, "op": "search", "query": "what did they ask about the price", "k": 3}):
-        for _ in range(20):  # L3 answers once the indexer caught up with min_seq
-            code, _reply = await call(nc, subjects.MEMORY_GET, body)
-            if code == 200:
-                break
-            await asyncio.sleep(0.2)
-        assert code == 200, body
+        async def answered():  # L3 answers once the indexer caught up with min_seq
+            code, reply = await call(nc, subjects.MEMORY_GET, body)
+            assert code == 200, (body, reply)
+            return True
+
+        await eventually(answered, every=0.2)
     assert (await call(nc, subjects.MEMORY_GET, {"user_id": ""}))[0] == 400
     for text, mode in (("Is the Main St house still available?", "semantic"),
                        ("Is the Main St house still available?", "semantic"),

@@ -27,7 +27,7 @@ from shared.contract import Changed, GetReply, GetRequest, LogEntry, Message, en
 from shared.errors import PayloadTooLarge
 from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
 from shared.servers import start_nats
-from tests.helpers import auth, call, ok, running
+from tests.helpers import auth, call, eventually, never_within, ok, running
 
 _request = msgspec.json.Decoder(GetRequest)
 
@@ -58,7 +58,7 @@ class FakeL2:
         req = _request.decode(m.data)
         self.calls.append(req)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # scenario: a slow L2
         if self.error:
             code, text = self.error
             await self.nc.publish(m.reply, encode({"error": {"code": code, "message": text}}),
@@ -100,11 +100,6 @@ class L1:
         await self.nc.publish(subjects.changed_subject(event.user_id), encode(event))
         await self.nc.flush()
 
-    async def until(self, condition, timeout: float = 5.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not condition():
-            assert asyncio.get_running_loop().time() < deadline, "timed out"
-            await asyncio.sleep(0.005)
 
 
 async def log_reaches(js, seq: int) -> None:
@@ -189,7 +184,7 @@ async def test_a_change_event_keeps_the_window_fresh_for_read_your_writes(l1):
     l1.l2.add(u, *range(1, 13))
     await l1.get(u, n=5)
     await l1.publish(Changed(op="append", user_id=u, seq=40, prev_seq=12, count=13, message=msg(40)))
-    await l1.until(lambda: l1.store.window(u).seq == 40)
+    await eventually(lambda: l1.store.window(u).seq == 40)
 
     reply = await l1.get(u, n=2, min_seq=40)
     assert reply["tier"] == "l1" and reply["seq"] == 40 and seqs(reply) == [12, 40]
@@ -214,7 +209,7 @@ async def test_a_gap_in_the_events_sends_the_next_read_to_l2(l1):
     await l1.get(u, n=5)
     l1.l2.add(u, 11, 12)
     await l1.publish(Changed(op="append", user_id=u, seq=12, prev_seq=11, count=12, message=msg(12)))
-    await l1.until(lambda: l1.store.window(u) is None)
+    await eventually(lambda: l1.store.window(u) is None)
 
     reply = await l1.get(u, n=5)
     assert reply["tier"] == "l2" and seqs(reply) == [8, 9, 10, 11, 12]
@@ -227,7 +222,7 @@ async def test_forget_drops_the_window(l1):
     await l1.get(u, n=3)
     l1.l2.users[u] = []
     await l1.publish(Changed(op="forget", user_id=u, seq=9, prev_seq=0, count=0))
-    await l1.until(lambda: l1.store.window(u) is None)
+    await eventually(lambda: l1.store.window(u) is None)
 
     reply = await l1.get(u, n=3)
     assert reply["tier"] == "l2" and reply["messages"] == []
@@ -248,7 +243,7 @@ async def test_a_window_past_its_ttl_is_refilled_from_l2(short_ttl_l1):
     l1.l2.add(u, 1, 2)
     await l1.get(u, n=2)
     assert (await l1.get(u, n=2))["tier"] == "l1"
-    await asyncio.sleep(TTL_S + 0.1)
+    await asyncio.sleep(TTL_S + 0.1)  # scenario: the window's TTL runs out
     l1.l2.add(u, 3)  # an append whose event this sidecar missed
     reply = await l1.get(u, n=3)
     assert reply["tier"] == "l2" and seqs(reply) == [1, 2, 3]
@@ -269,7 +264,7 @@ async def test_a_forget_event_the_sidecar_missed_is_covered_by_the_ttl(short_ttl
     while (reply := await l1.get(u, n=3))["tier"] == "l1":
         assert seqs(reply) == [1, 2, 3]
         assert asyncio.get_running_loop().time() < deadline, "served past the TTL"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # up to the TTL: that deadline is the claim
     assert reply["tier"] == "l2" and reply["messages"] == []
 
 
@@ -363,15 +358,16 @@ async def test_a_reconnect_drops_every_window_since_events_may_be_lost(tmp_path)
 
             server.stop()  # a forget published now would never reach the sidecar
             server = start_nats(tmp_path / "nats", port=server.port, die_with_parent=True)
-            reply = None
-            for _ in range(100):
+
+            async def answered():  # once both the client and the sidecar reconnected
                 try:
                     msg = await l1.nc.request(l1.direct, encode({"user_id": u, "n": 2}), timeout=0.5)
-                    reply = msgspec.json.decode(msg.data)
-                    break
                 except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    await asyncio.sleep(0.05)
-            assert reply is not None and reply["tier"] == "l2"
+                    return None
+                return msgspec.json.decode(msg.data)
+
+            reply = await eventually(answered, every=0.05, what="an answer after the reconnect")
+            assert reply["tier"] == "l2"
             assert len(l1.l2.calls_for(u)) == 2
     finally:
         server.stop()
@@ -388,18 +384,17 @@ async def test_a_hit_is_in_the_callers_trace_and_skips_the_span_when_not_sampled
                 and (parent is None or (s.parent and s.parent.span_id == parent))]
 
     await l1.get(u, n=2)  # a miss: the full path, with its span
-    await l1.until(lambda: served())
+    await eventually(lambda: served())
     with telemetry.tracer.start_as_current_span("caller") as caller:
         msg = await l1.nc.request(l1.direct, body, headers=telemetry.inject(), timeout=5)
     assert b'"tier":"l1"' in msg.data
-    await l1.until(lambda: served(caller.get_span_context().span_id))
+    await eventually(lambda: served(caller.get_span_context().span_id))
 
     spans.clear()
     unsampled = {"traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-00"}
     msg = await l1.nc.request(l1.direct, body, headers=unsampled, timeout=5)
     assert b'"tier":"l1"' in msg.data
-    await asyncio.sleep(0.05)
-    assert not served()
+    await never_within(0.2, served, what="a span of the unsampled hit")
 
 
 # --- forged events -------------------------------------------------------------
@@ -415,7 +410,7 @@ async def test_a_forged_event_beyond_the_log_is_ignored_and_the_true_window_stil
     fake = Message(seq=last + 1000, msg_id="forged", role="user", bot_id="bot", text="wire money",
                    ts="2026-11-26T07:00:00.000Z")
     await l1.forge(Changed(op="append", user_id=u, seq=last + 1000, prev_seq=3, count=4, message=fake))
-    await l1.until(lambda: (REGISTRY.get_sample_value(
+    await eventually(lambda: (REGISTRY.get_sample_value(
         "tiermem_rejected_messages_total",
         {"service": "memory-l1", "reason": "seq_beyond_log"}) or 0) == refused + 1)
 
@@ -498,7 +493,7 @@ async def test_an_l1_hit_too_big_for_nats_is_refused_with_413_and_how_many_fit(w
         seq = first + i
         await l1.publish(Changed(op="append", user_id=u, seq=seq, prev_seq=seq - 1 if i else 0,
                                  count=i + 1, message=big(seq)))
-    await l1.until(lambda: l1.store.window(u) is not None and len(l1.store.window(u).messages) == 20)
+    await eventually(lambda: l1.store.window(u) is not None and len(l1.store.window(u).messages) == 20)
 
     code, body = await call(l1.nc, l1.direct, {"user_id": u, "n": 20})
     assert code == 413 and body["error"]["code"] == 413
@@ -547,7 +542,8 @@ async def test_a_read_is_answered_only_after_the_events_received_before_it(nats_
         sidecar._events = queue  # one event received, its callback not run yet
         l1.l2.users[u] = []
         read = asyncio.create_task(l1.get(u, n=3))
-        await asyncio.sleep(0.02)  # the read is in: it must wait for the queued event
+        # the read is in: it waits for the queued event (at most CHECK_WAIT_S, then passes down)
+        await eventually(lambda: sidecar._events_waiters, what="the read waiting for the event")
         assert not read.done()
         forget = Changed(op="forget", user_id=u, seq=0, prev_seq=0, count=0)
         queue.pending_msgs = 0  # taken off the queue, and handled
@@ -567,7 +563,7 @@ async def test_a_read_waits_for_its_users_held_forget_even_with_a_window_to_answ
     last_seq = l1_service.stream.last_seq
 
     async def slow_last_seq(js):  # the check takes a while: the read arrives during it
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # scenario: how long the stream check takes
         return await last_seq(js)
 
     monkeypatch.setattr(l1_service.stream, "last_seq", slow_last_seq)

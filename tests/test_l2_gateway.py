@@ -21,7 +21,7 @@ from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest, 
 from services.l2_gateway.fence import Fence
 from services.l2_gateway.redis_window import RedisWindow
 from services.l2_gateway.service import build
-from tests.helpers import call, client, ok, running, stand_in_for_llm_forget
+from tests.helpers import call, client, eventually, ok, running, stand_in_for_llm_forget
 
 
 class FakeL3:
@@ -247,8 +247,7 @@ async def test_forget_removes_user_from_log_and_redis_and_tells_l3_and_listeners
     assert l3.forgets and l3.forgets[0].user_id == "gone"
     assert l3.llm_forgets == ["gone"]
     assert (await ok(nc, subjects.MEMORY_FORGET_STATUS, {"user_id": "gone"}))["pending"] is False
-    await asyncio.sleep(0.1)
-    assert any(b'"forget"' in e.data for e in events)
+    await eventually(lambda: any(b'"forget"' in e.data for e in events), what="the forget event")
     await sub.unsubscribe()
     assert (await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "gone"}))["messages"] == []
     kept = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "kept"})

@@ -24,9 +24,8 @@ from services.l2_gateway.service import build
 from shared import lastseq, servers, subjects
 from shared.log_head import LogHead
 from shared.contract import Changed
-from tests.helpers import client, ok, running
+from tests.helpers import client, eventually, ok, running
 from tests.test_l2_gateway import FakeL3, append_body
-from tests.test_l2_gateway_guards import until
 
 GRACE_S = 1.0  # a read without min_seq may lack a message acknowledged this recently
 N = 100  # messages each read asks for (L2's window)
@@ -127,20 +126,29 @@ async def test_a_read_passes_down_while_the_applier_lags_the_log(clean_nats, own
             await ok(nc, subjects.MEMORY_APPEND, append_body("lead-lag", 1))  # acked, not applied
             reply = await ok(nc, subjects.MEMORY_L2_GET, read)
             assert reply["tier"] == "l2" and len(reply["messages"]) == 1  # within the grace
-            await asyncio.sleep(0.6)
-            assert (await ok(nc, subjects.MEMORY_L2_GET, read))["tier"] == "l3"
-            # and the broker is told (`lastseq.DUE` above what Redis applied)
+            # past half the grace (0.5 s) the unapplied message is due: reads pass down
+            await eventually(lambda: _tier_is(nc, read, "l3"), timeout=5, what="the read passed down")
+            # and the broker is told (`lastseq.DUE` above what Redis applied; written every
+            # `lastseq.DUE_EVERY_S`)
             r = aioredis.from_url(env["REDIS_URL"])
-            state = lastseq.State.parse(await r.hmget(lastseq.STATE, lastseq.STATE_FIELDS))
-            assert int(await r.get(lastseq.DUE)) > state.applied
+
+            async def due_written():
+                state = lastseq.State.parse(await r.hmget(lastseq.STATE, lastseq.STATE_FIELDS))
+                return int(await r.get(lastseq.DUE) or 0) > state.applied
+
+            await eventually(due_written, what="the due position written above the applied one")
             await r.aclose()
             release.set()
-            await until(lambda: _l2_holds(nc, read, 2))  # caught up: answered again
+            await eventually(lambda: _l2_holds(nc, read, 2))  # caught up: answered again
 
 
 async def _l2_holds(nc, read: dict, count: int) -> bool:
     reply = await ok(nc, subjects.MEMORY_L2_GET, read)
     return reply["tier"] == "l2" and len(reply["messages"]) == count
+
+
+async def _tier_is(nc, read: dict, tier: str) -> bool:
+    return (await ok(nc, subjects.MEMORY_L2_GET, read))["tier"] == tier
 
 
 class Truth:
@@ -226,13 +234,13 @@ async def test_redis_flushed_under_three_gateways_never_answers_incomplete(clean
         async with gateways(env):
             users = [f"lead-f{i}" for i in range(12)]
             load = [asyncio.create_task(writer(nc, truth, u, stop)) for u in users]
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5)  # scenario: load before the flush
             before = truth.l2_answers
             await r.flushall()
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(3.0)  # scenario: load while the gateways rebuild
             stop.set()
             await asyncio.gather(*load)
-            await until(lambda: caught_up(nc, truth), timeout=20)
+            await eventually(lambda: caught_up(nc, truth), timeout=20)
     await r.aclose()
     assert before > 0 and truth.l2_answers > before
     assert truth.violations == []
@@ -257,7 +265,7 @@ async def test_redis_rolled_back_to_an_older_snapshot_is_not_served_as_complete(
             for i in range(3):
                 for u in users:
                     await append(u, i)
-            await until(lambda: caught_up(nc, truth))
+            await eventually(lambda: caught_up(nc, truth))
             await r.save()  # the snapshot Redis will go back to
             snapshot_seq = truth.acked[users[-1]][-1][0]
             for i in range(3, 6):
@@ -266,8 +274,8 @@ async def test_redis_rolled_back_to_an_older_snapshot_is_not_served_as_complete(
             # the last user is forgotten after the snapshot: the old state still holds it
             await ok(nc, subjects.MEMORY_FORGET, {"user_id": users[-1]})
             truth.acked[users[-1]] = []
-            await until(lambda: caught_up(nc, truth))
-            await asyncio.sleep(GRACE_S)
+            await eventually(lambda: caught_up(nc, truth))
+            await asyncio.sleep(GRACE_S)  # scenario: every ack older than the grace, so reads must hold all
 
             redis.stop()  # no save on the way down: the restart loads the older snapshot
             redis = own_redis["server"] = servers.start_redis(
@@ -314,7 +322,7 @@ async def test_an_idle_users_expired_window_is_a_miss_and_comes_back_complete(cl
             async def expired():
                 return not [k async for k in r.scan_iter(match="tm:{lead-idle}:*")]
 
-            await until(expired, timeout=5)
+            await eventually(expired, timeout=5)
             # expired: a miss, not "this user has no messages"
             reply = await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "lead-idle", "n": 5})
             assert reply["tier"] == "l3" and l3.gets[-1].user_id == "lead-idle"
@@ -324,7 +332,7 @@ async def test_an_idle_users_expired_window_is_a_miss_and_comes_back_complete(cl
                                                           "min_seq": back})
             assert reply["tier"] == "l2"
             assert [m["seq"] for m in reply["messages"]] == [*first, back]
-            await until(lambda: asyncio.sleep(0, result=events and events[-1].seq == back))
+            await eventually(lambda: events and events[-1].seq == back)
             # and L1s are told the truth about what came before it
             assert (events[-1].prev_seq, events[-1].count) == (first[-1], 4)
     await r.aclose()

@@ -8,9 +8,7 @@ finishes it without anyone calling `memory.forget` again.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
 
 import asyncpg
 import pytest
@@ -20,19 +18,13 @@ from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.llm_broker.service import build as build_broker
 from shared import subjects
-from tests.helpers import call, client, ok, running, stand_in_for_llm_forget
+from tests.helpers import (
+    call, client, eventually, never_within, ok, running, stand_in_for_llm_forget,
+)
 from tests.test_l2_gateway import FakeL3, append_body
 from tests.test_llm_broker import req as llm_req
 
 FAST_RETRY = {"forget_retry_max_s": 0.3, "log_level": "warning"}
-
-
-async def until(condition, timeout: float = 15.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not (result := await condition()):
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(every)
-    return result
 
 
 async def pending(nc, user: str) -> bool:
@@ -71,12 +63,13 @@ async def test_a_forget_while_l3_is_down_is_pending_and_completes_once_l3_is_bac
         assert await l3_rows(env["DATABASE_URL"], "gone") == 3  # still there, and the job knows
         # the tiers that confirmed serve nothing of the user from the reply on
         assert (await ok(nc, subjects.MEMORY_L2_GET, {"user_id": "gone", "n": 10}))["messages"] == []
-        await asyncio.sleep(1.0)  # several retries meet no L3; the job stays
-        assert await pending(nc, "gone")
+        # several retries meet no L3; the job stays
+        await never_within(1.0, lambda: _not(pending(nc, "gone")), every=0.1,
+                           what="the job done without L3")
         # a later append is not covered by the pending forget
         after = (await ok(nc, subjects.MEMORY_APPEND, append_body("gone", 7)))["seq"]
         async with running("l3-semantic-indexer", build_l3, env):
-            await until(lambda: _not(pending(nc, "gone")))
+            await eventually(lambda: _not(pending(nc, "gone")), timeout=15)
             reply = await ok(nc, subjects.MEMORY_L3_GET, {"user_id": "gone", "n": 10, "min_seq": after})
             assert [m["msg_id"] for m in reply["messages"]] == ["gone-7"]
             assert await l3_rows(env["DATABASE_URL"], "kept") == 3
@@ -98,7 +91,8 @@ async def test_a_forget_that_completes_in_its_request_leaves_no_job_to_run_again
             assert await ok(nc, subjects.MEMORY_FORGET, {"user_id": "gone"}) == {
                 "user_id": "gone", "deleted": 1}
             assert not await pending(nc, "gone")
-            await asyncio.sleep(1.5)  # past the job's not_before: the consumer finds nothing
+            # until past the job's not_before: the consumer finds nothing to run again
+            await never_within(1.5, lambda: len(tiers.forgets) > 1, every=0.1, what="the job run again")
             assert len(tiers.forgets) == 1 and tiers.llm_forgets == ["gone"]
 
 
@@ -122,5 +116,5 @@ async def test_a_forget_while_the_llm_broker_is_down_removes_its_entries_once_it
             assert code == 503 and "llm-broker" in body["error"]["message"]
             assert await pending(nc, "lead-9")
             async with broker():
-                await until(lambda: _not(pending(nc, "lead-9")))
+                await eventually(lambda: _not(pending(nc, "lead-9")), timeout=15)
                 assert (await ok(nc, subjects.LLM_COMPLETE, question))["cache"]["status"] == "miss"

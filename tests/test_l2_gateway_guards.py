@@ -18,7 +18,7 @@ from services.l2_gateway.log_guard import MARKER_KEY, Verdict, judge
 from services.l2_gateway.service import build
 from shared import metrics, servers, stream, subjects
 from shared.contract import LogEntry, encode
-from tests.helpers import call, client, ok, running
+from tests.helpers import call, client, eventually, never_within, ok, running
 from tests.test_health import get
 from tests.test_l2_gateway import FakeL3, append_body, gateway  # noqa: F401 - a fixture
 
@@ -41,15 +41,6 @@ def test_guard_creates_only_on_first_start_and_replaces_only_the_named_loss(mark
 
 async def marker(js) -> str:
     return (await (await js.key_value(subjects.STATE_BUCKET)).get(MARKER_KEY)).value.decode()
-
-
-async def until(predicate, timeout: float = 8.0):
-    """Poll an async predicate until it returns something truthy; returns that."""
-    for _ in range(int(timeout / 0.1)):
-        if result := await predicate():
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_first_start_creates_the_stream_and_records_its_incarnation(clean_state):
@@ -100,7 +91,7 @@ async def test_a_stream_replaced_while_running_stops_appends_until_it_is_restore
                 status, reply = await call(nc, subjects.MEMORY_APPEND, append_body("lead-c", 1))
                 return status == 503 and "was replaced" in reply["error"]["message"]
 
-            await until(refused)
+            await eventually(refused)
             # A restore from backup brings the stream back with its config, incarnation included.
             await js.delete_stream(subjects.STREAM)
             await js.add_stream(StreamConfig.from_response(config.as_dict()))
@@ -108,7 +99,7 @@ async def test_a_stream_replaced_while_running_stops_appends_until_it_is_restore
             async def accepted():
                 return (await call(nc, subjects.MEMORY_APPEND, append_body("lead-c", 2)))[0] == 200
 
-            await until(accepted)
+            await eventually(accepted)
 
 
 async def test_poison_log_messages_are_dead_lettered_and_later_ones_still_applied(gateway):  # noqa: F811
@@ -168,15 +159,21 @@ async def test_the_applier_backlog_stays_in_the_stream_while_redis_is_down(clean
                     (info,) = await nc.jsm().consumers_info(subjects.STREAM)
                     return info if info.num_pending > 0 else None
 
-                info = await until(held)
-                await asyncio.sleep(0.5)  # let the applier take all it may
+                info = await eventually(held)
+
+                async def over_the_bound():  # the applier takes all it may, and no more
+                    (info,) = await nc.jsm().consumers_info(subjects.STREAM)
+                    return info.num_ack_pending > MAX_ACK_PENDING and info
+
+                await never_within(0.5, over_the_bound, every=0.05,
+                                   what="more than the bound in flight")
                 (info,) = await nc.jsm().consumers_info(subjects.STREAM)
                 assert 0 < info.num_ack_pending <= MAX_ACK_PENDING
                 assert info.num_pending >= backlog - MAX_ACK_PENDING
 
                 redis = servers.start_redis(tmp_path / "redis", port=redis.port, die_with_parent=True)
 
-                reply = await until(lambda: applied(nc, "lead-b", last), timeout=30)
+                reply = await eventually(lambda: applied(nc, "lead-b", last), timeout=30)
                 assert reply["messages"][-1]["msg_id"] == f"m{backlog - 1}"
                 # Redis came back empty, so the applier replayed the log with a new consumer;
                 # from then on it keeps it: a completed pull is not mistaken for a lost consumer
@@ -185,7 +182,7 @@ async def test_the_applier_backlog_stays_in_the_stream_while_redis_is_down(clean
                     await js.publish(subjects.log_subject("lead-b"), encode(LogEntry(
                         user_id="lead-b", bot_id="b", role="user", text="more", msg_id=f"n{i}",
                         ts="2026-01-01T00:00:00.000Z")))
-                await until(lambda: applied(nc, "lead-b", last + 2 * MAX_ACK_PENDING))
+                await eventually(lambda: applied(nc, "lead-b", last + 2 * MAX_ACK_PENDING))
                 assert [c.name for c in await nc.jsm().consumers_info(subjects.STREAM)] == [consumer.name]
     finally:
         redis.stop()

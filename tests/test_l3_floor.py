@@ -18,7 +18,7 @@ from services.l3_semantic_indexer.indexer import subscribe
 from services.l3_semantic_indexer.service import build
 from shared import stream, subjects
 from shared.contract import LogEntry, encode
-from tests.helpers import call, client, ok, running
+from tests.helpers import call, client, eventually, ok, running
 
 
 async def test_a_message_stored_between_the_two_reads_of_the_floor_is_not_counted_as_indexed(clean_nats):
@@ -101,11 +101,12 @@ async def test_with_two_indexers_a_reply_never_claims_a_seq_while_an_older_messa
         await asyncio.wait_for(held.wait(), 10)
         async with running("l3-semantic-indexer", build, env):
             second = await append(2)
-            while True:  # the fast replica has committed and acknowledged message 2
+
+            async def second_acked():  # the fast replica has committed and acknowledged message 2
                 info = await js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER)
-                if info.num_pending == 0 and info.num_ack_pending == 1:
-                    break
-                await asyncio.sleep(0.01)
+                return info.num_pending == 0 and info.num_ack_pending == 1
+
+            await eventually(second_acked, every=0.01)
 
             for reply in await replies({"user_id": user, "n": 10}):
                 assert (reply["seq"], [m["seq"] for m in reply["messages"]]) == (old, [old])
@@ -142,7 +143,7 @@ async def test_a_read_without_min_seq_is_refused_while_indexing_lags_the_log_pas
             await ok(nc, subjects.MEMORY_L3_GET, {**read, "min_seq": old})
             first = await append(1)
             await asyncio.wait_for(held.wait(), 10)
-            await asyncio.sleep(1.0)  # message 1 is in the log for longer than the lag (0.5 s)
+            await asyncio.sleep(1.0)  # scenario: message 1 is in the log for longer than the lag (0.5 s)
             code, body = await call(nc, subjects.MEMORY_L3_GET, read)
             assert code == 503 and "lags the log" in body["error"]["message"]
             release.set()

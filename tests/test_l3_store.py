@@ -18,6 +18,7 @@ import pytest
 
 from services.l3_semantic_indexer import store
 from shared.embeddings import make_embedder
+from tests.helpers import eventually
 
 TS = "2026-11-26T07:00:00.000Z"
 
@@ -382,13 +383,11 @@ async def test_in_flight_batch_cannot_resurrect_a_forgotten_user(pool, embedder)
 
 
 async def _wait_for_lock_waiters(pool, n: int) -> None:
-    for _ in range(500):
-        waiting = await pool.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-        if waiting >= n:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{n} lock waiters never showed up")
+    async def waiting():
+        return await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") >= n
+
+    await eventually(waiting, every=0.01, what=f"{n} lock waiters")
 
 
 async def test_concurrent_batches_and_forget_stress(pool, embedder):
@@ -400,11 +399,11 @@ async def test_concurrent_batches_and_forget_stress(pool, embedder):
     vecs = [await embedder.embed([r.text for r in b]) for b in batches]
 
     async def write(i):
-        await asyncio.sleep(random.random() * 0.02)
+        await asyncio.sleep(random.random() * 0.02)  # scenario: the writers' order is shuffled
         return await store.upsert_batch(pool, batches[i], vecs[i], embedder.model_id)
 
     async def forget():
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # scenario: the forget lands among the writes
         return await store.forget(pool, user, 120)
 
     await asyncio.gather(*(write(i) for i in range(12)), forget())

@@ -21,11 +21,12 @@ from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker import guard
-from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.service import build as build_broker
 from shared import servers, subjects
 from shared.contract import ServedBatch, Usage
-from tests.helpers import call, client, ok, running
+from shared.llm_config import Config
+from shared.pricing import cost_usd
+from tests.helpers import call, client, eventually, never_within, ok, running
 
 
 class Clock:
@@ -111,10 +112,8 @@ async def test_a_semantic_hits_record_carries_the_guard_score_and_the_threshold_
     await ok(nc, subjects.LLM_COMPLETE, req("Is the house on Main Street still available?"))
     hit = await ok(nc, subjects.LLM_COMPLETE, req("is the house on main street still available ?"))
     assert hit["cache"]["match"] == "semantic"
-    for _ in range(100):
-        if any(r.match == "semantic" for b in batches for r in b.llm):
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: any(r.match == "semantic" for b in batches for r in b.llm),
+                     what="the semantic hit published")
     await sub.unsubscribe()
     rec, = [r for b in batches for r in b.llm if r.match == "semantic"]
     assert rec.threshold == pytest.approx(guard.default_threshold(None), abs=0.5)
@@ -175,6 +174,10 @@ async def test_scope_user_never_serves_another_users_entry(broker):
     assert sim.calls() == len(seen)
 
 
+async def _status(nc, body, status: str) -> bool:
+    return (await ok(nc, subjects.LLM_COMPLETE, body))["cache"]["status"] == status
+
+
 async def test_lead_intent_dropped_by_users_next_message_market_context_kept(broker):
     nc, sim, _, env = broker
     async with running("l2-gateway", build_l2, env):
@@ -186,23 +189,19 @@ async def test_lead_intent_dropped_by_users_next_message_market_context_kept(bro
         # the bot speaking does not invalidate; the lead speaking does
         await ok(nc, subjects.MEMORY_APPEND, {"user_id": "lead-42", "bot_id": "b", "role": "assistant",
                                                "text": "Yes it is!", "msg_id": "m1"})
-        await asyncio.sleep(0.2)
-        assert (await ok(nc, subjects.LLM_COMPLETE, intent))["cache"]["status"] == "hit"
+        await never_within(0.3, lambda: _status(nc, intent, "miss"), every=0.05,
+                           what="the bot's message invalidating")
         await ok(nc, subjects.MEMORY_APPEND, {"user_id": "lead-42", "bot_id": "b", "role": "user",
                                                "text": "Actually, never mind.", "msg_id": "m2"})
-        for _ in range(50):
-            if (await ok(nc, subjects.LLM_COMPLETE, intent))["cache"]["status"] == "miss":
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("lead_intent entry survived the user's message")
+        await eventually(lambda: _status(nc, intent, "miss"), every=0.05,
+                         what="lead_intent dropped by the user's message")
         assert (await ok(nc, subjects.LLM_COMPLETE, market))["cache"]["status"] == "hit"
         # forget drops every entry of the user
         # no L3 in this test: the forget answers 503, but caches are told first
         code, _ = await call(nc, subjects.MEMORY_FORGET, {"user_id": "lead-42"})
         assert code == 503
-        await asyncio.sleep(0.2)
-        assert (await ok(nc, subjects.LLM_COMPLETE, market))["cache"]["status"] == "miss"
+        await eventually(lambda: _status(nc, market, "miss"), every=0.05,
+                         what="the user's entries dropped")
 
 
 async def test_llm_forget_confirms_and_an_answer_in_flight_at_the_forget_is_not_cached(broker):
@@ -210,8 +209,9 @@ async def test_llm_forget_confirms_and_an_answer_in_flight_at_the_forget_is_not_
     kept = req("Is the Main St house still available?", user="lead-f")
     await ok(nc, subjects.LLM_COMPLETE, kept)
     sim.fault(delay_s=0.5, count=1)  # the next answer is still being computed at the forget
+    before = sim.calls()
     in_flight = asyncio.create_task(ok(nc, subjects.LLM_COMPLETE, req("Any news?", user="lead-f")))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: sim.calls() > before, what="the request upstream")
     clock.now += 1
     assert await ok(nc, subjects.LLM_FORGET, {"user_id": "lead-f"}) == {"user_id": "lead-f", "deleted": 1}
     assert (await in_flight)["cache"]["status"] == "miss"
@@ -307,11 +307,11 @@ async def test_llm_stats_add_up(broker):
     a = await ok(nc, subjects.LLM_COMPLETE, req("Is it available?"))
     b = await ok(nc, subjects.LLM_COMPLETE, req("Is it available?"))
     c = await ok(nc, subjects.LLM_COMPLETE, req("Cache off please?", mode="off"))
-    for _ in range(50):  # totals are written just after each reply
+    async def counted():  # totals are written just after each reply
         stats = await ok(nc, subjects.LLM_STATS, {})
-        if stats["requests"] == 3:
-            break
-        await asyncio.sleep(0.02)
+        return stats if stats["requests"] == 3 else None
+
+    stats = await eventually(counted, what="three requests counted")
     assert stats["requests"] == 3 and stats["hits_exact"] == 1
     assert stats["misses"] == 1 and stats["uncached"] == 1 and stats["upstream_calls"] == 2
     assert stats["cost_usd"] == pytest.approx(a["cost_usd"] + c["cost_usd"])

@@ -8,12 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.llm_broker.policy import (
-    Config, Entry, cacheable, check_request, exact_key, partition_key, stale,
-)
+from services.llm_broker.policy import Entry, cacheable, check_request, exact_key, partition_key, stale
 from shared import metrics
 from shared.contract import CompleteRequest, Usage, check_complete
 from shared.errors import BadRequest, PayloadTooLarge
+from shared.llm_config import Config
 
 CONFIG = Config.load()
 MAX_PROMPT = 10_000

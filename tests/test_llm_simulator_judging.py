@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from services.freshness_auditor import entailment
-from services.llm_broker.upstream import _params
+from shared.upstream import _params
 from services.llm_simulator import judging, responder
 
 MODEL = "claude-haiku-4-5"

@@ -15,8 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.llm_broker import bound, guard
-from services.llm_broker.policy import DEFAULT_CONFIG, Config
 from services.llm_broker.thresholds import KEY, VERSIONS, Thresholds
+from shared.llm_config import DEFAULT_CONFIG, Config, check_rate
+from shared.wilson import wilson_upper
 
 DEFAULT = 0.6
 RATE = 0.01
@@ -24,20 +25,9 @@ RATE = 0.01
 # --------------------------------------------------------------------------- pure math
 
 
-def test_wilson_upper_matches_known_values():
-    # 0 of n: (z^2 / n) / (1 + z^2 / n); 1 of 100, worked by hand from the Wilson formula:
-    # (0.01 + 0.013529 + 1.6449 * sqrt(0.000099 + 0.0000676)) / 1.027057 = 0.04358
-    assert bound.wilson_upper(0, 0) == 1.0
-    assert bound.wilson_upper(0, 100) == pytest.approx(2.7057 / 102.7057, rel=1e-4)
-    assert bound.wilson_upper(1, 100) == pytest.approx(0.04358, abs=1e-4)
-    assert bound.wilson_upper(5, 5) == 1.0
-    with pytest.raises(ValueError):
-        bound.wilson_upper(3, 2)
-
-
 def test_loosening_needs_hundreds_of_clean_checks_at_one_percent():
     assert bound.checks_to_loosen(0, 0.01) == 268
-    assert bound.wilson_upper(0, 268) <= 0.01 < bound.wilson_upper(0, 267)
+    assert wilson_upper(0, 268) <= 0.01 < wilson_upper(0, 267)
     assert bound.checks_to_loosen(1, 0.01) == 446
     assert bound.checks_to_loosen(0, 0.05) < bound.checks_to_loosen(0, 0.01)
 
@@ -52,7 +42,7 @@ def test_the_grid_halves_the_margin_and_ends_at_the_cap():
 @pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, "x", float("nan"), None])
 def test_a_bound_outside_zero_one_is_refused_with_a_clear_error(bad):
     with pytest.raises(ValueError, match="max_false_hit_rate"):
-        bound.check_rate(bad)
+        check_rate(bad)
 
 
 def test_config_carries_the_bound_and_refuses_a_bad_one(tmp_path):
@@ -121,7 +111,7 @@ def replay(verdicts_by_total, standings, top, rate=RATE):
             (state.level, state.checks, state.wrong, move, version), st
         assert st.threshold == pytest.approx(grid[state.level])
         if move == "loosened":  # the guarantee: only on evidence within the bound
-            assert bound.wilson_upper(before.wrong, before.checks + 1) <= rate
+            assert wilson_upper(before.wrong, before.checks + 1) <= rate
             assert before.checks + 1 >= bound.checks_to_loosen(before.wrong, rate)
     return state
 
@@ -275,7 +265,7 @@ async def test_audit_stats_report_the_bound_the_semantic_rate_and_the_tightest_p
         assert stats.max_false_hit_rate == 0.02
         sem = stats.llm_by_match["semantic"]
         assert (sem.checked, sem.wrong, sem.false_hit_rate) == (40, 1, 0.025)
-        assert sem.upper_bound == pytest.approx(bound.wilson_upper(1, 40), abs=1e-6)
+        assert sem.upper_bound == pytest.approx(wilson_upper(1, 40), abs=1e-6)
         assert stats.llm_by_match["exact"].checked == 1
         assert stats.partitions_audited == tally_mod.PARTITIONS_REPORTED + 6
         assert stats.partitions_tightened == 1

@@ -9,7 +9,6 @@ deletes in bounded batches.
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from nats.js.api import StreamConfig
@@ -18,12 +17,11 @@ from services.l2_gateway.service import build as gateway
 from services.l3_semantic_indexer import store
 from services.l3_semantic_indexer.service import build as indexer
 from services.l3_semantic_indexer.sweeper import Sweeper
-from services.llm_broker.policy import Config
 from shared import metrics, stream, subjects
+from shared.llm_config import Config
 from shared.retention import Retention
-from tests.helpers import call, client, ok, running
+from tests.helpers import call, client, eventually, ok, running
 from tests.test_l2_gateway import FakeL3, append_body
-from tests.test_l2_gateway_guards import until
 from tests.test_l3_store import TS, embedder, new_database, put  # noqa: F401 - fixtures
 
 # ---------------------------------------------------------------- the policy, pure
@@ -175,7 +173,7 @@ async def test_an_append_to_a_full_log_gets_507_stores_nothing_and_is_counted(cl
                 return (metrics.log_max_bytes._value.get(), metrics.log_bytes._value.get()) == (
                     1000, state.bytes)
 
-            await until(sampled, timeout=12)
+            await eventually(sampled, timeout=12)
 
 
 # ---------------------------------------------------------------- the L3 sweeper

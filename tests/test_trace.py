@@ -7,7 +7,6 @@ chain caller -> l1 -> l2 (-> Redis) -> l3 (-> embedding, Postgres).
 
 from __future__ import annotations
 
-import asyncio
 
 import msgspec
 
@@ -15,7 +14,7 @@ from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
-from tests.helpers import client, ok, running
+from tests.helpers import client, eventually, ok, running
 
 
 def chain(finished, leaf_name: str) -> list[str]:
@@ -34,11 +33,15 @@ async def lookup(nc, body: dict, spans):
     with telemetry.tracer.start_as_current_span("caller") as caller:
         msg = await nc.request(subjects.MEMORY_GET, msgspec.json.encode(body), timeout=10,
                                headers=telemetry.inject())
-    await asyncio.sleep(0.05)  # server-side spans end right after the reply is sent
-    finished = spans.get_finished_spans()
     trace_id = caller.get_span_context().trace_id
-    mine = [s for s in finished if s.context.trace_id == trace_id]
-    return msg, mine
+
+    def mine():
+        return [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
+
+    # server-side spans end right after the reply is sent; the outermost (memory-l1's) last
+    await eventually(lambda: any(s.name == "memory.get process" for s in mine()),
+                     what="memory-l1's span ended")
+    return msg, mine()
 
 
 async def test_a_lookup_is_one_trace_across_l1_l2_l3(clean_state, spans):

@@ -16,7 +16,7 @@ each batch through the queue group). The auditor:
   judge of its own, `entailment`, never the broker's guard), and tells the
   broker each verdict (`llm.verdict`): a wrong hit is evicted; a semantic one
   is evidence for its partition's false-hit bound, which tightens or loosens
-  its threshold (`services/llm_broker/bound.py`), and the partition's
+  its threshold (the broker's `bound`), and the partition's
   standing in the reply is kept for `audit.stats`;
 - answers `audit.stats` with the counts and rates (kept in Redis, `tally`).
 
@@ -40,8 +40,6 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.llm_broker.policy import Config, cost_usd
-from services.llm_broker.upstream import Upstream, make_client
 from shared import metrics, pii, stream, subjects
 from shared.contract import (
     AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
@@ -49,8 +47,11 @@ from shared.contract import (
 )
 from shared.errors import TierError
 from shared.ids import to_token
+from shared.llm_config import Config
+from shared.pricing import cost_usd
 from shared.service import Runtime
 from shared.telemetry import tracer
+from shared.upstream import Upstream, make_client
 
 from . import entailment, judge
 from .tally import Tally

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from redis.asyncio import Redis
 
 from shared import metrics
-from services.llm_broker.bound import wilson_upper
 from shared.contract import Accuracy, AuditStatsReply, Freshness, PartitionBound, decoder, encode
+from shared.wilson import wilson_upper
 
 KEY = "audit:stats"
 PARTITIONS = "audit:partitions"

@@ -51,7 +51,7 @@ from redis.exceptions import RedisError
 
 from shared import stream, subjects
 from shared.contract import (
-    Changed, ForgetReply, ForgetRequest, L3ForgetRequest, decoder, encode,
+    Changed, ForgetJob, ForgetReply, ForgetRequest, ForgetStatus, L3ForgetRequest, decoder, encode,
 )
 from shared.errors import TierError, Unavailable
 from shared.ids import to_token
@@ -66,20 +66,6 @@ MAX_JOBS = 1_000_000  # pending forgets kept at most; past it a forget gets 503 
 ACK_WAIT_S = 120.0  # longer than an attempt: its steps time out after request_timeout_s each
 PARALLEL_JOBS = 16
 FIRST_RETRY_S = 0.5
-
-
-class ForgetJob(msgspec.Struct):
-    user_id: str
-    upto_seq: int  # the log position the forget covers: later appends are kept
-    recorded_at: float  # unix seconds
-    not_before: float  # the consumer leaves it to the request that recorded it until then
-
-
-class ForgetStatus(msgspec.Struct):
-    user_id: str
-    pending: bool
-    since: float | None = None  # when the oldest pending job was recorded (unix seconds)
-    upto_seq: int | None = None
 
 
 _job = decoder(ForgetJob)

@@ -26,8 +26,8 @@ from redis.exceptions import RedisError
 
 from shared import lastseq, metrics, stream, subjects
 from shared.contract import (
-    AppendReply, AppendRequest, EvictReply, EvictRequest, ForgetRequest, GetRequest, check_append,
-    check_get, encode, fit_reply,
+    AppendReply, AppendRequest, EvictReply, EvictRequest, ForgetRequest, GetRequest, L2Reply,
+    check_append, check_get, encode, fit_reply,
 )
 from shared.errors import Unavailable
 from shared.log_head import LogHead
@@ -191,16 +191,6 @@ async def _publish_due(head: LogHead, window: RedisWindow) -> None:
                 written = due
             except (RedisError, OSError) as exc:  # the applier's own retries say Redis is down
                 log.debug("log_due_not_written", error=str(exc))
-
-
-class L2Reply(msgspec.Struct):
-    """`GetReply` as L2 sends it: the messages are the JSON Redis holds, spliced
-    in as is (decoding and re-encoding 50 of them cost ~23 µs a read)."""
-
-    user_id: str
-    tier: str
-    seq: int
-    messages: list[msgspec.Raw]
 
 
 _REASONS = ("search", "too_many", "redis_unavailable", "behind_min_seq", "behind_log", LOST,

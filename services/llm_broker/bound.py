@@ -1,6 +1,6 @@
 """The false-hit bound a partition keeps: pure math and the decision, no I/O.
 
-Users set `max_false_hit_rate` (the broker's config, default 1 %): of the
+Users set `max_false_hit_rate` (`shared.llm_config`, default 1 %): of the
 semantic hits a partition serves, at most that share may be wrong. The
 freshness auditor checks a sample of hits; each verdict is evidence about the
 partition's current threshold on the guard's score, and the threshold moves
@@ -39,25 +39,14 @@ two agree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-DEFAULT_MAX_FALSE_HIT_RATE = 0.01
-Z = 1.6449  # one-sided 95 % normal quantile for the Wilson bound
+from shared.llm_config import DEFAULT_MAX_FALSE_HIT_RATE
+from shared.wilson import Z95_ONE_SIDED as Z  # the Wilson bound is one-sided 95 %
+from shared.wilson import wilson_upper
+
 STEP = 0.5  # each level up multiplies the margin 1 - threshold by this
 EPS = 1e-9  # thresholds are compared with this slack (they travel as decimal text)
-
-
-def wilson_upper(wrong: int, checks: int, z: float = Z) -> float:
-    """Upper Wilson score bound of the wrong rate after `wrong` of `checks`; 1.0 without checks."""
-    if checks < 0 or wrong < 0 or wrong > checks:
-        raise ValueError(f"need 0 <= wrong <= checks, got {wrong}/{checks}")
-    if checks == 0:
-        return 1.0
-    n, p, zz = checks, wrong / checks, z * z
-    centre = p + zz / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n))
-    return min((centre + spread) / (1 + zz / n), 1.0)
 
 
 def checks_to_loosen(wrong: int, max_rate: float = DEFAULT_MAX_FALSE_HIT_RATE, z: float = Z) -> int:
@@ -70,19 +59,6 @@ def checks_to_loosen(wrong: int, max_rate: float = DEFAULT_MAX_FALSE_HIT_RATE, z
         mid = (lo + n) // 2
         lo, n = (lo, mid) if wilson_upper(wrong, mid, z) <= max_rate else (mid, n)
     return n
-
-
-def check_rate(value: float) -> float:
-    """A valid `max_false_hit_rate`, or a ValueError that says what is wrong."""
-    try:
-        rate = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"max_false_hit_rate must be a number in (0, 1), got {value!r}") from None
-    if not 0.0 < rate < 1.0 or math.isnan(rate):
-        raise ValueError(
-            f"max_false_hit_rate must be in (0, 1) (a share of semantic hits, e.g. 0.01 for 1 %), "
-            f"got {value!r}")
-    return rate
 
 
 def grid(default: float, max_threshold: float) -> list[float]:

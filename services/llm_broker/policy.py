@@ -35,90 +35,12 @@ stop sequences included, is `shared.contract.check_complete`'s (413).
 from __future__ import annotations
 
 import hashlib
-import tomllib
-from pathlib import Path
 
 import msgspec
 
-from shared import metrics
 from shared.contract import CompleteRequest, Usage
 from shared.errors import BadRequest, PayloadTooLarge
-from shared.retention import Retention
-
-from . import bound
-from .bound import DEFAULT_MAX_FALSE_HIT_RATE
-
-DEFAULT_CONFIG = Path(__file__).with_name("config.toml")
-
-
-class Volatility(msgspec.Struct, frozen=True):
-    ttl_s: float
-    invalidate_on_user_message: bool = False
-
-
-class Price(msgspec.Struct, frozen=True):
-    input: float
-    output: float
-    cache_write: float
-    cache_read: float
-
-
-class Config(msgspec.Struct, frozen=True):
-    volatility: dict[str, Volatility]
-    prices: dict[str, Price]
-    models: list[str]  # the allow-list: any other model is refused
-    max_tokens: int = 8192
-    max_messages: int = 1000
-    # Tasks whose answer is a label: the auditor wants the same label, not similar text.
-    label_tasks: list[str] = []
-    # Tasks whose answers depend on nothing about the user: only these may use scope global.
-    global_tasks: list[str] = []
-    # Further task and bot names that metrics label by name (any other is `other`).
-    tasks: list[str] = []
-    bots: list[str] = []
-    # The false-hit bound each partition's semantic threshold keeps (`bound`).
-    max_false_hit_rate: float = DEFAULT_MAX_FALSE_HIT_RATE
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> "Config":
-        raw = tomllib.loads(Path(path or DEFAULT_CONFIG).read_text())
-        config = msgspec.convert(raw, cls)
-        if "default" not in config.prices:
-            raise ValueError("the price table needs a `default` row")
-        bound.check_rate(config.max_false_hit_rate)
-        return config
-
-    def with_retention(self, retention: Retention) -> "Config":
-        """This config with each class's TTL capped at the retention's max age: no cached
-        answer outlives the messages it was made from (`shared.retention`)."""
-        return msgspec.structs.replace(self, volatility={
-            name: msgspec.structs.replace(v, ttl_s=retention.cache_ttl(v.ttl_s))
-            for name, v in self.volatility.items()})
-
-    def volatility_of(self, name: str) -> Volatility:
-        try:
-            return self.volatility[name]
-        except KeyError:
-            known = ", ".join(sorted(self.volatility))
-            raise BadRequest(f"unknown volatility class {name!r}; known: {known}") from None
-
-    def price_of(self, model: str) -> Price:
-        return self.prices.get(model) or self.prices["default"]
-
-    def invalidating(self) -> list[str]:
-        return sorted(n for n, v in self.volatility.items() if v.invalidate_on_user_message)
-
-    # Metric label values: a client picks the task and the bot id, the config bounds them.
-
-    def task_label(self, task: str) -> str:
-        return metrics.bounded(task, {*self.tasks, *self.label_tasks, *self.global_tasks})
-
-    def bot_label(self, bot_id: str | None) -> str:
-        return metrics.bounded(bot_id or "", {"", *self.bots})
-
-    def volatility_label(self, name: str) -> str:
-        return metrics.bounded(name, self.volatility)
-
+from shared.llm_config import Config, Volatility
 
 def check_request(config: Config, req: CompleteRequest) -> Volatility:
     """The configured bounds and the scope rule (see the module docstring); the volatility class."""
@@ -143,14 +65,6 @@ def check_request(config: Config, req: CompleteRequest) -> Volatility:
                 "user's conversation, and a shared answer must not carry it to other users. "
                 "Send a conversation with scope 'user'")
     return volatility
-
-
-def cost_usd(price: Price, usage: Usage) -> float:
-    """What a call cost; cached prompt tokens at their discounted prices."""
-    return (usage.input_tokens * price.input
-            + usage.output_tokens * price.output
-            + usage.cache_creation_input_tokens * price.cache_write
-            + usage.cache_read_input_tokens * price.cache_read) / 1_000_000
 
 
 _canon = msgspec.json.Encoder(order="sorted")

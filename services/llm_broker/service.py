@@ -48,25 +48,26 @@ from redis.asyncio import Redis
 
 from shared import metrics, subjects
 from shared.contract import (
-    CacheInfo, Changed, CompleteReply, CompleteRequest, ForgetReply, ForgetRequest, LLMVerdict,
-    LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder,
+    CacheInfo, Changed, CompleteReply, CompleteRequest, ForgetReply, ForgetRequest, LLMStatsReply,
+    LLMStatsRequest, LLMVerdict, LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder,
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import Unavailable
+from shared.llm_config import Config
+from shared.pricing import cost_usd
 from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
 from shared.telemetry import tracer
+from shared.upstream import Upstream, make_client
 
 from . import guard, stats, wordvec
 from .thresholds import Thresholds
 from .cache import STORE_ERRORS, Fence, ResponseCache
 from .changes import Batch, Pending
 from .policy import (
-    Config, Entry, cacheable, check_request, cost_usd, exact_key, latest_user_text, new_entry,
-    partition_key, stale,
+    Entry, cacheable, check_request, exact_key, latest_user_text, new_entry, partition_key, stale,
 )
-from .upstream import Upstream, make_client
 
 log = structlog.get_logger()
 _changed = decoder(Changed)
@@ -422,7 +423,7 @@ async def build(rt: Runtime, *, clock=time.time,
                                               cb=broker.on_changed,
                                               pending_msgs_limit=events_pending_limit)
 
-    async def get_stats(_req: stats.StatsRequest) -> stats.StatsReply:
+    async def get_stats(_req: LLMStatsRequest) -> LLMStatsReply:
         await broker.drain()  # this replica's latest counts, then everyone's
         try:
             return await stats.read(redis)
@@ -430,7 +431,7 @@ async def build(rt: Runtime, *, clock=time.time,
             raise _stores_down(exc) from None
 
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
-    rt.endpoint("stats", subjects.LLM_STATS, stats.StatsRequest, get_stats)
+    rt.endpoint("stats", subjects.LLM_STATS, LLMStatsRequest, get_stats)
     rt.endpoint("verdict", subjects.LLM_VERDICT, LLMVerdict, broker.verdict, concurrency=16)
     rt.endpoint("forget", subjects.LLM_FORGET, ForgetRequest, broker.forget, concurrency=8)
     return broker

@@ -5,28 +5,9 @@ from __future__ import annotations
 import msgspec
 from redis.asyncio import Redis
 
-from shared.contract import Usage
+from shared.contract import LLMStatsReply, Usage
 
 KEY = "llm:stats"
-
-class StatsRequest(msgspec.Struct):
-    pass
-
-
-class StatsReply(msgspec.Struct):
-    requests: int = 0
-    hits_exact: int = 0
-    hits_semantic: int = 0
-    misses: int = 0
-    uncached: int = 0
-    upstream_calls: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cost_usd: float = 0.0
-    saved_usd: float = 0.0
-    hit_rate: float = 0.0
 
 
 class Totals:
@@ -72,9 +53,9 @@ class Totals:
             raise
 
 
-async def read(redis: Redis) -> StatsReply:
+async def read(redis: Redis) -> LLMStatsReply:
     raw = {k.decode(): v.decode() for k, v in (await redis.hgetall(KEY)).items()}
-    reply = msgspec.convert(raw, StatsReply, strict=False)
+    reply = msgspec.convert(raw, LLMStatsReply, strict=False)
     hits = reply.hits_exact + reply.hits_semantic
     reply.hit_rate = round(hits / reply.requests, 4) if reply.requests else 0.0
     return reply

@@ -30,6 +30,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.llm_config import check_rate
+
 from . import bound, guard
 
 log = structlog.get_logger()
@@ -122,7 +124,7 @@ class Thresholds:
                  max_false_hit_rate: float = bound.DEFAULT_MAX_FALSE_HIT_RATE) -> None:
         self.redis = redis
         self.default = default
-        self.max_false_hit_rate = bound.check_rate(max_false_hit_rate)
+        self.max_false_hit_rate = check_rate(max_false_hit_rate)
         self.grid = bound.grid(default, guard.MAX_THRESHOLD)
         self._grid_args = [repr(t) for t in self.grid]
         self._by_partition: dict[str, float] = {}

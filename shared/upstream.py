@@ -1,9 +1,13 @@
 """Calls to the model API through the official `anthropic` SDK.
 
+Shared by every service that calls the model: the llm-broker (misses) and the
+freshness-auditor (re-asks and its LLM judge) build their client here
+(`make_client`), so both honour the same settings and map the same errors.
+
 The SDK retries 408/409/429/5xx/overloaded with backoff (`max_retries`); a
 semaphore bounds concurrent upstream calls; the breaker stops calling a
-failing upstream. Errors leave as the broker's TierErrors with a clear
-message. Long system prompts are marked with `cache_control` so Anthropic's
+failing upstream. Errors leave as TierErrors with a clear message. Long
+system prompts are marked with `cache_control` so Anthropic's
 prompt cache bills repeats at the cached-read price.
 """
 
@@ -15,12 +19,11 @@ import time
 import anthropic
 import structlog
 
+from shared.breaker import Breaker
 from shared.contract import CompleteRequest, TextBlock, Usage
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout
 from shared.settings import Settings
 from shared.telemetry import tracer
-
-from .breaker import Breaker
 
 log = structlog.get_logger()
 CACHE_CONTROL_MIN_CHARS = 4096  # ~1024 tokens: below that Anthropic does not cache
