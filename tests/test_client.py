@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 import tiermem
 from shared import stack
 from tests.conftest import reset_servers, stack_processes
-from tests.helpers import client as raw_client, identity_env
+from tests.helpers import client as raw_client, eventually, identity_env
 from tiermem.langchain import TiermemChatMessageHistory
 
 pytestmark = pytest.mark.e2e
@@ -54,11 +54,11 @@ async def test_async_client_round_trip_with_typed_replies(worker_env):
         assert isinstance(window, tiermem.GetReply) and window.seq >= second.seq
         assert [(m.role, m.msg_id) for m in window.messages] == [("user", "m-1"), ("assistant", "m-2")]
 
-        for _ in range(100):  # L3 indexes behind the write path: search finds it once indexed
+        async def indexed():  # L3 indexes behind the write path: search finds it once indexed
             found = await tm.search(u, "loft for sale on Pine", k=3)
-            if found.messages:
-                break
-            await asyncio.sleep(0.1)
+            return found if found.messages else None
+
+        found = await eventually(indexed, timeout=10, every=0.1, what="L3 indexing the message")
         assert found.messages[0].msg_id == "m-1" and found.messages[0].score is not None
 
         gone = await tm.forget(u)

@@ -6,7 +6,6 @@ a test history of a few dozen messages gets several summaries.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 
@@ -20,6 +19,7 @@ from services.memory_l1.context import NEWEST, assemble
 from shared import stack, tokens
 from shared.contract import ContextParts, GetReply, Message, Summary
 from tests.conftest import reset_servers, stack_processes
+from tests.helpers import eventually
 
 
 def msg(seq: int, text: str = "", role: str = "user", score: float | None = None) -> Message:
@@ -112,14 +112,12 @@ async def fill(tm, user: str, start: int, count: int) -> int:
     return seq
 
 
-async def eventually_summary(tm, user: str, upto_at_least: int, timeout: float = 30) -> tiermem.ContextReply:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+async def eventually_summary(tm, user: str, upto_at_least: int) -> tiermem.ContextReply:
+    async def summarised():
         got = await tm.context(user, 5000, n=10)
-        if got.summary and got.summary.upto_seq >= upto_at_least:
-            return got
-        assert asyncio.get_running_loop().time() < deadline, f"no summary up to {upto_at_least}: {got}"
-        await asyncio.sleep(0.2)
+        return got if got.summary and got.summary.upto_seq >= upto_at_least else None
+
+    return await eventually(summarised, timeout=30, every=0.2, what=f"a summary up to seq {upto_at_least}")
 
 
 @pytest.mark.e2e
