@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from bench.guard_calibration import DATA, OUT, load_mrpc
+from bench.guard_calibration import MRPC, OUT, load_mrpc
 from bench.report import write_files
 from bench.stats import fmt_pct
 from services.freshness_auditor import entailment
@@ -149,8 +149,8 @@ def markdown(doc: dict) -> str:
 
 
 async def run(write: bool) -> int:
-    if not DATA.exists():
-        print(f"no development data at {DATA}; nothing to calibrate", file=sys.stderr)
+    if not MRPC.exists():
+        print(f"no development data at {MRPC}; nothing to calibrate", file=sys.stderr)
         return 0
     doc = await measure()
     print(json.dumps({k: doc[k] for k in ("threshold", "judge", "guard_passed_wrong")}, indent=1))
