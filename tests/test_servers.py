@@ -1,4 +1,4 @@
-"""The local servers and `shared.stack` really work, and fail loudly without leaving processes behind."""
+"""The local servers and `devstack.stack` really work, and fail loudly without leaving processes behind."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import bus, permissions, servers, stack
+from devstack import servers, stack
+from shared import bus, permissions
+from shared.settings import load_stack_env
 from tests.helpers import auth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,14 +196,14 @@ async def _still_usable(conn) -> bool:
 def test_postgres_keeps_data_across_restart(tmp_path):
     pg = servers.start_postgres(tmp_path / "pg", die_with_parent=True)
     try:
-        servers._psql(servers.postgres_bin_dir(), pg.port, "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('x')",
+        servers.psql(servers.postgres_bin_dir(), pg.port, "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('x')",
                       db="tiermem")
     finally:
         pg.stop()
     assert not pg.alive()
     pg = servers.start_postgres(tmp_path / "pg", die_with_parent=True)
     try:
-        assert servers._psql(servers.postgres_bin_dir(), pg.port, "SELECT v FROM kept", db="tiermem") == "x"
+        assert servers.psql(servers.postgres_bin_dir(), pg.port, "SELECT v FROM kept", db="tiermem") == "x"
     finally:
         pg.stop()
 
@@ -252,7 +254,7 @@ def test_server_that_never_gets_ready_times_out_and_is_killed(tmp_path):
 
 def test_test_servers_die_with_their_parent(tmp_path):
     code = textwrap.dedent(f"""
-        from shared import servers
+        from devstack import servers
         s = servers.start_redis({str(tmp_path / 'r')!r}, die_with_parent=True)
         print(s.pid, flush=True)
     """)
@@ -265,13 +267,13 @@ def test_test_servers_die_with_their_parent(tmp_path):
     assert not servers.process_alive(pid)
 
 
-# --------------------------------------------------------------------------- shared.stack
+# --------------------------------------------------------------------------- devstack.stack
 
 
 def _stack(args: list[str], state: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in URL_VARS}
     full_env.update(TIERMEM_STATE_DIR=str(state), **env)
-    return subprocess.run([sys.executable, "-m", "shared.stack", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "devstack", *args], capture_output=True, text=True,
                           cwd=REPO, env=full_env, timeout=120)
 
 
@@ -281,7 +283,7 @@ def test_stack_up_writes_env_and_down_leaves_no_process(tmp_path, redis_url):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "using REDIS_URL" in up.stdout
-        env = stack.load_env(state)
+        env = load_stack_env(state)
         assert env["REDIS_URL"] == redis_url
         assert env["NATS_URL"].startswith("nats://127.0.0.1:") and env["NATS_URL"] != "nats://127.0.0.1:4222"
         assert env["DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
@@ -358,7 +360,7 @@ def _servers_from_env(monkeypatch, server_env: dict[str, str]) -> None:
 
 
 def _in_thread(fn, *args, **kwargs):
-    """shared.stack uses asyncio.run: keep it off the test session's event loop."""
+    """devstack.stack uses asyncio.run: keep it off the test session's event loop."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
