@@ -24,7 +24,6 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import shared.metrics  # noqa: F401 - declares every tiermem metric (labels of sample-less ones)
-from devstack import stack
 from shared import subjects
 from shared.settings import load_stack_env
 from tests.conftest import REPO, reset_servers, stack_processes
