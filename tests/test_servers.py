@@ -193,6 +193,66 @@ async def _still_usable(conn) -> bool:
         return False
 
 
+def test_start_again_brings_the_same_server_back_with_its_port_and_options(tmp_path):
+    """What the fault suite does after a kill: no per-server restart code, no option forgotten."""
+    import asyncio
+
+    import nats
+
+    users = permissions.nats_users({role: "pw-" + role for role in permissions.ROLES})
+    first = servers.start_nats(tmp_path / "n", users=users, die_with_parent=True)
+    first.stop()
+    again = first.start_again()
+    try:
+        assert again.port == first.port and again.pid != first.pid and again.alive()
+
+        async def connect(**auth) -> None:
+            nc = await nats.connect(again.url, allow_reconnect=False, connect_timeout=2, **auth)
+            await nc.close()
+
+        asyncio.run(connect(user=permissions.ADMIN, password="pw-" + permissions.ADMIN))
+        with pytest.raises(Exception):  # the users came back too: no credentials, no entry
+            asyncio.run(connect())
+    finally:
+        again.stop()
+
+
+def test_settings_and_tools_read_the_stack_env_of_the_state_dir(tmp_path, monkeypatch):
+    """One reader of stack.env: a service started by hand and the tools agree on TIERMEM_STATE_DIR."""
+    from services.agent_worker.worker import WorkerSettings
+    from shared.settings import Settings, state_dir
+
+    (tmp_path / "stack.env").write_text("# written by up\nNATS_URL=nats://127.0.0.1:4999\n"
+                                        "NATS_WORKER_USER=agent-worker\nNATS_WORKER_PASSWORD=pw\n")
+    for var in ("NATS_URL", "NATS_USER", "NATS_PASSWORD", "NATS_CREDS", "NATS_NKEY_SEED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TIERMEM_STATE_DIR", str(tmp_path))
+    assert state_dir() == tmp_path.resolve()
+    assert load_stack_env() == load_stack_env(tmp_path) == load_stack_env(tmp_path / "stack.env") == {
+        "NATS_URL": "nats://127.0.0.1:4999", "NATS_WORKER_USER": "agent-worker", "NATS_WORKER_PASSWORD": "pw"}
+    assert Settings.from_env().nats_url == "nats://127.0.0.1:4999"
+    assert WorkerSettings.from_env().nats_url == "nats://127.0.0.1:4999"
+    assert load_stack_env(tmp_path / "gone") == {}  # the stack is down
+
+
+def test_devstack_is_neither_installed_nor_imported_by_the_runtime():
+    """The local-stack tooling stays out of the service image and out of what services import."""
+    import re
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(re.fullmatch(pattern.replace("*", ".*"), "devstack") for pattern in include)
+    allowed = [line[1:].strip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert "devstack" not in allowed
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "devstack" not in dockerfile and "COPY . " not in dockerfile
+    runtime = [*(REPO / "shared").rglob("*.py"), *(REPO / "services").rglob("*.py")]
+    assert runtime
+    importers = [str(p.relative_to(REPO)) for p in runtime
+                 if re.search(r"^\s*(from|import)\s+devstack\b", p.read_text(), re.M)]
+    assert importers == []
+
+
 def test_postgres_keeps_data_across_restart(tmp_path):
     pg = servers.start_postgres(tmp_path / "pg", die_with_parent=True)
     try:
