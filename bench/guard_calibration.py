@@ -84,9 +84,16 @@ class Pair:
 
     @property
     def fit(self) -> bool:
-        """The fixed half this pair belongs to (by its ids, so it never moves)."""
-        key = self.id if self.set == "mrpc" else f"{self.set}:{self.id}"
-        return hashlib.sha1(key.encode()).digest()[0] % 2 == 0
+        return in_fit_half(self.id if self.set == "mrpc" else f"{self.set}:{self.id}")
+
+
+def in_fit_half(key: str) -> bool:
+    """The fixed half a pair belongs to, by its ids so it never moves (MRPC: "id1-id2").
+
+    Everything that reports on these sets (this script, the broker bench)
+    reports on the other half: the guard was fitted on this one.
+    """
+    return hashlib.sha1(key.encode()).digest()[0] % 2 == 0
 
 
 def load_mrpc(path: Path = MRPC) -> list[Pair]:

@@ -15,7 +15,8 @@ Order of a run (each step reports "skipped: <why>" instead of crashing):
    in this process (exact: Redis GET + stats write; semantic: Redis GET +
    embed + pgvector nearest + guard + stats write): exact hits (every reply
    checked: `hit`/`exact`) and semantic hits (`hit`/`semantic`);
-4. the dev pairs: MRPC's training pairs through the real broker, each pair in
+4. the dev pairs: MRPC's training pairs of the report half (the guard was
+   fitted on the other half) through the real broker, each pair in
    its own partition (a user per pair): sentence #1 (a miss, stored), then
    sentence #2; a hit on a paraphrase counts toward the hit rate, a hit on a
    non-paraphrase is a false hit. Skipped when the development data is absent;
@@ -47,6 +48,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from bench import baselines
+from bench.guard_calibration import in_fit_half
 from bench.report import atomic_write, jsonable, notes_section, targets_summary, targets_table
 from bench.memory import REPO_ROOT, Options, Result, Target, load_average, machine_facts, ping
 from bench.stats import Summary, announce, fmt_ratio, fmt_us, markdown_table, ratio, summarize
@@ -58,6 +60,7 @@ MRPC = REPO_ROOT.parent / "shared" / "data" / "mrpc" / "msr_paraphrase_train.txt
 SERVICE = "llm-broker"
 IN_FLIGHT = 32  # pairs in flight during the dev-pair run
 QUICK_PAIRS = 1000  # deterministic sample with --quick (all pairs otherwise)
+QUICK_PARTITION = 500  # pairs in the one-partition run with --quick
 USERS = 40  # latency setup: USERS users ...
 MODEL = "claude-haiku-4-5"
 VOLATILITY = "market_context"  # 1 h TTL, not dropped when the user speaks
@@ -106,6 +109,11 @@ def read_mrpc(path: Path) -> list[Pair]:
                 continue
             pairs.append(Pair(int(cols[0]), cols[1], cols[2], cols[3], cols[4]))
     return pairs
+
+
+def report_half(pairs: list[Pair]) -> list[Pair]:
+    """The pairs the guard was not fitted on (bench/guard_calibration.py's split)."""
+    return [p for p in pairs if not in_fit_half(f"{p.id1}-{p.id2}")]
 
 
 def sample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
@@ -219,6 +227,7 @@ class LlmReport:
     results: list[Result] = field(default_factory=list)
     setup: dict = field(default_factory=dict)
     dev: dict = field(default_factory=dict)
+    partition: dict = field(default_factory=dict)
     accounting: dict = field(default_factory=dict)
     started: str = ""
     duration_s: float = 0.0
@@ -239,6 +248,7 @@ class CacheInfo(msgspec.Struct):
 
 class Reply(msgspec.Struct):
     cache: CacheInfo
+    text: str = ""
     cost_usd: float = 0.0
     saved_usd: float = 0.0
 
@@ -404,6 +414,7 @@ class LlmBench:
             if self.report.setup.get("ok"):
                 await self.step("Hit latency", self.latency)
             await self.step("Dev pairs (MRPC)", self.dev_pairs)
+            await self.step("One partition (MRPC)", self.dev_partition)
             await self.step("Accounting", self.accounting)
         finally:
             self.report.facts["load_average_at_end"] = load_average()
@@ -532,12 +543,8 @@ class LlmBench:
         s = r.summary = summarize(out["semantic"])
         r.ratio_p50 = ratio(s.p50, rt.p50)
         emb = self.report.baselines.get("embed")
-        if emb is not None:
-            limit = 3000 + emb.p95
-            r.targets.append(Target(f"p95 ≤ 3 ms + embedding p95 ({fmt_us(emb.p95)})", s.p95 <= limit,
-                                    f"{fmt_us(s.p95)} vs {fmt_us(limit)}"))
-        else:
-            r.targets.append(Target("p95 ≤ 3 ms (no embedding measured)", s.p95 <= 3000, fmt_us(s.p95)))
+        r.targets.append(Target("p95 ≤ 5 ms, embedding, nearest and guard (rules + verifier) included",
+                                s.p95 <= 5000, fmt_us(s.p95)))
         r.targets.append(semantic_check.target())
         st = self.report.setup
         r.notes.append(f"{len(semantic)} rewordings the broker served in setup "
@@ -671,7 +678,7 @@ class LlmBench:
             self.report.dev = {"skipped": r.skipped}
             self.add(r)
             return
-        everything = read_mrpc(MRPC)
+        everything = report_half(read_mrpc(MRPC))
         pairs = sample_pairs(everything, QUICK_PAIRS if self.opts.quick else None, self.opts.seed)
         tally = DevTally()
         false_hits: list[dict] = []
@@ -716,7 +723,8 @@ class LlmBench:
                     false_hits.append({"id1": p.id1, "id2": p.id2, "s1": p.s1, "s2": p.s2,
                                        "match": second.cache.match, "similarity": second.cache.similarity})
 
-        self.say(f"dev pairs: {len(pairs):,} of {len(everything):,} MRPC pairs, {IN_FLIGHT} pairs in flight")
+        self.say(f"dev pairs: {len(pairs):,} of {len(everything):,} MRPC report-half pairs, "
+                 f"{IN_FLIGHT} pairs in flight")
         res = await baselines.run_concurrent(one, len(pairs), IN_FLIGHT)
         rates = tally.rates()
         self.report.dev = {
@@ -736,7 +744,7 @@ class LlmBench:
                                 f"{tally.false_hits}/{tally.negatives} = {pct(rates['false_hit_rate'], 2)} "
                                 f"(95 % CI {pct(lo, 2)}–{pct(hi, 2)})"))
         lo, hi = rates["hit_rate_ci95"]
-        r.targets.append(Target("≥ 80 % of the paraphrases hit", rates["hit_rate"] >= 0.80,
+        r.targets.append(Target("≥ 40 % of the paraphrases hit", rates["hit_rate"] >= 0.40,
                                 f"{tally.paraphrase_hits}/{tally.paraphrases} = {pct(rates['hit_rate'])} "
                                 f"(95 % CI {pct(lo)}–{pct(hi)})"))
         r.targets.append(Target("no errors, every first ask a miss", tally.errors == 0 and not tally.first_not_miss,
@@ -751,6 +759,92 @@ class LlmBench:
                        f"{tally.false_hits} of them wrong; {tally.identical_pairs} pairs were identical strings")
         if errors:
             r.notes.append(f"first errors: {errors}")
+        self.add(r)
+
+    # -- one large partition
+
+    async def dev_partition(self) -> None:
+        """Every report-half sentence #1 in ONE partition, then every #2 asked there.
+
+        The per-pair run above cannot serve a pair another pair's answer; a
+        real partition (a user's questions, a global task) can. A #2 hit is
+        right only when its pair is a paraphrase and the answer served is
+        the one its own #1 got; a hit while storing the #1s is between two
+        different pairs' sentences, so it is counted wrong too.
+        """
+        r = Result(key="llm_partition", title="One partition (MRPC report half): right and wrong hits",
+                   kind="quality")
+        if not MRPC.is_file():
+            r.skipped = f"{NO_DEV_DATA} ({MRPC} is absent; the repository does not need it)"
+            self.report.partition = {"skipped": r.skipped}
+            self.add(r)
+            return
+        pairs = sample_pairs(report_half(read_mrpc(MRPC)), QUICK_PARTITION if self.opts.quick else None,
+                             self.opts.seed)
+        user = f"bench{self.run_id}-partition"
+        firsts = list(dict.fromkeys(p.s1 for p in pairs))
+        answers: dict[str, str] = {}
+        store_hits = errors = 0
+
+        async def store(i: int) -> None:
+            nonlocal store_hits, errors
+            try:
+                reply = await self.complete(body(firsts[i], user, SYSTEM_DEV, "chat"))
+            except Exception:  # noqa: BLE001 - counted
+                errors += 1
+                return
+            answers[firsts[i]] = reply.text
+            store_hits += reply.cache.status == "hit"
+
+        outcome: Counter[str] = Counter()
+        wrong_examples: list[dict] = []
+
+        async def ask(i: int) -> None:
+            nonlocal errors
+            p = pairs[i]
+            if p.s2 in answers or p.s1 not in answers:
+                outcome["skipped"] += 1  # #2 is itself a stored #1, or its #1 failed
+                return
+            try:
+                reply = await self.complete(body(p.s2, user, SYSTEM_DEV, "chat"))
+            except Exception:  # noqa: BLE001 - counted
+                errors += 1
+                return
+            outcome["paraphrases" if p.quality else "non_paraphrases"] += 1
+            if reply.cache.status != "hit":
+                return
+            right = bool(p.quality) and reply.text == answers[p.s1]
+            outcome["right" if right else "wrong"] += 1
+            if not right and len(wrong_examples) < 5:
+                wrong_examples.append({"asked": p.s2, "own_first": p.s1, "quality": p.quality,
+                                       "served_own_answer": reply.text == answers[p.s1],
+                                       "similarity": reply.cache.similarity})
+
+        self.say(f"one partition: {len(firsts):,} sentences #1 stored, then {len(pairs):,} sentences #2 asked")
+        t0 = time.perf_counter()
+        await baselines.run_concurrent(store, len(firsts), IN_FLIGHT)
+        await baselines.run_concurrent(ask, len(pairs), IN_FLIGHT)
+        elapsed = time.perf_counter() - t0
+        wrong = outcome["wrong"] + store_hits
+        hits = outcome["right"] + wrong
+        wrong_share = wrong / hits if hits else 0.0
+        right_rate = outcome["right"] / outcome["paraphrases"] if outcome["paraphrases"] else math.nan
+        self.report.partition = {
+            "pairs": len(pairs), "stored": len(answers), "store_hits": store_hits, "errors": errors,
+            **outcome, "right_hit_rate": right_rate, "right_hit_rate_ci95": wilson(outcome["right"],
+                                                                                     outcome["paraphrases"]),
+            "wrong_share_of_hits": wrong_share, "wrong_share_ci95": wilson(wrong, hits),
+            "wrong_examples": wrong_examples, "elapsed_s": elapsed,
+        }
+        r.targets.append(Target("≤ 1 % of the hits wrong", wrong_share <= 0.01,
+                                f"{wrong}/{hits} = {pct(wrong_share, 2)} ({store_hits} while storing)"))
+        r.targets.append(Target("≥ 85 % of the paraphrases served right", right_rate >= 0.85,
+                                f"{outcome['right']}/{outcome['paraphrases']} = {pct(right_rate)}"))
+        r.targets.append(Target("no errors", errors == 0, f"{errors} errors"))
+        r.notes.append(f"{len(answers):,} distinct sentences #1 stored in one partition ({store_hits} of them "
+                       f"served another pair's answer while storing: counted wrong); "
+                       f"{outcome['skipped']} pairs skipped (#2 equals a stored #1); "
+                       f"{elapsed:.1f} s, {IN_FLIGHT} in flight")
         self.add(r)
 
     # -- accounting
@@ -891,7 +985,8 @@ def markdown(report: LlmReport) -> str:
         ci = d["hit_rate_ci95"]
         fci = d["false_hit_rate_ci95"]
         lines += [
-            f"{d['pairs']:,} of the {d['pairs_in_file']:,} pairs of `msr_paraphrase_train.txt`"
+            f"{d['pairs']:,} of the {d['pairs_in_file']:,} report-half pairs of `msr_paraphrase_train.txt` "
+            "(the half the guard was not fitted on; bench/guard_calibration.py)"
             f"{' (deterministic sample)' if d['sampled'] else ''}, {d['in_flight']} pairs in flight, "
             f"{d['elapsed_s']:.1f} s. Each pair has its own user, so its own partition: sentence #1 is asked "
             "(a miss, stored), then sentence #2 (cache.mode semantic, a free-text task). A hit on a Quality-1 "
@@ -908,7 +1003,7 @@ def markdown(report: LlmReport) -> str:
                 align=["l", "r", "r", "r", "r"]),
             "",
             f"Targets: false hits ≤ 1 % — **{'met' if d['false_hit_rate'] <= 0.01 else 'not met'}**; "
-            f"≥ 80 % of paraphrases hit — **{'met' if d['hit_rate'] >= 0.8 else 'not met'}**. "
+            f"≥ 40 % of paraphrases hit (issue 12) — **{'met' if d['hit_rate'] >= 0.4 else 'not met'}**. "
             "MRPC's “paraphrase” means “the same news story”: many Quality-1 pairs differ in numbers, dates "
             "or names, which the guard refuses on purpose (a cached answer for “3-bed” is wrong for “4-bed”); "
             "see `guard.md` for the guard's calibration and the whole recall/false-hit curve.",
@@ -929,6 +1024,33 @@ def markdown(report: LlmReport) -> str:
             lines.append(markdown_table(["request", "n", "p50", "p95", "p99"],
                                         [[n, f"{s['n']:,}", fmt_us(s["p50"]), fmt_us(s["p95"]), fmt_us(s["p99"])]
                                          for n, s in lat_rows], align=["l", "r", "r", "r", "r"]))
+    q = report.partition
+    lines += ["", "## One partition: MRPC report half, every sentence in one user's cache", ""]
+    if not q or q.get("skipped"):
+        lines.append(f"skipped: {q['skipped']}" if q and q.get("skipped") else "not run")
+    else:
+        lo, hi = q["right_hit_rate_ci95"]
+        wlo, whi = q["wrong_share_ci95"]
+        lines += [
+            f"{q['stored']:,} distinct sentences #1 of {q['pairs']:,} report-half pairs stored in ONE partition, "
+            "then each sentence #2 asked there: a hit is right only when its pair is a paraphrase and the "
+            "answer served is the one its own #1 got. Hits while storing (one pair's #1 served another's "
+            "answer) count as wrong.",
+            "",
+            markdown_table(
+                ["paraphrases asked", "served right", "non-paraphrases asked", "hits", "wrong hits",
+                 "wrong share of hits"],
+                [[f"{q.get('paraphrases', 0):,}", f"{q.get('right', 0):,} = {pct(q['right_hit_rate'])} "
+                  f"({pct(lo)}–{pct(hi)})", f"{q.get('non_paraphrases', 0):,}",
+                  f"{q.get('right', 0) + q.get('wrong', 0) + q['store_hits']:,}",
+                  f"{q.get('wrong', 0) + q['store_hits']:,} ({q['store_hits']} while storing)",
+                  f"{pct(q['wrong_share_of_hits'], 2)} ({pct(wlo, 2)}–{pct(whi, 2)})"]],
+                align=["r"] * 6),
+        ]
+        if q.get("wrong_examples"):
+            lines += ["", "Wrong hits (first few): " + "; ".join(
+                f"“{e['asked']}” (own #1: “{e['own_first']}”, quality {e['quality']}, "
+                f"similarity {e['similarity']})" for e in q["wrong_examples"])]
     a = report.accounting
     if a:
         t, dr = a["llm_stats_totals"], a["llm_stats_during_run"]
@@ -1030,8 +1152,8 @@ def plot(report: LlmReport, path: Path) -> bool:
         for rect, v in zip(bars, vals):
             ax2.text(rect.get_x() + rect.get_width() / 2, max(100 * v, 1) + 1.5, pct(v, 2 if v < 0.1 else 1),
                      ha="center", fontsize=8)
-        ax2.plot([-0.4, 0.4], [80, 80], color="#2ca02c", ls="--", lw=1)
-        ax2.text(0, 82, "target ≥ 80 %", ha="center", fontsize=7, color="#2ca02c")
+        ax2.plot([-0.4, 0.4], [40, 40], color="#2ca02c", ls="--", lw=1)
+        ax2.text(0, 42, "target ≥ 40 %", ha="center", fontsize=7, color="#2ca02c")
         ax2.plot([0.6, 1.4], [1, 1], color="#d62728", ls="--", lw=1)
         ax2.text(1, max(100 * vals[1], 1) + 7, "target ≤ 1 %", ha="center", fontsize=7, color="#d62728")
         ax2.set_ylim(0, 105)
@@ -1069,5 +1191,5 @@ def console_lines(report: LlmReport) -> list[str]:
 def counts_as_failure(r: Result) -> bool:
     """A failed target or a skipped measurement, except the optional dev data being absent."""
     if r.skipped:
-        return not (r.key == "llm_dev" and r.skipped.startswith(NO_DEV_DATA))
+        return not (r.key in ("llm_dev", "llm_partition") and r.skipped.startswith(NO_DEV_DATA))
     return any(not t.passed for t in r.targets)

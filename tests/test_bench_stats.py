@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from bench.llm import DevTally, counts_as_failure, read_mrpc, sample_pairs, variants, wilson
+from bench.guard_calibration import load_mrpc
+from bench.llm import DevTally, counts_as_failure, read_mrpc, report_half, sample_pairs, variants, wilson
 from bench.memory import Result, Target
 from bench.stats import Summary, fmt_ratio, fmt_us, markdown_table, percentile, ratio, summarize
 
@@ -91,6 +92,16 @@ def test_read_mrpc_strips_the_bom_keeps_quotes_and_skips_bad_rows(tmp_path):
     pairs = read_mrpc(path)
     assert [(p.quality, p.id1, p.id2) for p in pairs] == [(1, "11", "12"), (0, "21", "22")]
     assert pairs[0].s1 == 'He said "the witness" lied.' and pairs[0].s2 == '"The witness" lied, he said.'
+
+
+def test_the_broker_bench_reports_only_on_the_half_the_guard_was_not_fitted_on(tmp_path):
+    path = tmp_path / "mrpc.txt"
+    rows = "".join(f"{i % 2}\t{i}\t{i + 1000}\ta{i}\tb{i}\n" for i in range(200))
+    path.write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n" + rows, encoding="utf-8")
+    fitted = {p.id for p in load_mrpc(path) if p.fit}  # what bench/guard_calibration.py fits on
+    reported = {f"{p.id1}-{p.id2}" for p in report_half(read_mrpc(path))}
+    assert fitted and reported and not fitted & reported
+    assert len(fitted) + len(reported) == 200
 
 
 def test_sample_pairs_is_deterministic_in_file_order_and_all_when_asked():
