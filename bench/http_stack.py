@@ -32,6 +32,7 @@ HOST = "127.0.0.1"
 # A metrics port as a service opens it (shared.service.run_service): the same class, the same registry.
 _METRICS_SERVER = """
 import asyncio, sys
+import uvloop
 import shared.service  # noqa: F401 - registers the service metrics, as in a running service
 from shared.health import Health, HealthServer
 
@@ -44,7 +45,7 @@ async def main():
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await server.close()
 
-asyncio.run(main())
+uvloop.run(main())  # as shared.service.main runs a service
 """
 
 MESSAGE = {"model": "claude-haiku-4-5", "max_tokens": 64,
