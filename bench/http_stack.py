@@ -10,7 +10,9 @@ service has after `import shared.service`, and `python -m services.llm_simulator
 with no model latency. One httpx client per server (keep-alive, one request in
 flight) asks in blocks of `--block`, the trees taking turns, so load from
 other processes on the box falls on every tree alike. Prints a markdown table
-of p50/p95/p99 in microseconds.
+of p50/p95/p99 in microseconds, and the server's own CPU time per request
+(user + system, from /proc, the render thread of `/metrics` included): on a
+loaded box the latencies carry everyone's queueing, the CPU time only ours.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def _start_simulator(tree: Path, log: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"simulator of {tree} did not start; log {log}")
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     import socket
 
@@ -98,16 +106,20 @@ CASES = (
 def run(trees: dict[str, Path], requests: int, block: int, warmup: int = 200) -> list[list[str]]:
     procs: list[subprocess.Popen] = []
     urls: dict[tuple[str, str], str] = {}
+    pids: dict[tuple[str, str], int] = {}
     try:
         for label, tree in trees.items():
             proc, urls[(label, "metrics")] = _start_metrics(tree)
             procs.append(proc)
+            pids[(label, "metrics")] = proc.pid
             proc, urls[(label, "simulator")] = _start_simulator(tree, Path(f"/tmp/http-stack-sim-{label}.log"))
             procs.append(proc)
+            pids[(label, "simulator")] = proc.pid
         clients = {key: httpx.Client(base_url=url, timeout=10) for key, url in urls.items()}
         rows = []
         for name, kind, method, path, body in CASES:
             samples: dict[str, list[float]] = {label: [] for label in trees}
+            cpu: dict[str, float] = {label: 0.0 for label in trees}
 
             def once(label: str) -> float:
                 client = clients[(label, kind)]
@@ -123,10 +135,13 @@ def run(trees: dict[str, Path], requests: int, block: int, warmup: int = 200) ->
                     once(label)
             while len(samples[next(iter(trees))]) < requests:
                 for label in trees:
+                    before = _cpu_s(pids[(label, kind)])
                     samples[label].extend(once(label) for _ in range(block))
+                    cpu[label] += _cpu_s(pids[(label, kind)]) - before
             for label in trees:
                 s = summarize(samples[label])
-                rows.append([name, label, s.n, fmt_us(s.p50), fmt_us(s.p95), fmt_us(s.p99)])
+                rows.append([name, label, s.n, fmt_us(s.p50), fmt_us(s.p95), fmt_us(s.p99),
+                             fmt_us(cpu[label] / s.n * 1e6)])
         for client in clients.values():
             client.close()
         return rows
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.tree) or {"this tree": str(REPO)}
     rows = run({k: Path(v).resolve() for k, v in trees.items()}, args.requests, args.block)
-    print(markdown_table(["request", "server", "n", "p50 µs", "p95 µs", "p99 µs"], rows))
+    print(markdown_table(["request", "server", "n", "p50", "p95", "p99", "server CPU / request"], rows))
     return 0
 
 
