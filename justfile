@@ -47,15 +47,15 @@ test-long *args: setup
 
 # start NATS, Redis, Postgres and every service (restarted when one dies); URLs in .tiermem/stack.env
 up *args: setup
-    .venv/bin/python -m shared.stack up "$@"
+    .venv/bin/python -m devstack up "$@"
 
 # stop what `just up` started
 down:
-    if [ -x .venv/bin/python ]; then .venv/bin/python -m shared.stack down; fi
+    if [ -x .venv/bin/python ]; then .venv/bin/python -m devstack down; fi
 
 # show what runs, with each service's restarts
 status:
-    -.venv/bin/python -m shared.stack status
+    -.venv/bin/python -m devstack status
 
 # a fresh stack, the lead fleet, the results table and an HTML report; stops everything, also on Ctrl-C
 demo *args: setup

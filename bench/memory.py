@@ -2,7 +2,7 @@
 
 Order of a run (each step reports "skipped: <why>" instead of crashing):
 
-1. the stack: `python -m shared.stack up` in a temp state folder (every
+1. the stack: `python -m devstack up` in a temp state folder (every
    service as its own process), or an already running one (`--stack-env`);
 2. machine facts and server versions;
 3. baselines: bare NATS round trip to another process, bare LRANGE 10, bare
@@ -50,6 +50,7 @@ from shared.bus import BusAuth
 from shared.contract import AppendReply, GetReply, decoder
 from shared.permissions import ADMIN, MEMORY_L1
 from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
+from shared.settings import load_stack_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,7 @@ SERVICES = ("memory-l1", "l2-gateway", "l3-semantic-indexer")
 
 
 def _service_modules() -> dict[str, str]:
-    from shared import stack
+    from devstack import stack
 
     return {s.name: s.module for s in stack.SERVICES}
 
@@ -137,15 +138,6 @@ def _module_ready(module: str) -> bool:
     spec = importlib.util.find_spec(module)
     return bool(spec and spec.submodule_search_locations and any(
         (Path(p) / "__main__.py").exists() for p in spec.submodule_search_locations))
-
-
-def _read_env(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not line.lstrip().startswith("#"):
-            env[key.strip()] = value.strip()
-    return env
 
 
 class Stack:
@@ -162,7 +154,7 @@ class Stack:
 
     async def start(self) -> None:
         if self.opts.stack_env:
-            self.env = _read_env(self.opts.stack_env)
+            self.env = load_stack_env(self.opts.stack_env)
             self.say(f"using the running stack of {self.opts.stack_env}")
             return
         modules = _service_modules()
@@ -187,13 +179,13 @@ class Stack:
             ready = [s for s in ready if s != failed]
         self.problem = "; ".join(problems)
         self.started_services = ready
-        self.env = _read_env(self.root / "stack.env")
+        self.env = load_stack_env(self.root)
 
     async def _up(self, services: list[str]) -> tuple[bool, str]:
         args = ["--services", ",".join(services)] if services else ["--no-services"]
         env = {**os.environ, "TIERMEM_STATE_DIR": str(self.root), "PYTHONUNBUFFERED": "1"}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shared.stack", "up", *args, "--timeout", "120",
+            sys.executable, "-m", "devstack", "up", *args, "--timeout", "120",
             cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         lines = []
         async for raw in proc.stdout:
@@ -206,7 +198,7 @@ class Stack:
         if self.root is None:
             return
         if self.opts.keep:
-            self.say(f"stack left running: TIERMEM_STATE_DIR={self.root} python -m shared.stack down")
+            self.say(f"stack left running: TIERMEM_STATE_DIR={self.root} python -m devstack down")
             return
         self._down()
         if self.keep_logs and (self.root / "logs").is_dir():
@@ -217,7 +209,7 @@ class Stack:
         self.root = None
 
     def _down(self) -> None:
-        from shared import stack
+        from devstack import stack
 
         try:
             stack.down(root=self.root)
@@ -269,7 +261,7 @@ async def sidecars(nc, env: dict[str, str], extra: dict[str, dict[str, str]]):
 def l1_identity(root: Path | None, env: dict[str, str]) -> BusAuth:
     """The memory-l1 role's credentials on the stack in `root` (its `nats-identities.json`),
     else the stack's admin (a stack whose users the bench does not know)."""
-    from shared import stack
+    from devstack import stack
 
     passwords = stack.identities(root) if root else {}
     if MEMORY_L1 in passwords:

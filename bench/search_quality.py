@@ -268,7 +268,7 @@ async def main(argv: list[str] | None = None) -> int:
     server = None
     dsn = args.dsn
     if not dsn:
-        from shared import servers
+        from devstack import servers
 
         folder = Path(tempfile.mkdtemp(prefix="tiermem-bench-pg-"))
         server = servers.start_postgres(folder, die_with_parent=True)

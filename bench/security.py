@@ -53,7 +53,8 @@ from bench.memory import (
 )
 from bench.report import notes_section, targets_table, to_dict, write_files
 from bench.stats import announce, fmt_ratio, fmt_us, markdown_table, ratio, ratio_interval, summarize
-from shared import bus, permissions, servers
+from devstack import servers
+from shared import bus, permissions
 from shared.bus import BusAuth
 from shared.contract import GetReply, GetRequest, Message
 from shared.permissions import L2_GATEWAY, MEMORY_L1, WORKER

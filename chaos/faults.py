@@ -18,7 +18,8 @@ import httpx
 import msgspec
 
 from chaos.harness import Harness
-from shared import stack, subjects
+from devstack import stack
+from shared import subjects
 
 SERVICES = [s.name for s in stack.SERVICES]
 POISON_IDS = frozenset({"poison-other-user", "poison-no-text"})

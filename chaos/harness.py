@@ -2,13 +2,13 @@
 
 Why its own servers: a fault must SIGKILL nats-server, valkey or Postgres and
 bring it back on the same port and folder, so the harness starts them
-(`shared.servers`, loopback only) and hands their URLs to `shared.stack.up`,
+(`devstack.servers`, loopback only) and hands their URLs to `devstack.stack.up`,
 which starts every service as its own process, as `just up` does. A 3-node
 NATS cluster (`cluster=True`) gives the services all three URLs and streams
 R3 (`STREAM_REPLICAS=3`).
 
 Services that the suite kills are brought back by the stack's supervisor
-(`shared.supervise`, as `just up` runs it, with a short backoff here so that
+(`devstack.supervise`, as `just up` runs it, with a short backoff here so that
 back-to-back kill trials do not wait 30 s); `restart(service)` waits for it.
 Extra instances (3 gateways, 2 indexers) are spawned and stopped here.
 """
@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import bus, permissions, servers, stack
+from devstack import servers, stack
+from shared import bus, permissions
 
 SIMULATOR_ENV = {"SIMULATOR_LATENCY_MEDIAN_S": "0.02", "SIMULATOR_LATENCY_P95_S": "0.05"}
 RESTART_BACKOFF = "0.2,2,5"  # supervisor: first wait, cap, reset after (s)
@@ -49,7 +50,6 @@ class Harness:
     root: Path
     cluster: bool = False
     servers: dict[str, servers.Server] = field(default_factory=dict)
-    nats_specs: list[servers.NatsCluster] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     extras: list[Proc] = field(default_factory=list)
     passwords: dict[str, str] = field(default_factory=dict)
@@ -57,7 +57,7 @@ class Harness:
     # ------------------------------------------------------------------ start / stop
 
     def start(self) -> dict[str, str]:
-        """Servers, then every service via `shared.stack.up`; returns the clients' env."""
+        """Servers, then every service via `devstack.stack.up`; returns the clients' env."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.passwords = {name: secrets.token_urlsafe(16) for name in permissions.ROLES}
         ids = self.root / "nats-identities.json"
@@ -65,8 +65,7 @@ class Harness:
         ids.chmod(0o600)
         users = permissions.nats_users(self.passwords)
         if self.cluster:
-            self.nats_specs = servers.nats_cluster(3)
-            for i, spec in enumerate(self.nats_specs):
+            for i, spec in enumerate(servers.nats_cluster(3)):
                 self.servers[f"nats{i}"] = servers.start_nats(self.root / f"nats{i}", users=users, cluster=spec)
             nats_url = ",".join(self.servers[f"nats{i}"].url for i in range(3))
             asyncio.run(self._jetstream_ready(nats_url))
@@ -179,17 +178,5 @@ class Harness:
             server.proc.wait(timeout=10)
 
     def start_server(self, name: str) -> None:
-        """Start a stopped server again on its port and folder."""
-        old = self.servers[name]
-        if name.startswith("nats"):
-            users = permissions.nats_users(self.passwords)
-            i = int(name[4:]) if self.cluster else None
-            self.servers[name] = servers.start_nats(
-                old.data_dir.parent, port=old.port, users=users,
-                cluster=self.nats_specs[i] if i is not None else None)
-        elif name == "redis":
-            self.servers[name] = servers.start_redis(old.data_dir, port=old.port)
-        elif name == "postgres":
-            self.servers[name] = servers.start_postgres(old.data_dir.parent, port=old.port)
-        else:
-            raise KeyError(name)
+        """Start a stopped server again on its port and folder, with the options it was started with."""
+        self.servers[name] = self.servers[name].start_again()

@@ -40,7 +40,7 @@ from pathlib import Path
 from demo import report, results
 from demo.settings import REPO, DemoSettings
 from services.agent_worker import scenario
-from shared import servers, stack
+from devstack import servers, stack
 
 BROKER_CONFIG = REPO / "shared" / "llm_config.toml"
 SIM_LATENCY_MEDIAN_S, SIM_LATENCY_P95_S = 0.8, 1.5  # the simulator's defaults: what a model call takes

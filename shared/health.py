@@ -16,7 +16,9 @@ process gets restarted.
 - `/metrics`: the Prometheus exposition (text or OpenMetrics by `Accept`,
   gzip when asked), rendered in a thread so a scrape never blocks the loop.
 
-HTTP/1.1 through h11, GET and HEAD only, keep-alive; nothing else is served.
+Served by aiohttp.web (the one HTTP stack of the project: the LLM simulator
+and the HTTP gateway use it too); GET and HEAD only, keep-alive; nothing else
+is served, and no access log (Prometheus scrapes every few seconds).
 """
 
 from __future__ import annotations
@@ -25,13 +27,11 @@ import asyncio
 import gzip
 from collections.abc import Awaitable, Callable
 
-import h11
 import msgspec
 import structlog
+from aiohttp import web
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-
-from shared.http import StreamServer
 
 log = structlog.get_logger()
 
@@ -79,66 +79,53 @@ class Health:
         return "failed" if result is False else "ok"
 
 
-class HealthServer(StreamServer):
+class HealthServer:
     """Serves `Health` and the metrics registry on one port."""
 
     def __init__(self, health: Health, registry=REGISTRY) -> None:
-        super().__init__()
         self.health = health
         self.registry = registry
         self._was_ready: bool | None = None
+        self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (`port` 0 picks a free one)."""
-        return (await self.listen(host, port))[1]
+        app = web.Application()
+        app.router.add_get("/livez", self._livez)  # add_get answers HEAD too; other methods get 405
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=100)
+        await site.start()
+        return self._runner.addresses[0][1]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))  # b"" is EOF
-                continue
-            if not isinstance(event, h11.Request):
-                return  # ConnectionClosed
-            if isinstance(conn.next_event(), h11.EndOfMessage):
-                status, headers, body = await self._answer(event)
-            else:  # a request with a body: nothing here takes one
-                status, headers, body = 405, [("allow", "GET, HEAD"), ("connection", "close")], b""
-            headers.append(("content-length", str(len(body))))
-            writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
-            if event.method != b"HEAD":
-                writer.write(conn.send(h11.Data(data=body)))
-            writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            conn.start_next_cycle()
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()  # stops listening, ends open connections
+            self._runner = None
 
-    async def _answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
-        path = request.target.split(b"?", 1)[0]
-        if request.method not in (b"GET", b"HEAD"):
-            return 405, [("allow", "GET, HEAD")], b""
-        if path == b"/livez":
-            return 200, [("content-type", "text/plain")], b"ok\n"
-        if path == b"/readyz":
-            ready, body = await self.health.readiness()
-            if ready != self._was_ready:  # log changes, not every probe
-                self._was_ready = ready
-                (log.info if ready else log.warning)("readiness_changed", **body)
-            return (200 if ready else 503), [("content-type", "application/json")], \
-                msgspec.json.encode(body) + b"\n"
-        if path == b"/metrics":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-            return await asyncio.to_thread(self._metrics, headers.get("accept", ""),
-                                           headers.get("accept-encoding", ""))
-        return 404, [("content-type", "text/plain")], b"not found: /metrics, /livez, /readyz\n"
+    async def _livez(self, _request: web.Request) -> web.Response:
+        return web.Response(body=b"ok\n", content_type="text/plain")
 
-    def _metrics(self, accept: str, accept_encoding: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ready, body = await self.health.readiness()
+        if ready != self._was_ready:  # log changes, not every probe
+            self._was_ready = ready
+            (log.info if ready else log.warning)("readiness_changed", **body)
+        return web.Response(status=200 if ready else 503, body=msgspec.json.encode(body) + b"\n",
+                            content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, headers = await asyncio.to_thread(self._render, request.headers.get("Accept", ""),
+                                                request.headers.get("Accept-Encoding", ""))
+        return web.Response(body=body, headers=headers)
+
+    def _render(self, accept: str, accept_encoding: str) -> tuple[bytes, dict[str, str]]:
         encoder, content_type = choose_encoder(accept)
         body = encoder(self.registry)
-        headers = [("content-type", content_type)]
+        headers = {"Content-Type": content_type}
         if gzip_accepted(accept_encoding):
             body = gzip.compress(body)
-            headers.append(("content-encoding", "gzip"))
-        return 200, headers, body
+            headers["Content-Encoding"] = "gzip"
+        return body, headers

@@ -3,7 +3,7 @@
 Why: every NATS client used to be able to read or forget any user, delete the
 stream or forge internal events. The server now refuses every subject a role
 is not listed for here; this table is the only place those lists are written.
-`shared.servers.start_nats` renders it into the local server's config, the
+`devstack.nats.start_nats` renders it into the local server's config, the
 Kubernetes NATS component carries the same lists (a test compares them), and
 the tests check every allowed and a forbidden subject of each role against a
 real server.

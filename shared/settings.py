@@ -1,8 +1,10 @@
 """Settings: one frozen struct built from the environment once, at start-up.
 
-Precedence: the process environment, then `.tiermem/stack.env` (written by
-`just up`, so a service started by hand finds the local stack), then the
-defaults below. Nothing reads the environment at import time. Secrets are
+Precedence: the process environment, then the local stack's `stack.env`
+(written by `just up` into the state folder, `TIERMEM_STATE_DIR` or
+`.tiermem/`, so a service started by hand finds the local stack), then the
+defaults below. `load_stack_env` is the one reader of that file, for every
+tool that needs the stack's URLs. Nothing reads the environment at import time. Secrets are
 kept out of `repr` so a logged settings object never leaks them.
 """
 
@@ -15,7 +17,33 @@ from typing import Mapping
 
 import msgspec
 
-STACK_ENV = Path(__file__).resolve().parent.parent / ".tiermem" / "stack.env"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The local stack's state folder: `TIERMEM_STATE_DIR`, else `.tiermem/` at the repo root."""
+    env = os.environ if env is None else env
+    return Path(env.get("TIERMEM_STATE_DIR") or REPO_ROOT / ".tiermem").resolve()
+
+
+def load_stack_env(where: Path | str | None = None) -> dict[str, str]:
+    """The `KEY=value` lines of a local stack's `stack.env` ({} when there is none: the stack is down).
+
+    `where`: a state folder or a stack.env file; default `state_dir()`."""
+    path = Path(where) if where is not None else state_dir()
+    if path.is_dir() or where is None:
+        path = path / "stack.env"
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        line = line.strip()
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,7 +143,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
         if env is None:
-            merged = _read_env_file(STACK_ENV) | dict(os.environ)
+            merged = load_stack_env() | dict(os.environ)
         else:
             merged = dict(env)
         values: dict[str, object] = {}
@@ -148,15 +176,3 @@ def _hide_password(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-
-
-def _read_env_file(path: Path) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key.strip()] = value.strip()
-    return out

@@ -12,19 +12,18 @@ Fixtures (session): `nats_url`, `redis_url`, `database_url`, `server_env`
 The NATS server runs locked, as in production: one user per role of
 `shared.permissions`, passwords in `tests.helpers.IDENTITIES` (so
 `helpers.client` and `helpers.running` connect as the right role) and in a
-file named by `TIERMEM_NATS_IDENTITIES` (so `shared.stack up` against it gives
+file named by `TIERMEM_NATS_IDENTITIES` (so `devstack up` against it gives
 each service its own identity).
 Fixtures (function): `clean_nats`, `clean_redis`, `clean_db`, `clean_state`
 (all three, before the test), and `reset_state` (an async callable, to reset
 in the middle of a test). Plain helpers for module-scoped fixtures:
 `reset_servers(nats_url, redis_url, database_url)` (what `reset_state` does)
-and `stack_processes(env, state)` (`python -m shared.stack up` ... `down`).
+and `stack_processes(env, state)` (`python -m devstack up` ... `down`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import subprocess
 import sys
@@ -38,7 +37,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared import bus, permissions, servers
+from devstack import servers
+from shared import bus, permissions
 from tests import helpers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +56,14 @@ def servers_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("servers")
 
 
-def _server(name: str, var: str, start, folder: Path):
-    given = os.environ.get(var)
+def _server(name: str, folder: Path, **options):
+    """The URL of server `name` of `devstack.servers.SERVERS`: the one its variable names, else ours."""
+    spec = servers.server(name)
+    given = os.environ.get(spec.url_var)
     if given:
         yield given
         return
-    server = start(folder / name, die_with_parent=True)
+    server = spec.start(folder / name, die_with_parent=True, **options)
     _STARTED[name] = server
     try:
         yield server.url
@@ -81,9 +83,8 @@ def nats_url(servers_dir):
     passwords = {name: secrets.token_urlsafe(16) for name in permissions.ROLES}
     identities = servers_dir / "nats-identities.json"
     identities.write_text(json.dumps(passwords))
-    start = functools.partial(servers.start_nats, users=permissions.nats_users(passwords))
     os.environ["TIERMEM_NATS_IDENTITIES"] = str(identities)
-    for url in _server("nats", "NATS_URL", start, servers_dir):
+    for url in _server("nats", servers_dir, users=permissions.nats_users(passwords)):
         helpers.IDENTITIES[url] = passwords
         yield url
         helpers.IDENTITIES.pop(url, None)
@@ -92,17 +93,17 @@ def nats_url(servers_dir):
 
 @pytest.fixture(scope="session")
 def redis_url(servers_dir):
-    yield from _server("redis", "REDIS_URL", servers.start_redis, servers_dir)
+    yield from _server("redis", servers_dir)
 
 
 @pytest.fixture(scope="session")
 def database_url(servers_dir):
-    yield from _server("postgres", "DATABASE_URL", servers.start_postgres, servers_dir)
+    yield from _server("postgres", servers_dir)
 
 
 @pytest.fixture(scope="session")
 def server_env(nats_url, redis_url, database_url) -> dict[str, str]:
-    """Env vars that point a service process (or `shared.stack up`) at the test servers."""
+    """Env vars that point a service process (or `devstack up`) at the test servers."""
     return {"NATS_URL": nats_url, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
 
 
@@ -207,10 +208,10 @@ async def reset_servers(nats_url: str, redis_url: str, database_url: str) -> Non
 
 @contextlib.contextmanager
 def stack_processes(env: dict[str, str], state: Path):
-    """Every service as its own process (`python -m shared.stack up` with `env`, state
+    """Every service as its own process (`python -m devstack up` with `env`, state
     under `state`) until the block ends; `up` must succeed."""
     env = {**env, "TIERMEM_STATE_DIR": str(state)}
-    run = lambda cmd: subprocess.run([sys.executable, "-m", "shared.stack", cmd], env=env,  # noqa: E731
+    run = lambda cmd: subprocess.run([sys.executable, "-m", "devstack", cmd], env=env,  # noqa: E731
                                      cwd=REPO, capture_output=True, text=True, timeout=240)
     started = run("up")
     assert started.returncode == 0, started.stdout + started.stderr

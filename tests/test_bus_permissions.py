@@ -15,7 +15,8 @@ import contextlib
 
 import pytest
 
-from shared import bus, permissions, servers, subjects
+from devstack import servers
+from shared import bus, permissions, subjects
 from tests.helpers import IDENTITIES, auth, client, eventually, never_within
 
 pytestmark = pytest.mark.usefixtures("locked")

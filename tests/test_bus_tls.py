@@ -13,7 +13,8 @@ import subprocess
 
 import pytest
 
-from shared import bus, permissions, servers
+from devstack import servers
+from shared import bus, permissions
 from shared.contract import ForgetReply, ForgetRequest
 from tests.helpers import IDENTITIES, call, running
 

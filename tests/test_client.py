@@ -18,7 +18,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from opentelemetry.sdk.trace import TracerProvider
 
 import tiermem
-from shared import stack
+from shared.settings import load_stack_env
 from tests.conftest import reset_servers, stack_processes
 from tests.helpers import client as raw_client, eventually, identity_env
 from tiermem.langchain import TiermemChatMessageHistory
@@ -33,7 +33,7 @@ async def worker_env(nats_url, redis_url, database_url, tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
     with stack_processes({**os.environ, "NATS_URL": nats_url, "REDIS_URL": redis_url,
                           "DATABASE_URL": database_url}, state):
-        env = stack.load_env(state)
+        env = load_stack_env(state)
         assert env["NATS_WORKER_USER"] and env["NATS_WORKER_PASSWORD"]
         yield env
 

@@ -16,8 +16,9 @@ from hypothesis import given, strategies as st
 import tiermem
 from services.llm_simulator.responder import count_tokens as simulator_count
 from services.memory_l1.context import NEWEST, assemble
-from shared import stack, tokens
+from shared import tokens
 from shared.contract import ContextParts, GetReply, Message, Summary
+from shared.settings import load_stack_env
 from tests.conftest import reset_servers, stack_processes
 from tests.helpers import eventually
 
@@ -99,7 +100,7 @@ async def stack_env(nats_url, redis_url, database_url, tmp_path_factory):
     with stack_processes({**os.environ, "NATS_URL": nats_url, "REDIS_URL": redis_url,
                           "DATABASE_URL": database_url, "SUMMARY_BLOCK": str(BLOCK),
                           "SUMMARY_KEEP": str(KEEP)}, state):
-        yield {**stack.load_env(state), "DATABASE_URL": database_url}
+        yield {**load_stack_env(state), "DATABASE_URL": database_url}
 
 
 async def fill(tm, user: str, start: int, count: int) -> int:

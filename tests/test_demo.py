@@ -233,13 +233,11 @@ def test_scaled_config_divides_ttls_and_keeps_prices(tmp_path):
 
 
 BROKEN_POSTGRES = """
-import sys
-from shared import servers
+import dataclasses, sys
+from devstack import servers
 def broken(*a, **k):
     raise servers.ServerStartError("postgres exited with code 1 during start-up (injected by the test)")
-servers.start_postgres = broken
-from shared import stack
-stack.SERVERS = tuple((n, v, broken if n == "postgres" else s) for n, v, s in stack.SERVERS)
+servers.SERVERS = tuple(dataclasses.replace(s, start=broken) if s.name == "postgres" else s for s in servers.SERVERS)
 from demo.run import main
 sys.exit(main(["--leads", "3"]))
 """

@@ -1,6 +1,6 @@
 """The whole memory path as production runs it: every service its own process.
 
-`python -m shared.stack up` starts memory-l1, l2-gateway and the
+`python -m devstack up` starts memory-l1, l2-gateway and the
 l3-semantic-indexer against the test servers; the tests talk to them only over
 NATS, as an agent worker would, and check the stores behind them directly.
 """
@@ -210,9 +210,9 @@ async def test_services_survive_a_quiet_log(stack, loaded):
 async def test_every_service_serves_prometheus_metrics(stack, loaded):
     import httpx
 
-    from shared.stack import load_env
+    from shared.settings import load_stack_env
 
-    env = load_env(stack["state"])
+    env = load_stack_env(stack["state"])
     urls = {k: v for k, v in env.items() if k.endswith("_METRICS_URL")}
     assert len(urls) >= 4
     async with httpx.AsyncClient() as http:

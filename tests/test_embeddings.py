@@ -359,7 +359,7 @@ async def test_wrong_dimension_and_malformed_replies(server):
 
 
 async def test_unreachable_server_is_a_service_error():
-    from shared.servers import free_port
+    from devstack.servers import free_port
 
     e = make_embedder("openai", url=f"http://127.0.0.1:{free_port()}/v1", model="m", dim=8,
                       backoff_s=0.001, max_retries=1, timeout=2)

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.l2_gateway.service import build as l2_build
-from shared import servers
+from devstack import servers
 from tests.helpers import running
 
 

@@ -1,6 +1,6 @@
 """The Grafana dashboard and the alert rules query only what the services really export.
 
-The whole stack runs as processes (`python -m shared.stack up`, as in
+The whole stack runs as processes (`python -m devstack up`, as in
 production), gets a little of every kind of traffic (appends, reads answered by
 L1, L2 and L3, a search, LLM misses and hits, an audit.stats), and then every
 service's live `/metrics` is scraped. Each query of deploy/grafana/tiermem.json
@@ -24,7 +24,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import shared.metrics  # noqa: F401 - declares every tiermem metric (labels of sample-less ones)
-from shared import stack, subjects
+from shared import subjects
+from shared.settings import load_stack_env
 from tests.conftest import REPO, reset_servers, stack_processes
 from tests.helpers import call, client, eventually, ok
 
@@ -61,7 +62,7 @@ async def scraped(nats_url, redis_url, database_url, tmp_path_factory):
            "AUDIT_SAMPLE_RATE": "1.0",
            "AUDIT_LLM_BUDGET": "10"}  # audit every memory read, and re-ask LLM hits at once
     with stack_processes(env, state):
-        urls = {k: v for k, v in stack.load_env(state).items() if k.endswith("_METRICS_URL")}
+        urls = {k: v for k, v in load_stack_env(state).items() if k.endswith("_METRICS_URL")}
         assert len(urls) >= 4, urls
         async with client(nats_url) as nc:
             await _traffic(nc)

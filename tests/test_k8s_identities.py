@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import pytest
 
 from shared import permissions
-from shared.servers import nats_server_binary
+from devstack.servers import nats_server_binary
 from tests.test_k8s_manifests import (
     OVERLAYS, REPO, SERVICES, _load, env_of, objects, pod_containers, workloads,
 )

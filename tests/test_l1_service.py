@@ -26,7 +26,7 @@ from shared import bus, permissions, stream, subjects, telemetry
 from shared.contract import Changed, GetReply, GetRequest, LogEntry, Message, encode, fit_reply
 from shared.errors import PayloadTooLarge
 from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
-from shared.servers import start_nats
+from devstack.servers import start_nats
 from tests.helpers import auth, call, eventually, never_within, ok, running
 
 _request = msgspec.json.Decoder(GetRequest)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from redis.asyncio import Redis
 
-from shared import lastseq, servers, stream, subjects
+from devstack import servers
+from shared import lastseq, stream, subjects
 from shared.contract import ForgetReply, GetReply, GetRequest, L3ForgetRequest, Message
 from services.l2_gateway.fence import Fence
 from services.l2_gateway.redis_window import RedisWindow

@@ -21,7 +21,8 @@ from services.l2_gateway.applier import Applier, RedisLost
 from services.l2_gateway.fence import LOST, REBUILDING, ROLLED_BACK, Fence, State
 from services.l2_gateway.redis_window import RedisWindow
 from services.l2_gateway.service import build
-from shared import lastseq, servers, subjects
+from devstack import servers
+from shared import lastseq, subjects
 from shared.log_head import LogHead
 from shared.contract import Changed
 from tests.helpers import client, eventually, ok, running

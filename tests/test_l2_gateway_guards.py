@@ -16,7 +16,8 @@ from nats.js.errors import NotFoundError
 from services.l2_gateway.applier import MAX_ACK_PENDING
 from services.l2_gateway.log_guard import MARKER_KEY, Verdict, judge
 from services.l2_gateway.service import build
-from shared import metrics, servers, stream, subjects
+from devstack import servers
+from shared import metrics, stream, subjects
 from shared.contract import LogEntry, encode
 from tests.helpers import call, client, eventually, never_within, ok, running
 from tests.test_health import get

@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker import guard
 from services.llm_broker.service import build as build_broker
-from shared import servers, subjects
+from devstack import servers
+from shared import subjects
 from shared.contract import ServedBatch, Usage
 from shared.llm_config import Config
 from shared.pricing import cost_usd

@@ -23,7 +23,8 @@ from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
 from services.llm_broker.service import build as build_broker
-from shared import lastseq, permissions, servers, subjects
+from devstack import servers
+from shared import lastseq, permissions, subjects
 from shared.contract import Changed, Message, encode
 from tests import helpers
 from tests.helpers import call, client, eventually, ok, running

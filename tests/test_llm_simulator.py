@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from services.llm_simulator import responder, rules
-from shared import servers
+from devstack import servers
 
 pytestmark = pytest.mark.filterwarnings("error")  # the SDK must parse every reply without warnings
 
@@ -423,3 +423,26 @@ def test_the_port_comes_from_the_environment_and_sigterm_stops_it_cleanly(tmp_pa
     assert httpx.get(f"{url}/health").json() == {"status": "ok", "simulator": "tiermem"}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
+
+
+def test_a_body_over_the_limit_gets_the_apis_413_and_the_connection_closes(tmp_path):
+    proc, url = start_simulator(tmp_path, env={"SIMULATOR_MAX_BODY_BYTES": "1000"})
+    try:
+        headers = {"x-api-key": "sim", "anthropic-version": "2023-06-01"}
+        with httpx.Client(base_url=url) as http:
+            small = http.post("/v1/messages", headers=headers, json={
+                "model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]})
+            assert small.status_code == 200, small.text
+            big = http.post("/v1/messages", headers=headers, json={
+                "model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "x" * 2000}]})
+            assert big.status_code == 413
+            assert big.headers["x-simulator"] == "tiermem" and big.headers["connection"] == "close"
+            assert big.json()["error"]["type"] == "request_too_large"
+            # chunked, with no length announced: the limit holds while reading
+            chunked = http.post("/v1/messages", headers=headers, content=iter([b"{" + b" " * 600] * 3))
+            assert chunked.status_code == 413
+            assert http.get("/nope").status_code == 404  # a new connection; routes are the simulator's
+            assert http.get("/nope").headers["x-simulator"] == "tiermem"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

@@ -1,4 +1,4 @@
-"""The local servers and `shared.stack` really work, and fail loudly without leaving processes behind."""
+"""The local servers and `devstack.stack` really work, and fail loudly without leaving processes behind."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import bus, permissions, servers, stack
+from devstack import servers, stack
+from shared import bus, permissions
+from shared.settings import load_stack_env
 from tests.helpers import auth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,17 +193,77 @@ async def _still_usable(conn) -> bool:
         return False
 
 
+def test_start_again_brings_the_same_server_back_with_its_port_and_options(tmp_path):
+    """What the fault suite does after a kill: no per-server restart code, no option forgotten."""
+    import asyncio
+
+    import nats
+
+    users = permissions.nats_users({role: "pw-" + role for role in permissions.ROLES})
+    first = servers.start_nats(tmp_path / "n", users=users, die_with_parent=True)
+    first.stop()
+    again = first.start_again()
+    try:
+        assert again.port == first.port and again.pid != first.pid and again.alive()
+
+        async def connect(**auth) -> None:
+            nc = await nats.connect(again.url, allow_reconnect=False, connect_timeout=2, **auth)
+            await nc.close()
+
+        asyncio.run(connect(user=permissions.ADMIN, password="pw-" + permissions.ADMIN))
+        with pytest.raises(Exception):  # the users came back too: no credentials, no entry
+            asyncio.run(connect())
+    finally:
+        again.stop()
+
+
+def test_settings_and_tools_read_the_stack_env_of_the_state_dir(tmp_path, monkeypatch):
+    """One reader of stack.env: a service started by hand and the tools agree on TIERMEM_STATE_DIR."""
+    from services.agent_worker.worker import WorkerSettings
+    from shared.settings import Settings, state_dir
+
+    (tmp_path / "stack.env").write_text("# written by up\nNATS_URL=nats://127.0.0.1:4999\n"
+                                        "NATS_WORKER_USER=agent-worker\nNATS_WORKER_PASSWORD=pw\n")
+    for var in ("NATS_URL", "NATS_USER", "NATS_PASSWORD", "NATS_CREDS", "NATS_NKEY_SEED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TIERMEM_STATE_DIR", str(tmp_path))
+    assert state_dir() == tmp_path.resolve()
+    assert load_stack_env() == load_stack_env(tmp_path) == load_stack_env(tmp_path / "stack.env") == {
+        "NATS_URL": "nats://127.0.0.1:4999", "NATS_WORKER_USER": "agent-worker", "NATS_WORKER_PASSWORD": "pw"}
+    assert Settings.from_env().nats_url == "nats://127.0.0.1:4999"
+    assert WorkerSettings.from_env().nats_url == "nats://127.0.0.1:4999"
+    assert load_stack_env(tmp_path / "gone") == {}  # the stack is down
+
+
+def test_devstack_is_neither_installed_nor_imported_by_the_runtime():
+    """The local-stack tooling stays out of the service image and out of what services import."""
+    import re
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(re.fullmatch(pattern.replace("*", ".*"), "devstack") for pattern in include)
+    allowed = [line[1:].strip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert "devstack" not in allowed
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "devstack" not in dockerfile and "COPY . " not in dockerfile
+    runtime = [*(REPO / "shared").rglob("*.py"), *(REPO / "services").rglob("*.py")]
+    assert runtime
+    importers = [str(p.relative_to(REPO)) for p in runtime
+                 if re.search(r"^\s*(from|import)\s+devstack\b", p.read_text(), re.M)]
+    assert importers == []
+
+
 def test_postgres_keeps_data_across_restart(tmp_path):
     pg = servers.start_postgres(tmp_path / "pg", die_with_parent=True)
     try:
-        servers._psql(servers.postgres_bin_dir(), pg.port, "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('x')",
+        servers.psql(servers.postgres_bin_dir(), pg.port, "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('x')",
                       db="tiermem")
     finally:
         pg.stop()
     assert not pg.alive()
     pg = servers.start_postgres(tmp_path / "pg", die_with_parent=True)
     try:
-        assert servers._psql(servers.postgres_bin_dir(), pg.port, "SELECT v FROM kept", db="tiermem") == "x"
+        assert servers.psql(servers.postgres_bin_dir(), pg.port, "SELECT v FROM kept", db="tiermem") == "x"
     finally:
         pg.stop()
 
@@ -252,7 +314,7 @@ def test_server_that_never_gets_ready_times_out_and_is_killed(tmp_path):
 
 def test_test_servers_die_with_their_parent(tmp_path):
     code = textwrap.dedent(f"""
-        from shared import servers
+        from devstack import servers
         s = servers.start_redis({str(tmp_path / 'r')!r}, die_with_parent=True)
         print(s.pid, flush=True)
     """)
@@ -265,13 +327,13 @@ def test_test_servers_die_with_their_parent(tmp_path):
     assert not servers.process_alive(pid)
 
 
-# --------------------------------------------------------------------------- shared.stack
+# --------------------------------------------------------------------------- devstack.stack
 
 
 def _stack(args: list[str], state: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in URL_VARS}
     full_env.update(TIERMEM_STATE_DIR=str(state), **env)
-    return subprocess.run([sys.executable, "-m", "shared.stack", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "devstack", *args], capture_output=True, text=True,
                           cwd=REPO, env=full_env, timeout=120)
 
 
@@ -281,7 +343,7 @@ def test_stack_up_writes_env_and_down_leaves_no_process(tmp_path, redis_url):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "using REDIS_URL" in up.stdout
-        env = stack.load_env(state)
+        env = load_stack_env(state)
         assert env["REDIS_URL"] == redis_url
         assert env["NATS_URL"].startswith("nats://127.0.0.1:") and env["NATS_URL"] != "nats://127.0.0.1:4222"
         assert env["DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
@@ -358,7 +420,7 @@ def _servers_from_env(monkeypatch, server_env: dict[str, str]) -> None:
 
 
 def _in_thread(fn, *args, **kwargs):
-    """shared.stack uses asyncio.run: keep it off the test session's event loop."""
+    """devstack.stack uses asyncio.run: keep it off the test session's event loop."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import servers, stack
-from shared.supervise import Backoff
+from devstack import servers, stack
+from devstack.supervise import Backoff
 from tests.helpers import client
 from tests.test_servers import FAKE_SERVICE, _fake_services, _in_thread, _servers_from_env, processes_mentioning
 

@@ -76,9 +76,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
         if env is None:
-            from shared.stack import load_env
+            from shared.settings import load_stack_env
 
-            env = {**load_env(), **os.environ}
+            env = {**load_stack_env(), **os.environ}
         pod = env.get("POD_NAME", "")
         raw = {
             "nats_url": env.get("NATS_URL"), "auth": BusAuth.from_env(env, WORKER),

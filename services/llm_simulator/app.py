@@ -1,9 +1,11 @@
-"""The simulator's HTTP edge: a small asyncio HTTP/1.1 server (h11) around `responder`.
+"""The simulator's HTTP edge: aiohttp.web's low-level server around `responder`.
 
-Why our own server: the simulator needs keep-alive (the SDK pools
-connections), a body limit, SSE for `stream: true` and nothing else; h11 does
-the HTTP parsing and is already installed with httpx. Every response carries
-`x-simulator: tiermem` so nobody mistakes it for the real API.
+Why aiohttp, and its low-level server: it is the project's one HTTP stack
+(the metrics port and the HTTP gateway use it too), it gives keep-alive (the
+SDK pools connections) and streaming for SSE, and `Simulator.handle` does its
+own routing, so a router would only add a lookup. The body limit is ours (a
+413 in the API's shape). Every response carries `x-simulator: tiermem` so
+nobody mistakes it for the real API.
 
 Routes:
     POST /v1/messages               the Messages API (JSON, or SSE with stream=true)
@@ -29,13 +31,12 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import h11
 import msgspec
 import structlog
+from aiohttp import web
 
 from services.llm_simulator import responder
 from services.llm_simulator.responder import ApiError
-from shared.http import StreamServer
 
 log = structlog.get_logger()
 
@@ -362,91 +363,62 @@ async def _sse(message: dict, delay: float) -> AsyncIterator[bytes]:
     yield _event("message_stop", {"type": "message_stop"})
 
 
-# --------------------------------------------------------------------------- HTTP/1.1
+# --------------------------------------------------------------------------- HTTP
 
 
-class HttpServer(StreamServer):
-    """HTTP/1.1 with keep-alive over asyncio streams; h11 does the protocol."""
-
-    closing_errors = (*StreamServer.closing_errors, asyncio.IncompleteReadError)
+class HttpServer:
+    """`Simulator.handle` over HTTP/1.1 with keep-alive (aiohttp.web's low-level server)."""
 
     def __init__(self, app: Simulator, max_body_bytes: int) -> None:
-        super().__init__()
         self.app = app
         self.max_body = max_body_bytes
+        self._runner: web.ServerRunner | None = None
 
     async def start(self, host: str, port: int) -> str:
-        bound_host, bound_port = await self.listen(host, port, backlog=1024)
+        self._runner = web.ServerRunner(web.Server(self._serve, access_log=None), handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, backlog=1024).start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
         return f"http://{bound_host}:{bound_port}"
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            try:
-                request, body, too_big = await self._read(conn, reader)
-            except h11.RemoteProtocolError as exc:
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # say why before closing
-                    err = ApiError(f"malformed HTTP request: {exc}")
-                    await self._send(conn, writer, _json(400, err.body(_request_id()), [("connection", "close")]))
-                return
-            if request is None:
-                return
-            if too_big:
-                err = ApiError("Request exceeds the maximum allowed number of bytes.", 413, "request_too_large")
-                response = _json(413, err.body(_request_id()), [("connection", "close")])
-            else:
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-                response = await self.app.handle(request.method.decode(), request.target.decode("latin-1"),
-                                                 headers, body)
-            await self._send(conn, writer, response)
-            if too_big or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return  # MUST_CLOSE, or a body we did not read
-            conn.start_next_cycle()
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
-    async def _read(self, conn: h11.Connection, reader: asyncio.StreamReader):
-        request, chunks, size = None, [], 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                conn.receive_data(data)  # b"" marks EOF
-                if not data and request is None and conn.their_state is h11.IDLE:
-                    return None, b"", False
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self.max_body:
-                    return request, b"", True
-                chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return request, b"".join(chunks), False
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None, b"", False
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await self._body(request)
+        if body is None:  # the rest of it is still on the wire: answer, then close
+            err = ApiError("Request exceeds the maximum allowed number of bytes.", 413, "request_too_large")
+            out = await self._send(request, _json(413, err.body(_request_id())))
+            out.force_close()
+            return out
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return await self._send(request, await self.app.handle(request.method, request.path_qs, headers, body))
 
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: Response) -> None:
-        headers = [("content-type", response.content_type), ("x-simulator", "tiermem"), *response.headers]
+    async def _body(self, request: web.BaseRequest) -> bytes | None:
+        """The request body, or None when it is larger than the limit (not read further)."""
+        if request.content_length is not None and request.content_length > self.max_body:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _send(self, request: web.BaseRequest, response: Response) -> web.StreamResponse:
+        headers = {"Content-Type": response.content_type, "x-simulator": "tiermem", **dict(response.headers)}
         if response.stream is None:
-            headers.append(("content-length", str(len(response.body))))
-        else:
-            headers.append(("cache-control", "no-cache"))
-        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers,
-                                            reason=_REASONS.get(response.status, b""))))
-        if response.stream is None:
-            if response.body:
-                writer.write(conn.send(h11.Data(data=response.body)))
-        else:
-            async for chunk in response.stream:
-                writer.write(conn.send(h11.Data(data=chunk)))
-                await writer.drain()
-        writer.write(conn.send(h11.EndOfMessage()))
-        await writer.drain()
-
-
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-            413: b"Payload Too Large", 429: b"Too Many Requests", 500: b"Internal Server Error",
-            529: b"Overloaded"}
+            return web.Response(status=response.status, body=response.body, headers=headers)
+        headers["Cache-Control"] = "no-cache"
+        out = web.StreamResponse(status=response.status, headers=headers)
+        await out.prepare(request)
+        async for chunk in response.stream:
+            await out.write(chunk)
+        await out.write_eof()
+        return out
 
 
 async def run(settings: SimulatorSettings, stop: asyncio.Event, ready: asyncio.Future | None = None) -> None:

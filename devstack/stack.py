@@ -1,9 +1,9 @@
-"""`python -m shared.stack up|down|status`: the whole system on one machine, as separate processes.
+"""`python -m devstack up|down|status`: the whole system on one machine, as separate processes.
 
 Why: production runs every service as its own process talking over NATS; the
 dev box and the end-to-end tests should too. `up` starts NATS, Redis and
 Postgres (or uses `NATS_URL` / `REDIS_URL` / `DATABASE_URL` when set), then
-the supervisor (`shared.supervise`), which starts every service in `SERVICES`
+the supervisor (`devstack.supervise`), which starts every service in `SERVICES`
 and restarts any that dies, with backoff, as Kubernetes would. `up` returns
 only when each service answers the NATS service API ping; a service that
 exits before that fails `up`. If anything fails it stops what it started, so
@@ -26,7 +26,8 @@ are the operator's: `TIERMEM_NATS_IDENTITIES` may name a JSON file of
 role -> password for them (the tests do this), else every service inherits
 `NATS_USER` / `NATS_PASSWORD` / `NATS_CREDS` from the environment.
 
-State folder: `TIERMEM_STATE_DIR`, default `.tiermem/` at the repo root.
+State folder: `TIERMEM_STATE_DIR`, default `.tiermem/` at the repo root
+(`shared.settings.state_dir`; `shared.settings.load_stack_env` reads its stack.env).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from shared import bus, permissions, servers
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from devstack import servers
+from shared import bus, permissions
+from shared.settings import REPO_ROOT, load_stack_env, state_dir
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,6 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("freshness-auditor", "services.freshness_auditor"),
 )
 
-# (server name, env var that points at an existing server instead, starter)
-SERVERS = (
-    ("nats", "NATS_URL", servers.start_nats),
-    ("redis", "REDIS_URL", servers.start_redis),
-    ("postgres", "DATABASE_URL", servers.start_postgres),
-    # The Claude API stand-in; not started when ANTHROPIC_API_KEY is set (Claude itself).
-    ("llm-simulator", "ANTHROPIC_BASE_URL", servers.start_simulator),
-)
-
 DEFAULT_UP_TIMEOUT = 60.0  # the l3 indexer loads an embedding model
 NATS_SYNC_INTERVAL = "always"  # acked means on disk (the server's default fsyncs every 2 min)
 SUPERVISOR = "supervisor"  # name and kind of the supervisor's record
@@ -88,24 +80,8 @@ class StackError(RuntimeError):
     """`up` failed; the message names the culprit and carries its log tail."""
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("TIERMEM_STATE_DIR") or REPO_ROOT / ".tiermem").resolve()
-
-
 def metrics_env_name(service: str) -> str:
     return service.upper().replace("-", "_") + "_METRICS_URL"
-
-
-def load_env(state: Path | None = None) -> dict[str, str]:
-    """The URLs of a running stack, from `<state>/stack.env` ({} when the stack is down)."""
-    path = (state or state_dir()) / "stack.env"
-    env: dict[str, str] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not line.startswith("#"):
-                env[key.strip()] = value.strip()
-    return env
 
 
 # --------------------------------------------------------------------------- state file
@@ -211,10 +187,10 @@ def up(
         state = _State(root).load()
         if state.processes:
             alive = [p for p in state.processes if servers.process_alive(p["pid"], p["start_time"])]
-            wanted = {s.name for s in specs} | {n for n, var, _ in SERVERS if not os.environ.get(var)}
+            wanted = {s.name for s in specs} | {s.name for s in servers.SERVERS if not os.environ.get(s.url_var)}
             if len(alive) == len(state.processes) and wanted <= {p["name"] for p in alive}:
                 _say(f"stack already up (state {state.path}); `down` first to restart")
-                return load_env(root)
+                return load_stack_env(root)
             _say("stopping the leftovers of a previous stack")
             _stop_all(state)
         state.clear()
@@ -253,7 +229,8 @@ def _select(names: list[str] | None) -> list[ServiceSpec]:
 
 def _start_servers(state: _State, root: Path) -> dict[str, str]:
     env: dict[str, str] = {}
-    for name, var, start in SERVERS:
+    for spec in servers.SERVERS:
+        name, var = spec.name, spec.url_var
         given = os.environ.get(var)
         if var == "ANTHROPIC_BASE_URL" and not given and os.environ.get("ANTHROPIC_API_KEY"):
             _say(f"{name:<9} not started: ANTHROPIC_API_KEY is set, the llm-broker calls Claude")
@@ -272,7 +249,7 @@ def _start_servers(state: _State, root: Path) -> dict[str, str]:
             extra = {"users": permissions.nats_users(_new_identities(root)), "sync_interval": NATS_SYNC_INTERVAL,
                      "monitor_port": monitor}
             record_extra = {"monitor_url": f"http://{servers.HOST}:{monitor}"}
-        server = start(root / name, log_path=root / "logs" / f"{name}.log", **extra)
+        server = spec.start(root / name, log_path=root / "logs" / f"{name}.log", **extra)
         state.add({**server.record(), **record_extra})
         env[var] = server.url
         _say(f"{name:<9} started on {servers.HOST}:{server.port} (pid {server.pid}, "
@@ -379,16 +356,16 @@ def service_env(name: str, root: Path, urls: dict[str, str], metrics_port: int) 
     Built again for every start (the supervisor's restarts too) instead of
     stored, so the passwords stay in the owner-only identities file.
     """
-    return {**os.environ, **{var: urls[var] for _, var, _ in SERVERS if var in urls},
+    return {**os.environ, **{s.url_var: urls[s.url_var] for s in servers.SERVERS if s.url_var in urls},
             **_service_identity(name, identities(root)),
             "PII_HASH_KEY": os.environ.get("PII_HASH_KEY") or _pii_hash_key(root),
             "METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
 
 
 def _start_supervisor(state: _State, root: Path) -> None:
-    """`python -m shared.supervise <root>`: it starts the planned services and restarts them when they die."""
+    """`python -m devstack.supervise <root>`: it starts the planned services and restarts them when they die."""
     log_path = root / "logs" / f"{SUPERVISOR}.log"
-    cmd = [sys.executable, "-m", "shared.supervise", str(root)]
+    cmd = [sys.executable, "-m", "devstack.supervise", str(root)]
     with state.edit():  # recorded before it can write: its first edit waits for this one
         proc = servers.spawn(SUPERVISOR, cmd, log_path=log_path, cwd=REPO_ROOT)
         state.processes.append({"name": SUPERVISOR, "kind": SUPERVISOR, "pid": proc.pid,
@@ -553,7 +530,7 @@ def status(*, root: Path | None = None) -> int:
         return 3
     pings: dict[str, bool] = {}
     services = {p["name"]: p["pid"] for p in state.processes if p.get("kind") == "service" and p["pid"]}
-    env = load_env(root)
+    env = load_stack_env(root)
     if services and env.get("NATS_URL"):
         with contextlib.suppress(Exception):
             pings = asyncio.run(_ping_all(env, services))
@@ -568,7 +545,7 @@ def status(*, root: Path | None = None) -> int:
             extra += restart_note(p, time.time())
         all_ok &= alive
         _say(f"{p['name']:<20} pid {p['pid'] or '-':<8} {'running' if alive else 'DEAD':<8} {where}{extra}")
-    for var, url in load_env(root).items():
+    for var, url in env.items():
         if var in ("NATS_URL", "REDIS_URL", "DATABASE_URL"):
             _say(f"  {var}={url}")
     return 0 if all_ok else 1
@@ -601,7 +578,7 @@ async def _ping_all(env: dict[str, str], services: dict[str, int]) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="start servers and services; wait until every service answers a ping")
     p_up.add_argument("--no-services", action="store_true", help="start only NATS, Redis and Postgres")
@@ -629,7 +606,3 @@ def main(argv: list[str] | None = None) -> int:
         down()
         return 0
     return status()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

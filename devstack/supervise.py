@@ -1,8 +1,8 @@
-"""`python -m shared.supervise <state folder>`: start the stack's services and restart any that dies.
+"""`python -m devstack.supervise <state folder>`: start the stack's services and restart any that dies.
 
 Why: Kubernetes restarts a crashed pod; the local stack must too, or every
 fault test (and every dev box after one crash) needs a hand to bring a
-service back. `shared.stack up` writes one record per service into
+service back. `devstack.stack up` writes one record per service into
 `<state>/stack.json` (command, log, metrics port; no pid yet) and starts this
 process, which starts each service as its own child (so it learns the exit
 code of every death) and, when one exits, starts it again with the same
@@ -11,7 +11,7 @@ and exit is written back to the record (pid, start time, restarts, last exit),
 so `down` stops the latest pid and `status` shows the restarts.
 
 The environment of a service is rebuilt for every start by
-`shared.stack.service_env` (its own NATS identity comes from the owner-only
+`devstack.stack.service_env` (its own NATS identity comes from the owner-only
 identities file): no password is written anywhere else.
 
 Stopping: `down` sends SIGTERM to this process first and waits for it to be
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import servers, stack
+from devstack import servers, stack
 
 POLL_S = 0.1  # how often exits are noticed and due restarts made
 
@@ -149,7 +149,7 @@ def _say(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m shared.supervise <state folder>", file=sys.stderr)
+        print("usage: python -m devstack.supervise <state folder>", file=sys.stderr)
         return 2
     backoff = Backoff.parse(os.environ.get("TIERMEM_RESTART_BACKOFF") or "0.5,30,60")
     supervisor = Supervisor(Path(args[0]), backoff)

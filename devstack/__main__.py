@@ -1,0 +1,7 @@
+"""`python -m devstack up|down|status`: see `devstack.stack`."""
+
+import sys
+
+from devstack.stack import main
+
+sys.exit(main())
