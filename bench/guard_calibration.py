@@ -170,9 +170,12 @@ def cosines(pairs: list[Pair], vec: dict[str, np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------- fitting
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = L2) -> tuple[np.ndarray, float]:
-    """`_fit_ridge` under the sign constraints of SIGNS."""
-    signs = np.array([SIGNS[f] for f in guard.FEATURES])
+def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = L2,
+                 signs: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """`_fit_ridge` under the sign constraints of SIGNS (or `signs`, one per
+    column, for a feature set that extends guard.FEATURES)."""
+    if signs is None:
+        signs = np.array([SIGNS[f] for f in guard.FEATURES])
     active = np.ones(x.shape[1], dtype=bool)
     while True:
         coef, b = _fit_ridge(x[:, active], y, w, l2)
