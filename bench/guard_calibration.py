@@ -567,7 +567,8 @@ NOTES = [
     "also need the candidate's vector, which the broker's pgvector lookup does not return today. "
     "Before that protocol was in place, one comparison of raw u*v, |u-v| features was looked at on "
     "the report halves (it lost there too and was dropped); nothing else was chosen on them.",
-    "* No cross-encoder or NLI weights can be installed offline, and no PyPI package ships "
+    "* No cross-encoder or NLI weights can be installed offline (the registry packages checked, and "
+    "what the one stronger bundled embedder would buy: cross_encoder.md), and no PyPI package ships "
     "WordNet's data (`wn` and nltk download it at run time; the small wheels that claim to bundle "
     "it do not), so there are no lexicon-derived option/antonym sets: the only word lists left are "
     "closed classes of general English (weekdays, months, seasons, compass directions, "
