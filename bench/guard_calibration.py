@@ -172,9 +172,12 @@ def cosines(pairs: list[Pair], vec: dict[str, np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------- fitting
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = L2) -> tuple[np.ndarray, float]:
-    """`_fit_ridge` under the sign constraints of SIGNS."""
-    signs = np.array([SIGNS[f] for f in guard.FEATURES])
+def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = L2,
+                 signs: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """`_fit_ridge` under the sign constraints of SIGNS (or `signs`, one per
+    column, for a feature set that extends guard.FEATURES)."""
+    if signs is None:
+        signs = np.array([SIGNS[f] for f in guard.FEATURES])
     active = np.ones(x.shape[1], dtype=bool)
     while True:
         coef, b = _fit_ridge(x[:, active], y, w, l2)
@@ -562,7 +565,8 @@ NOTES = [
     "also need the candidate's vector, which the broker's pgvector lookup does not return today. "
     "Before that protocol was in place, one comparison of raw u*v, |u-v| features was looked at on "
     "the report halves (it lost there too and was dropped); nothing else was chosen on them.",
-    "* No cross-encoder or NLI weights can be installed offline, and no PyPI package ships "
+    "* No cross-encoder or NLI weights can be installed offline (the registry packages checked, and "
+    "what the one stronger bundled embedder would buy: cross_encoder.md), and no PyPI package ships "
     "WordNet's data (`wn` and nltk download it at run time; the small wheels that claim to bundle "
     "it do not), so there are no lexicon-derived option/antonym sets: the only word lists left are "
     "closed classes of general English (weekdays, months, seasons, compass directions, "
