@@ -445,7 +445,7 @@ class Applier:
         # before the appends waiting see it, and announce its messages as the log says.
         partial = list({item[0]: None for item, res in zip(items, results) if res[3]})
         announce = [(user_id, msg, int(prev_seq), int(count))
-                    for (user_id, msg, _), (done, prev_seq, count, _) in zip(items, results)
+                    for (user_id, msg, _), (done, prev_seq, count, *_) in zip(items, results)
                     if done and user_id not in partial]
         rebuilt = await asyncio.gather(*(self._rebuild_user(u) for u in partial))
         for user_id, seqs in zip(partial, rebuilt):

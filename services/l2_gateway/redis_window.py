@@ -25,9 +25,13 @@ guard (seq above `last` and `floor`) makes replays and several appliers
 harmless, and `ADVANCE`, which moves the position only in the epoch the
 applier works in and only forwards: it refuses when the state is gone or of
 another epoch, and deletes a state that went back behind what the applier saw
-(a rollback), so that nobody trusts it. Reads take the state before and after
-the user's window, in one round trip, so a reply is one consistent snapshot
-that a wipe or rollback in between cannot fake.
+(a rollback), so that nobody trusts it. A read is one script call (`READ`) that
+takes the state and the user's window atomically, so a reply is one consistent
+snapshot that a wipe or rollback cannot fake (it replaced a pipeline of state,
+window, state: three commands to pack and parse on every L2 hit). The script
+names the global state beside the user's keys, so Redis Cluster would refuse it
+(CROSSSLOT): the tier runs on one Redis primary (with replicas); a cluster would
+need the state, or a fence of it, in every user's slot.
 
 Idle users: a user without keys is not known to L2, whatever the reason (never
 seen, expired, Redis lost), so a read of such a user is a miss, never "no
@@ -63,30 +67,34 @@ LOCK = "tm:{g}:lock"
 
 # KEYS: the user's window (m, h) in the epoch, the user's last own-message seq (shared.lastseq).
 # ARGV: seq, message, window, stored bytes, idle ttl (ms), fresh (1: a replay from seq 1), role.
-# Returns {applied, previous last, count, started a partial window}.
+# Returns {applied, previous last, count, started a partial window, the user's bytes}; bytes
+# -1 while the window is partial (its count starts at its first message, not the user's).
 APPLY = """
-local h = redis.call('HMGET', KEYS[2], 'last', 'floor', 'count')
+local h = redis.call('HMGET', KEYS[2], 'last', 'floor', 'count', 'bytes', 'partial')
 local last = tonumber(h[1] or '0')
 local floor = tonumber(h[2] or '0')
 local seq = tonumber(ARGV[1])
 if seq <= last or seq <= floor then
-  return {0, last, tonumber(h[3] or '0'), 0}
+  local size = -1
+  if h[1] and not h[5] then size = tonumber(h[4] or '0') end
+  return {0, last, tonumber(h[3] or '0'), 0, size}
 end
 local partial = 0
 if (not h[1]) and ARGV[6] == '0' then partial = 1 end
 redis.call('ZADD', KEYS[1], seq, ARGV[2])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
 local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
-redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(ARGV[4]))
+local size = redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(ARGV[4]))
 redis.call('HSET', KEYS[2], 'last', seq)
 if partial == 1 then redis.call('HSET', KEYS[2], 'partial', 1) end
+if partial == 1 or h[5] then size = -1 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 if ARGV[7] == 'user' then
   if seq > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], seq) end
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
-return {1, last, count, partial}
+return {1, last, count, partial, size}
 """
 
 # Raise a seq key, never lower it: KEYS[1], ARGV seq, ttl (ms). The user's newest
@@ -142,14 +150,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# `last` -1: Redis holds no state for this user (never seen, idle and expired, or lost).
+# The state and the user's window in one atomic step (a consistent snapshot: no wipe,
+# rollback or apply can come in between). KEYS: the state, the user's window (m, h)
+# in the epoch the caller knows. ARGV: n, idle ttl (ms), that epoch.
+# Returns {state fields}: the state is of another epoch (or gone), the keys read nothing;
+# {state fields, -1}: Redis holds no window for this user (never seen, idle and expired,
+# or lost); else {state fields, last, count, floor, partial, messages}.
 READ = """
-local h = redis.call('HMGET', KEYS[2], 'last', 'count', 'floor', 'partial')
-if not h[1] then return {-1, 0, 0, 0, {}} end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local s = redis.call('HMGET', KEYS[1], 'epoch', 'gen', 'applied', 'rebuilding')
+if s[1] ~= ARGV[3] then return {s} end
+local h = redis.call('HMGET', KEYS[3], 'last', 'count', 'floor', 'partial')
+if not h[1] then return {s, -1} end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-local msgs = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-return {h[1], h[2] or '0', h[3] or '0', h[4] or '0', msgs}
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+local msgs = redis.call('ZRANGE', KEYS[2], -tonumber(ARGV[1]), -1)
+return {s, h[1], h[2] or '0', h[3] or '0', h[4] or '0', msgs}
 """
 
 # Idempotent (a forget job may run again after new appends): a floor at or past
@@ -185,6 +200,8 @@ return 1
 
 _encode = msgspec.json.Encoder().encode
 DUE_TTL_MS = 60_000  # gateways refresh it while appends come in; gone, it proves nothing
+
+KNOWN_USERS = 100_000  # users whose bytes `known_bytes` remembers (~10 MB at most)
 
 # ADVANCE's codes
 ADVANCED, NO_STATE, OTHER_EPOCH, WENT_BACK = 0, 1, 2, 3
@@ -238,6 +255,9 @@ class RedisWindow:
         self._forget = _Script(FORGET)
         self._rebuild = _Script(REBUILD)
         self._raise = _Script(RAISE)
+        # Each user's `bytes` as this process's own script calls last left them (see
+        # `known_bytes`), oldest first; bounded by KNOWN_USERS.
+        self._bytes: dict[str, int] = {}
         self._scripts = (self._apply, self._advance, self._new_epoch, self._release, self._read,
                          self._forget, self._rebuild, self._raise)
 
@@ -289,6 +309,7 @@ class RedisWindow:
         """Replace the state with a new, empty epoch (the caller holds the lock and replays
         the log into it up to `replay_to`)."""
         epoch = f"{gen}-{uuid.uuid4().hex[:8]}"
+        self._bytes.clear()
         await self._call(self._new_epoch, [STATE], epoch, gen, replay_to)
         return State(epoch, gen, 0, replay_to)
 
@@ -315,7 +336,13 @@ class RedisWindow:
 
         results = await self._run(build)
         code, applied = results[-1]
-        return results[:-1], int(code), int(applied)
+        applies = results[:-1]
+        if code == ADVANCED:
+            for (user_id, _, _), res in zip(items, applies):
+                self._know(user_id, int(res[4]))
+        else:  # the writes went to a dead epoch
+            self._bytes.clear()
+        return applies, int(code), int(applied)
 
     async def note_user_seq(self, user_id: str, seq: int) -> bool:
         """Record that the user's own message `seq` is acknowledged, ahead of the applier
@@ -332,10 +359,10 @@ class RedisWindow:
         """The user's newest `n` messages and what proves them complete, as one snapshot,
         or why Redis cannot answer for this user (a reason to pass the read down).
 
-        One round trip: the state, the window, the state again. The window read
-        after the first state holds at least everything up to its `applied` (the
-        applier goes in log order), unless Redis lost or went back in between,
-        which the second read shows.
+        One script call (`READ`): the state and the window of the epoch this
+        process knows, read atomically, so the window holds everything up to the
+        state's `applied` (the applier goes in log order) and nothing can change
+        in between. A state of a newer epoch is read again with that epoch's keys.
         """
         for _ in range(2):
             seen = self.fence.seen
@@ -345,27 +372,36 @@ class RedisWindow:
                     return why
                 seen = self.fence.seen
             epoch = seen.epoch
-
-            def build(pipe: Pipeline) -> None:
-                pipe.hmget(STATE, _STATE_FIELDS)
-                self._read.queue(pipe, keys(user_id, epoch), n, self.ttl_ms)
-                pipe.hmget(STATE, _STATE_FIELDS)
-
-            raw_before, window, raw_after = await self._run(build)
-            before, after = State.parse(raw_before), State.parse(raw_after)
-            why = self.fence.judge(before, seen) or self.fence.judge(after, seen)
+            reply = await self._call(self._read, [STATE, *keys(user_id, epoch)], n, self.ttl_ms,
+                                     epoch)
+            state = State.parse(reply[0])
+            why = self.fence.judge(state, seen)
             if why:
                 return why
-            if before.epoch != epoch:
+            if state.epoch != epoch:
                 continue  # a newer epoch than the keys read: read its keys
-            if after.epoch != epoch:
-                return LOST
-            last, count, floor, partial, raw = window
-            if int(last) < 0:
+            if len(reply) == 2:
                 return "not_held"
-            return Snapshot(before.applied, int(last), int(count), int(floor), partial == b"1",
+            _, last, count, floor, partial, raw = reply
+            return Snapshot(state.applied, int(last), int(count), int(floor), partial == b"1",
                             [msgspec.Raw(m) for m in raw])
         return LOST
+
+    def known_bytes(self, user_id: str) -> int | None:
+        """The user's `bytes` as this process's applier last wrote or found them in Redis
+        (None: not known, or the window is partial). Every applier applies the whole log,
+        so this lags Redis only by what other gateways applied ahead of this one, and
+        after their forgets and repairs (which leave it too high until the user's next
+        message is applied here). The quota uses it only far below the limit."""
+        return self._bytes.get(user_id)
+
+    def _know(self, user_id: str, size: int) -> None:
+        known = self._bytes
+        known.pop(user_id, None)
+        if size >= 0:
+            known[user_id] = size
+            if len(known) > KNOWN_USERS:
+                del known[next(iter(known))]
 
     async def stored_bytes(self, user_ids: list[str]) -> list[int]:
         """Each user's bytes in the log as applied so far (0 for a user Redis does not know)."""
@@ -385,13 +421,16 @@ class RedisWindow:
         `size` bytes)."""
         last = messages[-1].seq if messages else 0
         pairs = [part for m in messages[-self.window:] for part in (m.seq, _encode(m))]
-        return bool(await self._call(self._rebuild, keys(user_id, epoch), last, count,
+        done = bool(await self._call(self._rebuild, keys(user_id, epoch), last, count,
                                      self.window, size, self.ttl_ms, *pairs))
+        self._know(user_id, size if done and epoch == self.fence.epoch else -1)
+        return done
 
     async def forget(self, user_id: str, upto_seq: int) -> None:
         """Drop the user's window in the current epoch, again if a new epoch began meanwhile
         (its replay may have read the log before the purge). No state: nothing to drop, the
         epoch that replaces it is replayed from the purged log."""
+        self._know(user_id, -1)
         state = await self.state()
         while state is not None:
             await self._call(self._forget, keys(user_id, state.epoch), upto_seq, self.ttl_ms)
@@ -414,5 +453,6 @@ class RedisWindow:
 
     async def wipe(self) -> None:
         """Drop every tiermem key: the applier then rebuilds clean windows from seq 1."""
+        self._bytes.clear()
         async for key in self.redis.scan_iter(match="tm:*", count=1000):
             await self.redis.delete(key)
