@@ -7,7 +7,9 @@ alone for as long as asked, against a stack started with `python -m shared.stack
 
 - `append128`: `memory.append`, 128 in flight (the bench's durable-append load);
 - `append1`: `memory.append`, one in flight;
-- `l2get`: `memory.l2.get` recent n=50 for users holding 60 messages, one in flight.
+- `l2get`: `memory.l2.get` recent n=50 for users holding 60 messages, one in flight;
+- `js128`: the bare baseline of `append128`, acked JetStream publishes of the same
+  bodies with a `Nats-Msg-Id` to a file stream of its own, 128 in flight.
 
 It prints the rate and the latency percentiles it saw (no baselines: `python -m bench` has those).
 """
@@ -57,7 +59,18 @@ async def main(env_path: str, load: str, seconds: float) -> None:
     nc = await bus.connect_as(env, ADMIN, name="profile-l2", pending_size=64 * 1024 * 1024)
     run = secrets.token_hex(3)
     try:
-        if load.startswith("append"):
+        if load == "js128":
+            from nats.js.api import StorageType, StreamConfig
+
+            in_flight = 128
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(name="PROFILE_L2", subjects=["profile_l2.*"],
+                                             storage=StorageType.FILE, duplicate_window=7200))
+
+            async def call(i: int):
+                await js.publish(f"profile_l2.u{i % USERS}", _append_body(run, i % USERS, i),
+                                 headers={"Nats-Msg-Id": f"{run}-{i}"}, timeout=15)
+        elif load.startswith("append"):
             in_flight = 128 if load == "append128" else 1
 
             async def call(i: int):
@@ -85,7 +98,7 @@ async def main(env_path: str, load: str, seconds: float) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stack_env")
-    p.add_argument("load", choices=("append128", "append1", "l2get"))
+    p.add_argument("load", choices=("append128", "append1", "l2get", "js128"))
     p.add_argument("--seconds", type=float, default=15.0)
     a = p.parse_args()
     asyncio.run(main(a.stack_env, a.load, a.seconds))
