@@ -54,6 +54,17 @@ async def _drive(call, seconds: float, in_flight: int) -> list[float]:
     return latencies
 
 
+async def _drive_n(call, total: int, in_flight: int) -> None:
+    """`total` calls, `in_flight` at a time (in order of `i` per worker, not overall)."""
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        for i in counter:
+            await call(i)
+
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+
+
 async def main(env_path: str, load: str, seconds: float) -> None:
     env = _read_env(__import__("pathlib").Path(env_path))
     nc = await bus.connect_as(env, ADMIN, name="profile-l2", pending_size=64 * 1024 * 1024)
@@ -77,8 +88,8 @@ async def main(env_path: str, load: str, seconds: float) -> None:
                 await nc.request("memory.append", _append_body(run, i % USERS, i), timeout=15)
         else:
             in_flight = 1
-            for i in range(USERS * HELD):
-                await nc.request("memory.append", _append_body(run, i % USERS, i), timeout=15)
+            await _drive_n(lambda i: nc.request("memory.append", _append_body(run, i % USERS, i),
+                                                timeout=15), USERS * HELD, 32)
             bodies = [msgspec.json.encode({"user_id": f"prof{run}-{u}", "op": "recent", "n": 50})
                       for u in range(USERS)]
 
