@@ -3,7 +3,7 @@ so a sampling profiler can watch the gateway (`bench/results/profile_l2.md` says
 
 Why a driver of its own: `python -m bench` runs its steps one after the other for
 a few seconds each, so a profile of the whole run mixes them. Each load here runs
-alone for as long as asked, against a stack started with `python -m shared.stack up`:
+alone for as long as asked, against a stack started with `python -m devstack up`:
 
 - `append128`: `memory.append`, 128 in flight (the bench's durable-append load);
 - `append1`: `memory.append`, one in flight;
@@ -23,10 +23,10 @@ import time
 
 import msgspec
 
-from bench.memory import _read_env
 from bench.stats import fmt_us, summarize
 from shared import bus
 from shared.permissions import ADMIN
+from shared.settings import load_stack_env
 
 USERS = 50
 HELD = 60  # messages per user before `l2get` reads 50 of them
@@ -66,7 +66,7 @@ async def _drive_n(call, total: int, in_flight: int) -> None:
 
 
 async def main(env_path: str, load: str, seconds: float) -> None:
-    env = _read_env(__import__("pathlib").Path(env_path))
+    env = load_stack_env(env_path)
     nc = await bus.connect_as(env, ADMIN, name="profile-l2", pending_size=64 * 1024 * 1024)
     run = secrets.token_hex(3)
     try:
