@@ -13,9 +13,10 @@ import asyncio
 import time
 
 import anthropic
+import msgspec
 import structlog
 
-from shared.contract import CompleteRequest, TextBlock, Usage
+from shared.contract import CompleteRequest, CountTokensRequest, TextBlock, Usage
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout
 from shared.settings import Settings
 from shared.telemetry import tracer
@@ -27,11 +28,12 @@ CACHE_CONTROL_MIN_CHARS = 4096  # ~1024 tokens: below that Anthropic does not ca
 
 
 class Answer:
-    __slots__ = ("text", "content", "model", "stop_reason", "usage")
+    __slots__ = ("text", "content", "model", "stop_reason", "usage", "message")
 
-    def __init__(self, text, content, model, stop_reason, usage) -> None:
+    def __init__(self, text, content, model, stop_reason, usage, message=None) -> None:
         self.text, self.content, self.model = text, content, model
         self.stop_reason, self.usage = stop_reason, usage
+        self.message = message  # the Message JSON as the API sent it
 
 
 def make_client(settings: Settings) -> anthropic.AsyncAnthropic:
@@ -52,6 +54,29 @@ class Upstream:
         self.clock = clock
         self.calls = 0
 
+    async def count_tokens(self, req: CountTokensRequest) -> int:
+        """The API's count of the request's input tokens (free; not behind the breaker)."""
+        params = _params(req)
+        del params["max_tokens"]
+        async with self.limit:
+            with tracer.start_as_current_span("anthropic messages.count_tokens",
+                                              attributes={"gen_ai.request.model": req.model}):
+                try:
+                    raw = await self.client.messages.with_raw_response.count_tokens(**params)
+                except anthropic.BadRequestError as exc:
+                    raise BadRequest(f"the model API rejected the request: {exc.message}") from None
+                except anthropic.APITimeoutError:
+                    raise UpstreamTimeout("the model API did not answer in time") from None
+                except anthropic.APIStatusError as exc:
+                    raise TierError(f"the model API failed with {exc.status_code}",
+                                    502 if exc.status_code < 500 else 503) from None
+                except anthropic.APIConnectionError:
+                    raise Unavailable("cannot reach the model API") from None
+        try:
+            return int(msgspec.json.decode(raw.http_response.content)["input_tokens"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            raise TierError("the model API's token count is not one", 502) from None
+
     async def complete(self, req: CompleteRequest) -> Answer:
         if not self.breaker.allow(self.clock()):
             raise Unavailable("the model API is failing (circuit open) and no cached answer "
@@ -62,7 +87,8 @@ class Upstream:
                                               attributes={"gen_ai.request.model": req.model}):
                 try:
                     self.calls += 1
-                    msg = await self.client.messages.create(**params)
+                    raw = await self.client.messages.with_raw_response.create(**params)
+                    message = _message_json(raw.http_response)
                 except anthropic.BadRequestError as exc:
                     self.breaker.success()  # the upstream is fine; the request is not
                     raise BadRequest(f"the model API rejected the request: {exc.message}") from None
@@ -80,31 +106,59 @@ class Upstream:
                     self.breaker.failure(self.clock())
                     raise Unavailable("cannot reach the model API") from None
         self.breaker.success()
-        blocks = [TextBlock(text=b.text) for b in msg.content if b.type == "text"]
-        u = msg.usage
-        usage = Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
-                      cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
-                      cache_read_input_tokens=u.cache_read_input_tokens or 0)
-        return Answer("".join(b.text for b in blocks), blocks, msg.model, msg.stop_reason, usage)
+        blocks = [TextBlock(text=b["text"]) for b in message.get("content") or ()
+                  if b.get("type") == "text" and isinstance(b.get("text"), str)]
+        u = message.get("usage") or {}
+        usage = Usage(input_tokens=u.get("input_tokens") or 0,
+                      output_tokens=u.get("output_tokens") or 0,
+                      cache_creation_input_tokens=u.get("cache_creation_input_tokens") or 0,
+                      cache_read_input_tokens=u.get("cache_read_input_tokens") or 0)
+        return Answer("".join(b.text for b in blocks), blocks, message.get("model", req.model),
+                      message.get("stop_reason"), usage, message)
 
 
-def _params(req: CompleteRequest) -> dict:
-    params: dict = {"model": req.model, "max_tokens": req.max_tokens,
-                    "messages": [{"role": m.role, "content": m.plain()} for m in req.messages]}
-    system = req.system_text()
-    if system:
-        block = {"type": "text", "text": system}
-        if len(system) >= CACHE_CONTROL_MIN_CHARS:
+def _message_json(response) -> dict:
+    """The Message as the API sent it, every field kept (the SDK's model of it may not
+    know them all); a body that is no Message is the upstream's failure."""
+    try:
+        message = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        message = None
+    if not isinstance(message, dict) or message.get("type") != "message":
+        raise TierError("the model API answered with something that is not a Message", 502)
+    return message
+
+
+def _params(req: CompleteRequest | CountTokensRequest) -> dict:
+    """The SDK call for `req`: every field of the request as the caller sent it. A
+    system prompt given as a plain string is sent as one block, marked for the
+    prompt cache when long; one given as blocks is sent as it is."""
+    params: dict = {"model": req.model, "max_tokens": getattr(req, "max_tokens", 0),
+                    "messages": [{"role": m.role, "content": m.content} for m in req.messages]}
+    if isinstance(req.system, list):
+        params["system"] = req.system
+    elif req.system:
+        block = {"type": "text", "text": req.system}
+        if len(req.system) >= CACHE_CONTROL_MIN_CHARS:
             block["cache_control"] = {"type": "ephemeral"}
         params["system"] = [block]
-    for name in ("stop_sequences", "tools"):
-        value = getattr(req, name)
+    for name in ("stop_sequences", "tools", "tool_choice", "thinking", "metadata"):
+        value = getattr(req, name, None)
         if value is not None:
             params[name] = value
     # Current SDKs no longer take sampling parameters as arguments; the ones a
     # caller sets still reach the API (and always split the cache's partitions).
-    sampling = {n: getattr(req, n) for n in ("temperature", "top_p", "top_k")
-                if getattr(req, n) is not None}
-    if sampling:
-        params["extra_body"] = sampling
+    # Fields this contract does not name (`extra`) go the same way.
+    body = {n: getattr(req, n, None) for n in ("temperature", "top_p", "top_k")
+            if getattr(req, n, None) is not None}
+    body.update(req.extra or {})
+    if body:
+        params["extra_body"] = body
+    headers = {}
+    if req.betas:
+        headers["anthropic-beta"] = ",".join(req.betas)
+    if req.anthropic_version:
+        headers["anthropic-version"] = req.anthropic_version
+    if headers:
+        params["extra_headers"] = headers
     return params

@@ -1,0 +1,170 @@
+"""llm-gateway: the Anthropic Messages API over HTTP, answered through the llm-broker.
+
+An app written against the `anthropic` SDK changes only its base URL
+(`ANTHROPIC_BASE_URL`, or `base_url=`): `POST /v1/messages` becomes one
+`llm.complete` request on NATS (`translate`), so the cache rules, the single
+upstream path with its retries and breaker, and the cost accounting stay in
+the broker. `POST /v1/messages/count_tokens` goes the same way as
+`llm.count_tokens`. The gateway keeps no state: replicas scale behind any
+HTTP load balancer.
+
+`stream: true` is answered with the API's event sequence (`sse`), built from
+the complete message the broker returns: on a miss the first byte leaves once
+the model has finished (no stream-through yet), on a hit at once, and a hit
+replays exactly the events its miss sent.
+
+Errors leave in the API's own shape and status (`translate.error_body`). The
+caller's API key is checked against `GATEWAY_API_KEYS` when set, never
+forwarded (the broker calls upstream with its own), and never logged: no
+header is logged at all.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import msgspec
+import structlog
+from aiohttp import web
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+
+from shared import metrics, subjects, telemetry
+from shared.contract import CompleteReply, CountTokensReply, encode
+from shared.errors import BadRequest, PayloadTooLarge, TierError, Unavailable, UpstreamTimeout
+from shared.service import Runtime, decode_reply
+
+from . import sse, translate
+
+log = structlog.get_logger()
+_complete_reply = msgspec.json.Decoder(CompleteReply)
+_count_reply = msgspec.json.Decoder(CountTokensReply)
+
+
+class AuthError(TierError):
+    code = 401
+
+
+class Gateway:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        s = rt.settings
+        self.keys = frozenset(k.strip() for k in s.gateway_api_keys.split(",") if k.strip())
+        self.timeout = s.gateway_timeout_s
+        self.url = ""  # once listening
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.rt.settings.gateway_max_body_bytes)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": "llm-gateway"})
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        rid = _request_id()
+        started = time.perf_counter()
+        cache, status = "none", 500
+        try:
+            headers = self._checked_headers(request)
+            asked = translate.complete_body(await _json(request), headers)
+            reply = await self._ask(subjects.LLM_COMPLETE, asked.body, _complete_reply)
+            message = translate.message_of(reply)
+            out = {**translate.cache_headers(reply), "request-id": rid}
+            cache, status = out["tiermem-cache"], 200
+            if asked.stream:
+                return await _stream(request, message, out)
+            return web.Response(body=encode(message), content_type="application/json",
+                                headers=out)
+        except TierError as err:
+            status = translate.error_status(err)
+            return _error(status, err.message, rid)
+        finally:
+            metrics.gateway_requests.labels("messages", str(status), cache).inc()
+            log.info("http_messages", request_id=rid, status=status, cache=cache,
+                     ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        rid = _request_id()
+        status = 500
+        try:
+            headers = self._checked_headers(request)
+            body = translate.count_body(await _json(request), headers)
+            reply = await self._ask(subjects.LLM_COUNT_TOKENS, body, _count_reply)
+            status = 200
+            return web.Response(body=encode(reply), content_type="application/json",
+                                headers={"request-id": rid})
+        except TierError as err:
+            status = translate.error_status(err)
+            return _error(status, err.message, rid)
+        finally:
+            metrics.gateway_requests.labels("count_tokens", str(status), "none").inc()
+
+    def _checked_headers(self, request: web.Request) -> dict[str, str]:
+        """The request's headers, lower-case, once the caller's key is accepted."""
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        if not key:
+            raise AuthError("x-api-key header is required")
+        if self.keys and not any(secrets.compare_digest(key, k) for k in self.keys):
+            raise AuthError("invalid x-api-key")
+        return headers
+
+    async def _ask(self, subject: str, body: dict, decoder: msgspec.json.Decoder):
+        try:
+            msg = await self.rt.request_msg(subject, encode(body),
+                                            headers=telemetry.inject() or None,
+                                            timeout=self.timeout)
+        except NoRespondersError:
+            raise Unavailable(f"no llm-broker is answering {subject}") from None
+        except NatsTimeout:
+            raise UpstreamTimeout(f"the llm-broker did not answer within {self.timeout:g} s") from None
+        return decode_reply(msg, decoder)
+
+
+async def _json(request: web.Request):
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge("Request exceeds the maximum allowed number of bytes.") from None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"There was an error parsing the body of your request: {exc}") from None
+
+
+async def _stream(request: web.Request, message: dict, headers: dict[str, str]) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers={
+        **headers, "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"})
+    await response.prepare(request)
+    for name, data in sse.events(message):
+        await response.write(sse.frame(name, data))
+    await response.write_eof()
+    return response
+
+
+def _error(status: int, message: str, rid: str) -> web.Response:
+    return web.Response(status=status, body=encode(translate.error_body(status, message, rid)),
+                        content_type="application/json", headers={"request-id": rid})
+
+
+def _request_id() -> str:
+    return f"req_tm_{secrets.token_hex(12)}"
+
+
+async def build(rt: Runtime) -> Gateway:
+    """Listen on GATEWAY_HOST:GATEWAY_PORT (0: a free port, logged); stop listening first
+    on the way out, while NATS still answers the requests in flight."""
+    gateway = Gateway(rt)
+    runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=rt.settings.request_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, rt.settings.gateway_host, rt.settings.gateway_port)
+    await site.start()
+    rt.on_close(runner.cleanup)
+    host, port = runner.addresses[0][:2]
+    gateway.url = f"http://{host}:{port}"
+    log.info("gateway_listening", url=gateway.url)
+    return gateway
