@@ -414,3 +414,33 @@ def test_the_request_body_maps_onto_llm_complete_keeping_every_field():
     assert out["betas"] == ["a-1", "b-2"] and out["anthropic_version"] == "2023-06-01"
     for name in ("tools", "tool_choice", "thinking", "metadata", "messages", "max_tokens"):
         assert out[name] == body[name]
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@pytest.mark.e2e
+async def test_just_up_starts_the_gateway_and_names_it_in_stack_env(
+        nats_url, redis_url, database_url, tmp_path):
+    """`shared.stack up` (what `just up` runs), every service its own process: an app
+    reads TIERMEM_ANTHROPIC_BASE_URL and talks to it with the unmodified SDK."""
+    import os
+
+    from shared.stack import load_env
+    from tests.conftest import reset_servers, stack_processes
+
+    await reset_servers(nats_url, redis_url, database_url)
+    env = {**os.environ, "NATS_URL": nats_url, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+    env.pop("ANTHROPIC_API_KEY", None)
+    env.pop("ANTHROPIC_BASE_URL", None)  # `up` starts the simulator for the broker
+    with stack_processes(env, tmp_path):
+        urls = load_env(tmp_path)
+        base = urls["TIERMEM_ANTHROPIC_BASE_URL"]
+        assert base != urls["ANTHROPIC_BASE_URL"]  # the broker's upstream is not the gateway
+        client = anthropic.AsyncAnthropic(base_url=base, api_key="any", max_retries=0)
+        params = ask("Is parking included with the Cedar St condo?")
+        async with client.messages.stream(**params) as stream:
+            streamed = await stream.get_final_message()
+        plain, headers = await create(client, **params)
+        assert headers["tiermem-cache"] == "hit"
+        assert plain.model_dump() == streamed.model_dump()
