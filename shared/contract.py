@@ -230,6 +230,8 @@ def decoder(kind: type) -> msgspec.json.Decoder:
 # --- llm.complete ------------------------------------------------------------
 
 MAX_MODEL_CHARS = 128
+STREAM_SUBJECT = r"^_INBOX[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+$"  # a reply inbox, no wildcards
+STREAM_HEADER = "Tiermem-Stream"  # marks a streamed event among a request's replies
 Task = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
@@ -310,6 +312,11 @@ class CompleteRequest(msgspec.Struct, kw_only=True):
     # Any other top-level field of the API request: passed upstream, never cached
     # (nothing says whether it changes the answer); counted as uncacheable.
     extra: dict[str, Any] | None = None
+    # Stream a miss through as the model writes it (the HTTP drop-in's `stream: true`):
+    # the broker publishes each Messages API event, as the API sent it, to this subject
+    # (with the header `Tiermem-Stream: event`) before its reply. Usually the request's
+    # own reply subject, so events and reply arrive in order on one subscription.
+    stream_to: Annotated[str, msgspec.Meta(pattern=STREAM_SUBJECT)] | None = None
 
     def __post_init__(self) -> None:
         if self.user_id is None and self.cache.scope == "user":
@@ -410,6 +417,9 @@ class CompleteReply(msgspec.Struct):
     # stop_sequence, usage): what the HTTP drop-in answers with, verbatim. None for
     # entries cached before it was kept.
     message: dict[str, Any] | None = None
+    # A hit of a request with `stream_to`: the events its miss streamed, to replay as
+    # they were (None: the miss was not streamed; rebuild them from `message`).
+    events: list[dict[str, Any]] | None = None
 
 
 class CountTokensRequest(msgspec.Struct, kw_only=True):

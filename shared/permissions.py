@@ -121,7 +121,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
                   f"$JS.ACK.{STREAM}.{S.L3_CONSUMER}.>"),
          subscribe=(S.MEMORY_L3_GET, S.MEMORY_L3_FORGET, *_SERVE, _inbox(L3_INDEXER))),
     Role(LLM_BROKER,
-         publish=(S.audit_served(LLM_BROKER),),
+         # the gateway's inbox: a streamed miss's events (CompleteRequest.stream_to)
+         publish=(S.audit_served(LLM_BROKER), _inbox(LLM_GATEWAY)),
          subscribe=(S.LLM_COMPLETE, S.LLM_STATS, S.LLM_VERDICT, S.LLM_FORGET, S.CHANGED_ALL,
                     S.LLM_COUNT_TOKENS, *_SERVE, _inbox(LLM_BROKER))),
     # The HTTP drop-in: asks the broker, nothing else (it holds no state).

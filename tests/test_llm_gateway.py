@@ -171,21 +171,43 @@ async def test_a_stream_hit_replays_the_events_of_its_miss_byte_for_byte(gateway
     assert miss.headers["content-type"].startswith("text/event-stream")
     assert (miss.headers["tiermem-cache"], hit.headers["tiermem-cache"]) == ("miss", "hit")
     assert hit.content == miss.content
-    frames = miss.text.split("\n\n")
+    assert "tiermem-cost-usd" not in miss.headers  # streamed through: sent before the cost was known
+    assert float(hit.headers["tiermem-saved-usd"]) > 0
+    check_event_sequence(parse_sse(miss.text))
+    assert gateway.sim.calls() == 1
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """The events of an SSE body framed as the API frames them (`event:`, `data:`, blank line)."""
+    frames = text.split("\n\n")
     assert frames[-1] == ""  # every frame ends with a blank line
-    names = []
+    events = []
     for frame in frames[:-1]:
         event_line, data_line = frame.split("\n")
-        name = event_line.removeprefix("event: ")
-        data = msgspec.json.decode(data_line.removeprefix("data: "))
-        assert event_line.startswith("event: ") and data["type"] == name
-        names.append(name)
-    deltas = names.count("content_block_delta")
-    assert deltas >= 1
-    assert names == ["message_start", "ping", "content_block_start",
-                     *["content_block_delta"] * deltas, "content_block_stop",
-                     "message_delta", "message_stop"]
-    assert gateway.sim.calls() == 1
+        assert event_line.startswith("event: ") and data_line.startswith("data: ")
+        name, data = event_line.removeprefix("event: "), msgspec.json.decode(data_line[6:])
+        assert data["type"] == name
+        events.append((name, data))
+    return events
+
+
+def check_event_sequence(events: list[tuple[str, dict]]) -> None:
+    """The API's grammar: message_start, then each block's start, deltas, stop (pings
+    anywhere), then message_delta and message_stop."""
+    names = [n for n, _ in events if n != "ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    open_block = None
+    for name, data in events[1:-2]:
+        if name == "content_block_start":
+            assert open_block is None
+            open_block = data["index"]
+        elif name in ("content_block_delta", "content_block_stop"):
+            assert data["index"] == open_block
+            if name == "content_block_stop":
+                open_block = None
+        else:
+            assert name == "ping", name
+    assert open_block is None and "content_block_delta" in names
 
 
 async def test_sdk_stream_builds_the_message_a_plain_call_returns(gateway):

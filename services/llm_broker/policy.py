@@ -272,6 +272,8 @@ class Entry(msgspec.Struct):
     # The model's Message as the API returned it (every block, id, stop_sequence):
     # a hit answers with it (the HTTP drop-in replays it). None in older entries.
     message: dict | None = None
+    # The events a streamed miss sent, as the API sent them: a streamed hit replays them.
+    events: list[dict] | None = None
 
     def fresh(self, now: float) -> bool:
         return now < self.expires_at

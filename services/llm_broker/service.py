@@ -49,8 +49,8 @@ from redis.asyncio import Redis
 from shared import metrics, subjects
 from shared.contract import (
     CacheInfo, Changed, CompleteReply, CompleteRequest, CountTokensReply, CountTokensRequest,
-    ForgetReply, ForgetRequest, LLMVerdict,
-    LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder,
+    STREAM_HEADER, ForgetReply, ForgetRequest, LLMVerdict,
+    LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder, encode,
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import BadRequest, Unavailable
@@ -101,6 +101,7 @@ class Broker:
         self.pending = Pending()
         self.distrust_before = 0.0  # this broker's own, before every broker has read it
         self.events_sub = None  # the `memory.changed` subscription, once made
+        self.publish = None  # NATS publish, for streaming a miss through (`_call`)
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
         volatility = check_request(self.config, req)
@@ -230,9 +231,11 @@ class Broker:
         flight = self._flights[key] = asyncio.get_running_loop().create_future()
         try:
             started = self.clock()
-            answer, cost = await self._call(req, labels)
+            events: list[dict] = []
+            answer, cost = await self._call(req, labels, events)
             entry = new_entry(req, partition, answer.text, answer.stop_reason, answer.usage, cost,
                               volatility, self.clock(), user_seq, answer.message)
+            entry.events = events or None
             stored = False
             if req.cache.store:
                 stored = await self._store(entry, vector, started, labels[1], bool(req.tools))
@@ -263,8 +266,19 @@ class Broker:
         log.info(stored, volatility=entry.volatility)
         return stored == "cached"
 
-    async def _call(self, req: CompleteRequest, labels):
-        answer = await self.upstream.complete(req)
+    async def _call(self, req: CompleteRequest, labels, record: list | None = None):
+        """The model's answer and its cost; streamed through to `req.stream_to` when the
+        request asks, each event also appended to `record` (if given)."""
+        on_event = None
+        if req.stream_to is not None and self.publish is not None:
+            subject, headers = req.stream_to, {STREAM_HEADER: "event"}
+
+            async def on_event(data: dict) -> None:
+                if record is not None:
+                    record.append(data)
+                await self.publish(subject, encode(data), headers=headers)
+
+        answer = await self.upstream.complete(req, on_event)
         cost = cost_usd(self.config.price_of(req.model), answer.usage)
         for kind in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                      "cache_read_input_tokens"):
@@ -281,10 +295,11 @@ class Broker:
             self.served.llm(entry.id, entry.partition, match, similarity, info.age_s,
                             entry.cost_usd, entry.text, req, score=score, threshold=threshold)
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage,
-                                 0.0, entry.cost_usd, info, f"hits_{match}", entry.message)
+                                 0.0, entry.cost_usd, info, f"hits_{match}", entry.message,
+                                 entry.events if req.stream_to is not None else None)
 
     async def _reply(self, req, labels, text, stop_reason, usage, cost, saved, info, outcome,
-                     message=None):
+                     message=None, events=None):
         metrics.llm_requests.labels(*labels, info.status, info.match or "").inc()
         paid = outcome in ("misses", "uncached")
         self.totals.add(outcome, usage if paid else None, cost, saved)
@@ -293,7 +308,8 @@ class Broker:
             task=req.task, model=req.model, cost_usd=cost, saved_usd=saved)
         return CompleteReply(text=text, content=[TextBlock(text=text)], model=req.model,
                              stop_reason=stop_reason, usage=usage, cost_usd=round(cost, 8),
-                             saved_usd=round(saved, 8), cache=info, message=message)
+                             saved_usd=round(saved, 8), cache=info, message=message,
+                             events=events)
 
     async def count_tokens(self, req: CountTokensRequest) -> CountTokensReply:
         """`llm.count_tokens` (the HTTP drop-in's): asked upstream, for an allowed model."""
@@ -445,6 +461,7 @@ async def build(rt: Runtime, *, clock=time.time,
     rt.spawn(served.run(), "served-records")
     broker = Broker(config, cache, Upstream(client, s, clock), embedder, redis,
                     s.llm_max_prompt_chars, clock, served)
+    broker.publish = rt.nc.publish
     await broker.thresholds.load()
     rt.spawn(broker.thresholds.follow(), "thresholds")
     rt.on_close(broker.drain)  # the last counts land before Redis closes (hooks run in reverse)

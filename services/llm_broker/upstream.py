@@ -21,6 +21,7 @@ from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout
 from shared.settings import Settings
 from shared.telemetry import tracer
 
+from .accumulate import Accumulator
 from .breaker import Breaker
 
 log = structlog.get_logger()
@@ -77,7 +78,9 @@ class Upstream:
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             raise TierError("the model API's token count is not one", 502) from None
 
-    async def complete(self, req: CompleteRequest) -> Answer:
+    async def complete(self, req: CompleteRequest, on_event=None) -> Answer:
+        """The model's answer. With `on_event` (an async callable), the call streams and
+        each event, as the API sent it, is handed to `on_event` as it arrives."""
         if not self.breaker.allow(self.clock()):
             raise Unavailable("the model API is failing (circuit open) and no cached answer "
                               "fits; retry in a few seconds")
@@ -87,8 +90,11 @@ class Upstream:
                                               attributes={"gen_ai.request.model": req.model}):
                 try:
                     self.calls += 1
-                    raw = await self.client.messages.with_raw_response.create(**params)
-                    message = _message_json(raw.http_response)
+                    if on_event is None:
+                        raw = await self.client.messages.with_raw_response.create(**params)
+                        message = _message_json(raw.http_response)
+                    else:
+                        message = await self._stream(params, on_event)
                 except anthropic.BadRequestError as exc:
                     self.breaker.success()  # the upstream is fine; the request is not
                     raise BadRequest(f"the model API rejected the request: {exc.message}") from None
@@ -105,6 +111,9 @@ class Upstream:
                 except anthropic.APIConnectionError:
                     self.breaker.failure(self.clock())
                     raise Unavailable("cannot reach the model API") from None
+                except anthropic.APIError as exc:  # an `error` event in the middle of a stream
+                    self.breaker.failure(self.clock())
+                    raise Unavailable(f"the model API broke off its answer: {exc.message}") from None
         self.breaker.success()
         blocks = [TextBlock(text=b["text"]) for b in message.get("content") or ()
                   if b.get("type") == "text" and isinstance(b.get("text"), str)]
@@ -115,6 +124,21 @@ class Upstream:
                       cache_read_input_tokens=u.get("cache_read_input_tokens") or 0)
         return Answer("".join(b.text for b in blocks), blocks, message.get("model", req.model),
                       message.get("stop_reason"), usage, message)
+
+
+    async def _stream(self, params: dict, on_event) -> dict:
+        acc = Accumulator()
+        stream = await self.client.messages.create(**params, stream=True)
+        try:
+            async for event in stream:
+                data = event.to_dict()
+                acc.add(data)
+                await on_event(data)
+            return acc.result()
+        except (ValueError, KeyError, TypeError, IndexError, msgspec.DecodeError) as exc:
+            raise TierError(f"the model API's stream is not a Message: {exc!r}", 502) from None
+        finally:
+            await stream.close()
 
 
 def _message_json(response) -> dict:

@@ -8,10 +8,13 @@ the broker. `POST /v1/messages/count_tokens` goes the same way as
 `llm.count_tokens`. The gateway keeps no state: replicas scale behind any
 HTTP load balancer.
 
-`stream: true` is answered with the API's event sequence (`sse`), built from
-the complete message the broker returns: on a miss the first byte leaves once
-the model has finished (no stream-through yet), on a hit at once, and a hit
-replays exactly the events its miss sent.
+`stream: true` is streamed through on a miss: the broker streams the model's
+answer and publishes each event as the API sent it, which the gateway writes
+out as it arrives, while the broker records the events and the message it adds
+up to. A hit replays exactly the events its miss sent (or, for an entry made by
+a call that did not stream, the API's event sequence built from its message,
+`sse`). An error after the first event can no longer change the status: it
+goes out as the API's `error` event.
 
 Errors leave in the API's own shape and status (`translate.error_body`). The
 caller's API key is checked against `GATEWAY_API_KEYS` when set, never
@@ -30,9 +33,9 @@ from aiohttp import web
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
 from shared import metrics, subjects, telemetry
-from shared.contract import CompleteReply, CountTokensReply, encode
+from shared.contract import STREAM_HEADER, CompleteReply, CountTokensReply, encode
 from shared.errors import BadRequest, PayloadTooLarge, TierError, Unavailable, UpstreamTimeout
-from shared.service import Runtime, decode_reply
+from shared.service import NO_RESPONDERS, Runtime, decode_reply
 
 from . import sse, translate
 
@@ -70,14 +73,23 @@ class Gateway:
         try:
             headers = self._checked_headers(request)
             asked = translate.complete_body(await _json(request), headers)
+            if asked.stream:
+                stream = Stream(request, rid)
+                try:
+                    cache = await self._stream(asked.body, stream)
+                except TierError as err:
+                    if not stream.started:
+                        raise
+                    status = translate.error_status(err)  # the 200 is sent: an `error` event
+                    await stream.error(status, err.message)
+                    return stream.response
+                status = 200
+                return stream.response
             reply = await self._ask(subjects.LLM_COMPLETE, asked.body, _complete_reply)
-            message = translate.message_of(reply)
             out = {**translate.cache_headers(reply), "request-id": rid}
             cache, status = out["tiermem-cache"], 200
-            if asked.stream:
-                return await _stream(request, message, out)
-            return web.Response(body=encode(message), content_type="application/json",
-                                headers=out)
+            return web.Response(body=encode(translate.message_of(reply)),
+                                content_type="application/json", headers=out)
         except TierError as err:
             status = translate.error_status(err)
             return _error(status, err.message, rid)
@@ -112,6 +124,48 @@ class Gateway:
             raise AuthError("invalid x-api-key")
         return headers
 
+    async def _stream(self, body: dict, stream: "Stream") -> str:
+        """Answer `body` as a stream; returns what the cache did.
+
+        The request's reply subject is also its `stream_to`: on a miss the broker
+        publishes each event there as the model writes it, then replies, and one
+        subscription gets them in that order. The first event opens the response
+        (a miss: the cost is not known yet, so only `tiermem-cache: miss` is sent);
+        a reply with no event before it (a hit) is sent whole: the events its miss
+        recorded, or ones rebuilt from its message (`sse`)."""
+        nc = self.rt.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        try:
+            await nc.publish(subjects.LLM_COMPLETE, encode({**body, "stream_to": inbox}),
+                             reply=inbox, headers=telemetry.inject() or None)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=max(deadline - time.monotonic(), 0.001))
+                except NatsTimeout:
+                    raise UpstreamTimeout(
+                        f"the llm-broker did not answer within {self.timeout:g} s") from None
+                headers = msg.headers or {}
+                if headers.get(STREAM_HEADER):
+                    if not stream.started:
+                        await stream.start({"tiermem-cache": "miss"})
+                    await stream.send(msg.data)
+                    continue
+                if headers.get("Status") == NO_RESPONDERS:
+                    raise Unavailable(f"no llm-broker is answering {subjects.LLM_COMPLETE}")
+                reply = decode_reply(msg, _complete_reply)
+                break
+        finally:
+            await sub.unsubscribe()
+        out = translate.cache_headers(reply)
+        if not stream.started:
+            await stream.start(out)
+            for data in reply.events or [d for _, d in sse.events(translate.message_of(reply))]:
+                await stream.send(encode(data))
+        await stream.end()
+        return out["tiermem-cache"]
+
     async def _ask(self, subject: str, body: dict, decoder: msgspec.json.Decoder):
         try:
             msg = await self.rt.request_msg(subject, encode(body),
@@ -135,14 +189,31 @@ async def _json(request: web.Request):
         raise BadRequest(f"There was an error parsing the body of your request: {exc}") from None
 
 
-async def _stream(request: web.Request, message: dict, headers: dict[str, str]) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers={
-        **headers, "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"})
-    await response.prepare(request)
-    for name, data in sse.events(message):
-        await response.write(sse.frame(name, data))
-    await response.write_eof()
-    return response
+class Stream:
+    """One SSE response: opened with the headers known when the first event is ready."""
+
+    def __init__(self, request: web.Request, rid: str) -> None:
+        self.request, self.rid = request, rid
+        self.response = web.StreamResponse(status=200)
+        self.started = False
+
+    async def start(self, headers: dict[str, str]) -> None:
+        self.response.headers.update({**headers, "request-id": self.rid,
+                                      "content-type": "text/event-stream; charset=utf-8",
+                                      "cache-control": "no-cache"})
+        await self.response.prepare(self.request)
+        self.started = True
+
+    async def send(self, data: bytes) -> None:
+        """One event, `data` its JSON (its `type` names the event)."""
+        await self.response.write(sse.frame_raw(data))
+
+    async def error(self, status: int, message: str) -> None:
+        await self.send(encode(translate.error_body(status, message, self.rid)))
+        await self.end()
+
+    async def end(self) -> None:
+        await self.response.write_eof()
 
 
 def _error(status: int, message: str, rid: str) -> web.Response:

@@ -71,3 +71,13 @@ def _pieces(text: str) -> list[str]:
 def frame(name: str, data: dict) -> bytes:
     """One event as the API frames it: `event:` and `data:` lines, a blank line."""
     return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
+
+
+def frame_raw(data: bytes) -> bytes:
+    """`frame` for an event already encoded: its name is its `type`."""
+    name = msgspec.json.decode(data, type=_Typed).type
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+class _Typed(msgspec.Struct):
+    type: str
