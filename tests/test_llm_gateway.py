@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 
 import anthropic
 import httpx
@@ -223,6 +224,48 @@ async def test_sdk_stream_builds_the_message_a_plain_call_returns(gateway):
     assert "".join(texts) == streamed.content[0].text
     assert streamed.model_dump() == replayed.model_dump() == plain.model_dump()
     assert gateway.sim.calls() == 1
+
+
+@pytest.fixture(scope="module")
+def slow_simulator(tmp_path_factory):
+    """A simulator that writes 20 ms a token, spread over its stream as the API's is."""
+    import os
+
+    env = {**os.environ, "SIMULATOR_LATENCY_MEDIAN_S": "0.002", "SIMULATOR_LATENCY_P95_S": "0.004",
+           "SIMULATOR_LATENCY_PER_TOKEN_S": "0.02"}
+    sim = servers.start_simulator(tmp_path_factory.mktemp("slow-sim"), env=env, die_with_parent=True)
+    yield sim.url
+    sim.stop()
+
+
+async def test_a_miss_streams_through_as_the_model_writes_and_its_hit_replays_at_once(
+        clean_state, slow_simulator):
+    env = {**clean_state, "ANTHROPIC_BASE_URL": slow_simulator}
+    port = servers.free_port()
+    async with running("llm-broker", build_broker, env, llm_max_retries=0), \
+            running("llm-gateway", build_gateway, env, gateway_port=port):
+        url = f"http://127.0.0.1:{port}/v1/messages"
+        body = ask("Could you tell me about the garden and the garage at the Pine St house?",
+                   stream=True)
+        timings, bodies = [], []
+        async with httpx.AsyncClient(timeout=60) as http:
+            for _ in range(2):
+                started, arrived, chunks = time.perf_counter(), [], []
+                async with http.stream("POST", url, json=body, headers={
+                        "x-api-key": "k", "anthropic-version": "2023-06-01"}) as r:
+                    async for chunk in r.aiter_bytes():
+                        arrived.append(time.perf_counter() - started)
+                        chunks.append(chunk)
+                timings.append(arrived)
+                bodies.append(b"".join(chunks))
+    miss, hit = timings
+    events = parse_sse(bodies[0].decode())
+    output_tokens = events[-2][1]["usage"]["output_tokens"]
+    assert output_tokens >= 15  # >= 0.3 s of writing at 20 ms a token
+    # the first bytes left long before the model finished: streamed through, not buffered
+    assert miss[-1] - miss[0] > 0.5 * output_tokens * 0.02, miss
+    assert hit[-1] < 0.25 * miss[-1], (hit, miss)  # the hit is not paced by a model
+    assert bodies[1] == bodies[0]
 
 
 # --------------------------------------------------------------------------- tools, images
@@ -466,3 +509,59 @@ async def test_just_up_starts_the_gateway_and_names_it_in_stack_env(
         plain, headers = await create(client, **params)
         assert headers["tiermem-cache"] == "hit"
         assert plain.model_dump() == streamed.model_dump()
+
+
+async def test_an_error_after_the_stream_began_goes_out_as_the_apis_error_event(clean_nats):
+    """The status is sent with the first event; a later failure can only be an event.
+    A stand-in answers `llm.complete` as a broker whose upstream broke off would."""
+    from services.llm_broker.service import STREAM_HEADER
+    from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
+    from tests.helpers import client
+
+    env = {"NATS_URL": clean_nats}
+    port = servers.free_port()
+    async with client(clean_nats) as nc, \
+            running("llm-gateway", build_gateway, env, gateway_port=port):
+        async def broker(msg) -> None:
+            to = msgspec.json.decode(msg.data)["stream_to"]
+            start = {"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": 3, "output_tokens": 1}}}
+            await nc.publish(to, msgspec.json.encode(start), headers={STREAM_HEADER: "event"})
+            await nc.publish(msg.reply, b'{"error": {"code": 503, "message": "broke off"}}', headers={
+                ERROR_HEADER: "the model API broke off its answer", ERROR_CODE_HEADER: "503"})
+
+        await nc.subscribe("llm.complete", cb=broker)
+        await nc.flush()
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(f"http://127.0.0.1:{port}/v1/messages",
+                                json=ask("Hi", stream=True), headers={"x-api-key": "k"})
+        assert r.status_code == 200 and r.headers["tiermem-cache"] == "miss"
+        events = parse_sse(r.text)
+        assert [n for n, _ in events] == ["message_start", "error"]
+        assert events[1][1]["error"] == {"type": "overloaded_error",
+                                         "message": "the model API broke off its answer"}
+        with pytest.raises(anthropic.APIStatusError, match="broke off"):
+            sdk = anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{port}", api_key="k",
+                                           max_retries=0)
+            async with sdk.messages.stream(**ask("Hi")) as stream:
+                await stream.get_final_message()
+
+
+def test_the_events_of_a_message_add_up_to_it_again():
+    from services.llm_broker.accumulate import Accumulator
+
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
+               "content": [{"type": "thinking", "thinking": "t" * 70, "signature": "sig"},
+                           {"type": "text", "text": "Hello " * 30},
+                           {"type": "tool_use", "id": "toolu_1", "name": "f",
+                            "input": {"q": "é" * 50, "n": [1, {"x": None}]}},
+                           {"type": "redacted_thinking", "data": "opaque"}],
+               "stop_reason": "tool_use", "stop_sequence": None,
+               "usage": {"input_tokens": 12, "output_tokens": 99,
+                         "cache_read_input_tokens": 0}}
+    acc = Accumulator()
+    for _, data in sse.events(message):
+        acc.add(data)
+    assert acc.result() == message
