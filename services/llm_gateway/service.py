@@ -206,7 +206,7 @@ class Stream:
 
     async def send(self, data: bytes) -> None:
         """One event, `data` its JSON (its `type` names the event)."""
-        await self.response.write(sse.frame_raw(data))
+        await self.response.write(sse.frame(data))
 
     async def error(self, status: int, message: str) -> None:
         await self.send(encode(translate.error_body(status, message, self.rid)))

@@ -8,9 +8,11 @@ The sequence is the API's: `message_start` (the message with no content yet),
 `signature_delta`; any other block (redacted thinking, server tool results)
 arrives whole in its `content_block_start`.
 
-The events are a function of the message alone, cut into fixed-size pieces:
-a cache hit replays exactly the events its miss sent, and the SDK's stream
-accumulator rebuilds the very message a non-streaming call returns.
+Used for a streamed hit of an entry whose miss was not streamed (a streamed
+miss's own events are kept and replayed instead). The events are a function
+of the message alone, cut into fixed-size pieces: every replay of an entry is
+the same, and the SDK's stream accumulator rebuilds the very message a
+non-streaming call returns.
 """
 
 from __future__ import annotations
@@ -68,13 +70,9 @@ def _pieces(text: str) -> list[str]:
     return [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
 
 
-def frame(name: str, data: dict) -> bytes:
-    """One event as the API frames it: `event:` and `data:` lines, a blank line."""
-    return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
-
-
-def frame_raw(data: bytes) -> bytes:
-    """`frame` for an event already encoded: its name is its `type`."""
+def frame(data: bytes) -> bytes:
+    """One event (its JSON) as the API frames it: `event:` (its `type`) and `data:`
+    lines, then a blank line."""
     name = msgspec.json.decode(data, type=_Typed).type
     return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
 
