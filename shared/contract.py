@@ -314,8 +314,9 @@ class CompleteRequest(msgspec.Struct, kw_only=True):
     extra: dict[str, Any] | None = None
     # Stream a miss through as the model writes it (the HTTP drop-in's `stream: true`):
     # the broker publishes each Messages API event, as the API sent it, to this subject
-    # (with the header `Tiermem-Stream: event`) before its reply. Usually the request's
-    # own reply subject, so events and reply arrive in order on one subscription.
+    # (with the header `Tiermem-Stream: miss`, or `bypass` for an answer the cache stood
+    # aside for) before its reply. Usually the request's own reply subject, so events
+    # and reply arrive in order on one subscription.
     stream_to: Annotated[str, msgspec.Meta(pattern=STREAM_SUBJECT)] | None = None
 
     def __post_init__(self) -> None:

@@ -323,7 +323,10 @@ async def test_requests_the_cache_cannot_key_pass_through_uncached(gateway):
     for _ in range(2):  # a field the contract does not name: nothing says it leaves the answer alone
         _, h = await create(client, **ask("Hello", extra_body={"service_tier": "auto"}))
         assert (h["tiermem-cache"], h["tiermem-bypass-reason"]) == ("bypass", "unknown_field")
-    assert gateway.sim.calls() == 4
+    streamed = await gateway.post({**ask("Hello"), "service_tier": "auto", "stream": True})
+    assert streamed.headers["tiermem-cache"] == "bypass"  # streamed through, and said so
+    check_event_sequence(parse_sse(streamed.text))
+    assert gateway.sim.calls() == 5
 
 
 async def test_a_semantic_hit_for_a_plain_text_request(gateway):
@@ -528,7 +531,7 @@ async def test_an_error_after_the_stream_began_goes_out_as_the_apis_error_event(
                 "id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
                 "content": [], "stop_reason": None, "stop_sequence": None,
                 "usage": {"input_tokens": 3, "output_tokens": 1}}}
-            await nc.publish(to, msgspec.json.encode(start), headers={STREAM_HEADER: "event"})
+            await nc.publish(to, msgspec.json.encode(start), headers={STREAM_HEADER: "miss"})
             await nc.publish(msg.reply, b'{"error": {"code": 503, "message": "broke off"}}', headers={
                 ERROR_HEADER: "the model API broke off its answer", ERROR_CODE_HEADER: "503"})
 

@@ -268,10 +268,12 @@ class Broker:
 
     async def _call(self, req: CompleteRequest, labels, record: list | None = None):
         """The model's answer and its cost; streamed through to `req.stream_to` when the
-        request asks, each event also appended to `record` (if given)."""
+        request asks, each event also appended to `record` (given for a miss: its events
+        are kept; the header says which it is, `miss` or `bypass`)."""
         on_event = None
         if req.stream_to is not None and self.publish is not None:
-            subject, headers = req.stream_to, {STREAM_HEADER: "event"}
+            subject = req.stream_to
+            headers = {STREAM_HEADER: "miss" if record is not None else "bypass"}
 
             async def on_event(data: dict) -> None:
                 if record is not None:

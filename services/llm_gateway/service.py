@@ -147,9 +147,9 @@ class Gateway:
                     raise UpstreamTimeout(
                         f"the llm-broker did not answer within {self.timeout:g} s") from None
                 headers = msg.headers or {}
-                if headers.get(STREAM_HEADER):
+                if kind := headers.get(STREAM_HEADER):
                     if not stream.started:
-                        await stream.start({"tiermem-cache": "miss"})
+                        await stream.start({"tiermem-cache": "bypass" if kind == "bypass" else "miss"})
                     await stream.send(msg.data)
                     continue
                 if headers.get("Status") == NO_RESPONDERS:
