@@ -312,6 +312,22 @@ async def test_an_image_request_passes_through_and_the_image_is_part_of_the_key(
     assert gateway.sim.calls() == 2
 
 
+async def test_a_document_request_passes_through_and_its_bytes_are_in_the_key(gateway):
+    client = gateway.async_sdk()
+
+    def doc(text: str) -> list[dict]:
+        return [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                            "data": text}},
+            {"type": "text", "text": "Summarise this document."}]}]
+
+    first, h1 = await create(client, model=MODEL, max_tokens=200, messages=doc("Lease: 12 months."))
+    _, h2 = await create(client, model=MODEL, max_tokens=200, messages=doc("Lease: 12 months."))
+    _, h3 = await create(client, model=MODEL, max_tokens=200, messages=doc("Lease: 6 months."))
+    assert first.stop_reason == "end_turn"
+    assert [h["tiermem-cache"] for h in (h1, h2, h3)] == ["miss", "hit", "miss"]
+
+
 async def test_requests_the_cache_cannot_key_pass_through_uncached(gateway):
     client = gateway.async_sdk()
     by_url = {"role": "user", "content": [
@@ -402,7 +418,8 @@ async def test_count_tokens_is_asked_upstream_through_the_broker(gateway):
 # --------------------------------------------------------------------------- errors
 
 
-async def test_errors_come_in_the_apis_shape_and_status_and_the_sdk_raises_its_exception(gateway):
+async def test_errors_come_in_the_apis_shape_and_status_and_the_sdk_raises_its_exception(
+        gateway, capfd):
     client = gateway.async_sdk()
     with pytest.raises(anthropic.BadRequestError) as err:
         await client.messages.create(**{**ask("Hi"), "model": "claude-mythical-9"})
@@ -426,6 +443,10 @@ async def test_errors_come_in_the_apis_shape_and_status_and_the_sdk_raises_its_e
             got = r.json()
             assert got["type"] == "error" and got["error"]["type"] == "invalid_request_error"
             assert says in got["error"]["message"] and got["request_id"].startswith("req_tm_")
+    await create(client, **ask("Hi"))  # and one that succeeds
+    out, err = capfd.readouterr()
+    assert "http_messages" in out  # the gateway's lines were captured ...
+    assert KEY not in out + err and "sk-wrong" not in out + err  # ... and no API key is in them
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -568,3 +589,17 @@ def test_the_events_of_a_message_add_up_to_it_again():
     for _, data in sse.events(message):
         acc.add(data)
     assert acc.result() == message
+
+
+def test_anthropic_version_and_beta_go_upstream_as_headers():
+    from services.llm_broker.upstream import _params
+    from shared.contract import CompleteRequest
+
+    req = msgspec.convert({**translate.complete_body(
+        ask("Hi"), {"anthropic-version": "2023-06-01",
+                    "anthropic-beta": "prompt-caching-2024-07-31,files-api-2025-04-14"}).body},
+        CompleteRequest)
+    params = _params(req)
+    assert params["extra_headers"] == {
+        "anthropic-beta": "prompt-caching-2024-07-31,files-api-2025-04-14",
+        "anthropic-version": "2023-06-01"}
