@@ -443,6 +443,9 @@ async def test_errors_come_in_the_apis_shape_and_status_and_the_sdk_raises_its_e
             got = r.json()
             assert got["type"] == "error" and got["error"]["type"] == "invalid_request_error"
             assert says in got["error"]["message"] and got["request_id"].startswith("req_tm_")
+    for stream in (False, True):  # past what the bus or the broker take: 413, in the API's shape
+        r = await gateway.post(ask("x" * 1_200_000, stream=stream))
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
     await create(client, **ask("Hi"))  # and one that succeeds
     out, err = capfd.readouterr()
     assert "http_messages" in out  # the gateway's lines were captured ...

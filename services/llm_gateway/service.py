@@ -24,13 +24,14 @@ header is logged at all.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
 import msgspec
 import structlog
 from aiohttp import web
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import MaxPayloadError, NoRespondersError, TimeoutError as NatsTimeout
 
 from shared import metrics, subjects, telemetry
 from shared.contract import STREAM_HEADER, CompleteReply, CountTokensReply, encode
@@ -93,6 +94,11 @@ class Gateway:
         except TierError as err:
             status = translate.error_status(err)
             return _error(status, err.message, rid)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the caller went away mid-stream: nothing to answer
+        except Exception:
+            log.exception("http_messages_failed", request_id=rid)
+            return _error(500, "internal error", rid)
         finally:
             metrics.gateway_requests.labels("messages", str(status), cache).inc()
             log.info("http_messages", request_id=rid, status=status, cache=cache,
@@ -111,6 +117,9 @@ class Gateway:
         except TierError as err:
             status = translate.error_status(err)
             return _error(status, err.message, rid)
+        except Exception:
+            log.exception("http_count_tokens_failed", request_id=rid)
+            return _error(500, "internal error", rid)
         finally:
             metrics.gateway_requests.labels("count_tokens", str(status), "none").inc()
 
@@ -137,8 +146,11 @@ class Gateway:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         try:
-            await nc.publish(subjects.LLM_COMPLETE, encode({**body, "stream_to": inbox}),
-                             reply=inbox, headers=telemetry.inject() or None)
+            try:
+                await nc.publish(subjects.LLM_COMPLETE, encode({**body, "stream_to": inbox}),
+                                 reply=inbox, headers=telemetry.inject() or None)
+            except MaxPayloadError:
+                raise _too_large(nc) from None
             deadline = time.monotonic() + self.timeout
             while True:
                 try:
@@ -173,6 +185,8 @@ class Gateway:
                                             timeout=self.timeout)
         except NoRespondersError:
             raise Unavailable(f"no llm-broker is answering {subject}") from None
+        except MaxPayloadError:
+            raise _too_large(self.rt.nc) from None
         except NatsTimeout:
             raise UpstreamTimeout(f"the llm-broker did not answer within {self.timeout:g} s") from None
         return decode_reply(msg, decoder)
@@ -219,6 +233,11 @@ class Stream:
 def _error(status: int, message: str, rid: str) -> web.Response:
     return web.Response(status=status, body=encode(translate.error_body(status, message, rid)),
                         content_type="application/json", headers={"request-id": rid})
+
+
+def _too_large(nc) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request is larger than the bus takes ({nc.max_payload} bytes, "
+                           f"the NATS server's max_payload)")
 
 
 def _request_id() -> str:
