@@ -452,6 +452,35 @@ async def test_errors_come_in_the_apis_shape_and_status_and_the_sdk_raises_its_e
     assert KEY not in out + err and "sk-wrong" not in out + err  # ... and no API key is in them
 
 
+async def test_one_trace_follows_an_http_request_to_the_model_with_genai_attributes(
+        gateway, spans):
+    from shared import telemetry
+
+    with telemetry.tracer.start_as_current_span("caller") as caller:
+        r = await gateway.post(ask("Is the Oak St house near a park?"), telemetry.inject())
+    assert r.status_code == 200
+    await asyncio.sleep(0.1)  # server spans end right after the response is sent
+    mine = [s for s in spans.get_finished_spans()
+            if s.context.trace_id == caller.get_span_context().trace_id]
+    by_id = {s.context.span_id: s for s in mine}
+    span = next(s for s in mine if s.name == f"chat {MODEL}")
+    names = []
+    while span is not None:
+        names.append(span.name)
+        span = by_id.get(span.parent.span_id) if span.parent else None
+    assert names == [f"chat {MODEL}", "llm.complete process", "POST /v1/messages", "caller"]
+    chat = next(s for s in mine if s.name == f"chat {MODEL}").attributes
+    body = r.json()
+    assert (chat["gen_ai.operation.name"], chat["gen_ai.provider.name"]) == ("chat", "anthropic")
+    assert chat["gen_ai.request.model"] == MODEL and chat["gen_ai.response.id"] == body["id"]
+    assert chat["gen_ai.usage.input_tokens"] == body["usage"]["input_tokens"]
+    assert chat["gen_ai.usage.output_tokens"] == body["usage"]["output_tokens"]
+    assert "gen_ai.usage.cache_read.input_tokens" in chat
+    assert tuple(chat["gen_ai.response.finish_reasons"]) == ("end_turn",)
+    server = next(s for s in mine if s.name == "POST /v1/messages").attributes
+    assert server["http.response.status_code"] == 200 and server["tiermem.cache"] == "miss"
+
+
 # --------------------------------------------------------------------------- pure parts
 
 

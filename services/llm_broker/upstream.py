@@ -15,6 +15,7 @@ import time
 import anthropic
 import msgspec
 import structlog
+from opentelemetry.trace import SpanKind
 
 from shared.contract import CompleteRequest, CountTokensRequest, TextBlock, Usage
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout
@@ -86,8 +87,8 @@ class Upstream:
                               "fits; retry in a few seconds")
         params = _params(req)
         async with self.limit:
-            with tracer.start_as_current_span("anthropic messages.create",
-                                              attributes={"gen_ai.request.model": req.model}):
+            with tracer.start_as_current_span(f"chat {req.model}", kind=SpanKind.CLIENT,
+                                              attributes=_request_attributes(req)) as span:
                 try:
                     self.calls += 1
                     if on_event is None:
@@ -114,17 +115,18 @@ class Upstream:
                 except anthropic.APIError as exc:  # an `error` event in the middle of a stream
                     self.breaker.failure(self.clock())
                     raise Unavailable(f"the model API broke off its answer: {exc.message}") from None
-        self.breaker.success()
-        blocks = [TextBlock(text=b["text"]) for b in message.get("content") or ()
-                  if b.get("type") == "text" and isinstance(b.get("text"), str)]
-        u = message.get("usage") or {}
-        usage = Usage(input_tokens=u.get("input_tokens") or 0,
-                      output_tokens=u.get("output_tokens") or 0,
-                      cache_creation_input_tokens=u.get("cache_creation_input_tokens") or 0,
-                      cache_read_input_tokens=u.get("cache_read_input_tokens") or 0)
+                self.breaker.success()
+                blocks = [TextBlock(text=b["text"]) for b in message.get("content") or ()
+                          if b.get("type") == "text" and isinstance(b.get("text"), str)]
+                u = message.get("usage") or {}
+                usage = Usage(input_tokens=u.get("input_tokens") or 0,
+                              output_tokens=u.get("output_tokens") or 0,
+                              cache_creation_input_tokens=u.get("cache_creation_input_tokens") or 0,
+                              cache_read_input_tokens=u.get("cache_read_input_tokens") or 0)
+                if span.is_recording():
+                    span.set_attributes(_response_attributes(message, usage))
         return Answer("".join(b.text for b in blocks), blocks, message.get("model", req.model),
                       message.get("stop_reason"), usage, message)
-
 
     async def _stream(self, params: dict, on_event) -> dict:
         acc = Accumulator()
@@ -139,6 +141,34 @@ class Upstream:
             raise TierError(f"the model API's stream is not a Message: {exc!r}", 502) from None
         finally:
             await stream.close()
+
+
+def _request_attributes(req: CompleteRequest) -> dict:
+    """The OpenTelemetry GenAI semantic conventions' request attributes of a chat call."""
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+             "gen_ai.request.model": req.model, "gen_ai.request.max_tokens": req.max_tokens}
+    for name in ("temperature", "top_p", "top_k"):
+        value = getattr(req, name)
+        if value is not None:
+            attrs[f"gen_ai.request.{name}"] = value
+    if req.stop_sequences:
+        attrs["gen_ai.request.stop_sequences"] = req.stop_sequences
+    return attrs
+
+
+def _response_attributes(message: dict, usage: Usage) -> dict:
+    """Its response attributes: id, model, finish reason and token usage (the prompt
+    cache's reads and writes included)."""
+    attrs = {"gen_ai.usage.input_tokens": usage.input_tokens,
+             "gen_ai.usage.output_tokens": usage.output_tokens,
+             "gen_ai.usage.cache_read.input_tokens": usage.cache_read_input_tokens,
+             "gen_ai.usage.cache_creation.input_tokens": usage.cache_creation_input_tokens}
+    for key, name in (("id", "gen_ai.response.id"), ("model", "gen_ai.response.model")):
+        if isinstance(message.get(key), str):
+            attrs[name] = message[key]
+    if message.get("stop_reason"):
+        attrs["gen_ai.response.finish_reasons"] = [message["stop_reason"]]
+    return attrs
 
 
 def _message_json(response) -> dict:

@@ -32,6 +32,7 @@ import msgspec
 import structlog
 from aiohttp import web
 from nats.errors import MaxPayloadError, NoRespondersError, TimeoutError as NatsTimeout
+from opentelemetry.trace import SpanKind, StatusCode
 
 from shared import metrics, subjects, telemetry
 from shared.contract import STREAM_HEADER, CompleteReply, CountTokensReply, encode
@@ -68,12 +69,31 @@ class Gateway:
         return web.json_response({"status": "ok", "service": "llm-gateway"})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
+        """One trace per request: a SERVER span continuing the caller's `traceparent`
+        (OpenTelemetry's HTTP and GenAI conventions), parent of the broker's spans."""
+        headers = request.headers
+        if not telemetry.traced(headers):
+            token = telemetry.continue_trace(headers)
+            try:
+                return await self._messages(request, None)
+            finally:
+                telemetry.end_trace(token)
+        with telemetry.tracer.start_as_current_span(
+                "POST /v1/messages", context=telemetry.extract(headers), kind=SpanKind.SERVER,
+                attributes={"http.request.method": "POST", "http.route": "/v1/messages",
+                            "gen_ai.operation.name": "chat",
+                            "gen_ai.provider.name": "anthropic"}) as span:
+            return await self._messages(request, span)
+
+    async def _messages(self, request: web.Request, span) -> web.StreamResponse:
         rid = _request_id()
         started = time.perf_counter()
         cache, status = "none", 500
         try:
             headers = self._checked_headers(request)
             asked = translate.complete_body(await _json(request), headers)
+            if span is not None and isinstance(asked.body.get("model"), str):
+                span.set_attribute("gen_ai.request.model", asked.body["model"])
             if asked.stream:
                 stream = Stream(request, rid)
                 try:
@@ -100,6 +120,10 @@ class Gateway:
             log.exception("http_messages_failed", request_id=rid)
             return _error(500, "internal error", rid)
         finally:
+            if span is not None:
+                span.set_attributes({"http.response.status_code": status, "tiermem.cache": cache})
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR)
             metrics.gateway_requests.labels("messages", str(status), cache).inc()
             # a log line costs a noticeable share of a hit: hits at debug, as the broker does
             (log.debug if cache == "hit" else log.info)(
