@@ -58,6 +58,11 @@ from shared.settings import REPO_ROOT, load_stack_env, state_dir
 class ServiceSpec:
     name: str  # NATS service API name, also the log file name
     module: str  # started as `python -m <module>`
+    # A service that also serves HTTP to clients: the setting that takes its port
+    # (a free one is picked at `up`, kept across restarts) and the stack.env
+    # variable that names its base URL.
+    http_port_var: str = ""
+    url_var: str = ""
 
 
 # Every service of the stack, in start order. Add new services here.
@@ -66,6 +71,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("l2-gateway", "services.l2_gateway"),
     ServiceSpec("l3-semantic-indexer", "services.l3_semantic_indexer"),
     ServiceSpec("llm-broker", "services.llm_broker"),
+    ServiceSpec("llm-gateway", "services.llm_gateway", http_port_var="GATEWAY_PORT",
+                url_var="TIERMEM_ANTHROPIC_BASE_URL"),
     ServiceSpec("freshness-auditor", "services.freshness_auditor"),
 )
 
@@ -341,17 +348,27 @@ def _plan_services(state: _State, root: Path, specs: list[ServiceSpec], env: dic
         log_path = logs / f"{spec.name}.log"
         offsets[spec.name] = log_path.stat().st_size if log_path.exists() else 0
         metrics_url = f"http://{servers.HOST}:{port}/metrics"
+        own_env = {}
+        if spec.http_port_var:
+            while (http_port := servers.free_port()) in ports:
+                pass
+            ports.add(http_port)
+            own_env = {spec.http_port_var: str(http_port), "GATEWAY_HOST": servers.HOST}
+            env[spec.url_var] = f"http://{servers.HOST}:{http_port}"
         records.append({"name": spec.name, "kind": "service", "pid": None, "start_time": None,
                         "stop_signal": int(signal.SIGTERM), "log": str(log_path),
                         "cmd": [sys.executable, "-m", spec.module], "metrics_port": port,
-                        "metrics_url": metrics_url, "restarts": 0, "last_exit": None, "next_start_at": None})
+                        "metrics_url": metrics_url, "restarts": 0, "last_exit": None, "next_start_at": None,
+                        "env": own_env})
         env[metrics_env_name(spec.name)] = metrics_url
     state.add(*records)
     return offsets
 
 
-def service_env(name: str, root: Path, urls: dict[str, str], metrics_port: int) -> dict[str, str]:
-    """The environment of service `name`: ours, the servers' URLs, its own NATS identity, the PII key.
+def service_env(name: str, root: Path, urls: dict[str, str], metrics_port: int,
+                own: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of service `name`: ours, the servers' URLs, its own NATS identity, the PII key,
+    and `own` (what its record keeps for it: the HTTP port of a service serving clients).
 
     Built again for every start (the supervisor's restarts too) instead of
     stored, so the passwords stay in the owner-only identities file.
@@ -359,7 +376,7 @@ def service_env(name: str, root: Path, urls: dict[str, str], metrics_port: int) 
     return {**os.environ, **{s.url_var: urls[s.url_var] for s in servers.SERVERS if s.url_var in urls},
             **_service_identity(name, identities(root)),
             "PII_HASH_KEY": os.environ.get("PII_HASH_KEY") or _pii_hash_key(root),
-            "METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
+            "METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1", **(own or {})}
 
 
 def _start_supervisor(state: _State, root: Path) -> None:

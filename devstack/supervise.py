@@ -109,7 +109,8 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         with _sigterm_deferred(), self.state.edit():
             record = self._record(child.name)
-            env = stack.service_env(child.name, self.root, self.state.urls, record["metrics_port"])
+            env = stack.service_env(child.name, self.root, self.state.urls, record["metrics_port"],
+                                    record.get("env"))
             proc = servers.spawn(child.name, record["cmd"], log_path=Path(record["log"]), env=env,
                                  cwd=stack.REPO_ROOT)
             restarted = child.proc is None and child.started > 0

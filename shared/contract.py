@@ -10,7 +10,7 @@ limits that depend on settings (text size) are checked by `check_append`.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -314,6 +314,8 @@ def decoder(kind: type) -> msgspec.json.Decoder:
 # --- llm.complete ------------------------------------------------------------
 
 MAX_MODEL_CHARS = 128
+STREAM_SUBJECT = r"^_INBOX[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+$"  # a reply inbox, no wildcards
+STREAM_HEADER = "Tiermem-Stream"  # marks a streamed event among a request's replies
 Task = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
@@ -322,28 +324,61 @@ class TextBlock(msgspec.Struct):
     type: Literal["text"] = "text"
 
 
+# One content block of the Messages API (text, image, document, tool_use,
+# tool_result, thinking, ...) as the caller sent it: passed upstream unchanged,
+# and keyed whole (`policy`), so no field of it is lost on the way.
+Block = dict[str, Any]
+_PURE_TEXT = frozenset({"type", "text", "cache_control"})
+
+
 class ChatMessage(msgspec.Struct):
     role: Literal["user", "assistant"]
-    content: str | list[TextBlock]
+    content: str | list[Block]
 
     def plain(self) -> str:
+        """The text the message carries (its text blocks joined; other blocks have none)."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(b.text for b in self.content)
+        return "".join(b["text"] for b in self.content
+                       if b.get("type") == "text" and isinstance(b.get("text"), str))
+
+    def only_text(self) -> bool:
+        """Nothing but text: `plain()` is all the model reads of it (cache_control changes
+        what is billed, never the answer)."""
+        return isinstance(self.content, str) or all(
+            b.get("type") == "text" and b.keys() <= _PURE_TEXT for b in self.content)
+
+    def key(self) -> str | list:
+        """What of this message goes into the cache key: its text, or, when it carries
+        anything else (an image, a tool call or result), every block minus cache_control."""
+        if self.only_text():
+            return self.plain()
+        return [without_cache_control(b) for b in self.content]
+
+
+def without_cache_control(block: Block) -> Block:
+    return {k: v for k, v in block.items() if k != "cache_control"}
 
 
 class CacheOptions(msgspec.Struct):
     volatility: str = "static"
     mode: Literal["semantic", "exact", "off"] = "semantic"
     scope: Literal["user", "global"] = "user"
+    # Additions (the HTTP drop-in's `tiermem-*` headers map onto these):
+    namespace: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")] = ""  # a tenant: its own partitions
+    max_age_s: Annotated[float, msgspec.Meta(ge=0)] | None = None  # an older entry is no hit
+    refresh: bool = False  # skip the lookup: ask the model, store its answer
+    store: bool = True  # False: look up, but never store this request's answer
 
 
-class CompleteRequest(msgspec.Struct):
+class CompleteRequest(msgspec.Struct, kw_only=True):
     task: Task
-    user_id: Id
+    # Required for scope "user" (checked in __post_init__), and for a volatility class
+    # the user's messages invalidate (`policy.check_request`); optional otherwise.
+    user_id: Id | None = None
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_CHARS)]
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
-    system: str | list[TextBlock] | None = None
+    system: str | list[Block] | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=128_000)] = 1024
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
@@ -352,11 +387,44 @@ class CompleteRequest(msgspec.Struct):
     tools: list[dict] | None = None
     cache: CacheOptions = msgspec.field(default_factory=CacheOptions)
     bot_id: Id | None = None
+    # Additions: the rest of the Messages API request, passed upstream unchanged.
+    tool_choice: dict | None = None
+    thinking: dict | None = None
+    metadata: dict | None = None  # e.g. {"user_id": ...}; not in the key (the answer ignores it)
+    betas: list[str] | None = None  # the `anthropic-beta` header
+    anthropic_version: str | None = None  # the `anthropic-version` header, if not the SDK's
+    # Any other top-level field of the API request: passed upstream, never cached
+    # (nothing says whether it changes the answer); counted as uncacheable.
+    extra: dict[str, Any] | None = None
+    # Stream a miss through as the model writes it (the HTTP drop-in's `stream: true`):
+    # the broker publishes each Messages API event, as the API sent it, to this subject
+    # (with the header `Tiermem-Stream: miss`, or `bypass` for an answer the cache stood
+    # aside for) before its reply. Usually the request's own reply subject, so events
+    # and reply arrive in order on one subscription.
+    stream_to: Annotated[str, msgspec.Meta(pattern=STREAM_SUBJECT)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.user_id is None and self.cache.scope == "user":
+            raise ValueError("user_id is required for scope 'user' (only scope 'global' may omit it)")
 
     def system_text(self) -> str:
         if self.system is None or isinstance(self.system, str):
             return self.system or ""
-        return "".join(b.text for b in self.system)
+        return "".join(b["text"] for b in self.system
+                       if b.get("type") == "text" and isinstance(b.get("text"), str))
+
+    def system_key(self) -> str | list:
+        """The system prompt as the cache key sees it: its text, or its blocks (minus
+        cache_control) when they carry more than text."""
+        if self.system is None or isinstance(self.system, str) or all(
+                b.get("type") == "text" and b.keys() <= _PURE_TEXT for b in self.system):
+            return self.system_text()
+        return [without_cache_control(b) for b in self.system]
+
+    def plain_text(self) -> bool:
+        """Only text in and no tools: the requests semantic matching is for."""
+        return (not self.tools and self.tool_choice is None and self.thinking is None
+                and all(m.only_text() for m in self.messages))
 
 
 def check_complete(req: CompleteRequest, max_prompt_chars: int) -> CompleteRequest:
@@ -366,15 +434,29 @@ def check_complete(req: CompleteRequest, max_prompt_chars: int) -> CompleteReque
         if msg.role != expected:
             raise BadRequest(f"messages must alternate user/assistant starting with user; "
                              f"messages[{i}] is {msg.role!r}")
-        if not msg.plain().strip():
+        if isinstance(msg.content, list):
+            for j, block in enumerate(msg.content):
+                if not isinstance(block.get("type"), str):
+                    raise BadRequest(f"messages[{i}].content[{j}] needs a string `type`")
+                if block["type"] == "text" and not isinstance(block.get("text"), str):
+                    raise BadRequest(f"messages[{i}].content[{j}].text must be a string")
+        if not msg.plain().strip() and msg.only_text():
             raise BadRequest(f"messages[{i}] has no text")
     if req.messages[-1].role != "user":
         raise BadRequest("the last message must be from the user")
+    if isinstance(req.system, list):
+        for j, block in enumerate(req.system):
+            if block.get("type") != "text" or not isinstance(block.get("text"), str):
+                raise BadRequest(f"system[{j}] must be a text block")
     texts = [req.system_text(), *(m.plain() for m in req.messages), *(req.stop_sequences or [])]
     for text in texts:
         _reject_surrogates(text, "prompt")
-    # Everything the model reads counts: tools as the characters of their JSON.
-    size = sum(map(len, texts)) + (_json_chars(req.tools, "tools") if req.tools else 0)
+    # Everything the model reads counts: tools, and blocks other than text, as the
+    # characters of their JSON (an image's base64 too: it travels on the bus).
+    other = [b for m in req.messages if not m.only_text() for b in m.content
+             if b.get("type") != "text"]
+    size = (sum(map(len, texts)) + (_json_chars(req.tools, "tools") if req.tools else 0)
+            + (_json_chars(other, "content") if other else 0))
     if size > max_prompt_chars:
         raise PayloadTooLarge(f"prompt is {size} characters (system, messages, tools and "
                               f"stop_sequences); the limit is {max_prompt_chars}")
@@ -400,17 +482,48 @@ class CacheInfo(msgspec.Struct):
     match: Literal["exact", "semantic"] | None = None
     similarity: float | None = None
     age_s: float | None = None
+    entry_id: str | None = None  # the entry that answered, or that this answer was stored as
+    # Why the cache stood aside (status "off"): "mode_off" (asked), "refresh" (forced), or
+    # what made the request one the cache cannot key safely (`policy.uncacheable`).
+    reason: str | None = None
+    stored: bool | None = None  # a miss: was its answer cached (complete, and allowed)?
 
 
 class CompleteReply(msgspec.Struct):
     text: str
-    content: list[TextBlock]
+    content: list[TextBlock]  # the text blocks (`message` has every block)
     model: str
     stop_reason: str | None
     usage: Usage
     cost_usd: float
     saved_usd: float
     cache: CacheInfo
+    # The model's Message object as the API returned it (every content block, id,
+    # stop_sequence, usage): what the HTTP drop-in answers with, verbatim. None for
+    # entries cached before it was kept.
+    message: dict[str, Any] | None = None
+    # A hit of a request with `stream_to`: the events its miss streamed, to replay as
+    # they were (None: the miss was not streamed; rebuild them from `message`).
+    events: list[dict[str, Any]] | None = None
+
+
+class CountTokensRequest(msgspec.Struct, kw_only=True):
+    """Internal, llm-gateway -> llm-broker: the Messages API's count_tokens, asked upstream
+    by the broker (the one holder of the API key and the one upstream path)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_CHARS)]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    system: str | list[Block] | None = None
+    tools: list[dict] | None = None
+    tool_choice: dict | None = None
+    thinking: dict | None = None
+    betas: list[str] | None = None
+    anthropic_version: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+class CountTokensReply(msgspec.Struct):
+    input_tokens: int
 
 
 # --- llm.stats ---------------------------------------------------------------

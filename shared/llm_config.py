@@ -38,6 +38,9 @@ class Config(msgspec.Struct, frozen=True):
     label_tasks: list[str] = []
     # Tasks whose answers depend on nothing about the user: only these may use scope global.
     global_tasks: list[str] = []
+    # Tasks of whole API requests (the HTTP drop-in's): scope global in exact mode is
+    # accepted with any conversation, since the exact key covers every turn.
+    request_tasks: list[str] = []
     # Further task and bot names that metrics label by name (any other is `other`).
     tasks: list[str] = []
     bots: list[str] = []
@@ -76,7 +79,8 @@ class Config(msgspec.Struct, frozen=True):
     # Metric label values: a client picks the task and the bot id, the config bounds them.
 
     def task_label(self, task: str) -> str:
-        return metrics.bounded(task, {*self.tasks, *self.label_tasks, *self.global_tasks})
+        return metrics.bounded(task, {*self.tasks, *self.label_tasks, *self.global_tasks,
+                                      *self.request_tasks})
 
     def bot_label(self, bot_id: str | None) -> str:
         return metrics.bounded(bot_id or "", {"", *self.bots})

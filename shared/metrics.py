@@ -65,6 +65,15 @@ llm_stale_refused = Counter("tiermem_llm_stale_refused",
 llm_not_cached = Counter("tiermem_llm_not_cached",
                          "Paid answers not cached: unfinished (max_tokens, tool_use) or the "
                          "store failed", ["task", "reason"])
+llm_uncacheable = Counter("tiermem_llm_uncacheable",
+                          "Requests passed upstream uncached because the cache cannot key them "
+                          "safely (policy.uncacheable), by reason", ["task", "reason"])
+llm_too_old = Counter("tiermem_llm_too_old",
+                      "Fresh entries not served because the request's max_age_s refused them",
+                      ["task"])
+gateway_requests = Counter("tiermem_gateway_requests",
+                           "HTTP requests of the llm-gateway, by route, status and cache outcome",
+                           ["route", "status", "cache"])
 llm_distrusts = Counter("tiermem_llm_distrusts",
                         "Times the broker found change events may have been lost, by cause",
                         ["cause"])

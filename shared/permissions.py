@@ -78,6 +78,7 @@ MEMORY_L1 = "memory-l1"
 L2_GATEWAY = "l2-gateway"
 L3_INDEXER = "l3-semantic-indexer"
 LLM_BROKER = "llm-broker"
+LLM_GATEWAY = "llm-gateway"
 AUDITOR = "freshness-auditor"
 
 ROLES: dict[str, Role] = {r.name: r for r in (
@@ -121,9 +122,14 @@ ROLES: dict[str, Role] = {r.name: r for r in (
                   S.LLM_COMPLETE),  # rolling summaries (services.l3_semantic_indexer.summaries)
          subscribe=(S.MEMORY_L3_GET, S.MEMORY_L3_FORGET, *_SERVE, _inbox(L3_INDEXER))),
     Role(LLM_BROKER,
-         publish=(S.audit_served(LLM_BROKER),),
+         # the gateway's inbox: a streamed miss's events (CompleteRequest.stream_to)
+         publish=(S.audit_served(LLM_BROKER), _inbox(LLM_GATEWAY)),
          subscribe=(S.LLM_COMPLETE, S.LLM_STATS, S.LLM_VERDICT, S.LLM_FORGET, S.CHANGED_ALL,
-                    *_SERVE, _inbox(LLM_BROKER))),
+                    S.LLM_COUNT_TOKENS, *_SERVE, _inbox(LLM_BROKER))),
+    # The HTTP drop-in: asks the broker, nothing else (it holds no state).
+    Role(LLM_GATEWAY,
+         publish=(S.LLM_COMPLETE, S.LLM_COUNT_TOKENS),
+         subscribe=(*_SERVE, _inbox(LLM_GATEWAY))),
     Role(AUDITOR,
          publish=(S.MEMORY_L1_EVICT, S.MEMORY_L2_EVICT, S.LLM_VERDICT, *_stream_reader()),
          subscribe=(S.AUDIT_SERVED_ALL, S.FORGOTTEN_ALL, S.AUDIT_STATS,
@@ -131,7 +137,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role(ADMIN, publish=(">",), subscribe=(">",)),
 )}
 
-SERVICE_ROLES = (MEMORY_L1, L2_GATEWAY, L3_INDEXER, LLM_BROKER, AUDITOR)
+SERVICE_ROLES = (MEMORY_L1, L2_GATEWAY, L3_INDEXER, LLM_BROKER, LLM_GATEWAY, AUDITOR)
 
 
 def role(name: str) -> Role:

@@ -116,6 +116,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     llm_sweep_interval_s: float = 60.0  # how often expired `llm.entries` rows are deleted
     llm_sweep_batch: int = 1000  # rows per DELETE statement of that sweep
 
+    # llm-gateway: the Messages API over HTTP (services/llm_gateway)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 0  # 0: a free port (the stack picks one and names it in stack.env)
+    gateway_api_keys: str = ""  # comma-separated keys callers must present; empty: any key
+    gateway_max_body_bytes: int = 32 * 1024 * 1024  # the API's own limit; larger gets 413
+    gateway_timeout_s: float = 300.0  # how long a request waits for the llm-broker
+
     # freshness auditing: tiers and the broker publish what they served ...
     served_publish_rate: float = 1.0  # share of answers recorded (0: none)
     served_flush_s: float = 0.05  # batch interval of served records
@@ -128,7 +135,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:  # hide secrets, keep the rest readable
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
-        for secret in ("embedder_api_key", "anthropic_api_key", "nats_password", "pii_hash_key", "redis_password"):
+        for secret in ("embedder_api_key", "anthropic_api_key", "nats_password", "pii_hash_key", "redis_password",
+                       "gateway_api_keys"):
             if shown[secret]:
                 shown[secret] = "***"
         for url in ("nats_url", "redis_url", "database_url"):
@@ -149,7 +157,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         values: dict[str, object] = {}
         for field in cls.__struct_fields__:
             raw = merged.get(field.upper())
-            if raw is None:
+            if raw is None and field not in _UNPREFIXED:
                 raw = merged.get(f"TIERMEM_{field.upper()}")
             if raw is not None:
                 values[field] = raw
@@ -161,6 +169,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             return msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise SystemExit(f"bad setting: {exc}") from None
+
+
+# Settings never read from their TIERMEM_-prefixed name: `TIERMEM_ANTHROPIC_BASE_URL`
+# in stack.env is the llm-gateway's URL, for clients; the broker taking it as its
+# upstream would send every miss back to itself.
+_UNPREFIXED = frozenset({"anthropic_base_url"})
 
 
 def _default_l1_id(env: Mapping[str, str]) -> str:

@@ -12,6 +12,9 @@ Public (other teams' clients use these; see the design's contract):
     llm.stats                -> llm-broker   running totals: calls, hits, tokens, cost, savings
     audit.stats              -> freshness-auditor  stale and false-hit rates
 
+HTTP (not NATS): llm-gateway serves the Anthropic Messages API (`POST /v1/messages`,
+`/v1/messages/count_tokens`) and turns each request into `llm.complete`.
+
 Internal:
 
     memory.log.<user>        JetStream stream MEMORY: the durable log
@@ -19,6 +22,7 @@ Internal:
     memory.forgotten.<user>  broadcast after a forget (the same event), for whoever needs only those
     memory.l3.forget         l2-gateway -> l3-semantic-indexer during forget
     llm.forget               l2-gateway -> llm-broker during forget (its reply confirms it)
+    llm.count_tokens         llm-gateway -> llm-broker: the Messages API's count_tokens, upstream
     memory.forgetjob.<user>  JetStream work-queue stream FORGET: forgets not yet confirmed everywhere
     memory.forget.status     -> l2-gateway (admin)  is a forget of this user still pending?
     audit.served.<source>    tiers and llm-broker -> freshness-auditor, batches of served records
@@ -44,6 +48,7 @@ MEMORY_L3_FORGET = "memory.l3.forget"
 MEMORY_FORGET_STATUS = "memory.forget.status"
 LLM_FORGET = "llm.forget"
 LLM_COMPLETE = "llm.complete"
+LLM_COUNT_TOKENS = "llm.count_tokens"
 LLM_STATS = "llm.stats"
 AUDIT_STATS = "audit.stats"
 AUDIT_SERVED_PREFIX = "audit.served"

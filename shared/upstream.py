@@ -17,10 +17,13 @@ import asyncio
 import time
 
 import anthropic
+import msgspec
 import structlog
+from opentelemetry.trace import SpanKind
 
+from shared.accumulate import Accumulator
 from shared.breaker import Breaker
-from shared.contract import CompleteRequest, TextBlock, Usage
+from shared.contract import CompleteRequest, CountTokensRequest, TextBlock, Usage
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout
 from shared.settings import Settings
 from shared.telemetry import tracer
@@ -30,11 +33,12 @@ CACHE_CONTROL_MIN_CHARS = 4096  # ~1024 tokens: below that Anthropic does not ca
 
 
 class Answer:
-    __slots__ = ("text", "content", "model", "stop_reason", "usage")
+    __slots__ = ("text", "content", "model", "stop_reason", "usage", "message")
 
-    def __init__(self, text, content, model, stop_reason, usage) -> None:
+    def __init__(self, text, content, model, stop_reason, usage, message=None) -> None:
         self.text, self.content, self.model = text, content, model
         self.stop_reason, self.usage = stop_reason, usage
+        self.message = message  # the Message JSON as the API sent it
 
 
 def make_client(settings: Settings) -> anthropic.AsyncAnthropic:
@@ -55,17 +59,46 @@ class Upstream:
         self.clock = clock
         self.calls = 0
 
-    async def complete(self, req: CompleteRequest) -> Answer:
+    async def count_tokens(self, req: CountTokensRequest) -> int:
+        """The API's count of the request's input tokens (free; not behind the breaker)."""
+        params = _params(req)
+        del params["max_tokens"]
+        async with self.limit:
+            with tracer.start_as_current_span("anthropic messages.count_tokens",
+                                              attributes={"gen_ai.request.model": req.model}):
+                try:
+                    raw = await self.client.messages.with_raw_response.count_tokens(**params)
+                except anthropic.BadRequestError as exc:
+                    raise BadRequest(f"the model API rejected the request: {exc.message}") from None
+                except anthropic.APITimeoutError:
+                    raise UpstreamTimeout("the model API did not answer in time") from None
+                except anthropic.APIStatusError as exc:
+                    raise TierError(f"the model API failed with {exc.status_code}",
+                                    502 if exc.status_code < 500 else 503) from None
+                except anthropic.APIConnectionError:
+                    raise Unavailable("cannot reach the model API") from None
+        try:
+            return int(msgspec.json.decode(raw.http_response.content)["input_tokens"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            raise TierError("the model API's token count is not one", 502) from None
+
+    async def complete(self, req: CompleteRequest, on_event=None) -> Answer:
+        """The model's answer. With `on_event` (an async callable), the call streams and
+        each event, as the API sent it, is handed to `on_event` as it arrives."""
         if not self.breaker.allow(self.clock()):
             raise Unavailable("the model API is failing (circuit open) and no cached answer "
                               "fits; retry in a few seconds")
         params = _params(req)
         async with self.limit:
-            with tracer.start_as_current_span("anthropic messages.create",
-                                              attributes={"gen_ai.request.model": req.model}):
+            with tracer.start_as_current_span(f"chat {req.model}", kind=SpanKind.CLIENT,
+                                              attributes=_request_attributes(req)) as span:
                 try:
                     self.calls += 1
-                    msg = await self.client.messages.create(**params)
+                    if on_event is None:
+                        raw = await self.client.messages.with_raw_response.create(**params)
+                        message = _message_json(raw.http_response)
+                    else:
+                        message = await self._stream(params, on_event)
                 except anthropic.BadRequestError as exc:
                     self.breaker.success()  # the upstream is fine; the request is not
                     raise BadRequest(f"the model API rejected the request: {exc.message}") from None
@@ -82,32 +115,107 @@ class Upstream:
                 except anthropic.APIConnectionError:
                     self.breaker.failure(self.clock())
                     raise Unavailable("cannot reach the model API") from None
-        self.breaker.success()
-        blocks = [TextBlock(text=b.text) for b in msg.content if b.type == "text"]
-        u = msg.usage
-        usage = Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
-                      cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
-                      cache_read_input_tokens=u.cache_read_input_tokens or 0)
-        return Answer("".join(b.text for b in blocks), blocks, msg.model, msg.stop_reason, usage)
+                except anthropic.APIError as exc:  # an `error` event in the middle of a stream
+                    self.breaker.failure(self.clock())
+                    raise Unavailable(f"the model API broke off its answer: {exc.message}") from None
+                self.breaker.success()
+                blocks = [TextBlock(text=b["text"]) for b in message.get("content") or ()
+                          if b.get("type") == "text" and isinstance(b.get("text"), str)]
+                u = message.get("usage") or {}
+                usage = Usage(input_tokens=u.get("input_tokens") or 0,
+                              output_tokens=u.get("output_tokens") or 0,
+                              cache_creation_input_tokens=u.get("cache_creation_input_tokens") or 0,
+                              cache_read_input_tokens=u.get("cache_read_input_tokens") or 0)
+                if span.is_recording():
+                    span.set_attributes(_response_attributes(message, usage))
+        return Answer("".join(b.text for b in blocks), blocks, message.get("model", req.model),
+                      message.get("stop_reason"), usage, message)
+
+    async def _stream(self, params: dict, on_event) -> dict:
+        acc = Accumulator()
+        stream = await self.client.messages.create(**params, stream=True)
+        try:
+            async for event in stream:
+                data = event.to_dict()
+                acc.add(data)
+                await on_event(data)
+            return acc.result()
+        except (ValueError, KeyError, TypeError, IndexError, msgspec.DecodeError) as exc:
+            raise TierError(f"the model API's stream is not a Message: {exc!r}", 502) from None
+        finally:
+            await stream.close()
 
 
-def _params(req: CompleteRequest) -> dict:
-    params: dict = {"model": req.model, "max_tokens": req.max_tokens,
-                    "messages": [{"role": m.role, "content": m.plain()} for m in req.messages]}
-    system = req.system_text()
-    if system:
-        block = {"type": "text", "text": system}
-        if len(system) >= CACHE_CONTROL_MIN_CHARS:
+def _request_attributes(req: CompleteRequest) -> dict:
+    """The OpenTelemetry GenAI semantic conventions' request attributes of a chat call."""
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+             "gen_ai.request.model": req.model, "gen_ai.request.max_tokens": req.max_tokens}
+    for name in ("temperature", "top_p", "top_k"):
+        value = getattr(req, name)
+        if value is not None:
+            attrs[f"gen_ai.request.{name}"] = value
+    if req.stop_sequences:
+        attrs["gen_ai.request.stop_sequences"] = req.stop_sequences
+    return attrs
+
+
+def _response_attributes(message: dict, usage: Usage) -> dict:
+    """Its response attributes: id, model, finish reason and token usage (the prompt
+    cache's reads and writes included)."""
+    attrs = {"gen_ai.usage.input_tokens": usage.input_tokens,
+             "gen_ai.usage.output_tokens": usage.output_tokens,
+             "gen_ai.usage.cache_read.input_tokens": usage.cache_read_input_tokens,
+             "gen_ai.usage.cache_creation.input_tokens": usage.cache_creation_input_tokens}
+    for key, name in (("id", "gen_ai.response.id"), ("model", "gen_ai.response.model")):
+        if isinstance(message.get(key), str):
+            attrs[name] = message[key]
+    if message.get("stop_reason"):
+        attrs["gen_ai.response.finish_reasons"] = [message["stop_reason"]]
+    return attrs
+
+
+def _message_json(response) -> dict:
+    """The Message as the API sent it, every field kept (the SDK's model of it may not
+    know them all); a body that is no Message is the upstream's failure."""
+    try:
+        message = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        message = None
+    if not isinstance(message, dict) or message.get("type") != "message":
+        raise TierError("the model API answered with something that is not a Message", 502)
+    return message
+
+
+def _params(req: CompleteRequest | CountTokensRequest) -> dict:
+    """The SDK call for `req`: every field of the request as the caller sent it. A
+    system prompt given as a plain string is sent as one block, marked for the
+    prompt cache when long; one given as blocks is sent as it is."""
+    params: dict = {"model": req.model, "max_tokens": getattr(req, "max_tokens", 0),
+                    "messages": [{"role": m.role, "content": m.content} for m in req.messages]}
+    if isinstance(req.system, list):
+        params["system"] = req.system
+    elif req.system:
+        block = {"type": "text", "text": req.system}
+        if len(req.system) >= CACHE_CONTROL_MIN_CHARS:
             block["cache_control"] = {"type": "ephemeral"}
         params["system"] = [block]
-    for name in ("stop_sequences", "tools"):
-        value = getattr(req, name)
+    for name in ("stop_sequences", "tools", "tool_choice", "thinking", "metadata"):
+        value = getattr(req, name, None)
         if value is not None:
             params[name] = value
     # Current SDKs no longer take sampling parameters as arguments; the ones a
     # caller sets still reach the API (and always split the cache's partitions).
-    sampling = {n: getattr(req, n) for n in ("temperature", "top_p", "top_k")
-                if getattr(req, n) is not None}
-    if sampling:
-        params["extra_body"] = sampling
+    # Fields this contract does not name (`extra`) go the same way.
+    body = {n: getattr(req, n, None) for n in ("temperature", "top_p", "top_k")
+            if getattr(req, n, None) is not None}
+    body.update(req.extra or {})
+    if body:
+        params["extra_body"] = body
+    headers = {}
+    if req.betas:
+        headers["anthropic-beta"] = ",".join(req.betas)
+    if req.anthropic_version:
+        headers["anthropic-version"] = req.anthropic_version
+    if headers:
+        params["extra_headers"] = headers
     return params

@@ -49,6 +49,7 @@ SERVICES = {  # Deployment -> (module, dependencies besides NATS)
     "l2-gateway": ("services.l2_gateway", {"redis"}),
     "l3-semantic-indexer": ("services.l3_semantic_indexer", {"postgres"}),
     "llm-broker": ("services.llm_broker", {"redis", "postgres", "anthropic"}),
+    "llm-gateway": ("services.llm_gateway", set()),
     "freshness-auditor": ("services.freshness_auditor", {"redis", "anthropic"}),
 }
 
@@ -315,7 +316,13 @@ def test_network_policies_open_exactly_what_each_service_needs(overlay):
         if simulator and "anthropic" in needs:
             want.add("llm-simulator")  # the Anthropic-compatible simulator stands in for the API
         assert egress == want, (name, egress ^ want)
-        # Ingress: Prometheus, on the metrics port, and nothing else (requests come over NATS).
+        # Ingress: Prometheus, on the metrics port, and nothing else (requests come over NATS),
+        # but for the llm-gateway's HTTP API: its port, from the pods labelled as its clients.
+        if name == "llm-gateway":
+            api = [r for r in ingress if r["ports"] == [{"protocol": "TCP", "port": 8080}]]
+            assert [r["from"] for r in api] == [
+                [{"podSelector": {"matchLabels": {"tiermem.io/llm-gateway-client": "true"}}}]]
+            ingress = [r for r in ingress if r not in api]
         assert ingress, name
         for rule in ingress:
             assert rule["ports"] == [{"protocol": "TCP", "port": "metrics"}], (name, rule)

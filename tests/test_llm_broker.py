@@ -410,7 +410,7 @@ async def test_metric_labels_stay_a_fixed_set_whatever_tasks_and_bots_clients_se
                 bots.add(sample.labels.get("bot"))
                 if sample.name == "tiermem_llm_requests_total" and sample.labels["task"] == "other":
                     other_requests += sample.value
-    known_tasks = {*CONFIG.tasks, *CONFIG.label_tasks, *CONFIG.global_tasks}
+    known_tasks = {*CONFIG.tasks, *CONFIG.label_tasks, *CONFIG.global_tasks, *CONFIG.request_tasks}
     assert tasks - {None} <= known_tasks | {"other"}
     assert bots - {None} <= {*CONFIG.bots, "", "other"}
     assert other_requests >= 100  # counted, under one name

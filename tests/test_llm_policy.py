@@ -8,9 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.llm_broker.policy import Entry, cacheable, check_request, exact_key, partition_key, stale
+from services.llm_broker.policy import (
+    Entry, _digest, cacheable, check_request, exact_key, partition_key, stale, uncacheable,
+)
 from shared import metrics
-from shared.contract import CompleteRequest, Usage, check_complete
+from shared.contract import CacheOptions, ChatMessage, CompleteRequest, Usage, check_complete
 from shared.errors import BadRequest, PayloadTooLarge
 from shared.llm_config import Config
 
@@ -190,3 +192,131 @@ def test_entries_stored_before_user_seq_existed_decode_as_built_from_seq_0():
     old = msgspec.msgpack.encode({k: v for k, v in msgspec.structs.asdict(entry()).items()
                                   if k != "user_seq"})
     assert msgspec.msgpack.decode(old, type=Entry).user_seq == 0
+
+
+# --- the full Messages shape (the HTTP drop-in's) -------------------------------
+
+
+def _old_partition_key(req: CompleteRequest) -> str:
+    """The partition key as it was before the full request shape: entries stored then must
+    still hit, so a request of the original shape keys exactly so."""
+    earlier = [(m.role, m.plain()) for m in req.messages[:-1]]
+    return _digest({
+        "model": req.model, "system": req.system_text(), "tools": req.tools,
+        "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+        "max_tokens": req.max_tokens, "stop": req.stop_sequences, "task": req.task,
+        "volatility": req.cache.volatility,
+        "scope": req.user_id if req.cache.scope == "user" else "*global*",
+        "earlier": _digest(earlier)})
+
+
+def test_a_request_of_the_original_shape_keys_as_it_always_did():
+    for req in (request(), request(scope="user", history=HISTORY),
+                request(system=[{"type": "text", "text": "Summarise"}], scope="user",
+                        tools=[{"name": "t", "input_schema": {}}], stop_sequences=["X"])):
+        assert partition_key(req) == _old_partition_key(req)
+        old_exact = f"{_old_partition_key(req)}:{_digest(req.messages[-1].plain())}"
+        assert exact_key(partition_key(req), req) == old_exact
+
+
+def _blocks(*blocks, **extra) -> CompleteRequest:
+    return msgspec.convert({"task": "messages", "model": "claude-haiku-4-5", "max_tokens": 100,
+                            "messages": [{"role": "user", "content": list(blocks)}],
+                            "cache": {"mode": "exact", "scope": "global"}, **extra},
+                           CompleteRequest)
+
+
+def _key(req: CompleteRequest) -> str:
+    return exact_key(partition_key(req), req)
+
+
+TEXT = {"type": "text", "text": "What is in this image?"}
+
+
+def _image(data: str, kind: str = "base64") -> dict:
+    source = {"type": kind, "media_type": "image/png", "data": data} if kind == "base64" else \
+        {"type": "url", "url": data}
+    return {"type": "image", "source": source}
+
+
+def test_every_block_and_field_that_changes_the_answer_is_in_the_exact_key():
+    base = _blocks(_image("AAAA"), TEXT)
+    variants = [
+        _blocks(_image("AAAB"), TEXT),  # other image bytes
+        _blocks(TEXT),  # no image
+        _blocks(_image("AAAA"), TEXT, tool_choice={"type": "any"},
+                tools=[{"name": "t", "input_schema": {}}]),
+        _blocks(_image("AAAA"), TEXT, thinking={"type": "enabled", "budget_tokens": 1024}),
+        _blocks(_image("AAAA"), TEXT, betas=["files-api-2025-04-14"]),
+        _blocks(_image("AAAA"), TEXT, anthropic_version="2024-01-01"),
+        _blocks(_image("AAAA"), TEXT, cache={"mode": "exact", "scope": "global",
+                                             "namespace": "tenant-b"}),
+        _blocks(_image("AAAA"), TEXT, system=[{"type": "text", "text": "Be brief."}]),
+    ]
+    keys = {_key(base), *map(_key, variants)}
+    assert len(keys) == len(variants) + 1
+    # what changes only billing or bookkeeping does not split it
+    marked = {**TEXT, "cache_control": {"type": "ephemeral"}}
+    assert _key(_blocks(_image("AAAA"), marked)) == _key(base)
+    assert _key(_blocks(_image("AAAA"), TEXT, metadata={"user_id": "lead-1"})) == _key(base)
+
+
+def test_tool_calls_and_results_are_keyed_whole():
+    call = {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}}
+
+    def turn(result: str) -> CompleteRequest:
+        return msgspec.convert({
+            "task": "messages", "model": "claude-haiku-4-5", "max_tokens": 100,
+            "tools": [{"name": "weather", "input_schema": {}}],
+            "messages": [{"role": "user", "content": "Weather in Paris?"},
+                         {"role": "assistant", "content": [call]},
+                         {"role": "user", "content": [{"type": "tool_result",
+                                                       "tool_use_id": "toolu_1",
+                                                       "content": result}]}],
+            "cache": {"mode": "exact", "scope": "global"}}, CompleteRequest)
+
+    sunny, rainy = turn("Sunny"), turn("Rain")
+    check_request(CONFIG, sunny)  # global with turns: the key covers them (request_tasks)
+    check_complete(sunny, MAX_PROMPT)  # a tool_result turn carries no text, and that is fine
+    assert _key(sunny) != _key(rainy)
+    assert not sunny.plain_text()  # no semantic matching for it
+
+
+def test_what_the_cache_cannot_key_is_named_and_the_rest_is_not():
+    assert uncacheable(_blocks(_image("AAAA"), TEXT)) is None
+    assert uncacheable(_blocks(_image("https://x.test/a.png", "url"), TEXT)) == "url_source"
+    assert uncacheable(_blocks(TEXT, extra={"service_tier": "auto"})) == "unknown_field"
+    assert uncacheable(_blocks(TEXT, tools=[{"type": "web_search_20250305",
+                                             "name": "web_search"}])) == "server_tool"
+    assert uncacheable(_blocks({"type": "container_upload", "file_id": "f"})) == "unknown_block"
+    nested = {"type": "tool_result", "tool_use_id": "t",
+              "content": [_image("https://x.test/b.png", "url")]}
+    assert uncacheable(_blocks(nested)) == "url_source"
+
+
+def test_tool_use_is_a_complete_answer_only_when_the_tools_are_keyed():
+    assert not cacheable("tool_use") and cacheable("tool_use", with_tools=True)
+    assert not cacheable("max_tokens", with_tools=True)
+
+
+def test_user_id_may_be_left_out_only_in_scope_global_of_a_class_that_no_message_invalidates():
+    body = {"task": "market_context", "model": "claude-haiku-4-5",
+            "messages": [{"role": "user", "content": "Market?"}],
+            "cache": {"volatility": "market_context", "mode": "exact", "scope": "global"}}
+    check_request(CONFIG, msgspec.convert(body, CompleteRequest))
+    invalidating = {**body, "cache": {**body["cache"], "volatility": "lead_intent"}}
+    with pytest.raises(BadRequest, match="needs a user_id"):
+        check_request(CONFIG, msgspec.convert(invalidating, CompleteRequest))
+
+
+def test_global_with_a_conversation_is_only_for_whole_requests_in_exact_mode():
+    convo = [*HISTORY, {"role": "user", "content": "And the market?"}]
+    whole = request(task="messages", history=None)
+    whole = msgspec.structs.replace(whole, messages=msgspec.convert(convo, list[ChatMessage]),
+                                    cache=CacheOptions(volatility="market_context", mode="exact",
+                                                       scope="global"))
+    check_request(CONFIG, whole)
+    semantic = msgspec.structs.replace(whole, cache=CacheOptions(
+        volatility="market_context", mode="semantic", scope="global"))
+    with pytest.raises(BadRequest):
+        check_request(CONFIG, semantic)

@@ -60,6 +60,7 @@ _dec = msgspec.msgpack.Decoder(Entry)
 # Store only under the key epoch in force (ARGV[5], the `llm:epoch` value the
 # key was made from; -1 otherwise), and if the entry was computed after the user's
 # last invalidation (and, for an invalidating class, ARGV[4] = 1, after the last distrust).
+# ARGV[6] = 0: an entry of no user (a global request without user_id) is indexed nowhere.
 PUT = """
 if (redis.call('GET', KEYS[5]) or '') ~= ARGV[5] then return -1 end
 local inv = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -69,7 +70,7 @@ if ARGV[4] == '1' then
 end
 if tonumber(ARGV[3]) < inv then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('SADD', KEYS[3], KEYS[1])
+if ARGV[6] == '1' then redis.call('SADD', KEYS[3], KEYS[1]) end
 return 1
 """
 
@@ -244,7 +245,7 @@ class ResponseCache:
         ttl = int(entry.expires_at - entry.created_at) + GC_GRACE_S
         stored = await self._put(keys=[self._xkey(entry.id), inv, index, DISTRUST, EPOCH],
                                  args=[_enc.encode(entry), ttl, computed_at, int(invalidating),
-                                       _text(self.view.raw)])
+                                       _text(self.view.raw), int(bool(entry.user_id))])
         if stored == -1:
             return KEY_EPOCH_CHANGED
         if stored and vector is not None:

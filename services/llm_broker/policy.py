@@ -51,7 +51,11 @@ def check_request(config: Config, req: CompleteRequest) -> Volatility:
     if len(req.messages) > config.max_messages:
         raise PayloadTooLarge(f"{len(req.messages)} messages; the limit is {config.max_messages}")
     volatility = config.volatility_of(req.cache.volatility)
-    if req.cache.scope == "global":
+    if req.user_id is None and volatility.invalidate_on_user_message:
+        raise BadRequest(f"volatility class {req.cache.volatility!r} is dropped when the user "
+                         f"speaks, so it needs a user_id (metadata.user_id over HTTP)")
+    whole = req.task in config.request_tasks and req.cache.mode != "semantic"
+    if req.cache.scope == "global" and not whole:
         if req.task not in config.global_tasks:
             allowed = ", ".join(config.global_tasks) or "none"
             raise BadRequest(
@@ -77,17 +81,34 @@ def _digest(value) -> str:
 def partition_key(req: CompleteRequest) -> str:
     """Everything but the latest user message, and who may share the answer.
 
-    `check_request` admits a global request only without earlier turns, so a
-    global key depends on the shared set-up alone (see Scopes above)."""
-    earlier = [(m.role, m.plain()) for m in req.messages[:-1]]
-    return _digest({
-        "model": req.model, "system": req.system_text(), "tools": req.tools,
+    `check_request` admits a global request only without earlier turns (but for
+    `request_tasks` in exact mode, whose turns are all in the key), so a global key
+    depends on the shared set-up alone (see Scopes above).
+
+    The fields added with the full Messages shape (tool_choice, thinking, betas,
+    anthropic_version, namespace) enter the digest only when set, and messages and
+    system enter it as text while they are text: a request of the original shape
+    keys as it always did (entries stored before the upgrade still hit)."""
+    earlier = [(m.role, m.key()) for m in req.messages[:-1]]
+    fields = {
+        "model": req.model, "system": req.system_key(), "tools": req.tools,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
         "max_tokens": req.max_tokens, "stop": req.stop_sequences, "task": req.task,
         "volatility": req.cache.volatility,
         "scope": req.user_id if req.cache.scope == "user" else "*global*",
         "earlier": _digest(earlier),
-    })
+    }
+    for name in ADDED_KEY_FIELDS:
+        value = getattr(req, name)
+        if value is not None:
+            fields[name] = value
+    if req.cache.namespace:
+        fields["namespace"] = req.cache.namespace
+    return _digest(fields)
+
+
+# Request fields that change the answer, added after the original contract.
+ADDED_KEY_FIELDS = ("tool_choice", "thinking", "betas", "anthropic_version")
 
 
 def latest_user_text(req: CompleteRequest) -> str:
@@ -95,7 +116,48 @@ def latest_user_text(req: CompleteRequest) -> str:
 
 
 def exact_key(partition: str, req: CompleteRequest) -> str:
-    return f"{partition}:{_digest(latest_user_text(req))}"
+    return f"{partition}:{_digest(req.messages[-1].key())}"
+
+
+# Content blocks whose every byte is in the request: keyed whole, they key safely.
+KEYABLE_BLOCKS = frozenset({"text", "image", "document", "tool_use", "tool_result", "thinking",
+                            "redacted_thinking", "search_result"})
+# Tools the API runs itself: the answer depends on what they find, not only on the request.
+SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "mcp")
+
+
+def uncacheable(req: CompleteRequest) -> str | None:
+    """Why the request's answer depends on more than its bytes (None: it does not),
+    so that no key can say when it may be served again. A metric label: one of
+    `unknown_field`, `url_source`, `unknown_block`, `server_tool`."""
+    if req.extra:
+        return "unknown_field"  # nothing says whether it changes the answer
+    for tool in req.tools or ():
+        kind = tool.get("type")
+        if isinstance(kind, str) and kind.startswith(SERVER_TOOLS):
+            return "server_tool"
+    for msg in req.messages:
+        if isinstance(msg.content, str):
+            continue
+        for block in msg.content:
+            reason = _block_reason(block)
+            if reason:
+                return reason
+    return None
+
+
+def _block_reason(block: dict) -> str | None:
+    if block.get("type") not in KEYABLE_BLOCKS:
+        return "unknown_block"
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "url":
+        return "url_source"  # what the URL serves may change under the same key
+    nested = block.get("content")
+    if isinstance(nested, list):  # a tool result's own blocks
+        for inner in nested:
+            if isinstance(inner, dict) and (reason := _block_reason(inner)):
+                return reason
+    return None
 
 
 class Entry(msgspec.Struct):
@@ -117,6 +179,11 @@ class Entry(msgspec.Struct):
     # The seq of the user's newest own message when the request came in (0:
     # none known); see `stale`. Entries stored before this field read as 0.
     user_seq: int = 0
+    # The model's Message as the API returned it (every block, id, stop_sequence):
+    # a hit answers with it (the HTTP drop-in replays it). None in older entries.
+    message: dict | None = None
+    # The events a streamed miss sent, as the API sent them: a streamed hit replays them.
+    events: list[dict] | None = None
 
     def fresh(self, now: float) -> bool:
         return now < self.expires_at
@@ -127,22 +194,24 @@ class Entry(msgspec.Struct):
 
 def new_entry(req: CompleteRequest, partition: str, text: str, stop_reason: str | None,
               usage: Usage, cost: float, volatility: Volatility, now: float,
-              user_seq: int = 0) -> Entry:
-    return Entry(id=exact_key(partition, req), partition=partition, user_id=req.user_id,
+              user_seq: int = 0, message: dict | None = None) -> Entry:
+    return Entry(id=exact_key(partition, req), partition=partition, user_id=req.user_id or "",
                  task=req.task, model=req.model, volatility=req.cache.volatility,
                  query=latest_user_text(req), text=text, stop_reason=stop_reason, usage=usage,
                  cost_usd=cost, created_at=now, expires_at=now + volatility.ttl_s,
-                 user_seq=user_seq)
+                 user_seq=user_seq, message=message)
 
 
 # Answers the model finished. One cut off by `max_tokens` is partial, and one
 # that stopped on `tool_use` waits for a tool result: served again, either would
 # hand every later caller an unfinished answer as if it were the model's reply.
+# A `tool_use` stop is the whole answer, though, to a request whose tools are in
+# its key (`with_tools`): the caller runs the tool and asks again, in a new request.
 COMPLETE_STOPS = frozenset({"end_turn", "stop_sequence"})
 
 
-def cacheable(stop_reason: str | None) -> bool:
-    return stop_reason in COMPLETE_STOPS
+def cacheable(stop_reason: str | None, with_tools: bool = False) -> bool:
+    return stop_reason in COMPLETE_STOPS or (with_tools and stop_reason == "tool_use")
 
 
 def stale(entry: Entry, user_seq: int | None, distrust_before: float) -> str | None:

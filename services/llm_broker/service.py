@@ -48,11 +48,12 @@ from redis.asyncio import Redis
 
 from shared import metrics, subjects
 from shared.contract import (
-    CacheInfo, Changed, CompleteReply, CompleteRequest, ForgetReply, ForgetRequest, LLMStatsReply,
-    LLMStatsRequest, LLMVerdict, LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder,
+    CacheInfo, Changed, CompleteReply, CompleteRequest, CountTokensReply, CountTokensRequest,
+    STREAM_HEADER, ForgetReply, ForgetRequest, LLMStatsReply, LLMStatsRequest, LLMVerdict,
+    LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder, encode,
 )
 from shared.embeddings import embedder_from_settings
-from shared.errors import Unavailable
+from shared.errors import BadRequest, Unavailable
 from shared.llm_config import Config
 from shared.pricing import cost_usd
 from shared.retention import Retention
@@ -67,6 +68,7 @@ from .cache import STORE_ERRORS, Fence, ResponseCache
 from .changes import Batch, Pending
 from .policy import (
     Entry, cacheable, check_request, exact_key, latest_user_text, new_entry, partition_key, stale,
+    uncacheable,
 )
 
 log = structlog.get_logger()
@@ -101,41 +103,62 @@ class Broker:
         self.pending = Pending()
         self.distrust_before = 0.0  # this broker's own, before every broker has read it
         self.events_sub = None  # the `memory.changed` subscription, once made
+        self.publish = None  # NATS publish, for streaming a miss through (`_call`)
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
         volatility = check_request(self.config, req)
         check_complete(req, self.max_prompt_chars)
         labels = (req.model, self.config.task_label(req.task), self.config.bot_label(req.bot_id))
-        if req.cache.mode == "off":
+        opts = req.cache
+        bypass = "mode_off" if opts.mode == "off" else uncacheable(req)
+        if bypass is not None:
+            if bypass != "mode_off":
+                metrics.llm_uncacheable.labels(labels[1], bypass).inc()
+                log.info("uncacheable_request", reason=bypass)
             answer, cost = await self._call(req, labels)
             return await self._reply(req, labels, answer.text, answer.stop_reason, answer.usage,
-                                     cost, 0.0, CacheInfo(status="off"), "uncached")
+                                     cost, 0.0, CacheInfo(status="off", reason=bypass),
+                                     "uncached", answer.message)
         partition = partition_key(req)
         key = exact_key(partition, req)
         now = self.clock()
         invalidating = req.cache.volatility in self.invalidating
         entry, fence = await self._exact(key, now, req.user_id if invalidating else None)
-        if entry is not None and await self._current(entry, fence, labels[1]):
+        if opts.refresh:
+            entry = None  # asked to refresh: the lookup only read what a store is checked against
+        if (entry is not None and self._young(entry, opts.max_age_s, now, labels[1])
+                and await self._current(entry, fence, labels[1])):
             return await self._hit(req, labels, entry, "exact", 1.0, now)
         vector = None
-        if req.cache.mode == "semantic":
+        if opts.mode == "semantic" and req.plain_text():  # tools, images: exact only
             with tracer.start_as_current_span("embed query"):
                 vector = (await self.embedder.embed([latest_user_text(req)], input_type="query"))[0]
-            found = await self._semantic(req, partition, vector, now, labels[1], fence)
+            found = None if opts.refresh else await self._semantic(
+                req, partition, vector, now, labels[1], fence)
             if found is not None:
                 entry, similarity, score, threshold = found
                 return await self._hit(req, labels, entry, "semantic", similarity, now,
                                        score=score, threshold=threshold)
         user_seq = (fence.user_seqs.get(req.user_id) or 0) if fence is not None else 0
+        with_tools = bool(req.tools)
         for _ in range(3):  # a concurrent identical request's answer cut short is no hit to share:
-            entry, cost, leader = await self._single_flight(req, key, partition, volatility, vector,
-                                                            labels, user_seq)
-            if leader or cacheable(entry.stop_reason):
+            entry, cost, leader, stored = await self._single_flight(
+                req, key, partition, volatility, vector, labels, user_seq)
+            if leader or cacheable(entry.stop_reason, with_tools):
                 break  # (it is not cached either: this request asks the model itself)
         if not leader:  # answered by a concurrent identical request's upstream call
             return await self._hit(req, labels, entry, "exact", 1.0, self.clock())
+        info = CacheInfo(status="miss", entry_id=entry.id if stored else None, stored=stored,
+                         reason="refresh" if opts.refresh else None)
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage, cost,
-                                 0.0, CacheInfo(status="miss"), "misses")
+                                 0.0, info, "misses", entry.message)
+
+    def _young(self, entry: Entry, max_age_s: float | None, now: float, task_label: str) -> bool:
+        """Within the request's `max_age_s` (if it set one)?"""
+        if max_age_s is None or entry.age(now) <= max_age_s:
+            return True
+        metrics.llm_too_old.labels(task_label).inc()
+        return False
 
     async def _exact(self, key: str, now: float,
                      user_id: str | None) -> tuple[Entry | None, Fence | None]:
@@ -192,7 +215,8 @@ class Broker:
             verdict = guard.decide(query, cand.entry.query, cand.similarity,
                                    threshold=threshold, space=self.embedder.model_id)
             if verdict.serve and cand.entry.fresh(now):
-                if not await self._current(cand.entry, fence, task_label):
+                if not (self._young(cand.entry, req.cache.max_age_s, now, task_label)
+                        and await self._current(cand.entry, fence, task_label)):
                     continue
                 log.info("semantic_hit", similarity=round(cand.similarity, 4), reason=verdict.reason)
                 return cand.entry, cand.similarity, verdict.score, threshold
@@ -205,16 +229,20 @@ class Broker:
         flight = self._flights.get(key)
         if flight is not None:
             entry, cost = await asyncio.shield(flight)
-            return entry, cost, False
+            return entry, cost, False, False
         flight = self._flights[key] = asyncio.get_running_loop().create_future()
         try:
             started = self.clock()
-            answer, cost = await self._call(req, labels)
+            events: list[dict] = []
+            answer, cost = await self._call(req, labels, events)
             entry = new_entry(req, partition, answer.text, answer.stop_reason, answer.usage, cost,
-                              volatility, self.clock(), user_seq)
-            await self._store(entry, vector, started, labels[1])
+                              volatility, self.clock(), user_seq, answer.message)
+            entry.events = events or None
+            stored = False
+            if req.cache.store:
+                stored = await self._store(entry, vector, started, labels[1], bool(req.tools))
             flight.set_result((entry, cost))
-            return entry, cost, True
+            return entry, cost, True, stored
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
             flight.exception()  # retrieved, in case nobody waits
@@ -222,23 +250,39 @@ class Broker:
         finally:
             self._flights.pop(key, None)
 
-    async def _store(self, entry: Entry, vector, started: float, task_label: str) -> None:
-        """Cache a paid answer if the model finished it; a store failure only costs the cache."""
-        if not cacheable(entry.stop_reason):
+    async def _store(self, entry: Entry, vector, started: float, task_label: str,
+                     with_tools: bool) -> bool:
+        """Cache a paid answer if the model finished it (`policy.cacheable`); a store
+        failure only costs the cache. True if it was cached."""
+        if not cacheable(entry.stop_reason, with_tools):
             metrics.llm_not_cached.labels(task_label, "unfinished").inc()
             log.info("not_cached_unfinished", stop_reason=entry.stop_reason)
-            return
+            return False
         try:
             stored = await self.cache.put(entry, vector, computed_at=started,
                                           invalidating=entry.volatility in self.invalidating)
         except STORE_ERRORS as exc:
             metrics.llm_not_cached.labels(task_label, "store_failed").inc()
             log.warning("cache_store_failed", error=str(exc) or type(exc).__name__)
-            return
+            return False
         log.info(stored, volatility=entry.volatility)
+        return stored == "cached"
 
-    async def _call(self, req: CompleteRequest, labels):
-        answer = await self.upstream.complete(req)
+    async def _call(self, req: CompleteRequest, labels, record: list | None = None):
+        """The model's answer and its cost; streamed through to `req.stream_to` when the
+        request asks, each event also appended to `record` (given for a miss: its events
+        are kept; the header says which it is, `miss` or `bypass`)."""
+        on_event = None
+        if req.stream_to is not None and self.publish is not None:
+            subject = req.stream_to
+            headers = {STREAM_HEADER: "miss" if record is not None else "bypass"}
+
+            async def on_event(data: dict) -> None:
+                if record is not None:
+                    record.append(data)
+                await self.publish(subject, encode(data), headers=headers)
+
+        answer = await self.upstream.complete(req, on_event)
         cost = cost_usd(self.config.price_of(req.model), answer.usage)
         for kind in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                      "cache_read_input_tokens"):
@@ -249,15 +293,17 @@ class Broker:
     async def _hit(self, req, labels, entry: Entry, match: str, similarity: float, now: float,
                    *, score: float | None = None, threshold: float | None = None):
         info = CacheInfo(status="hit", match=match, similarity=round(similarity, 4),
-                         age_s=round(entry.age(now), 3))
+                         age_s=round(entry.age(now), 3), entry_id=entry.id)
         metrics.llm_saved.labels(*labels).inc(entry.cost_usd)
         if self.served is not None:
             self.served.llm(entry.id, entry.partition, match, similarity, info.age_s,
                             entry.cost_usd, entry.text, req, score=score, threshold=threshold)
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage,
-                                 0.0, entry.cost_usd, info, f"hits_{match}")
+                                 0.0, entry.cost_usd, info, f"hits_{match}", entry.message,
+                                 entry.events if req.stream_to is not None else None)
 
-    async def _reply(self, req, labels, text, stop_reason, usage, cost, saved, info, outcome):
+    async def _reply(self, req, labels, text, stop_reason, usage, cost, saved, info, outcome,
+                     message=None, events=None):
         metrics.llm_requests.labels(*labels, info.status, info.match or "").inc()
         paid = outcome in ("misses", "uncached")
         self.totals.add(outcome, usage if paid else None, cost, saved)
@@ -266,7 +312,15 @@ class Broker:
             task=req.task, model=req.model, cost_usd=cost, saved_usd=saved)
         return CompleteReply(text=text, content=[TextBlock(text=text)], model=req.model,
                              stop_reason=stop_reason, usage=usage, cost_usd=round(cost, 8),
-                             saved_usd=round(saved, 8), cache=info)
+                             saved_usd=round(saved, 8), cache=info, message=message,
+                             events=events)
+
+    async def count_tokens(self, req: CountTokensRequest) -> CountTokensReply:
+        """`llm.count_tokens` (the HTTP drop-in's): asked upstream, for an allowed model."""
+        if req.model not in self.config.models:
+            raise BadRequest(f"model {req.model!r} is not allowed; allowed: "
+                             f"{', '.join(self.config.models)}")
+        return CountTokensReply(input_tokens=await self.upstream.count_tokens(req))
 
     async def verdict(self, v: LLMVerdict) -> LLMVerdictReply:
         """The auditor re-asked an audited hit: count it; a wrong one is evicted. A
@@ -411,6 +465,7 @@ async def build(rt: Runtime, *, clock=time.time,
     rt.spawn(served.run(), "served-records")
     broker = Broker(config, cache, Upstream(client, s, clock), embedder, redis,
                     s.llm_max_prompt_chars, clock, served)
+    broker.publish = rt.nc.publish
     await broker.thresholds.load()
     rt.spawn(broker.thresholds.follow(), "thresholds")
     rt.on_close(broker.drain)  # the last counts land before Redis closes (hooks run in reverse)
@@ -432,6 +487,8 @@ async def build(rt: Runtime, *, clock=time.time,
 
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
     rt.endpoint("stats", subjects.LLM_STATS, LLMStatsRequest, get_stats)
+    rt.endpoint("count_tokens", subjects.LLM_COUNT_TOKENS, CountTokensRequest, broker.count_tokens,
+                concurrency=64)
     rt.endpoint("verdict", subjects.LLM_VERDICT, LLMVerdict, broker.verdict, concurrency=16)
     rt.endpoint("forget", subjects.LLM_FORGET, ForgetRequest, broker.forget, concurrency=8)
     return broker

@@ -340,7 +340,8 @@ def _event(name: str, data: dict) -> bytes:
 
 async def _sse(message: dict, delay: float) -> AsyncIterator[bytes]:
     """The Messages streaming events for a finished `message`; the latency spreads over them."""
-    text = message["content"][0]["text"] if message["content"] else ""
+    text = "".join(b["text"] for b in message["content"] if b["type"] == "text")
+    calls = [b for b in message["content"] if b["type"] == "tool_use"]
     pieces = [text[i:i + 16] for i in range(0, len(text), 16)]
     pause = delay / (len(pieces) + 1)
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
@@ -356,6 +357,14 @@ async def _sse(message: dict, delay: float) -> AsyncIterator[bytes]:
             yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                  "delta": {"type": "text_delta", "text": piece}})
         yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    for index, call in enumerate(calls, start=1 if text else 0):
+        yield _event("content_block_start", {"type": "content_block_start", "index": index,
+                                             "content_block": {**call, "input": {}}})
+        yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                             "delta": {"type": "input_json_delta",
+                                                       "partial_json": msgspec.json.encode(
+                                                           call["input"]).decode()}})
+        yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
     yield _event("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": message["stop_reason"],
                                              "stop_sequence": message["stop_sequence"]},

@@ -9,8 +9,17 @@ Validation follows the real API: 400 `invalid_request_error` with the
 field's path in the message; consecutive same-role turns are combined (the
 API documents that), the first turn must be a user turn, `max_tokens` 0 is
 allowed (it only warms the prompt cache), a model not named `claude-*` gets
-404 `not_found_error`. Tools, tool_choice, thinking and metadata are accepted
-and ignored (tools still cost input tokens).
+404 `not_found_error`. Thinking and metadata are accepted and ignored.
+
+Tools (`tool_call`): with `tool_choice` `tool` or `any` the reply is a
+`tool_use` block (stop_reason "tool_use"), as the API forces it; with `auto`
+(the default) it is one when the latest user turn shares a word of four
+letters or more with a tool's name or description and does not carry a tool
+result, else text; `none` never. The call's input fills the tool's
+`input_schema` from the latest user text: strings get the text, numbers the
+first number in it, enums the value it names (else the first), booleans
+false, arrays empty, objects recursively. The block's id is a hash of the
+request, so a repeated request gets the same call.
 
 Tokens: ceil(chars / 4) per text block (non-text blocks: their JSON; an image
 counts 1,600). `max_tokens` cuts the text at 4 chars a token (stop_reason
@@ -69,6 +78,7 @@ class Block:
     tokens: int
     canonical: bytes  # what the prompt-cache prefix hash covers
     ttl: str | None = None  # cache_control breakpoint on this block
+    kind: str = "text"  # the content block's type ("tool" for a tool definition)
 
 
 @dataclass
@@ -90,6 +100,8 @@ class MessagesRequest:
     turns: list[Turn]  # consecutive same-role messages merged, like the real API
     stop_sequences: list[str] = field(default_factory=list)
     stream: bool = False
+    tool_defs: list[dict] = field(default_factory=list)  # the tools as sent
+    tool_choice: dict | None = None
 
     @property
     def system_text(self) -> str:
@@ -164,7 +176,7 @@ def _content_block(where: str, raw: Any) -> Block:
         text = content if isinstance(content, str) else " ".join(
             c.get("text", "") for c in content or [] if isinstance(c, dict))
     tokens = IMAGE_TOKENS if kind == "image" else count_tokens(_canonical(body).decode())
-    return Block(text, tokens, _canonical(body), _cache_ttl(where, raw))
+    return Block(text, tokens, _canonical(body), _cache_ttl(where, raw), kind)
 
 
 def _number(body: dict, name: str, lo: float, hi: float | None) -> None:
@@ -229,7 +241,17 @@ def parse_request(body: Any, *, max_output_tokens: int = 128_000) -> MessagesReq
             raise ApiError(f"tools.{i}.name: Field required")
         plain = {k: v for k, v in tool.items() if k != "cache_control"}
         blob = _canonical(plain)
-        tools.append(Block("", count_tokens(blob.decode()), blob, _cache_ttl(f"tools.{i}", tool)))
+        tools.append(Block("", count_tokens(blob.decode()), blob, _cache_ttl(f"tools.{i}", tool),
+                           "tool"))
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None:
+        if not isinstance(tool_choice, dict) or tool_choice.get("type") not in (
+                "auto", "any", "tool", "none"):
+            raise ApiError("tool_choice: Input tag found using 'type' does not match any of the "
+                           "expected tags: 'auto', 'any', 'tool', 'none'")
+        if tool_choice["type"] == "tool" and not any(
+                t.get("name") == tool_choice.get("name") for t in tools_raw):
+            raise ApiError(f"tool_choice: tool {tool_choice.get('name')!r} not found in tools")
 
     system_raw = body.get("system")
     if system_raw is None or system_raw == "":
@@ -242,7 +264,8 @@ def parse_request(body: Any, *, max_output_tokens: int = 128_000) -> MessagesReq
         raise ApiError("system: Input should be a valid string or a list of text blocks")
 
     turns = _parse_messages(body["messages"])
-    request = MessagesRequest(model, max_tokens, tools, system, turns, stops, stream)
+    request = MessagesRequest(model, max_tokens, tools, system, turns, stops, stream,
+                              [t for t in tools_raw if "input_schema" in t], tool_choice)
 
     top_cc = body.get("cache_control")
     if top_cc is not None:  # marks the last cacheable block
@@ -336,6 +359,62 @@ def generate(request: MessagesRequest) -> tuple[str, str]:
     return task, text
 
 
+_WORD = re.compile(r"[a-z]{4,}")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower().replace("_", " ").replace("-", " ")))
+
+
+def tool_call(request: MessagesRequest) -> dict | None:
+    """The tool_use block the reply is, or None for a text reply (see the module docstring)."""
+    choice = (request.tool_choice or {}).get("type", "auto")
+    if not request.tool_defs or choice == "none":
+        return None
+    question = request.latest_user_text()
+    if choice == "tool":
+        tool = next(t for t in request.tool_defs if t["name"] == request.tool_choice["name"])
+    else:
+        asked = _words(question)
+        scored = [(len(asked & _words(f"{t['name']} {t.get('description', '')}")), -i, t)
+                  for i, t in enumerate(request.tool_defs)]
+        score, _, tool = max(scored, key=lambda x: x[:2])
+        last = request.turns[-1]
+        answered = last.role == "user" and any(b.kind == "tool_result" for b in last.blocks)
+        if choice == "auto" and (score == 0 or answered):
+            return None
+    digest = hashlib.blake2b(_canonical([request.model, tool["name"], question,
+                                         len(request.turns)]), digest_size=12).hexdigest()
+    return {"type": "tool_use", "id": f"toolu_sim_{digest}", "name": tool["name"],
+            "input": _fill(tool.get("input_schema") or {}, question)}
+
+
+def _fill(schema: dict, text: str) -> dict:
+    props = schema.get("properties") or {}
+    names = schema.get("required") or list(props)
+    return {name: _value(props.get(name) or {}, text) for name in names}
+
+
+def _value(spec: dict, text: str) -> Any:
+    if spec.get("enum"):
+        named = [v for v in spec["enum"] if isinstance(v, str) and v.lower() in text.lower()]
+        return named[0] if named else spec["enum"][0]
+    kind = spec.get("type")
+    if kind in ("number", "integer"):
+        found = _NUMBER.search(text)
+        if not found:
+            return 0
+        return int(float(found.group())) if kind == "integer" else float(found.group())
+    if kind == "boolean":
+        return False
+    if kind == "array":
+        return []
+    if kind == "object":
+        return _fill(spec, text)
+    return text.strip()[:200]
+
+
 # --------------------------------------------------------------------------- prompt cache
 
 
@@ -415,14 +494,18 @@ class Reply:
     stop_sequence: str | None
     output_tokens: int
     usage: CacheUsage
+    tool_use: dict | None = None  # a tool call (stop_reason "tool_use")
 
     def message(self, msg_id: str, model: str) -> dict:
+        content = [{"type": "text", "text": self.text}] if self.text else []
+        if self.tool_use is not None:
+            content.append(self.tool_use)
         return {
             "id": msg_id,
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": self.text}] if self.text else [],
+            "content": content,
             "stop_reason": self.stop_reason,
             "stop_sequence": self.stop_sequence,
             "usage": self.usage_json(),
@@ -452,6 +535,12 @@ def finish(text: str, max_tokens: int, stop_sequences: list[str]) -> tuple[str, 
 
 
 def respond(request: MessagesRequest, cache: PromptCache, now: float) -> Reply:
+    call = tool_call(request)
+    if call is not None:
+        tokens = max(1, count_tokens(call["name"] + _canonical(call["input"]).decode()))
+        if tokens <= request.max_tokens:  # else it runs out of tokens writing text, below
+            return Reply("tool_use", "", "tool_use", None, tokens, cache.account(request, now),
+                         call)
     task, full = generate(request)
     text, stop_reason, stop_sequence = finish(full, request.max_tokens, request.stop_sequences)
     output_tokens = 0 if request.max_tokens == 0 else max(1, count_tokens(text))
