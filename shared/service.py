@@ -45,7 +45,7 @@ from nats.micro.request import Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from shared import bus, metrics, pii, telemetry
+from shared import bus, metrics, otlp_metrics, pii, telemetry
 from shared.contract import ErrorDetail, ErrorReply, encode
 from shared.errors import BadRequest, TierError, Unavailable, UpstreamTimeout, from_code
 from shared.health import Health, HealthServer
@@ -352,6 +352,7 @@ async def run_service(name: str, description: str,
     telemetry.configure_logging(name, settings.log_level)
     pii.configure(settings.pii_hash_key, settings.pii_raw_ids)
     telemetry.configure_tracing(name, settings.trace_file)
+    meters = otlp_metrics.install(name)  # None unless an OTLP endpoint is set
     stop = stop or asyncio.Event()
     own_signals = ready is None  # in-process test runs leave signals alone
     if own_signals:
@@ -366,6 +367,8 @@ async def run_service(name: str, description: str,
                            reconnected_cb=events.reconnected)
     rt = Runtime(name=name, settings=settings, nc=nc, js=nc.jetstream(),
                  replies=await Replies(nc).start(), bus_events=events)
+    if meters is not None:  # the last export goes out on the way down
+        rt.on_close(lambda: asyncio.to_thread(meters.shutdown))
     service = None
     try:
         rt.ready_check("nats", lambda: _nats_answers(nc))
