@@ -83,9 +83,16 @@ EXACT_MAX_ROWS = 5000
 #: HNSW candidate list per connection (pgvector default 40); k above it is
 #: still served in full thanks to the iterative scan
 HNSW_EF_SEARCH = 64
-#: full-text candidates fused with the vector candidates (0: no fusion)
-FUSION_CANDIDATES = 0
+#: vector and full-text candidates fused by `search` (0: vector only);
+#: chosen on the dev half of bench/data/dialogue_qa (bench/results/search_quality.md)
+FUSION_CANDIDATES = 50
 RRF_K = 60
+#: weight of the full-text list in the fusion (the vector list weighs 1)
+TEXT_WEIGHT = 1.0
+#: full-text ranking of the fusion: Okapi BM25 or Postgres' ts_rank_cd
+LEXICAL = ("bm25", "ts_rank_cd")
+BM25_K1 = 1.2
+BM25_B = 0.75
 
 #: a `floor` that excludes nothing (the largest bigint)
 ALL = 2**63 - 1
@@ -360,50 +367,64 @@ async def recent(pool: Pool, user_id: str, n: int, *,
 async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: int,
                  model_id: str, *, floor: int = ALL, plan: str = "auto",
                  exact_max_rows: int = EXACT_MAX_ROWS,
-                 fusion_candidates: int = FUSION_CANDIDATES) -> tuple[list[Message], int]:
-    """Up to `k` of the user's messages at or below seq `floor` closest to the
-    query, best first, with `score` = cosine similarity (higher is better),
-    and the user's newest processed seq (which may be above `floor`).
+                 fusion_candidates: int = FUSION_CANDIDATES, lexical: str = "bm25",
+                 text_weight: float = TEXT_WEIGHT) -> tuple[list[Message], int]:
+    """Up to `k` of the user's messages at or below seq `floor` that best
+    answer the query, best first, and the user's newest processed seq (which
+    may be above `floor`).
+
+    Hybrid by default: the top `fusion_candidates` by vector (cosine with
+    `query_vec`) and the top as many by full text (`query_text`'s words,
+    any of them, ranked by `lexical`: BM25 over the user's rows, or
+    ts_rank_cd) are fused by weighted reciprocal rank fusion, and `score` is
+    the fused score (higher is better, not a cosine). Chat questions share
+    words with the turn that answers them that a static embedding blurs
+    (names, numbers, rare nouns); BM25 finds those, the vector finds
+    paraphrases: on long-conversation QA the fusion beats either alone
+    (bench/results/search_quality.md). `fusion_candidates=0`: vector only,
+    `score` = cosine similarity.
 
     Only this user's rows, and only vectors of `model_id` (the query's
     space), are ever considered. `plan`: "auto" = exact scan of the user's
     vectors when the user has at most `exact_max_rows` rows (recall 1.0),
-    else the model's HNSW index with iterative scan (and, should that scan
-    stop short of k rows, exact after all); "exact" / "hnsw" force one
-    (tests, benchmarks). A zero query vector (nothing to embed) matches
-    nothing. `query_text` is used only when `fusion_candidates` > 0: then the
-    top full-text candidates (ts_rank_cd over the query's words, OR-ed) are
-    fused with as many vector candidates by reciprocal rank fusion and
-    `score` is the fused RRF score. Off by default: on our measurements it
-    did not improve paraphrase recall (bench/results/search_quality.md).
+    else the model's HNSW index with iterative scan (and, vector only, should
+    that scan stop short of k rows, exact after all); "exact" / "hnsw" force
+    one (tests, benchmarks). A zero query vector (nothing to embed) matches
+    nothing.
     """
     if plan not in ("auto", "exact", "hnsw"):
         raise ValueError(f"plan must be auto, exact or hnsw, not {plan!r}")
+    if lexical not in LEXICAL:
+        raise ValueError(f"lexical must be one of {LEXICAL}, not {lexical!r}")
     vec = np.asarray(query_vec, dtype=np.float32).reshape(-1)
     sql = _statements(model_id, vec.shape[0])
     if not np.isfinite(vec).all() or not vec.any():
         return [], await user_seq(pool, user_id)
     encoded = encode_vector(vec)
     if fusion_candidates > 0:
-        rows = await _run(pool.fetch, sql["search_fused_" + plan], user_id, encoded, k,
-                          exact_max_rows, floor, max(fusion_candidates, k), query_text or "", RRF_K)
+        name = f"search_fused_{lexical}_"
+        args = (max(fusion_candidates, k), query_text or "", RRF_K, float(text_weight))
     else:
-        rows = await _run(pool.fetch, sql["search_" + plan], user_id, encoded, k, exact_max_rows,
-                          floor)
-        found = sum(1 for r in rows if r["seq"] is not None)
-        if plan == "auto" and found < k and (rows[0]["n_rows"] or 0) > exact_max_rows:
-            # the HNSW scan stopped (hnsw.max_scan_tuples) before k rows of
-            # this user passed the filter: answer completely, exactly
-            rows = await _run(pool.fetch, sql["search_exact"], user_id, encoded, k, exact_max_rows,
-                              floor)
+        name, args = "search_", ()
+    rows = await _run(pool.fetch, sql[name + plan], user_id, encoded, k, exact_max_rows, floor, *args)
+    found = sum(1 for r in rows if r["seq"] is not None)
+    if plan == "auto" and found < k and (rows[0]["n_rows"] or 0) > exact_max_rows:
+        # the HNSW scan stopped (hnsw.max_scan_tuples) before k rows of
+        # this user passed the filter: answer completely, exactly
+        rows = await _run(pool.fetch, sql[name + "exact"], user_id, encoded, k, exact_max_rows,
+                          floor, *args)
     return ([_message(r, r["score"]) for r in rows if r["seq"] is not None],
             rows[0]["max_seq"] or 0)
 
 
-async def fulltext(pool: Pool, user_id: str, query_text: str, k: int) -> list[Message]:
-    """The user's full-text matches of any of the query's words, best
-    `ts_rank_cd` first (score = that rank). For benchmarks and diagnostics."""
-    rows = await _run(pool.fetch, _COMMON["fulltext"], user_id, query_text, k)
+async def fulltext(pool: Pool, user_id: str, query_text: str, k: int, *,
+                   lexical: str = "bm25") -> list[Message]:
+    """The user's full-text matches of any of the query's words, best first
+    by `lexical` (BM25 or ts_rank_cd; score = that rank's score). Full text
+    alone, for benchmarks and diagnostics; `search` fuses it with vectors."""
+    if lexical not in LEXICAL:
+        raise ValueError(f"lexical must be one of {LEXICAL}, not {lexical!r}")
+    rows = await _run(pool.fetch, _COMMON["fulltext_" + lexical], user_id, query_text, k)
     return [_message(r, r["score"]) for r in rows]
 
 
@@ -554,12 +575,35 @@ def _build_common_sql() -> dict[str, str]:
                 WHERE m.user_id = $1 AND m.seq <= $3 ORDER BY m.seq DESC LIMIT $2
             ) r ON true
             ORDER BY r.seq""",
-        "fulltext": f"""
+        "fulltext_ts_rank_cd": f"""
             SELECT {cols}, ts_rank_cd(m.tsv, qq.q) AS score
             FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$2')}
             WHERE m.user_id = $1 AND m.tsv @@ qq.q
-            ORDER BY score DESC
+            ORDER BY score DESC, m.msg_id
             LIMIT $3""",
+        # the same BM25 as search's fusion (see _build_sql)
+        "fulltext_bm25": f"""
+            WITH qt AS MATERIALIZED (
+                SELECT replace(plainto_tsquery('english', $2)::text, ' & ', ' | ')::tsquery AS q,
+                       tsvector_to_array(to_tsvector('english', $2)) AS lx),
+            tm AS MATERIALIZED (
+                SELECT m.msg_id, m.tsv FROM {SCHEMA}.messages m
+                WHERE m.user_id = $1 AND m.tsv @@ (SELECT q FROM qt)),
+            tt AS (SELECT tm.msg_id, u.lexeme, coalesce(cardinality(u.positions), 1) AS tf,
+                          length(tm.tsv) AS dl
+                   FROM tm, qt, unnest(tm.tsv) u WHERE u.lexeme = ANY (qt.lx)),
+            df AS (SELECT lexeme, count(*) AS df FROM tt GROUP BY lexeme),
+            cs AS (SELECT greatest((SELECT n_rows FROM {SCHEMA}.user_state WHERE user_id = $1),
+                                   (SELECT count(*) FROM tm))::float8 AS n,
+                          greatest((SELECT avg(length(tsv)) FROM tm), 1)::float8 AS avgdl),
+            b AS (SELECT tt.msg_id,
+                         sum(ln(1 + (cs.n - df.df + 0.5) / (df.df + 0.5))
+                             * tt.tf * {BM25_K1 + 1} / (tt.tf + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * tt.dl / cs.avgdl))) AS s
+                  FROM tt JOIN df USING (lexeme), cs
+                  GROUP BY tt.msg_id ORDER BY s DESC, tt.msg_id LIMIT $3)
+            SELECT {cols}, b.s AS score
+            FROM b JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = b.msg_id
+            ORDER BY b.s DESC, m.msg_id""",
         "user_seq": f"SELECT max_seq FROM {SCHEMA}.user_state WHERE user_id = $1",
         "newest_upto": f"SELECT max(seq) FROM {SCHEMA}.messages WHERE user_id = $1 AND seq <= $2",
         "applied_seq": f"SELECT applied_seq FROM {SCHEMA}.progress WHERE name = 'log'",
@@ -641,29 +685,60 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         FROM (SELECT 1) one LEFT JOIN hits ON true
         ORDER BY hits.score DESC NULLS LAST"""
 
-    def fused(plan: str) -> str:
-        # reciprocal rank fusion of the top $6 vector and top $6 full-text hits
+    def fused(plan: str, lexical: str) -> str:
+        # Weighted reciprocal rank fusion of the top $6 vector hits and the
+        # top $6 full-text hits ($8 = RRF k, $9 = the text list's weight).
+        # Full text reads only this user's rows: the (user_id, tsv) GIN index
+        # (migrations/0004) finds the rows holding any query word, so other
+        # users' matches are never touched. bm25: Okapi BM25 over those rows,
+        # exact df per word (every row holding the word is a candidate),
+        # N = the user's row count, length = distinct words, avgdl = the
+        # candidates' mean; ts_rank_cd: Postgres' cover density (no idf).
         vec = gated(exact.replace("LIMIT $3", "LIMIT $6"), hnsw.replace("LIMIT $3", "LIMIT $6"), plan)
+        if lexical == "bm25":
+            text = f"""
+        tm AS MATERIALIZED (
+            SELECT m.msg_id, m.tsv FROM {SCHEMA}.messages m
+            WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ (SELECT q FROM qt)),
+        tt AS (SELECT tm.msg_id, u.lexeme, coalesce(cardinality(u.positions), 1) AS tf,
+                      length(tm.tsv) AS dl
+               FROM tm, qt, unnest(tm.tsv) u WHERE u.lexeme = ANY (qt.lx)),
+        df AS (SELECT lexeme, count(*) AS df FROM tt GROUP BY lexeme),
+        cs AS (SELECT greatest((SELECT max(n_rows) FROM v), (SELECT count(*) FROM tm))::float8 AS n,
+                      greatest((SELECT avg(length(tsv)) FROM tm), 1)::float8 AS avgdl),
+        tr AS (SELECT msg_id, row_number() OVER (ORDER BY s DESC, msg_id) AS r FROM (
+                   SELECT tt.msg_id,
+                          sum(ln(1 + (cs.n - df.df + 0.5) / (df.df + 0.5))
+                              * tt.tf * {BM25_K1 + 1} / (tt.tf + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * tt.dl / cs.avgdl))) AS s
+                   FROM tt JOIN df USING (lexeme), cs
+                   GROUP BY tt.msg_id ORDER BY s DESC, tt.msg_id LIMIT $6) b),"""
+        else:
+            text = f"""
+        tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qt.q) DESC, m.msg_id) AS r
+               FROM {SCHEMA}.messages m, qt
+               WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ qt.q
+               ORDER BY ts_rank_cd(m.tsv, qt.q) DESC, m.msg_id LIMIT $6),"""
         return f"""
         WITH v AS ({vec}),
-        vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC) AS r
-               FROM v WHERE msg_id IS NOT NULL),
-        tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qq.q) DESC) AS r
-               FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$7')}
-               WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ qq.q
-               ORDER BY ts_rank_cd(m.tsv, qq.q) DESC LIMIT $6),
-        f AS (SELECT msg_id, sum(1.0 / ($8 + r)) AS rrf FROM
-              (SELECT msg_id, r FROM vr UNION ALL SELECT msg_id, r FROM tr) c GROUP BY msg_id
-              ORDER BY rrf DESC LIMIT $3)
-        SELECT (SELECT max(max_seq) FROM v) AS max_seq, {cols}, f.rrf AS score
+        qt AS MATERIALIZED (
+            SELECT replace(plainto_tsquery('english', $7)::text, ' & ', ' | ')::tsquery AS q,
+                   tsvector_to_array(to_tsvector('english', $7)) AS lx),
+        vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC, msg_id) AS r
+               FROM v WHERE msg_id IS NOT NULL),{text}
+        f AS (SELECT msg_id, sum(w / ($8 + r)) AS rrf FROM
+              (SELECT msg_id, r, 1.0 AS w FROM vr UNION ALL SELECT msg_id, r, $9::float8 FROM tr) c
+              GROUP BY msg_id ORDER BY rrf DESC, msg_id LIMIT $3)
+        SELECT (SELECT max(max_seq) FROM v) AS max_seq, (SELECT max(n_rows) FROM v) AS n_rows,
+               {cols}, f.rrf AS score
         FROM (SELECT 1) one
         LEFT JOIN (f JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = f.msg_id) ON true
-        ORDER BY f.rrf DESC NULLS LAST"""
+        ORDER BY f.rrf DESC NULLS LAST, m.msg_id"""
 
     sql = {}
     for plan in ("auto", "exact", "hnsw"):
         sql["search_" + plan] = gated(exact, hnsw, plan)
-        sql["search_fused_" + plan] = fused(plan)
+        for lexical in LEXICAL:
+            sql[f"search_fused_{lexical}_{plan}"] = fused(plan, lexical)
     return sql
 
 
