@@ -99,7 +99,7 @@ def methods(model_id: str) -> dict:
         "RRF vector + ts_rank_cd, 20 each (old option)": searcher(fusion_candidates=20, lexical="ts_rank_cd"),
     }
     for n in (20, 50, 100):
-        for w in (1.0, 1.5, 2.0):
+        for w in (1.0, 2.0, 3.0):
             out[f"RRF vector + BM25, {n} each, text weight {w:g}"] = searcher(
                 fusion_candidates=n, lexical="bm25", text_weight=w)
     out["default search (hybrid)"] = searcher()

@@ -88,7 +88,7 @@ HNSW_EF_SEARCH = 64
 FUSION_CANDIDATES = 50
 RRF_K = 60
 #: weight of the full-text list in the fusion (the vector list weighs 1)
-TEXT_WEIGHT = 1.0
+TEXT_WEIGHT = 2.0
 #: full-text ranking of the fusion: Okapi BM25 or Postgres' ts_rank_cd
 LEXICAL = ("bm25", "ts_rank_cd")
 BM25_K1 = 1.2
