@@ -402,7 +402,8 @@ async def test_full_text_reads_only_the_users_rows(pool, embedder):
     prefers), never by a scan of every user's matches filtered afterwards."""
     sql = store._statements(embedder.model_id, embedder.dim)
     qv = store.encode_vector((await embedder.embed(["budget"]))[0])
-    statements = ((sql["search_fused_bm25_auto"], ("u", qv, 10, 5000, store.ALL, 50, "budget", 60, 1.0)),
+    statements = ((store._fused_sql(embedder.model_id, embedder.dim, "auto", "bm25", 50),
+                   ("u", qv, 10, 5000, store.ALL, "budget", 60, 1.0)),
                   (store._COMMON["fulltext_bm25"], ("u", "budget", 10)))
     async with pool.acquire() as conn:
         for statement, args in statements:

@@ -402,16 +402,19 @@ async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: i
         return [], await user_seq(pool, user_id)
     encoded = encode_vector(vec)
     if fusion_candidates > 0:
-        name = f"search_fused_{lexical}_"
-        args = (max(fusion_candidates, k), query_text or "", RRF_K, float(text_weight))
+        def statement(p: str) -> str:
+            return _fused_sql(model_id, vec.shape[0], p, lexical, max(fusion_candidates, k))
+        args: tuple = (query_text or "", RRF_K, float(text_weight))
     else:
-        name, args = "search_", ()
-    rows = await _run(pool.fetch, sql[name + plan], user_id, encoded, k, exact_max_rows, floor, *args)
+        def statement(p: str) -> str:
+            return sql["search_" + p]
+        args = ()
+    rows = await _run(pool.fetch, statement(plan), user_id, encoded, k, exact_max_rows, floor, *args)
     found = sum(1 for r in rows if r["seq"] is not None)
     if plan == "auto" and found < k and (rows[0]["n_rows"] or 0) > exact_max_rows:
         # the HNSW scan stopped (hnsw.max_scan_tuples) before k rows of
         # this user passed the filter: answer completely, exactly
-        rows = await _run(pool.fetch, sql[name + "exact"], user_id, encoded, k, exact_max_rows,
+        rows = await _run(pool.fetch, statement("exact"), user_id, encoded, k, exact_max_rows,
                           floor, *args)
     return ([_message(r, r["score"]) for r in rows if r["seq"] is not None],
             rows[0]["max_seq"] or 0)
@@ -543,6 +546,41 @@ COLUMNS = "m.seq, m.msg_id, m.role, m.bot_id, m.text, m.ts"
 _TSQUERY = "(SELECT replace(plainto_tsquery('english', {p})::text, ' & ', ' | ')::tsquery AS q) qq"
 
 
+def _bm25_ctes(user: str, query: str, floor: str, limit: str, n_rows: str) -> str:
+    """CTEs ending in `tr(msg_id, s, r)`: the user's top `limit` rows by Okapi
+    BM25 for the words of `query` (SQL expressions: `user`, `query`, the seq
+    `floor`, `limit`, and `n_rows` = the user's row count, N of the idf).
+
+    Candidates are the user's rows at or below `floor` holding any query
+    word, found through the (user_id, tsv) index: every such row is read, so
+    each word's document frequency is exact. Term frequency is taken as 1
+    (a chat turn rarely repeats a word; it saves unpacking every candidate's
+    tsvector: each row is tested against the few query words instead), a
+    row's length is its count of distinct words and avgdl the candidates'
+    mean. Scores: bench/results/search_quality.md."""
+    k1, b = BM25_K1, BM25_B
+    return f"""
+        qt AS MATERIALIZED (
+            SELECT replace(plainto_tsquery('english', {query})::text, ' & ', ' | ')::tsquery AS q,
+                   array(SELECT quote_literal(w)::tsquery
+                         FROM unnest(tsvector_to_array(to_tsvector('english', {query}))) w) AS words),
+        tm AS MATERIALIZED (
+            SELECT m.msg_id, m.tsv, length(m.tsv) AS dl FROM {SCHEMA}.messages m
+            WHERE m.user_id = {user} AND m.seq <= {floor} AND m.tsv @@ (SELECT q FROM qt)),
+        tt AS MATERIALIZED (
+            SELECT tm.msg_id, tm.dl, w.i FROM tm, qt, generate_subscripts(qt.words, 1) AS w(i)
+            WHERE tm.tsv @@ qt.words[w.i]),
+        cs AS (SELECT greatest(({n_rows}), (SELECT count(*) FROM tm), 1)::float8 AS n,
+                      greatest((SELECT avg(dl) FROM tm), 1)::float8 AS avgdl),
+        idf AS (SELECT i, ln(1 + (cs.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+                FROM tt, cs GROUP BY i, cs.n),
+        tr AS (SELECT msg_id, s, row_number() OVER (ORDER BY s DESC, msg_id) AS r FROM (
+                   SELECT tt.msg_id,
+                          sum(idf.idf * {k1 + 1} / (1 + {k1} * (1 - {b} + {b} * tt.dl / cs.avgdl))) AS s
+                   FROM tt JOIN idf USING (i), cs
+                   GROUP BY tt.msg_id ORDER BY s DESC, tt.msg_id LIMIT {limit}) x)"""
+
+
 def _build_common_sql() -> dict[str, str]:
     """The statements that do not depend on the embedding model."""
     cols = COLUMNS
@@ -583,27 +621,11 @@ def _build_common_sql() -> dict[str, str]:
             LIMIT $3""",
         # the same BM25 as search's fusion (see _build_sql)
         "fulltext_bm25": f"""
-            WITH qt AS MATERIALIZED (
-                SELECT replace(plainto_tsquery('english', $2)::text, ' & ', ' | ')::tsquery AS q,
-                       tsvector_to_array(to_tsvector('english', $2)) AS lx),
-            tm AS MATERIALIZED (
-                SELECT m.msg_id, m.tsv FROM {SCHEMA}.messages m
-                WHERE m.user_id = $1 AND m.tsv @@ (SELECT q FROM qt)),
-            tt AS (SELECT tm.msg_id, u.lexeme, coalesce(cardinality(u.positions), 1) AS tf,
-                          length(tm.tsv) AS dl
-                   FROM tm, qt, unnest(tm.tsv) u WHERE u.lexeme = ANY (qt.lx)),
-            df AS (SELECT lexeme, count(*) AS df FROM tt GROUP BY lexeme),
-            cs AS (SELECT greatest((SELECT n_rows FROM {SCHEMA}.user_state WHERE user_id = $1),
-                                   (SELECT count(*) FROM tm))::float8 AS n,
-                          greatest((SELECT avg(length(tsv)) FROM tm), 1)::float8 AS avgdl),
-            b AS (SELECT tt.msg_id,
-                         sum(ln(1 + (cs.n - df.df + 0.5) / (df.df + 0.5))
-                             * tt.tf * {BM25_K1 + 1} / (tt.tf + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * tt.dl / cs.avgdl))) AS s
-                  FROM tt JOIN df USING (lexeme), cs
-                  GROUP BY tt.msg_id ORDER BY s DESC, tt.msg_id LIMIT $3)
-            SELECT {cols}, b.s AS score
-            FROM b JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = b.msg_id
-            ORDER BY b.s DESC, m.msg_id""",
+            WITH {_bm25_ctes("$1", "$2", str(ALL), "$3",
+                             f"SELECT n_rows FROM {SCHEMA}.user_state WHERE user_id = $1")}
+            SELECT {cols}, tr.s AS score
+            FROM tr JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = tr.msg_id
+            ORDER BY tr.r""",
         "user_seq": f"SELECT max_seq FROM {SCHEMA}.user_state WHERE user_id = $1",
         "newest_upto": f"SELECT max(seq) FROM {SCHEMA}.messages WHERE user_id = $1 AND seq <= $2",
         "applied_seq": f"SELECT applied_seq FROM {SCHEMA}.progress WHERE name = 'log'",
@@ -629,8 +651,9 @@ def _build_common_sql() -> dict[str, str]:
     }
 
 
-def _build_sql(model_id: str, dim: int) -> dict[str, str]:
-    """The search statements of one model. The model id and dim are literals
+def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
+    """The vector search statements of one model, returning `limit` rows ($3
+    = k; _fused_sql passes a literal). The model id and dim are literals
     (validated by _MODEL_ID_RE, never user input) so that the planner can
     prove the partial HNSW index applies even to a generic prepared plan."""
     m = _sql_literal(model_id)
@@ -646,7 +669,7 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         WHERE m.user_id = $1 AND m.seq <= $5 AND m.embedding_model = {m}
           AND m.embedding IS NOT NULL
         ORDER BY m.embedding <=> $2
-        LIMIT $3"""
+        LIMIT {limit}"""
     # hnsw: the partial index of this model; the iterative scan goes on until
     # k rows pass the user filter; relaxed order, so re-sorted outside. The
     # user and floor filters are written so that no btree index can serve
@@ -658,7 +681,7 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         FROM {SCHEMA}.messages m
         WHERE (m.user_id || '') = $1 AND (m.seq + 0) <= $5 AND m.embedding_model = {m}
         ORDER BY m.embedding::{cast} <=> $2::vector::{cast}
-        LIMIT $3"""
+        LIMIT {limit}"""
     if expr is None:
         hnsw = exact
 
@@ -685,61 +708,47 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         FROM (SELECT 1) one LEFT JOIN hits ON true
         ORDER BY hits.score DESC NULLS LAST"""
 
-    def fused(plan: str, lexical: str) -> str:
-        # Weighted reciprocal rank fusion of the top $6 vector hits and the
-        # top $6 full-text hits ($8 = RRF k, $9 = the text list's weight).
-        # Full text reads only this user's rows: the (user_id, tsv) GIN index
-        # (migrations/0004) finds the rows holding any query word, so other
-        # users' matches are never touched. bm25: Okapi BM25 over those rows,
-        # exact df per word (every row holding the word is a candidate),
-        # N = the user's row count, length = distinct words, avgdl = the
-        # candidates' mean; ts_rank_cd: Postgres' cover density (no idf).
-        vec = gated(exact.replace("LIMIT $3", "LIMIT $6"), hnsw.replace("LIMIT $3", "LIMIT $6"), plan)
-        if lexical == "bm25":
-            text = f"""
-        tm AS MATERIALIZED (
-            SELECT m.msg_id, m.tsv FROM {SCHEMA}.messages m
-            WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ (SELECT q FROM qt)),
-        tt AS (SELECT tm.msg_id, u.lexeme, coalesce(cardinality(u.positions), 1) AS tf,
-                      length(tm.tsv) AS dl
-               FROM tm, qt, unnest(tm.tsv) u WHERE u.lexeme = ANY (qt.lx)),
-        df AS (SELECT lexeme, count(*) AS df FROM tt GROUP BY lexeme),
-        cs AS (SELECT greatest((SELECT max(n_rows) FROM v), (SELECT count(*) FROM tm))::float8 AS n,
-                      greatest((SELECT avg(length(tsv)) FROM tm), 1)::float8 AS avgdl),
-        tr AS (SELECT msg_id, row_number() OVER (ORDER BY s DESC, msg_id) AS r FROM (
-                   SELECT tt.msg_id,
-                          sum(ln(1 + (cs.n - df.df + 0.5) / (df.df + 0.5))
-                              * tt.tf * {BM25_K1 + 1} / (tt.tf + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * tt.dl / cs.avgdl))) AS s
-                   FROM tt JOIN df USING (lexeme), cs
-                   GROUP BY tt.msg_id ORDER BY s DESC, tt.msg_id LIMIT $6) b),"""
-        else:
-            text = f"""
-        tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qt.q) DESC, m.msg_id) AS r
-               FROM {SCHEMA}.messages m, qt
-               WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ qt.q
-               ORDER BY ts_rank_cd(m.tsv, qt.q) DESC, m.msg_id LIMIT $6),"""
-        return f"""
-        WITH v AS ({vec}),
-        qt AS MATERIALIZED (
-            SELECT replace(plainto_tsquery('english', $7)::text, ' & ', ' | ')::tsquery AS q,
-                   tsvector_to_array(to_tsvector('english', $7)) AS lx),
-        vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC, msg_id) AS r
-               FROM v WHERE msg_id IS NOT NULL),{text}
-        f AS (SELECT msg_id, sum(w / ($8 + r)) AS rrf FROM
-              (SELECT msg_id, r, 1.0 AS w FROM vr UNION ALL SELECT msg_id, r, $9::float8 FROM tr) c
-              GROUP BY msg_id ORDER BY rrf DESC, msg_id LIMIT $3)
-        SELECT (SELECT max(max_seq) FROM v) AS max_seq, (SELECT max(n_rows) FROM v) AS n_rows,
-               {cols}, f.rrf AS score
-        FROM (SELECT 1) one
-        LEFT JOIN (f JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = f.msg_id) ON true
-        ORDER BY f.rrf DESC NULLS LAST, m.msg_id"""
-
     sql = {}
     for plan in ("auto", "exact", "hnsw"):
         sql["search_" + plan] = gated(exact, hnsw, plan)
-        for lexical in LEXICAL:
-            sql[f"search_fused_{lexical}_{plan}"] = fused(plan, lexical)
     return sql
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int) -> str:
+    """Weighted reciprocal rank fusion of the top `candidates` vector hits and
+    the top `candidates` full-text hits. Parameters: $1 user, $2 vector, $3 k,
+    $4 exact_max_rows, $5 floor, $6 query text, $7 RRF k, $8 the text list's
+    weight. `candidates` is a literal: with a LIMIT parameter the generic
+    plan of the HNSW branch is a sort of every row (measured: 240 ms at 1M
+    rows), with a literal it is the index scan.
+
+    Full text reads only this user's rows: the (user_id, tsv) GIN index
+    (migrations/0004) finds the rows holding any query word, so other users'
+    matches are never touched. bm25: see _bm25_ctes; ts_rank_cd: Postgres'
+    cover density (no idf)."""
+    n = int(candidates)
+    vec = _build_sql(model_id, dim, str(n))["search_" + plan]
+    if lexical == "bm25":
+        text = _bm25_ctes("$1", "$6", "$5", str(n), "SELECT max(n_rows) FROM v") + ","
+    else:
+        text = f"""
+        tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qq.q) DESC, m.msg_id) AS r
+               FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$6')}
+               WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ qq.q
+               ORDER BY ts_rank_cd(m.tsv, qq.q) DESC, m.msg_id LIMIT {n}),"""
+    return f"""
+        WITH v AS ({vec}),
+        vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC, msg_id) AS r
+               FROM v WHERE msg_id IS NOT NULL),{text}
+        f AS (SELECT msg_id, sum(w / ($7 + r)) AS rrf FROM
+              (SELECT msg_id, r, 1.0 AS w FROM vr UNION ALL SELECT msg_id, r, $8::float8 FROM tr) c
+              GROUP BY msg_id ORDER BY rrf DESC, msg_id LIMIT $3)
+        SELECT (SELECT max(max_seq) FROM v) AS max_seq, (SELECT max(n_rows) FROM v) AS n_rows,
+               {COLUMNS}, f.rrf AS score
+        FROM (SELECT 1) one
+        LEFT JOIN (f JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = f.msg_id) ON true
+        ORDER BY f.rrf DESC NULLS LAST, m.msg_id"""
 
 
 _COMMON = _build_common_sql()
