@@ -132,24 +132,32 @@ def summary(ranks: list) -> dict:
             "mrr@10": round(sum(1 / r for r in ranks if r) / n, 3), "questions": n}
 
 
-async def pad(pool, target: int, model_id: str) -> int:
-    """Copy the stored histories under new user ids (vectors included) until
-    the table holds `target` rows; user_state kept in step. The copies have
-    no vector (model id `pad`): they sit in the table, its (user_id, seq)
-    and full-text indexes, but not in the model's HNSW index (building that
-    for 1M rows takes longer than this box allows; see the report)."""
+async def pad(pool, target: int, model_id: str, dim: int) -> int:
+    """Copy the stored histories (vectors included) under new user ids until
+    the table holds `target` rows, user_state kept in step, like a fleet of
+    many users. The model's HNSW index is dropped first and built again after
+    (inserting 1M rows into it one by one would take far longer)."""
     have = await pool.fetchval("SELECT count(*) FROM l3.messages")
     base = await pool.fetchval("SELECT count(*) FROM l3.messages WHERE user_id LIKE 'spc-%'")
     copies = max(0, (target - have + base - 1) // base)
-    for g in range(1, copies + 1):
-        await pool.execute(f"""
-            INSERT INTO l3.messages (user_id, msg_id, seq, bot_id, role, text, ts, embedding, embedding_model)
-            SELECT 'pad{g}-' || user_id, msg_id, seq + {g} * 100000000, bot_id, role, text, ts, NULL, 'pad'
-            FROM l3.messages WHERE user_id LIKE 'spc-%'""")
-    await pool.execute("""
-        INSERT INTO l3.user_state (user_id, n_rows, max_seq)
-        SELECT user_id, count(*), max(seq) FROM l3.messages WHERE user_id LIKE 'pad%' GROUP BY user_id
-        ON CONFLICT (user_id) DO UPDATE SET n_rows = excluded.n_rows, max_seq = excluded.max_seq""")
+    index = await pool.fetchval("SELECT index_name FROM l3.embedding_models WHERE model_id = $1", model_id)
+    async with pool.acquire() as conn:
+        if index:
+            await conn.execute(f"DROP INDEX l3.{index}")
+        for g in range(1, copies + 1):
+            await conn.execute(f"""
+                INSERT INTO l3.messages (user_id, msg_id, seq, bot_id, role, text, ts, embedding,
+                                         embedding_model)
+                SELECT 'pad{g}-' || user_id, msg_id, seq + {g} * 100000000, bot_id, role, text, ts,
+                       embedding, embedding_model
+                FROM l3.messages WHERE user_id LIKE 'spc-%'""")
+        await conn.execute("""
+            INSERT INTO l3.user_state (user_id, n_rows, max_seq)
+            SELECT user_id, count(*), max(seq) FROM l3.messages WHERE user_id LIKE 'pad%' GROUP BY user_id
+            ON CONFLICT (user_id) DO UPDATE SET n_rows = excluded.n_rows, max_seq = excluded.max_seq""")
+        await conn.execute("SET maintenance_work_mem = '2GB'")
+        await store.ensure_model(conn, model_id, dim)
+        await conn.execute("RESET maintenance_work_mem")
     return copies
 
 
@@ -194,6 +202,8 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stored", type=int, default=1_000_000, help="rows in the table for the latency runs")
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--quality-only", action="store_true")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="reuse the database at --dsn as a full run left it (no drop, no load)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     server = None
@@ -213,31 +223,39 @@ async def main(argv: list[str] | None = None) -> int:
 
 async def run(args, dsn: str) -> int:
     embedder = make_embedder(args.embedder)
-    conn = await asyncpg.connect(dsn)
-    await conn.execute("DROP SCHEMA IF EXISTS l3 CASCADE")
-    await conn.close()
-    pool = await store.create_pool(dsn, model_id=embedder.model_id, dim=embedder.dim, max_size=4)
     histories, questions = load()
-    t = time.perf_counter()
-    for h in histories:
-        await put(pool, embedder, history_rows(h, 1 + 10_000 * int(h["user"].split("-")[1])))
-    await pool.execute("VACUUM ANALYZE l3.messages")
-    report: dict = {"embedder": embedder.model_id, "load_s": round(time.perf_counter() - t, 1),
-                    "set": {s: {"histories": sum(1 for h in histories if h["split"] == s),
-                                "turns": sum(len(x["turns"]) for h in histories if h["split"] == s
-                                             for x in h["sessions"]),
-                                "questions": sum(1 for q in questions if q["split"] == s)}
-                            for s in ("dev", "report")}}
-    print(report, flush=True)
-    report["quality"] = await quality(pool, embedder, questions)
+    report: dict = {"embedder": embedder.model_id}
+    if not args.latency_only:
+        conn = await asyncpg.connect(dsn)
+        await conn.execute("DROP SCHEMA IF EXISTS l3 CASCADE")
+        await conn.close()
+    pool = await store.create_pool(dsn, model_id=embedder.model_id, dim=embedder.dim, max_size=4)
+    if not args.latency_only:
+        t = time.perf_counter()
+        for h in histories:
+            await put(pool, embedder, history_rows(h, 1 + 10_000 * int(h["user"].split("-")[1])))
+        await pool.execute("VACUUM ANALYZE l3.messages")
+        report["load_s"] = round(time.perf_counter() - t, 1)
+        report["set"] = {s: {"histories": sum(1 for h in histories if h["split"] == s),
+                             "turns": sum(len(x["turns"]) for h in histories if h["split"] == s
+                                          for x in h["sessions"]),
+                             "questions": sum(1 for q in questions if q["split"] == s)}
+                         for s in ("dev", "report")}
+        print(report, flush=True)
+        report["quality"] = await quality(pool, embedder, questions)
+        if not args.quality_only:
+            t = time.perf_counter()
+            report["padding_copies"] = await pad(pool, args.stored, embedder.model_id, embedder.dim)
+            report["padding_s"] = round(time.perf_counter() - t, 1)
     if not args.quality_only:
-        report["padding_copies"] = await pad(pool, args.stored, embedder.model_id)
         report["table_rows"] = await pool.fetchval("SELECT count(*) FROM l3.messages")
         print("table rows", report["table_rows"], flush=True)
+        report["load_average"] = os.getloadavg()
         report["latency"] = await latency(pool, embedder, histories, questions, args.samples)
     await pool.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"search_evidence_{args.embedder}.json"
+    suffix = "_latency" if args.latency_only else ""
+    path = args.out / f"search_evidence_{args.embedder}{suffix}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print("wrote", path)
     return 0

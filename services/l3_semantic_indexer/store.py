@@ -11,7 +11,7 @@ functions take the pool so the service owns its lifetime.
     inserted = await upsert_batch(pool, rows, vectors, embedder.model_id)
     messages, seq = await recent(pool, "lead-42", 10)
     qv = (await embedder.embed([query], input_type="query"))[0]
-    messages, seq = await search(pool, "lead-42", query, qv, 5, embedder.model_id)
+    messages, seq = await search(pool, "lead-42", query, qv, 5, embedder.model_id)  # hybrid
     deleted = await forget(pool, "lead-42", upto_seq)
     deleted = await retire_older(pool, below_seq, 1000)  # retention, in batches
 
@@ -42,6 +42,12 @@ Why it is built this way:
   iterative scan (hnsw.iterative_scan = relaxed_order) so the user filter
   still yields k rows. The choice is made inside the one statement from
   l3.user_state.n_rows, which the write functions keep current.
+* **Hybrid ranking, per user.** `search` fuses the vector candidates with
+  full-text candidates ranked by BM25 (reciprocal rank fusion): questions
+  about a chat history share rare words with the turn that answers them
+  (names, numbers, nouns) that a static embedding blurs. Full text reads
+  only the asking user's rows through a (user_id, tsv) GIN index, so its
+  cost follows the user's size, not the table's.
 * **Cheap pool.** Connections set jit=off and the hnsw settings at connect
   time; the pool's per-release reset (RESET ALL etc., one extra round trip)
   is replaced by a no-op, which is safe because nothing here leaves session
@@ -78,8 +84,10 @@ SCHEMA = "l3"
 USER_LOCK_NS = 1815309685
 
 #: users with at most this many rows are searched exactly (measured
-#: crossover: bench/results/search_quality.md)
-EXACT_MAX_ROWS = 5000
+#: crossover: bench/results/search_quality.md; 5,000 at 127k stored rows,
+#: but at 1M an HNSW scan filtered to a user of 5,000-10,000 rows is slower
+#: than the exact scan and often stops short)
+EXACT_MAX_ROWS = 10_000
 #: HNSW candidate list per connection (pgvector default 40); k above it is
 #: still served in full thanks to the iterative scan
 HNSW_EF_SEARCH = 64
@@ -410,9 +418,11 @@ async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: i
             return sql["search_" + p]
         args = ()
     rows = await _run(pool.fetch, statement(plan), user_id, encoded, k, exact_max_rows, floor, *args)
-    found = sum(1 for r in rows if r["seq"] is not None)
-    if plan == "auto" and found < k and (rows[0]["n_rows"] or 0) > exact_max_rows:
-        # the HNSW scan stopped (hnsw.max_scan_tuples) before k rows of
+    found, wanted = sum(1 for r in rows if r["seq"] is not None), k
+    if fusion_candidates > 0:  # the vector half, which full-text hits must not hide
+        found, wanted = rows[0]["n_vec"], max(fusion_candidates, k)
+    if plan == "auto" and found < wanted and (rows[0]["n_rows"] or 0) > exact_max_rows:
+        # the HNSW scan stopped (hnsw.max_scan_tuples) before enough rows of
         # this user passed the filter: answer completely, exactly
         rows = await _run(pool.fetch, statement("exact"), user_id, encoded, k, exact_max_rows,
                           floor, *args)
@@ -745,7 +755,7 @@ def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int
               (SELECT msg_id, r, 1.0 AS w FROM vr UNION ALL SELECT msg_id, r, $8::float8 FROM tr) c
               GROUP BY msg_id ORDER BY rrf DESC, msg_id LIMIT $3)
         SELECT (SELECT max(max_seq) FROM v) AS max_seq, (SELECT max(n_rows) FROM v) AS n_rows,
-               {COLUMNS}, f.rrf AS score
+               (SELECT count(*) FROM vr) AS n_vec, {COLUMNS}, f.rrf AS score
         FROM (SELECT 1) one
         LEFT JOIN (f JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = f.msg_id) ON true
         ORDER BY f.rrf DESC NULLS LAST, m.msg_id"""
