@@ -46,8 +46,8 @@ Why it is built this way:
   full-text candidates ranked by BM25 (reciprocal rank fusion): questions
   about a chat history share rare words with the turn that answers them
   (names, numbers, nouns) that a static embedding blurs. Full text reads
-  only the asking user's rows through a (user_id, tsv) GIN index, so its
-  cost follows the user's size, not the table's.
+  only the asking user's rows through a (hashtext(user_id), tsv) GIN
+  index, so its cost follows the user's size, not the table's.
 * **Cheap pool.** Connections set jit=off and the hnsw settings at connect
   time; the pool's per-release reset (RESET ALL etc., one extra round trip)
   is replaced by a no-op, which is safe because nothing here leaves session
@@ -562,7 +562,7 @@ def _bm25_ctes(user: str, query: str, floor: str, limit: str, n_rows: str) -> st
     `floor`, `limit`, and `n_rows` = the user's row count, N of the idf).
 
     Candidates are the user's rows at or below `floor` holding any query
-    word, found through the (user_id, tsv) index: every such row is read, so
+    word, found through the (hashtext(user_id), tsv) index: every such row is read, so
     each word's document frequency is exact. Term frequency is taken as 1
     (a chat turn rarely repeats a word; it saves unpacking every candidate's
     tsvector: each row is tested against the few query words instead), a
@@ -576,7 +576,8 @@ def _bm25_ctes(user: str, query: str, floor: str, limit: str, n_rows: str) -> st
                          FROM unnest(tsvector_to_array(to_tsvector('english', {query}))) w) AS words),
         tm AS MATERIALIZED (
             SELECT m.msg_id, m.tsv, length(m.tsv) AS dl FROM {SCHEMA}.messages m
-            WHERE m.user_id = {user} AND m.seq <= {floor} AND m.tsv @@ (SELECT q FROM qt)),
+            WHERE hashtext(m.user_id) = hashtext({user}) AND m.user_id = {user}
+              AND m.seq <= {floor} AND m.tsv @@ (SELECT q FROM qt)),
         tt AS MATERIALIZED (
             SELECT tm.msg_id, tm.dl, w.i FROM tm, qt, generate_subscripts(qt.words, 1) AS w(i)
             WHERE tm.tsv @@ qt.words[w.i]),
@@ -626,7 +627,7 @@ def _build_common_sql() -> dict[str, str]:
         "fulltext_ts_rank_cd": f"""
             SELECT {cols}, ts_rank_cd(m.tsv, qq.q) AS score
             FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$2')}
-            WHERE m.user_id = $1 AND m.tsv @@ qq.q
+            WHERE hashtext(m.user_id) = hashtext($1) AND m.user_id = $1 AND m.tsv @@ qq.q
             ORDER BY score DESC, m.msg_id
             LIMIT $3""",
         # the same BM25 as search's fusion (see _build_sql)
@@ -733,8 +734,8 @@ def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int
     plan of the HNSW branch is a sort of every row (measured: 240 ms at 1M
     rows), with a literal it is the index scan.
 
-    Full text reads only this user's rows: the (user_id, tsv) GIN index
-    (migrations/0004) finds the rows holding any query word, so other users'
+    Full text reads only this user's rows: the (hashtext(user_id), tsv) GIN
+    index (migrations/0004) finds the rows holding any query word, so other users'
     matches are never touched. bm25: see _bm25_ctes; ts_rank_cd: Postgres'
     cover density (no idf)."""
     n = int(candidates)
@@ -745,7 +746,8 @@ def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int
         text = f"""
         tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qq.q) DESC, m.msg_id) AS r
                FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$6')}
-               WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ qq.q
+               WHERE hashtext(m.user_id) = hashtext($1) AND m.user_id = $1
+                 AND m.seq <= $5 AND m.tsv @@ qq.q
                ORDER BY ts_rank_cd(m.tsv, qq.q) DESC, m.msg_id LIMIT {n}),"""
     return f"""
         WITH v AS ({vec}),
