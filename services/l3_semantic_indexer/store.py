@@ -395,10 +395,10 @@ async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: i
     Only this user's rows, and only vectors of `model_id` (the query's
     space), are ever considered. `plan`: "auto" = exact scan of the user's
     vectors when the user has at most `exact_max_rows` rows (recall 1.0),
-    else the model's HNSW index with iterative scan (and, vector only, should
-    that scan stop short of k rows, exact after all); "exact" / "hnsw" force
-    one (tests, benchmarks). A zero query vector (nothing to embed) matches
-    nothing.
+    else the model's HNSW index with iterative scan (and, should that scan
+    stop short of the rows asked of it, exact after all); "exact" / "hnsw"
+    force one (tests, benchmarks). A zero query vector (nothing to embed)
+    matches nothing.
     """
     if plan not in ("auto", "exact", "hnsw"):
         raise ValueError(f"plan must be auto, exact or hnsw, not {plan!r}")
@@ -562,8 +562,8 @@ def _bm25_ctes(user: str, query: str, floor: str, limit: str, n_rows: str) -> st
     `floor`, `limit`, and `n_rows` = the user's row count, N of the idf).
 
     Candidates are the user's rows at or below `floor` holding any query
-    word, found through the (hashtext(user_id), tsv) index: every such row is read, so
-    each word's document frequency is exact. Term frequency is taken as 1
+    word, found through the (hashtext(user_id), tsv) index: every such row
+    is read, so each word's document frequency is exact. Term frequency is taken as 1
     (a chat turn rarely repeats a word; it saves unpacking every candidate's
     tsvector: each row is tested against the few query words instead), a
     row's length is its count of distinct words and avgdl the candidates'
@@ -630,7 +630,7 @@ def _build_common_sql() -> dict[str, str]:
             WHERE hashtext(m.user_id) = hashtext($1) AND m.user_id = $1 AND m.tsv @@ qq.q
             ORDER BY score DESC, m.msg_id
             LIMIT $3""",
-        # the same BM25 as search's fusion (see _build_sql)
+        # the same BM25 as search's fusion (_bm25_ctes)
         "fulltext_bm25": f"""
             WITH {_bm25_ctes("$1", "$2", str(ALL), "$3",
                              f"SELECT n_rows FROM {SCHEMA}.user_state WHERE user_id = $1")}
@@ -735,8 +735,8 @@ def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int
     rows), with a literal it is the index scan.
 
     Full text reads only this user's rows: the (hashtext(user_id), tsv) GIN
-    index (migrations/0004) finds the rows holding any query word, so other users'
-    matches are never touched. bm25: see _bm25_ctes; ts_rank_cd: Postgres'
+    index (migrations/0004) finds the rows holding any query word, so other
+    users' matches are never touched. bm25: see _bm25_ctes; ts_rank_cd: Postgres'
     cover density (no idf)."""
     n = int(candidates)
     vec = _build_sql(model_id, dim, str(n))["search_" + plan]
