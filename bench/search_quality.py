@@ -223,21 +223,28 @@ async def quality_chat(pool, embedder, corpus: Corpus, *, users: int, background
     return await evaluate(pool, embedder, cases)
 
 
+#: fusion weights tried on these sets too (bench/search_evidence.py picks the default)
+TEXT_WEIGHTS = (1.0, 2.0, 3.0, 4.0)
+
+
 async def evaluate(pool, embedder, cases) -> dict:
     queries = await embedder.embed([q for _, q, _ in cases], input_type="query")
     methods = {
-        "vector exact": dict(plan="exact"),
-        "vector hnsw": dict(plan="hnsw"),
+        "vector exact": dict(plan="exact", fusion_candidates=0),
+        "vector hnsw": dict(plan="hnsw", fusion_candidates=0),
         "full-text (OR of words)": None,
-        "RRF vector+full-text, 20 each": dict(plan="exact", fusion_candidates=20),
-        "RRF vector+full-text, 50 each": dict(plan="exact", fusion_candidates=50),
+        "RRF vector+full-text, 20 each": dict(plan="exact", fusion_candidates=20, lexical="ts_rank_cd"),
+        "RRF vector+full-text, 50 each": dict(plan="exact", fusion_candidates=50, lexical="ts_rank_cd"),
     }
+    for w in TEXT_WEIGHTS:
+        methods[f"RRF vector+BM25, 50 each, text weight {w:g}"] = dict(
+            plan="exact", fusion_candidates=50, text_weight=w)
     results = {}
     for name, kw in methods.items():
         ranks = []
         for (user, q, target), qv in zip(cases, queries):
             if kw is None:
-                msgs = await store.fulltext(pool, user, q, 10)
+                msgs = await store.fulltext(pool, user, q, 10, lexical="ts_rank_cd")
             else:
                 msgs, _ = await store.search(pool, user, q, qv, 10, embedder.model_id, **kw)
             # by text: MRPC repeats sentences, so a copy of the target
@@ -360,15 +367,18 @@ async def run(args, dsn: str) -> int:
 
                 async def one(user=user, plan=plan, it=it):
                     i = next(it) % len(qtexts)
-                    await store.search(pool, user, qtexts[i], qvecs[i], 10, embedder.model_id, plan=plan)
+                    await store.search(pool, user, qtexts[i], qvecs[i], 10, embedder.model_id, plan=plan,
+                                       fusion_candidates=0)
                 lat[f"search k=10, user of {size} rows, {plan}"] = await timed(one, args.samples)
             # HNSW recall against exact for this user; by score, since texts
             # repeat (ties make id sets ambiguous); and how often the
             # iterative scan stopped (max_scan_tuples) before 10 rows
             hits = short = 0
             for i in range(200):
-                ex, _ = await store.search(pool, user, "", qvecs[i], 10, embedder.model_id, plan="exact")
-                hn, _ = await store.search(pool, user, "", qvecs[i], 10, embedder.model_id, plan="hnsw")
+                ex, _ = await store.search(pool, user, "", qvecs[i], 10, embedder.model_id, plan="exact",
+                                           fusion_candidates=0)
+                hn, _ = await store.search(pool, user, "", qvecs[i], 10, embedder.model_id, plan="hnsw",
+                                           fusion_candidates=0)
                 hits += sum(1 for m in hn if m.score >= ex[-1].score - 1e-6)
                 short += len(hn) < 10
             lat[f"search k=10, user of {size} rows, hnsw recall@10 vs exact"] = round(hits / 2000, 3)

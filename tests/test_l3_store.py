@@ -207,7 +207,12 @@ async def test_search_finds_the_paraphrase_first(pool, embedder, plan):
     await put(pool, embedder, rows(uid(), HISTORY))
     for query, target in PARAPHRASE_QUERIES:
         qv = (await embedder.embed([query], input_type="query"))[0]
+        # the default fuses in full text, which may put a turn sharing the
+        # query's word ("donate") ahead of the paraphrase: still in the top 3
         msgs, seq = await store.search(pool, user, query, qv, 3, embedder.model_id, plan=plan)
+        assert target in [m.text for m in msgs], (query, [m.text for m in msgs])
+        msgs, seq = await store.search(pool, user, query, qv, 3, embedder.model_id, plan=plan,
+                                       fusion_candidates=0)
         assert msgs[0].text == target, (query, [m.text for m in msgs])
         assert seq == len(HISTORY)
         assert [m.score for m in msgs] == sorted((m.score for m in msgs), reverse=True)
@@ -216,11 +221,16 @@ async def test_search_finds_the_paraphrase_first(pool, embedder, plan):
 
 
 async def test_search_scores_are_cosines(pool, embedder):
+    """Vector only (fusion off): score is the cosine; the default hybrid's
+    score is the fused rank score, still best first."""
     user = uid()
     await put(pool, embedder, rows(user, HISTORY))
     qv = (await embedder.embed([HISTORY[3]]))[0]
-    msgs, _ = await store.search(pool, user, HISTORY[3], qv, 1, embedder.model_id)
+    msgs, _ = await store.search(pool, user, HISTORY[3], qv, 1, embedder.model_id, fusion_candidates=0)
     assert msgs[0].text == HISTORY[3] and msgs[0].score == pytest.approx(1.0, abs=1e-5)
+    msgs, _ = await store.search(pool, user, HISTORY[3], qv, 3, embedder.model_id)
+    assert msgs[0].text == HISTORY[3]
+    assert [m.score for m in msgs] == sorted((m.score for m in msgs), reverse=True)
 
 
 async def test_search_never_returns_another_users_rows(pool, embedder):
@@ -245,7 +255,9 @@ async def test_search_never_returns_another_users_rows(pool, embedder):
         for q, qv in zip(rng.sample(queries, 3), rng.sample(list(qvs), 3)):
             k = rng.choice([1, 5, 10, 50])
             for kw in ({"plan": "auto"}, {"plan": "exact"}, {"plan": "hnsw"},
-                       {"plan": "auto", "fusion_candidates": 20}):
+                       {"plan": "auto", "fusion_candidates": 0}, {"plan": "exact", "fusion_candidates": 0},
+                       {"plan": "hnsw", "fusion_candidates": 0},
+                       {"plan": "auto", "fusion_candidates": 20, "lexical": "ts_rank_cd"}):
                 msgs, useq = await store.search(pool, user, q, qv, k, embedder.model_id, **kw)
                 assert all(m.msg_id.startswith(f"{user}/") for m in msgs), (user, kw)
                 if kw["plan"] != "hnsw":  # exact plans are complete
@@ -326,6 +338,85 @@ async def test_fulltext_matches_any_word(pool, embedder):
     msgs = await store.fulltext(pool, user, "Chicago cats budget", 5)
     assert {m.text for m in msgs} == {HISTORY[6], HISTORY[7]}
     assert msgs[0].text == HISTORY[7]  # two words match
+
+
+async def test_fulltext_bm25_weighs_rare_words_above_repeated_common_ones(pool, embedder):
+    user = uid()
+    texts = [f"the budget came up again, call {i}" for i in range(20)]
+    texts += ["budget budget budget, always the budget", "we fly to Zanzibar in May"]
+    await put(pool, embedder, rows(user, texts))
+    msgs = await store.fulltext(pool, user, "budget for Zanzibar", 3)
+    assert msgs[0].text == "we fly to Zanzibar in May"
+    # cover density has no idf: the repeated common word wins there
+    msgs = await store.fulltext(pool, user, "budget for Zanzibar", 3, lexical="ts_rank_cd")
+    assert msgs[0].text == "budget budget budget, always the budget"
+
+
+def _unit(dim: int, i: int) -> np.ndarray:
+    v = np.zeros(dim, dtype=np.float32)
+    v[i] = 1.0
+    return v
+
+
+@pytest.mark.parametrize("plan", ["auto", "exact", "hnsw"])
+async def test_hybrid_finds_a_turn_only_full_text_can_see(pool, embedder, plan):
+    """The answer shares a rare word with the question but its vector points
+    elsewhere; 40 turns have vectors right next to the query's. Vector only
+    misses it; the default (fused) search has it at the top."""
+    user = uid()
+    dim = embedder.dim
+    rng = np.random.default_rng(1)
+    texts = [f"we talked about the weather again, day {i}" for i in range(40)]
+    near = [_unit(dim, 0) + 0.05 * rng.standard_normal(dim).astype(np.float32) for _ in texts]
+    batch = rows(user, texts + ["My favourite skater is Rob Dryden."])
+    await store.upsert_batch(pool, batch, near + [_unit(dim, 1)], embedder.model_id)
+    query, qv = "which skater does Dryden like", _unit(dim, 0)
+    vector_only, _ = await store.search(pool, user, query, qv, 10, embedder.model_id,
+                                        plan=plan, fusion_candidates=0)
+    assert "My favourite skater is Rob Dryden." not in [m.text for m in vector_only]
+    fused, _ = await store.search(pool, user, query, qv, 10, embedder.model_id, plan=plan)
+    assert "My favourite skater is Rob Dryden." in [m.text for m in fused[:2]], [m.text for m in fused]
+    assert len(fused) == 10
+
+
+async def test_fusion_keeps_users_apart_even_with_the_same_msg_ids(pool, embedder):
+    """Full text is per user and the fused ids are joined back by (user, msg_id):
+    another user's rows with the query's words and the very same msg_ids never
+    leak in."""
+    a, b = uid(), uid()
+    await put(pool, embedder, rows(a, [f"our Zanzibar trip, part {i}" for i in range(30)]))
+    await put(pool, embedder, rows(b, ["the kitchen needs new tiles", "we sold the old car",
+                                       "the kids start school in May"]))
+    for kw in ({}, {"lexical": "ts_rank_cd"}, {"plan": "hnsw"}):
+        qv = (await embedder.embed(["Zanzibar trip"], input_type="query"))[0]
+        msgs, seq = await store.search(pool, b, "Zanzibar trip", qv, 10, embedder.model_id, **kw)
+        assert seq == 3 and len(msgs) <= 3
+        assert all("Zanzibar" not in m.text for m in msgs), kw
+        assert await store.fulltext(pool, b, "Zanzibar trip", 10) == []
+        msgs, _ = await store.search(pool, a, "Zanzibar trip", qv, 10, embedder.model_id, **kw)
+        assert len(msgs) == 10 and all("Zanzibar" in m.text for m in msgs), kw
+
+
+async def test_full_text_reads_only_the_users_rows(pool, embedder):
+    """The full-text candidates are found by an index whose condition is the
+    user (the (user_id, tsv) GIN or the (user_id, seq) btree, as the planner
+    prefers), never by a scan of every user's matches filtered afterwards."""
+    sql = store._statements(embedder.model_id, embedder.dim)
+    qv = store.encode_vector((await embedder.embed(["budget"]))[0])
+    statements = ((store._fused_sql(embedder.model_id, embedder.dim, "auto", "bm25", 50),
+                   ("u", qv, 10, 5000, store.ALL, "budget", 60, 1.0)),
+                  (store._COMMON["fulltext_bm25"], ("u", "budget", 10)))
+    async with pool.acquire() as conn:
+        for statement, args in statements:
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN (COSTS OFF) " + statement, *args))
+            tm = plan[plan.index("CTE tm"):plan.index("CTE tt")]
+            assert any("Index Cond" in line and "'u'::text" in line for line in tm.splitlines()), tm
+            assert "Seq Scan" not in tm, tm
+        # and the full-text index does not lure plain per-user reads away
+        # from the (user_id, seq) btree (a GIN bitmap of all the user's rows)
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN (COSTS OFF) " + sql["search_exact"], "u", qv, 10, 5000, store.ALL))
+        assert "messages_user_tsv" not in plan and "messages_user_seq" in plan, plan
 
 
 # ---------------------------------------------------------------- forget
@@ -456,7 +547,8 @@ async def test_reads_below_a_floor_leave_out_every_row_above_it(pool, embedder):
     msgs, newest = await store.recent(pool, user, 10, floor=4)
     assert ([m.seq for m in msgs], newest) == ([1, 2], 6)
     qv = (await embedder.embed(["budget garden"], input_type="query"))[0]
-    for kw in ({"plan": "auto"}, {"plan": "exact"}, {"plan": "hnsw"}, {"fusion_candidates": 20}):
+    for kw in ({"plan": "auto"}, {"plan": "exact"}, {"plan": "hnsw"}, {"fusion_candidates": 0},
+               {"fusion_candidates": 20, "lexical": "ts_rank_cd"}):
         msgs, newest = await store.search(pool, user, "budget garden", qv, 10, embedder.model_id,
                                           floor=4, **kw)
         assert (sorted(m.seq for m in msgs), newest) == ([1, 2], 6), kw

@@ -11,7 +11,7 @@ functions take the pool so the service owns its lifetime.
     inserted = await upsert_batch(pool, rows, vectors, embedder.model_id)
     messages, seq = await recent(pool, "lead-42", 10)
     qv = (await embedder.embed([query], input_type="query"))[0]
-    messages, seq = await search(pool, "lead-42", query, qv, 5, embedder.model_id)
+    messages, seq = await search(pool, "lead-42", query, qv, 5, embedder.model_id)  # hybrid
     deleted = await forget(pool, "lead-42", upto_seq)
     deleted = await retire_older(pool, below_seq, 1000)  # retention, in batches
 
@@ -42,6 +42,12 @@ Why it is built this way:
   iterative scan (hnsw.iterative_scan = relaxed_order) so the user filter
   still yields k rows. The choice is made inside the one statement from
   l3.user_state.n_rows, which the write functions keep current.
+* **Hybrid ranking, per user.** `search` fuses the vector candidates with
+  full-text candidates ranked by BM25 (reciprocal rank fusion): questions
+  about a chat history share rare words with the turn that answers them
+  (names, numbers, nouns) that a static embedding blurs. Full text reads
+  only the asking user's rows through a (hashtext(user_id), tsv) GIN
+  index, so its cost follows the user's size, not the table's.
 * **Cheap pool.** Connections set jit=off and the hnsw settings at connect
   time; the pool's per-release reset (RESET ALL etc., one extra round trip)
   is replaced by a no-op, which is safe because nothing here leaves session
@@ -78,14 +84,23 @@ SCHEMA = "l3"
 USER_LOCK_NS = 1815309685
 
 #: users with at most this many rows are searched exactly (measured
-#: crossover: bench/results/search_quality.md)
-EXACT_MAX_ROWS = 5000
+#: crossover: bench/results/search_quality.md; 5,000 at 127k stored rows,
+#: but at 1M an HNSW scan filtered to a user of 5,000-10,000 rows is slower
+#: than the exact scan and often stops short)
+EXACT_MAX_ROWS = 10_000
 #: HNSW candidate list per connection (pgvector default 40); k above it is
 #: still served in full thanks to the iterative scan
 HNSW_EF_SEARCH = 64
-#: full-text candidates fused with the vector candidates (0: no fusion)
-FUSION_CANDIDATES = 0
+#: vector and full-text candidates fused by `search` (0: vector only);
+#: chosen on the dev half of bench/data/dialogue_qa (bench/results/search_quality.md)
+FUSION_CANDIDATES = 50
 RRF_K = 60
+#: weight of the full-text list in the fusion (the vector list weighs 1)
+TEXT_WEIGHT = 2.0
+#: full-text ranking of the fusion: Okapi BM25 or Postgres' ts_rank_cd
+LEXICAL = ("bm25", "ts_rank_cd")
+BM25_K1 = 1.2
+BM25_B = 0.75
 
 #: a `floor` that excludes nothing (the largest bigint)
 ALL = 2**63 - 1
@@ -360,50 +375,69 @@ async def recent(pool: Pool, user_id: str, n: int, *,
 async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: int,
                  model_id: str, *, floor: int = ALL, plan: str = "auto",
                  exact_max_rows: int = EXACT_MAX_ROWS,
-                 fusion_candidates: int = FUSION_CANDIDATES) -> tuple[list[Message], int]:
-    """Up to `k` of the user's messages at or below seq `floor` closest to the
-    query, best first, with `score` = cosine similarity (higher is better),
-    and the user's newest processed seq (which may be above `floor`).
+                 fusion_candidates: int = FUSION_CANDIDATES, lexical: str = "bm25",
+                 text_weight: float = TEXT_WEIGHT) -> tuple[list[Message], int]:
+    """Up to `k` of the user's messages at or below seq `floor` that best
+    answer the query, best first, and the user's newest processed seq (which
+    may be above `floor`).
+
+    Hybrid by default: the top `fusion_candidates` by vector (cosine with
+    `query_vec`) and the top as many by full text (`query_text`'s words,
+    any of them, ranked by `lexical`: BM25 over the user's rows, or
+    ts_rank_cd) are fused by weighted reciprocal rank fusion, and `score` is
+    the fused score (higher is better, not a cosine). Chat questions share
+    words with the turn that answers them that a static embedding blurs
+    (names, numbers, rare nouns); BM25 finds those, the vector finds
+    paraphrases: on long-conversation QA the fusion beats either alone
+    (bench/results/search_quality.md). `fusion_candidates=0`: vector only,
+    `score` = cosine similarity.
 
     Only this user's rows, and only vectors of `model_id` (the query's
     space), are ever considered. `plan`: "auto" = exact scan of the user's
     vectors when the user has at most `exact_max_rows` rows (recall 1.0),
     else the model's HNSW index with iterative scan (and, should that scan
-    stop short of k rows, exact after all); "exact" / "hnsw" force one
-    (tests, benchmarks). A zero query vector (nothing to embed) matches
-    nothing. `query_text` is used only when `fusion_candidates` > 0: then the
-    top full-text candidates (ts_rank_cd over the query's words, OR-ed) are
-    fused with as many vector candidates by reciprocal rank fusion and
-    `score` is the fused RRF score. Off by default: on our measurements it
-    did not improve paraphrase recall (bench/results/search_quality.md).
+    stop short of the rows asked of it, exact after all); "exact" / "hnsw"
+    force one (tests, benchmarks). A zero query vector (nothing to embed)
+    matches nothing.
     """
     if plan not in ("auto", "exact", "hnsw"):
         raise ValueError(f"plan must be auto, exact or hnsw, not {plan!r}")
+    if lexical not in LEXICAL:
+        raise ValueError(f"lexical must be one of {LEXICAL}, not {lexical!r}")
     vec = np.asarray(query_vec, dtype=np.float32).reshape(-1)
     sql = _statements(model_id, vec.shape[0])
     if not np.isfinite(vec).all() or not vec.any():
         return [], await user_seq(pool, user_id)
     encoded = encode_vector(vec)
     if fusion_candidates > 0:
-        rows = await _run(pool.fetch, sql["search_fused_" + plan], user_id, encoded, k,
-                          exact_max_rows, floor, max(fusion_candidates, k), query_text or "", RRF_K)
+        def statement(p: str) -> str:
+            return _fused_sql(model_id, vec.shape[0], p, lexical, max(fusion_candidates, k))
+        args: tuple = (query_text or "", RRF_K, float(text_weight))
     else:
-        rows = await _run(pool.fetch, sql["search_" + plan], user_id, encoded, k, exact_max_rows,
-                          floor)
-        found = sum(1 for r in rows if r["seq"] is not None)
-        if plan == "auto" and found < k and (rows[0]["n_rows"] or 0) > exact_max_rows:
-            # the HNSW scan stopped (hnsw.max_scan_tuples) before k rows of
-            # this user passed the filter: answer completely, exactly
-            rows = await _run(pool.fetch, sql["search_exact"], user_id, encoded, k, exact_max_rows,
-                              floor)
+        def statement(p: str) -> str:
+            return sql["search_" + p]
+        args = ()
+    rows = await _run(pool.fetch, statement(plan), user_id, encoded, k, exact_max_rows, floor, *args)
+    found, wanted = sum(1 for r in rows if r["seq"] is not None), k
+    if fusion_candidates > 0:  # the vector half, which full-text hits must not hide
+        found, wanted = rows[0]["n_vec"], max(fusion_candidates, k)
+    if plan == "auto" and found < wanted and (rows[0]["n_rows"] or 0) > exact_max_rows:
+        # the HNSW scan stopped (hnsw.max_scan_tuples) before enough rows of
+        # this user passed the filter: answer completely, exactly
+        rows = await _run(pool.fetch, statement("exact"), user_id, encoded, k, exact_max_rows,
+                          floor, *args)
     return ([_message(r, r["score"]) for r in rows if r["seq"] is not None],
             rows[0]["max_seq"] or 0)
 
 
-async def fulltext(pool: Pool, user_id: str, query_text: str, k: int) -> list[Message]:
-    """The user's full-text matches of any of the query's words, best
-    `ts_rank_cd` first (score = that rank). For benchmarks and diagnostics."""
-    rows = await _run(pool.fetch, _COMMON["fulltext"], user_id, query_text, k)
+async def fulltext(pool: Pool, user_id: str, query_text: str, k: int, *,
+                   lexical: str = "bm25") -> list[Message]:
+    """The user's full-text matches of any of the query's words, best first
+    by `lexical` (BM25 or ts_rank_cd; score = that rank's score). Full text
+    alone, for benchmarks and diagnostics; `search` fuses it with vectors."""
+    if lexical not in LEXICAL:
+        raise ValueError(f"lexical must be one of {LEXICAL}, not {lexical!r}")
+    rows = await _run(pool.fetch, _COMMON["fulltext_" + lexical], user_id, query_text, k)
     return [_message(r, r["score"]) for r in rows]
 
 
@@ -522,6 +556,42 @@ COLUMNS = "m.seq, m.msg_id, m.role, m.bot_id, m.text, m.ts"
 _TSQUERY = "(SELECT replace(plainto_tsquery('english', {p})::text, ' & ', ' | ')::tsquery AS q) qq"
 
 
+def _bm25_ctes(user: str, query: str, floor: str, limit: str, n_rows: str) -> str:
+    """CTEs ending in `tr(msg_id, s, r)`: the user's top `limit` rows by Okapi
+    BM25 for the words of `query` (SQL expressions: `user`, `query`, the seq
+    `floor`, `limit`, and `n_rows` = the user's row count, N of the idf).
+
+    Candidates are the user's rows at or below `floor` holding any query
+    word, found through the (hashtext(user_id), tsv) index: every such row
+    is read, so each word's document frequency is exact. Term frequency is taken as 1
+    (a chat turn rarely repeats a word; it saves unpacking every candidate's
+    tsvector: each row is tested against the few query words instead), a
+    row's length is its count of distinct words and avgdl the candidates'
+    mean. Scores: bench/results/search_quality.md."""
+    k1, b = BM25_K1, BM25_B
+    return f"""
+        qt AS MATERIALIZED (
+            SELECT replace(plainto_tsquery('english', {query})::text, ' & ', ' | ')::tsquery AS q,
+                   array(SELECT quote_literal(w)::tsquery
+                         FROM unnest(tsvector_to_array(to_tsvector('english', {query}))) w) AS words),
+        tm AS MATERIALIZED (
+            SELECT m.msg_id, m.tsv, length(m.tsv) AS dl FROM {SCHEMA}.messages m
+            WHERE hashtext(m.user_id) = hashtext({user}) AND m.user_id = {user}
+              AND m.seq <= {floor} AND m.tsv @@ (SELECT q FROM qt)),
+        tt AS MATERIALIZED (
+            SELECT tm.msg_id, tm.dl, w.i FROM tm, qt, generate_subscripts(qt.words, 1) AS w(i)
+            WHERE tm.tsv @@ qt.words[w.i]),
+        cs AS (SELECT greatest(({n_rows}), (SELECT count(*) FROM tm), 1)::float8 AS n,
+                      greatest((SELECT avg(dl) FROM tm), 1)::float8 AS avgdl),
+        idf AS (SELECT i, ln(1 + (cs.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+                FROM tt, cs GROUP BY i, cs.n),
+        tr AS (SELECT msg_id, s, row_number() OVER (ORDER BY s DESC, msg_id) AS r FROM (
+                   SELECT tt.msg_id,
+                          sum(idf.idf * {k1 + 1} / (1 + {k1} * (1 - {b} + {b} * tt.dl / cs.avgdl))) AS s
+                   FROM tt JOIN idf USING (i), cs
+                   GROUP BY tt.msg_id ORDER BY s DESC, tt.msg_id LIMIT {limit}) x)"""
+
+
 def _build_common_sql() -> dict[str, str]:
     """The statements that do not depend on the embedding model."""
     cols = COLUMNS
@@ -554,12 +624,19 @@ def _build_common_sql() -> dict[str, str]:
                 WHERE m.user_id = $1 AND m.seq <= $3 ORDER BY m.seq DESC LIMIT $2
             ) r ON true
             ORDER BY r.seq""",
-        "fulltext": f"""
+        "fulltext_ts_rank_cd": f"""
             SELECT {cols}, ts_rank_cd(m.tsv, qq.q) AS score
             FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$2')}
-            WHERE m.user_id = $1 AND m.tsv @@ qq.q
-            ORDER BY score DESC
+            WHERE hashtext(m.user_id) = hashtext($1) AND m.user_id = $1 AND m.tsv @@ qq.q
+            ORDER BY score DESC, m.msg_id
             LIMIT $3""",
+        # the same BM25 as search's fusion (_bm25_ctes)
+        "fulltext_bm25": f"""
+            WITH {_bm25_ctes("$1", "$2", str(ALL), "$3",
+                             f"SELECT n_rows FROM {SCHEMA}.user_state WHERE user_id = $1")}
+            SELECT {cols}, tr.s AS score
+            FROM tr JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = tr.msg_id
+            ORDER BY tr.r""",
         "user_seq": f"SELECT max_seq FROM {SCHEMA}.user_state WHERE user_id = $1",
         "newest_upto": f"SELECT max(seq) FROM {SCHEMA}.messages WHERE user_id = $1 AND seq <= $2",
         "applied_seq": f"SELECT applied_seq FROM {SCHEMA}.progress WHERE name = 'log'",
@@ -585,8 +662,9 @@ def _build_common_sql() -> dict[str, str]:
     }
 
 
-def _build_sql(model_id: str, dim: int) -> dict[str, str]:
-    """The search statements of one model. The model id and dim are literals
+def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
+    """The vector search statements of one model, returning `limit` rows ($3
+    = k; _fused_sql passes a literal). The model id and dim are literals
     (validated by _MODEL_ID_RE, never user input) so that the planner can
     prove the partial HNSW index applies even to a generic prepared plan."""
     m = _sql_literal(model_id)
@@ -602,7 +680,7 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         WHERE m.user_id = $1 AND m.seq <= $5 AND m.embedding_model = {m}
           AND m.embedding IS NOT NULL
         ORDER BY m.embedding <=> $2
-        LIMIT $3"""
+        LIMIT {limit}"""
     # hnsw: the partial index of this model; the iterative scan goes on until
     # k rows pass the user filter; relaxed order, so re-sorted outside. The
     # user and floor filters are written so that no btree index can serve
@@ -614,7 +692,7 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         FROM {SCHEMA}.messages m
         WHERE (m.user_id || '') = $1 AND (m.seq + 0) <= $5 AND m.embedding_model = {m}
         ORDER BY m.embedding::{cast} <=> $2::vector::{cast}
-        LIMIT $3"""
+        LIMIT {limit}"""
     if expr is None:
         hnsw = exact
 
@@ -641,30 +719,48 @@ def _build_sql(model_id: str, dim: int) -> dict[str, str]:
         FROM (SELECT 1) one LEFT JOIN hits ON true
         ORDER BY hits.score DESC NULLS LAST"""
 
-    def fused(plan: str) -> str:
-        # reciprocal rank fusion of the top $6 vector and top $6 full-text hits
-        vec = gated(exact.replace("LIMIT $3", "LIMIT $6"), hnsw.replace("LIMIT $3", "LIMIT $6"), plan)
-        return f"""
-        WITH v AS ({vec}),
-        vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC) AS r
-               FROM v WHERE msg_id IS NOT NULL),
-        tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qq.q) DESC) AS r
-               FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$7')}
-               WHERE m.user_id = $1 AND m.seq <= $5 AND m.tsv @@ qq.q
-               ORDER BY ts_rank_cd(m.tsv, qq.q) DESC LIMIT $6),
-        f AS (SELECT msg_id, sum(1.0 / ($8 + r)) AS rrf FROM
-              (SELECT msg_id, r FROM vr UNION ALL SELECT msg_id, r FROM tr) c GROUP BY msg_id
-              ORDER BY rrf DESC LIMIT $3)
-        SELECT (SELECT max(max_seq) FROM v) AS max_seq, {cols}, f.rrf AS score
-        FROM (SELECT 1) one
-        LEFT JOIN (f JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = f.msg_id) ON true
-        ORDER BY f.rrf DESC NULLS LAST"""
-
     sql = {}
     for plan in ("auto", "exact", "hnsw"):
         sql["search_" + plan] = gated(exact, hnsw, plan)
-        sql["search_fused_" + plan] = fused(plan)
     return sql
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int) -> str:
+    """Weighted reciprocal rank fusion of the top `candidates` vector hits and
+    the top `candidates` full-text hits. Parameters: $1 user, $2 vector, $3 k,
+    $4 exact_max_rows, $5 floor, $6 query text, $7 RRF k, $8 the text list's
+    weight. `candidates` is a literal: with a LIMIT parameter the generic
+    plan of the HNSW branch is a sort of every row (measured: 240 ms at 1M
+    rows), with a literal it is the index scan.
+
+    Full text reads only this user's rows: the (hashtext(user_id), tsv) GIN
+    index (migrations/0004) finds the rows holding any query word, so other
+    users' matches are never touched. bm25: see _bm25_ctes; ts_rank_cd: Postgres'
+    cover density (no idf)."""
+    n = int(candidates)
+    vec = _build_sql(model_id, dim, str(n))["search_" + plan]
+    if lexical == "bm25":
+        text = _bm25_ctes("$1", "$6", "$5", str(n), "SELECT max(n_rows) FROM v") + ","
+    else:
+        text = f"""
+        tr AS (SELECT m.msg_id, row_number() OVER (ORDER BY ts_rank_cd(m.tsv, qq.q) DESC, m.msg_id) AS r
+               FROM {SCHEMA}.messages m, {_TSQUERY.format(p='$6')}
+               WHERE hashtext(m.user_id) = hashtext($1) AND m.user_id = $1
+                 AND m.seq <= $5 AND m.tsv @@ qq.q
+               ORDER BY ts_rank_cd(m.tsv, qq.q) DESC, m.msg_id LIMIT {n}),"""
+    return f"""
+        WITH v AS ({vec}),
+        vr AS (SELECT msg_id, row_number() OVER (ORDER BY score DESC, msg_id) AS r
+               FROM v WHERE msg_id IS NOT NULL),{text}
+        f AS (SELECT msg_id, sum(w / ($7 + r)) AS rrf FROM
+              (SELECT msg_id, r, 1.0 AS w FROM vr UNION ALL SELECT msg_id, r, $8::float8 FROM tr) c
+              GROUP BY msg_id ORDER BY rrf DESC, msg_id LIMIT $3)
+        SELECT (SELECT max(max_seq) FROM v) AS max_seq, (SELECT max(n_rows) FROM v) AS n_rows,
+               (SELECT count(*) FROM vr) AS n_vec, {COLUMNS}, f.rrf AS score
+        FROM (SELECT 1) one
+        LEFT JOIN (f JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = f.msg_id) ON true
+        ORDER BY f.rrf DESC NULLS LAST, m.msg_id"""
 
 
 _COMMON = _build_common_sql()
