@@ -35,7 +35,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.search_quality import pct, timed
+from bench.search_quality import timed
 from services.l3_semantic_indexer import store
 from shared.embeddings import make_embedder
 
