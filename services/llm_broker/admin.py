@@ -38,7 +38,7 @@ class Admin:
     async def lookup(self, req: AdminEntryRequest) -> AdminEntry:
         now = self.broker.clock()
         try:
-            exact, _ = await self.cache.lookup(req.entry_id, None, now)
+            exact = await self._read_exact(req.entry_id, now)
             semantic = await self.cache.semantic_entry(req.entry_id)
         except STORE_ERRORS as exc:
             raise stores_down(exc) from None
@@ -53,7 +53,7 @@ class Admin:
         """Both tiers. The lookup first makes sure the exact key is read under the key
         epoch in force (a broker that has served nothing yet has not read it)."""
         try:
-            await self.cache.lookup(req.entry_id, None, self.broker.clock())
+            await self._read_exact(req.entry_id, self.broker.clock())
             deleted = await self.cache.evict_id(req.entry_id)
         except STORE_ERRORS as exc:
             raise stores_down(exc) from None
@@ -130,6 +130,14 @@ class Admin:
             if verdict.serve and refused is None and out.entry_id is None:
                 out.decision, out.entry_id = "hit_semantic", cand.entry.id
         return out
+
+    async def _read_exact(self, entry_id: str, now: float) -> Entry | None:
+        """The exact tier's entry (expired or not) under the key epoch in force; a read
+        that found Redis wiped or rolled back distrusts as a request's would."""
+        entry, fence = await self.cache.lookup(entry_id, None, now)
+        if fence.distrusted:
+            self.broker.distrust(fence.distrusted)
+        return entry
 
     async def _refused(self, entry: Entry, fence, max_age_s: float | None,
                        now: float) -> str | None:
