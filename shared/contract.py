@@ -551,6 +551,108 @@ class LLMStatsReply(msgspec.Struct):
     hit_rate: float = 0.0
 
 
+# --- llm.admin.* (admin identity only; the llm-gateway serves them as /admin/...) ---
+
+EntryId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Partition = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]  # `policy.partition_key`
+Namespace = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class AdminEntryRequest(msgspec.Struct):
+    """`llm.admin.lookup` and `llm.admin.delete`: one entry, by the id a reply's
+    `cache.entry_id` (the gateway's `tiermem-entry` header) named."""
+
+    entry_id: EntryId
+
+
+class AdminEntry(msgspec.Struct, kw_only=True):
+    """One cached answer as an operator sees it. `ttl_left_s` is negative once it
+    expired (the row waits for the sweeper); `tiers` says where it is: `exact`
+    (Redis, under the key epoch in force) and/or `semantic` (Postgres)."""
+
+    entry_id: str
+    partition: str
+    user_id: str
+    namespace: str
+    task: str
+    model: str
+    volatility: str
+    query: str  # the latest user message it answered
+    text: str
+    stop_reason: str | None
+    usage: Usage
+    cost_usd: float
+    created_at: float
+    age_s: float
+    expires_at: float
+    ttl_left_s: float
+    fresh: bool
+    tiers: list[str]
+
+
+class AdminDeleteReply(msgspec.Struct):
+    entry_id: str
+    deleted: bool  # False: neither tier held it
+
+
+class AdminFlushRequest(msgspec.Struct):
+    """`llm.admin.flush`: exactly one of a partition (`policy.partition_key`, as
+    `llm.admin.explain` or a lookup shows it), a namespace (`cache.namespace`,
+    the gateway's `tiermem-namespace`) or a user (every entry their requests made)."""
+
+    partition: Partition | None = None
+    namespace: Namespace | None = None
+    user_id: Id | None = None
+
+
+class AdminFlushReply(msgspec.Struct):
+    deleted: int  # entries dropped (the larger tier's count)
+    partition: str | None = None
+    namespace: str | None = None
+    user_id: str | None = None
+
+
+class GuardVerdict(msgspec.Struct):
+    serve: bool
+    reason: str
+    score: float
+
+
+class AdminCandidate(msgspec.Struct, kw_only=True):
+    """A semantic neighbour of the request in its partition, as the broker judged it:
+    the guard's verdict at the partition's threshold, then (if the guard would serve
+    it) why it still may not be served (`refused`: too_old, user_spoke, events_lost,
+    ...; None: it would be served)."""
+
+    entry_id: str
+    query: str
+    similarity: float
+    guard: GuardVerdict
+    refused: str | None = None
+
+
+class AdminExplainReply(msgspec.Struct, kw_only=True):
+    """`llm.admin.explain` (the request is an `llm.complete` body): what the broker
+    would do with it now, and why, without calling the model or storing anything.
+
+    `decision`: `hit_exact`, `hit_semantic`, `miss` (the model would be asked; its
+    answer stored if `would_store` and the model finishes it) or `bypass` (the cache
+    stands aside: `reason` is mode_off or what makes the request unkeyable). Refresh
+    requests are misses with reason `refresh`."""
+
+    decision: Literal["hit_exact", "hit_semantic", "miss", "bypass"]
+    reason: str | None = None
+    partition: str | None = None
+    exact_key: str | None = None
+    exact: AdminEntry | None = None  # the fresh exact entry under that key, if any
+    exact_refused: str | None = None  # why it would not be served (too_old, user_spoke, ...)
+    semantic: bool = False  # was the semantic tier consulted (mode semantic, text only)
+    threshold: float | None = None  # the partition's current guard threshold
+    candidates: list[AdminCandidate] = []  # best first
+    entry_id: str | None = None  # the entry that would answer (a hit)
+    would_store: bool = False
+
+
 # --- audit.served.* (internal) and audit.stats (public) ----------------------
 
 

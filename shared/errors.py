@@ -9,6 +9,7 @@ tiers down reaches the caller with its code intact.
 
     TierError
     ├── BadRequest        400  malformed JSON, wrong types, bad ids, bad values
+    ├── NotFound          404  no such thing (an admin lookup of an entry id)
     ├── PayloadTooLarge   413  text over the configured size limit
     ├── Unavailable       503  no tier (or dependency) able to answer right now
     ├── UpstreamTimeout   504  a tier below did not answer in time
@@ -37,6 +38,10 @@ class BadRequest(TierError):
     code = 400
 
 
+class NotFound(TierError):
+    code = 404
+
+
 class PayloadTooLarge(TierError):
     code = 413
 
@@ -57,7 +62,7 @@ class StorageFull(TierError):
 
 def from_code(code: int, message: str) -> TierError:
     """Rebuild the exception a remote tier raised, keeping its code."""
-    for cls in (BadRequest, PayloadTooLarge, Unavailable, UpstreamTimeout, StorageFull):
+    for cls in (BadRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamTimeout, StorageFull):
         if cls.code == code:
             return cls(message)
     return TierError(message, code)

@@ -122,6 +122,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     gateway_api_keys: str = ""  # comma-separated keys callers must present; empty: any key
     gateway_max_body_bytes: int = 32 * 1024 * 1024  # the API's own limit; larger gets 413
     gateway_timeout_s: float = 300.0  # how long a request waits for the llm-broker
+    # the /admin/... routes (llm.admin.* over HTTP) answer only the `tiermem-admin-token`
+    # header holding this; empty: they do not exist (404)
+    gateway_admin_token: str = ""
 
     # freshness auditing: tiers and the broker publish what they served ...
     served_publish_rate: float = 1.0  # share of answers recorded (0: none)
@@ -136,7 +139,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __repr__(self) -> str:  # hide secrets, keep the rest readable
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
         for secret in ("embedder_api_key", "anthropic_api_key", "nats_password", "pii_hash_key", "redis_password",
-                       "gateway_api_keys"):
+                       "gateway_api_keys", "gateway_admin_token"):
             if shown[secret]:
                 shown[secret] = "***"
         for url in ("nats_url", "redis_url", "database_url"):

@@ -29,6 +29,10 @@ Internal:
     memory.l1.evict          freshness-auditor -> every memory-l1: drop a user's window
     memory.l2.evict          freshness-auditor -> l2-gateway: drop a user's Redis window
     llm.verdict              freshness-auditor -> llm-broker: an audited hit was right/wrong
+    llm.admin.lookup         -> llm-broker (admin, llm-gateway)  one cached entry by id
+    llm.admin.delete         -> llm-broker (admin, llm-gateway)  drop one entry from both tiers
+    llm.admin.flush          -> llm-broker (admin, llm-gateway)  drop a partition, namespace or user
+    llm.admin.explain        -> llm-broker (admin, llm-gateway)  what a request would get, and why
     memory.deadletter.<svc>  JetStream stream MEMORY_DEAD: log messages a consumer could not use
     $KV.tiermem_state.<key>  JetStream KV bucket tiermem_state: which MEMORY stream the gateway owns
 
@@ -56,6 +60,11 @@ AUDIT_SERVED_ALL = f"{AUDIT_SERVED_PREFIX}.*"
 MEMORY_L1_EVICT = "memory.l1.evict"
 MEMORY_L2_EVICT = "memory.l2.evict"
 LLM_VERDICT = "llm.verdict"
+LLM_ADMIN_LOOKUP = "llm.admin.lookup"
+LLM_ADMIN_DELETE = "llm.admin.delete"
+LLM_ADMIN_FLUSH = "llm.admin.flush"
+LLM_ADMIN_EXPLAIN = "llm.admin.explain"
+LLM_ADMIN = (LLM_ADMIN_LOOKUP, LLM_ADMIN_DELETE, LLM_ADMIN_FLUSH, LLM_ADMIN_EXPLAIN)
 
 STREAM = "MEMORY"
 LOG_PREFIX = "memory.log"

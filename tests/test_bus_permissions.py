@@ -76,6 +76,8 @@ WORKER_MUST_NOT_PUBLISH = [
     "$JS.API.STREAM.INFO.MEMORY", "memory.deadletter.l2-gateway",
     # a forget is asked for through memory.forget only: not the jobs, not a tier's own forget
     "llm.forget", "memory.forgetjob.lead-1", "memory.forget.status", "$JS.API.STREAM.PURGE.FORGET",
+    # the operators' LLM cache operations (issue 14): admin's, and the gateway's /admin routes'
+    "llm.admin.lookup", "llm.admin.delete", "llm.admin.flush", "llm.admin.explain",
 ]
 WORKER_MUST_NOT_SUBSCRIBE = [
     "memory.changed.*", "memory.forgotten.*", "memory.log.>", "memory.l1.evict", "memory.l3.forget",
@@ -173,6 +175,12 @@ FORBIDDEN_TO = {  # role -> subjects it must not publish, from each service's jo
     permissions.L2_GATEWAY: [subjects.LLM_VERDICT, subjects.MEMORY_L1_EVICT, "audit.served.llm-broker",
                              f"$JS.API.STREAM.DELETE.{subjects.FORGET_STREAM}"],
 }
+
+
+# The operators' LLM cache operations: admin's, and the llm-gateway's (it serves them over
+# HTTP behind its admin token); no other service's job needs them.
+for _role in FORBIDDEN_TO:
+    FORBIDDEN_TO[_role] += [subjects.LLM_ADMIN_DELETE, subjects.LLM_ADMIN_FLUSH]
 
 
 @pytest.mark.parametrize("name", sorted(FORBIDDEN_TO))

@@ -32,16 +32,19 @@ from pathlib import Path
 import asyncpg
 import msgspec
 import numpy as np
+import structlog
 from pgvector.asyncpg import register_vector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import lastseq, pg
+from shared.errors import Unavailable
 from shared.lastseq import State
 
 from . import l2state
 from .policy import Entry
 
+log = structlog.get_logger()
 MIGRATIONS = Path(__file__).with_name("migrations")
 GC_GRACE_S = 60
 INV_TTL_S = 86400 * 2  # longer than any entry lives
@@ -53,6 +56,14 @@ KEY_EPOCH_CHANGED = "not_cached_key_epoch_changed"
 # Redis down or refusing; Postgres down, refusing, or past `command_timeout`
 # (asyncpg raises TimeoutError, and InterfaceError for a connection it lost).
 STORE_ERRORS = (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+
+def stores_down(exc: Exception) -> Unavailable:
+    """The 503 of an operation only the stores can answer (`llm.verdict`, `llm.stats`, admin)."""
+    log.warning("cache_stores_unavailable", error=str(exc) or type(exc).__name__)
+    return Unavailable("the LLM cache's stores (Redis, Postgres) are unavailable; retry shortly")
+
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Entry)
@@ -251,11 +262,11 @@ class ResponseCache:
         if stored and vector is not None:
             await self.pool.execute(
                 "INSERT INTO llm.entries (id, partition, user_id, volatility, embedding_model,"
-                " embedding, entry, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) "
+                " embedding, entry, expires_at, namespace) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) "
                 "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding,"
                 " entry = EXCLUDED.entry, expires_at = EXCLUDED.expires_at",
                 entry.id, entry.partition, entry.user_id, entry.volatility, self.model_id,
-                vector, _enc.encode(entry), entry.expires_at)
+                vector, _enc.encode(entry), entry.expires_at, entry.namespace)
         return "cached" if stored else "not_cached_user_spoke"
 
     async def evict_id(self, entry_id: str) -> bool:
@@ -263,6 +274,48 @@ class ResponseCache:
         in_redis = await self.redis.delete(self._xkey(entry_id))
         in_pg = await self.pool.execute("DELETE FROM llm.entries WHERE id = $1", entry_id)
         return bool(in_redis) or in_pg != "DELETE 0"
+
+    # --- operators (`llm.admin.*`, services/llm_broker/admin.py) -------------
+
+    async def semantic_entry(self, entry_id: str) -> Entry | None:
+        """The semantic tier's row of an entry (expired or not), if it has one."""
+        raw = await self.pool.fetchval("SELECT entry FROM llm.entries WHERE id = $1", entry_id)
+        return None if raw is None else _dec.decode(raw)
+
+    async def flush_partition(self, partition: str) -> int:
+        """Drop every entry of one partition, in both tiers (exact keys of every key
+        epoch: a dropped epoch's keys are garbage anyway). The exact tier is found
+        by SCAN (its keys start with the partition): an operator's tool, not a hot path."""
+        in_redis = await self._delete_scanned(f"llm:x:*:{partition}:*")
+        in_pg = await self.pool.execute("DELETE FROM llm.entries WHERE partition = $1", partition)
+        return max(in_redis, int(in_pg.split()[-1]))
+
+    async def flush_namespace(self, namespace: str) -> int:
+        """Drop every entry of one namespace, in both tiers. Exact keys carry no
+        namespace, so every exact entry is read (SCAN, in batches) to find them."""
+        in_redis = await self._delete_scanned("llm:x:*", lambda e: e.namespace == namespace)
+        in_pg = await self.pool.execute("DELETE FROM llm.entries WHERE namespace = $1", namespace)
+        return max(in_redis, int(in_pg.split()[-1]))
+
+    async def _delete_scanned(self, pattern: str, keep=None, batch: int = 500) -> int:
+        """Delete the keys matching `pattern` (those whose entry `keep` accepts, if given)."""
+        deleted = 0
+        keys: list = []
+
+        async def drop(keys: list) -> int:
+            if keep is not None:
+                values = await self.redis.mget(keys)
+                keys = [k for k, v in zip(keys, values) if v is not None and keep(_dec.decode(v))]
+            return await self.redis.delete(*keys) if keys else 0
+
+        async for key in self.redis.scan_iter(match=pattern, count=batch):
+            keys.append(key)
+            if len(keys) >= batch:
+                deleted += await drop(keys)
+                keys = []
+        if keys:
+            deleted += await drop(keys)
+        return deleted
 
     async def invalidate(self, user_ids: Collection[str], classes: list[str], now: float) -> int:
         """These users spoke: drop their entries of the invalidating classes.

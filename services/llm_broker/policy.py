@@ -184,6 +184,9 @@ class Entry(msgspec.Struct):
     message: dict | None = None
     # The events a streamed miss sent, as the API sent them: a streamed hit replays them.
     events: list[dict] | None = None
+    # The request's `cache.namespace` (a tenant), so an operator can flush it
+    # (`llm.admin.flush`): the partition hashes it away. '' in older entries.
+    namespace: str = ""
 
     def fresh(self, now: float) -> bool:
         return now < self.expires_at
@@ -199,7 +202,7 @@ def new_entry(req: CompleteRequest, partition: str, text: str, stop_reason: str 
                  task=req.task, model=req.model, volatility=req.cache.volatility,
                  query=latest_user_text(req), text=text, stop_reason=stop_reason, usage=usage,
                  cost_usd=cost, created_at=now, expires_at=now + volatility.ttl_s,
-                 user_seq=user_seq, message=message)
+                 user_seq=user_seq, message=message, namespace=req.cache.namespace)
 
 
 # Answers the model finished. One cut off by `max_tokens` is partial, and one

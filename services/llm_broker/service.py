@@ -62,9 +62,9 @@ from shared.service import Runtime
 from shared.telemetry import tracer
 from shared.upstream import Upstream, make_client
 
-from . import guard, stats, wordvec
+from . import admin, guard, stats, wordvec
 from .thresholds import Thresholds
-from .cache import STORE_ERRORS, Fence, ResponseCache
+from .cache import STORE_ERRORS, Fence, ResponseCache, stores_down
 from .changes import Batch, Pending
 from .policy import (
     Entry, cacheable, check_request, exact_key, latest_user_text, new_entry, partition_key, stale,
@@ -177,8 +177,18 @@ class Broker:
 
     async def _current(self, entry: Entry, fence: Fence | None, task_label: str) -> bool:
         """May `entry` be served, as far as the user's newer messages go (`policy.stale`)?"""
-        if entry.volatility not in self.invalidating:
+        reason = await self.stale_reason(entry, fence)
+        if reason is None:
             return True
+        metrics.llm_stale_refused.labels(task_label, reason).inc()
+        log.info("stale_hit_refused", reason=reason, entry_user_seq=entry.user_seq)
+        return False
+
+    async def stale_reason(self, entry: Entry, fence: Fence | None) -> str | None:
+        """Why `entry` may not be served because the user spoke, or that cannot be
+        checked (None: it may be); counts nothing (`llm.admin.explain` asks it too)."""
+        if entry.volatility not in self.invalidating:
+            return None
         reason = None
         if fence is None:
             reason = "unverifiable"  # Redis failed: nothing to check against
@@ -195,11 +205,7 @@ class Broker:
             if reason is None:
                 reason = stale(entry, seqs.get(entry.user_id),
                                max(fence.distrust_before, self.distrust_before))
-        if reason is None:
-            return True
-        metrics.llm_stale_refused.labels(task_label, reason).inc()
-        log.info("stale_hit_refused", reason=reason, entry_user_seq=entry.user_seq)
-        return False
+        return reason
 
     async def _semantic(self, req: CompleteRequest, partition: str, vector, now: float,
                         task_label: str, fence: Fence | None):
@@ -334,7 +340,7 @@ class Broker:
             st = await self.thresholds.record(v.partition, v.wrong, tighten=v.match == "semantic",
                                               score=v.score, served_at=v.threshold)
         except STORE_ERRORS as exc:
-            raise _stores_down(exc) from None
+            raise stores_down(exc) from None
         return LLMVerdictReply(evicted=evicted, threshold=st.threshold, bound=PartitionBound(
             threshold=st.threshold, level=st.level, checks=st.checks, wrong=st.wrong,
             false_hit_rate=round(st.wrong / st.checks, 6) if st.checks else 0.0,
@@ -439,11 +445,6 @@ class Broker:
                 log.info("llm_entries_swept", deleted=deleted)
 
 
-def _stores_down(exc: Exception) -> Unavailable:
-    log.warning("cache_stores_unavailable", error=str(exc) or type(exc).__name__)
-    return Unavailable("the LLM cache's stores (Redis, Postgres) are unavailable; retry shortly")
-
-
 async def build(rt: Runtime, *, clock=time.time,
                 events_pending_limit: int = DEFAULT_SUB_PENDING_MSGS_LIMIT) -> Broker:
     """`events_pending_limit`: events nats-py holds for us before it drops them as
@@ -483,7 +484,7 @@ async def build(rt: Runtime, *, clock=time.time,
         try:
             return await stats.read(redis)
         except STORE_ERRORS as exc:
-            raise _stores_down(exc) from None
+            raise stores_down(exc) from None
 
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
     rt.endpoint("stats", subjects.LLM_STATS, LLMStatsRequest, get_stats)
@@ -491,4 +492,5 @@ async def build(rt: Runtime, *, clock=time.time,
                 concurrency=64)
     rt.endpoint("verdict", subjects.LLM_VERDICT, LLMVerdict, broker.verdict, concurrency=16)
     rt.endpoint("forget", subjects.LLM_FORGET, ForgetRequest, broker.forget, concurrency=8)
+    admin.register(rt, broker)  # llm.admin.*: the admin identity's (and the gateway's) only
     return broker

@@ -39,7 +39,7 @@ from shared.contract import STREAM_HEADER, CompleteReply, CountTokensReply, enco
 from shared.errors import BadRequest, PayloadTooLarge, TierError, Unavailable, UpstreamTimeout
 from shared.service import NO_RESPONDERS, Runtime, decode_reply
 
-from . import sse, translate
+from . import admin, sse, translate
 
 log = structlog.get_logger()
 _complete_reply = msgspec.json.Decoder(CompleteReply)
@@ -63,6 +63,7 @@ class Gateway:
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/health", self.health)
+        admin.add_routes(app, self, _json)  # only with GATEWAY_ADMIN_TOKEN set
         return app
 
     async def health(self, _request: web.Request) -> web.Response:
