@@ -26,6 +26,7 @@ stack never meets other traffic and leaves nothing behind for long.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
 from collections import Counter
@@ -112,7 +113,9 @@ class GatewayBench:
         self.stack_problem = stack_problem
         self.run_id = secrets.token_hex(3)
         self.base = env.get("TIERMEM_ANTHROPIC_BASE_URL", "").rstrip("/")
-        self.headers = {"x-api-key": "bench", "anthropic-version": "2023-06-01",
+        # a key the gateway accepts when the stack restricts them (GATEWAY_API_KEYS), any key otherwise
+        keys = (env.get("GATEWAY_API_KEYS") or os.environ.get("GATEWAY_API_KEYS") or "bench").split(",")
+        self.headers = {"x-api-key": keys[0].strip(), "anthropic-version": "2023-06-01",
                         "content-type": "application/json", "tiermem-volatility": VOLATILITY,
                         "tiermem-namespace": f"bench{self.run_id}"}
         self.report = GatewayReport(options={
