@@ -53,6 +53,22 @@ up *args: setup
 down:
     if [ -x .venv/bin/python ]; then .venv/bin/python -m devstack down; fi
 
+# an unmodified `anthropic` SDK app (examples/anthropic_sdk_app.py) asks a question twice through the
+# running stack's llm-gateway, streaming: tiermem-cache miss, then hit (`just example "my question"`)
+example *args: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    env_file="${TIERMEM_STATE_DIR:-.tiermem}/stack.env"
+    url=$(grep '^TIERMEM_ANTHROPIC_BASE_URL=' "$env_file" 2>/dev/null | cut -d= -f2- || true)
+    if [ -z "$url" ]; then
+        echo "error: no llm-gateway in $env_file (start the stack with \`just up\`)" >&2
+        exit 1
+    fi
+    # the gateway never forwards the key (the broker calls upstream with its own): any value works
+    # unless the stack sets GATEWAY_API_KEYS
+    ANTHROPIC_BASE_URL="$url" ANTHROPIC_API_KEY="${ANTHROPIC_API_KEY:-local}" \
+        .venv/bin/python examples/anthropic_sdk_app.py "$@"
+
 # show what runs, with each service's restarts
 status:
     -.venv/bin/python -m devstack status

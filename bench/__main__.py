@@ -1,9 +1,10 @@
-"""`python -m bench [--quick] [--only memory|llm|security|guard|all] [--out bench/results]`: run the benchmarks, write the reports.
+"""`python -m bench [--quick] [--only memory|llm|gateway|security|guard|all] [--out bench/results]`: run the benchmarks, write the reports.
 
 `memory` is the memory tiers (bench/memory.py, `memory.md`), `llm` the
-llm-broker (bench/llm.py, `llm.md`), `security` the cost of auth and TLS on
+llm-broker (bench/llm.py, `llm.md`), `gateway` a hit through the llm-gateway's
+HTTP API (bench/gateway.py, `gateway.md`), `security` the cost of auth and TLS on
 the bus (bench/security.py, `security.md`: its own three nats-servers, no
-stack); `all` runs memory then llm on one stack, then security once that
+stack); `all` runs memory, llm then gateway on one stack, then security once that
 stack is down, then `guard`: the semantic cache's guard measured on the
 report halves of public paraphrase/STS sets (bench/guard_calibration.py,
 `guard.md`; measure only, the shipped model is left alone; no stack).
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench import gateway as gateway_mod
 from bench import llm as llm_mod
 from bench import report as report_mod
 from bench import security as security_mod
@@ -46,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="10k messages over 100 users, 1,000 dev pairs and fewer samples (a few minutes)")
-    p.add_argument("--only", choices=("memory", "llm", "security", "guard", "all"), default="all",
-                   help="which benchmark to run (default all: memory, then llm, on one stack; then security, "
-                        "then guard)")
+    p.add_argument("--only", choices=("memory", "llm", "gateway", "security", "guard", "all"), default="all",
+                   help="which benchmark to run (default all: memory, llm, then gateway, on one stack; then "
+                        "security, then guard)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--stack-env", type=Path,
                    help="use the running stack described by this stack.env instead of starting one")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # The context step puts a summary row of its own instead (bench/memory.py).
     os.environ.setdefault("SUMMARY_BLOCK", "0")
     try:
-        rep, llm_rep, sec_rep = uvloop.run(_run(opts, say, args.only))
+        rep, llm_rep, gw_rep, sec_rep = uvloop.run(_run(opts, say, args.only))
     except KeyboardInterrupt:
         say("interrupted; everything the bench started has been stopped")
         return 130
@@ -99,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         for line in llm_mod.console_lines(llm_rep):
             print(line)
         bad |= any(llm_mod.counts_as_failure(r) for r in llm_rep.results)
+    if gw_rep is not None:
+        paths += gateway_mod.write(gw_rep, args.out)
+        for line in llm_mod.console_lines(gw_rep):
+            print(line)
+        bad |= any(llm_mod.counts_as_failure(r) for r in gw_rep.results)
     if sec_rep is not None:
         paths += security_mod.write(sec_rep, args.out)
         bad |= _console(sec_rep.results)
-    reports = (("memory", rep), ("llm", llm_rep), ("security", sec_rep))
+    reports = (("memory", rep), ("llm", llm_rep), ("gateway", gw_rep), ("security", sec_rep))
     parts = [(area, r.results) for area, r in reports if r is not None]
     if parts:
         paths += summary_mod.write(parts, next(r for _, r in reports if r is not None).started, args.out)
@@ -131,44 +138,50 @@ def _console(results) -> bool:
 
 
 async def _run(opts: Options, say, only: str = "memory"):
-    """(memory report, llm report, security report), None for an area not run."""
+    """(memory report, llm report, gateway report, security report), None for an area not run."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, task.cancel)  # SIGTERM cleans up like Ctrl-C
     try:
         if only == "memory":
-            return await Bench(opts, say).run(), None, None
+            return await Bench(opts, say).run(), None, None, None
         if only == "security":
-            return None, None, await security_mod.run(opts, say)
-        rep, llm_rep = await _with_llm(opts, say, only == "all")
-        if only == "llm":
-            return rep, llm_rep, None
+            return None, None, None, await security_mod.run(opts, say)
+        rep, llm_rep, gw_rep = await _with_llm(opts, say, only)
+        if only in ("llm", "gateway"):
+            return rep, llm_rep, gw_rep, None
         say("auth and TLS cost")
-        return rep, llm_rep, await security_mod.run(opts, say)
+        return rep, llm_rep, gw_rep, await security_mod.run(opts, say)
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
 
 
-async def _with_llm(opts: Options, say, memory_too: bool):
-    """One stack for both: started here (or borrowed); the memory bench borrows it via its stack.env."""
+async def _with_llm(opts: Options, say, only: str):
+    """One stack for the areas `only` names (memory, llm and gateway for `all`): started here (or
+    borrowed); the memory bench borrows it via its stack.env."""
     stack = Stack(opts, say)
-    rep = None
+    rep = llm_rep = gw_rep = None
     try:
         await stack.start()
-        if memory_too:
+        if only == "all":
             borrowed = dataclasses.replace(opts, stack_env=stack.root / "stack.env") if stack.root else opts
             rep = await Bench(borrowed, say).run()
             rep.options = opts
             stack.keep_logs |= any(r.skipped.startswith("failed") for r in rep.results)
-        say("llm-broker benchmark")
-        llm_rep = await llm_mod.LlmBench(opts, stack.env, say, stack_problem=stack.problem).run()
-        stack.keep_logs |= any(r.skipped.startswith("failed") for r in llm_rep.results)
+        if only in ("llm", "all"):
+            say("llm-broker benchmark")
+            llm_rep = await llm_mod.LlmBench(opts, stack.env, say, stack_problem=stack.problem).run()
+            stack.keep_logs |= any(r.skipped.startswith("failed") for r in llm_rep.results)
+        if only in ("gateway", "all"):
+            say("llm-gateway benchmark")
+            gw_rep = await gateway_mod.GatewayBench(opts, stack.env, say, stack_problem=stack.problem).run()
+            stack.keep_logs |= any(r.skipped.startswith("failed") for r in gw_rep.results)
     except BaseException:
         stack.keep_logs = True
         raise
     finally:
         await asyncio.shield(asyncio.to_thread(stack.stop))
-    return rep, llm_rep
+    return rep, llm_rep, gw_rep
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Trivial NATS responders in their own process, for the bare baselines.
+"""Trivial NATS and HTTP responders in their own process, for the bare baselines.
 
     python -m bench.echo NATS_URL SUBJECT            plain subscription, replies with the request body
     python -m bench.echo --service NATS_URL SUBJECT  the same through `shared.service.run_service`:
                                                      decode a GetRequest, reply an empty GetReply
+    python -m bench.echo --http PORT BODY            aiohttp.web on 127.0.0.1:PORT: every POST is
+                                                     answered 200 with the JSON text BODY
 
 The first is the bare request/reply round trip. The second is the floor of
 our service framework (nats.micro, a task, decode, metrics, encode; a span
 only when spans are exported) with no work inside, which splits a tier's overhead into "framework" and "the tier's
-own work". Both print `ready` once the server has the subscription and exit
+own work". The third is the bare HTTP round trip the llm-gateway is compared
+with: the same server library, no work inside. All print `ready` once the server has the subscription and exit
 on SIGTERM/SIGINT (and, started by the bench, when the bench dies).
 
 Identity: `NATS_USER` / `NATS_PASSWORD` (and `NATS_TLS_*`) of the environment,
@@ -70,8 +73,36 @@ async def serve_framework(url: str, subject: str) -> None:
     await task
 
 
+async def serve_http(port: str, body: str) -> None:
+    from aiohttp import web
+
+    payload = body.encode()
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=payload, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", int(port)).start()
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["--http"]:
+        if len(args) != 3:
+            raise SystemExit("usage: python -m bench.echo --http PORT BODY")
+        uvloop.run(serve_http(*args[1:]))
+        sys.exit(0)
     framework = bool(args) and args[0] == "--service"
     if framework:
         args = args[1:]

@@ -1,6 +1,6 @@
 """`summary.md` + `summary.png`: every benchmark area's latest figures in one table.
 
-The per-area reports (`memory.md`, `llm.md`) keep the details and notes; this
+The per-area reports (`memory.md`, `llm.md`, `gateway.md`, `security.md`) keep the details and notes; this
 file is the one a person reads first: each measurement with our p50/p95/p99,
 the bare baseline measured in the same run, the p50 ratio, and whether its
 targets passed. The plot shows the ratios (our p50 / baseline p50).
@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.report import load_results, write_files
 from bench.stats import fmt_ratio, fmt_us, markdown_table
 
-AREAS = ("memory", "llm", "security")  # the table's order
+AREAS = ("memory", "llm", "gateway", "security")  # the table's order
 
 
 def with_earlier_runs(parts: list[tuple[str, list, str]], out: Path) -> list[tuple[str, list, str]]:
