@@ -9,7 +9,8 @@ For every interaction the bots run, a fleet without tiermem would have sent:
   do this in place of a lookup),
 
 every one of them sent (no response cache) and billed at the full input
-price (no provider prompt caching). Nothing of it is sent for real: its
+price (no provider prompt caching). Nothing of it is sent during the run:
+the requests are kept and priced when the plan is done (`drain`). Its
 input tokens are counted with the Messages API's `count_tokens` (the
 simulator implements it), its output tokens are those of our own answer to
 the same call, except the memory-retrieval call's, which has no twin: a
@@ -66,7 +67,8 @@ def messages_body(body: dict) -> dict:
 
 
 class Baseline:
-    """Prices counterfactual calls off the interactions' path and writes them to the call log."""
+    """Collects counterfactual calls during the run and prices them after it (`drain`), so
+    counting their tokens takes no CPU from the interactions being measured."""
 
     def __init__(self, client: anthropic.AsyncAnthropic, write, *, seed: str, sample: float = SAMPLE) -> None:
         self.client = client
@@ -74,15 +76,13 @@ class Baseline:
         self.sample = sample
         self.rng = random.Random(seed)
         self._slots = asyncio.Semaphore(CONCURRENCY)
-        self._tasks: set[asyncio.Task] = set()
+        self._pending: list[tuple] = []
 
     def add(self, ctx: dict, task: str, request: dict, output_tokens: int | None) -> None:
-        """Price `request` (a Messages API body) in the background; `output_tokens` None: the
+        """Keep `request` (a Messages API body) for pricing; `output_tokens` None: the
         memory-retrieval call, sent for real for a `sample` share."""
         send = output_tokens is None and self.rng.random() < self.sample
-        t = asyncio.create_task(self._price(ctx, task, request, output_tokens, send))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        self._pending.append((dict(ctx), task, request, output_tokens, send))
 
     async def _price(self, ctx: dict, task: str, request: dict, output_tokens: int | None, send: bool) -> None:
         async with self._slots:
@@ -101,6 +101,6 @@ class Baseline:
                     "blocks": blocks(request)})
 
     async def drain(self) -> None:
-        """Wait for the pricing still in flight (at the end of a run)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Price everything collected (at the end of a run), CONCURRENCY requests at a time."""
+        pending, self._pending = self._pending, []
+        await asyncio.gather(*(self._price(*p) for p in pending))
