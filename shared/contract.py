@@ -426,14 +426,20 @@ class CompleteRequest(msgspec.Struct, kw_only=True):
         return (not self.tools and self.tool_choice is None and self.thinking is None
                 and all(m.only_text() for m in self.messages))
 
+    def prefilled(self) -> bool:
+        """The last turn is the assistant's: the answer continues it, so only its exact key fits."""
+        return self.messages[-1].role == "assistant"
+
 
 def check_complete(req: CompleteRequest, max_prompt_chars: int) -> CompleteRequest:
-    """Rules the Messages API enforces, checked before anything costs money."""
+    """Rules the Messages API enforces, checked before anything costs money.
+
+    As the API does, consecutive turns of one role are accepted (the model
+    reads them as one) and a last assistant turn is a prefill the answer
+    continues; it may not end in whitespace."""
+    if req.messages[0].role != "user":
+        raise BadRequest(f"the first message must be from the user; messages[0] is {req.messages[0].role!r}")
     for i, msg in enumerate(req.messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg.role != expected:
-            raise BadRequest(f"messages must alternate user/assistant starting with user; "
-                             f"messages[{i}] is {msg.role!r}")
         if isinstance(msg.content, list):
             for j, block in enumerate(msg.content):
                 if not isinstance(block.get("type"), str):
@@ -442,8 +448,9 @@ def check_complete(req: CompleteRequest, max_prompt_chars: int) -> CompleteReque
                     raise BadRequest(f"messages[{i}].content[{j}].text must be a string")
         if not msg.plain().strip() and msg.only_text():
             raise BadRequest(f"messages[{i}] has no text")
-    if req.messages[-1].role != "user":
-        raise BadRequest("the last message must be from the user")
+    last = req.messages[-1]
+    if last.role == "assistant" and last.only_text() and last.plain() != last.plain().rstrip():
+        raise BadRequest("a final assistant message (a prefill) must not end with whitespace")
     if isinstance(req.system, list):
         for j, block in enumerate(req.system):
             if block.get("type") != "text" or not isinstance(block.get("text"), str):

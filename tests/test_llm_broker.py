@@ -283,7 +283,7 @@ async def test_upstream_timeout_maps_to_504(broker):
 @pytest.mark.parametrize("patch,code", [
     ({"messages": []}, 400),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "The "}]}, 400),
     ({"messages": [{"role": "robot", "content": "a"}]}, 400),
     ({"cache": {"volatility": "weather", "mode": "semantic", "scope": "user"}}, 400),
     ({"cache": {"volatility": "static", "mode": "fuzzy", "scope": "user"}}, 400),
@@ -301,6 +301,23 @@ async def test_bad_input_is_rejected_without_an_upstream_call(broker, patch, cod
     msg = await nc.request(subjects.LLM_COMPLETE, msgspec.json.encode(body), timeout=10)
     assert msg.headers["Nats-Service-Error-Code"] == str(code)
     assert sim.calls() == 0
+
+
+async def test_consecutive_turns_and_a_prefill_are_answered_as_the_api_does_and_a_prefill_keys_exactly(broker):
+    nc, sim, _, _ = broker
+    two = req("I saw the listing.", history=[{"role": "user", "content": "Hi there."}])
+    first = await ok(nc, subjects.LLM_COMPLETE, two)
+    assert first["cache"]["status"] == "miss" and first["text"]
+    prefill = {**req("Is the Cedar St condo still available?"), "messages": [
+        {"role": "user", "content": "Is the Cedar St condo still available?"},
+        {"role": "assistant", "content": "Yes"}]}
+    a = await ok(nc, subjects.LLM_COMPLETE, prefill)
+    b = await ok(nc, subjects.LLM_COMPLETE, prefill)
+    assert a["cache"]["status"] == "miss" and b["cache"] == {**b["cache"], "status": "hit", "match": "exact"}
+    other = {**prefill, "messages": [prefill["messages"][0], {"role": "assistant", "content": "No"}]}
+    c = await ok(nc, subjects.LLM_COMPLETE, other)  # same question, another prefill: never a semantic hit
+    assert c["cache"]["status"] == "miss"
+    assert sim.calls() == 3
 
 
 async def test_llm_stats_add_up(broker):

@@ -635,3 +635,18 @@ def test_anthropic_version_and_beta_go_upstream_as_headers():
     assert params["extra_headers"] == {
         "anthropic-beta": "prompt-caching-2024-07-31,files-api-2025-04-14",
         "anthropic-version": "2023-06-01"}
+
+
+async def test_a_prefill_and_consecutive_user_turns_pass_through_the_sdk_as_the_api_takes_them(gateway):
+    client = gateway.async_sdk()
+    params = {"model": MODEL, "max_tokens": 300, "messages": [
+        {"role": "user", "content": "Hi, I saw your ad."},
+        {"role": "user", "content": "Is the Cedar St condo still available?"},
+        {"role": "assistant", "content": "Yes,"}]}
+    first, h1 = await create(client, **params)
+    again, h2 = await create(client, **params)
+    assert h1["tiermem-cache"] == "miss" and h2["tiermem-cache"] == "hit"
+    assert again.model_dump() == first.model_dump() and first.content[0].text
+    with pytest.raises(anthropic.BadRequestError, match="whitespace"):
+        await client.messages.create(**{**params, "messages": [*params["messages"][:2],
+                                                               {"role": "assistant", "content": "Yes, "}]})

@@ -130,7 +130,7 @@ class Broker:
                 and await self._current(entry, fence, labels[1])):
             return await self._hit(req, labels, entry, "exact", 1.0, now)
         vector = None
-        if opts.mode == "semantic" and req.plain_text():  # tools, images: exact only
+        if opts.mode == "semantic" and req.plain_text() and not req.prefilled():  # tools, images, a prefill: exact
             with tracer.start_as_current_span("embed query"):
                 vector = (await self.embedder.embed([latest_user_text(req)], input_type="query"))[0]
             found = None if opts.refresh else await self._semantic(
