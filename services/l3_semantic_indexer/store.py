@@ -297,13 +297,13 @@ async def upsert_batch(pool: Pool, rows: Sequence[Row], vectors: Any, model_id: 
     """
     if not rows:
         if watermark is not None:
-            await _run(pool.execute, _COMMON["watermark"], watermark)
+            await run(pool.execute, _COMMON["watermark"], watermark)
         return 0
     if len(vectors) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(vectors)} vectors")
     if not _MODEL_ID_RE.match(model_id):
         raise ValueError(f"model id {model_id!r} has characters other than [A-Za-z0-9._:@/+=-]")
-    return await _run(
+    return await run(
         pool.fetchval,
         _COMMON["upsert"],
         [_pg_text(r.user_id) for r in rows],
@@ -344,18 +344,18 @@ async def forget(pool: Pool, user_id: str, upto_seq: int) -> int:
     that re-deliveries at or below it are never stored again; returns the
     number of rows deleted. Rows above upto_seq (appended after the purge
     point) stay. Waits for an in-flight batch holding the user's lock."""
-    return await _run(pool.fetchval, _COMMON["forget"], user_id, upto_seq)
+    return await run(pool.fetchval, _COMMON["forget"], user_id, upto_seq)
 
 
 async def retire_older(pool: Pool, below_seq: int, batch: int) -> int:
     """Delete up to `batch` rows (any users') with seq < `below_seq`; returns how many."""
-    return await _run(pool.fetchval, _COMMON["retire_older"], below_seq, batch)
+    return await run(pool.fetchval, _COMMON["retire_older"], below_seq, batch)
 
 
 async def retire_beyond(pool: Pool, keep: int, batch: int) -> int:
     """Delete up to `batch` rows that are not among their user's newest `keep`; returns how
     many. Users are found by `user_state.n_rows` (a scan of one row per user)."""
-    return await _run(pool.fetchval, _COMMON["retire_beyond"], keep, batch)
+    return await run(pool.fetchval, _COMMON["retire_beyond"], keep, batch)
 
 
 # --------------------------------------------------------------------------
@@ -368,8 +368,8 @@ async def recent(pool: Pool, user_id: str, n: int, *,
     and the newest seq of the user this tier has processed (0: none; it can be
     above the last message's when newer ones were forgotten or skipped, or
     above `floor`). One index range scan."""
-    rows = await _run(pool.fetch, _COMMON["recent"], user_id, n, floor)
-    return [_message(r) for r in rows if r["seq"] is not None], rows[0]["max_seq"] or 0
+    rows = await run(pool.fetch, _COMMON["recent"], user_id, n, floor)
+    return [to_message(r) for r in rows if r["seq"] is not None], rows[0]["max_seq"] or 0
 
 
 async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: int,
@@ -417,16 +417,16 @@ async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: i
         def statement(p: str) -> str:
             return sql["search_" + p]
         args = ()
-    rows = await _run(pool.fetch, statement(plan), user_id, encoded, k, exact_max_rows, floor, *args)
+    rows = await run(pool.fetch, statement(plan), user_id, encoded, k, exact_max_rows, floor, *args)
     found, wanted = sum(1 for r in rows if r["seq"] is not None), k
     if fusion_candidates > 0:  # the vector half, which full-text hits must not hide
         found, wanted = rows[0]["n_vec"], max(fusion_candidates, k)
     if plan == "auto" and found < wanted and (rows[0]["n_rows"] or 0) > exact_max_rows:
         # the HNSW scan stopped (hnsw.max_scan_tuples) before enough rows of
         # this user passed the filter: answer completely, exactly
-        rows = await _run(pool.fetch, statement("exact"), user_id, encoded, k, exact_max_rows,
+        rows = await run(pool.fetch, statement("exact"), user_id, encoded, k, exact_max_rows,
                           floor, *args)
-    return ([_message(r, r["score"]) for r in rows if r["seq"] is not None],
+    return ([to_message(r, r["score"]) for r in rows if r["seq"] is not None],
             rows[0]["max_seq"] or 0)
 
 
@@ -437,28 +437,28 @@ async def fulltext(pool: Pool, user_id: str, query_text: str, k: int, *,
     alone, for benchmarks and diagnostics; `search` fuses it with vectors."""
     if lexical not in LEXICAL:
         raise ValueError(f"lexical must be one of {LEXICAL}, not {lexical!r}")
-    rows = await _run(pool.fetch, _COMMON["fulltext_" + lexical], user_id, query_text, k)
-    return [_message(r, r["score"]) for r in rows]
+    rows = await run(pool.fetch, _COMMON["fulltext_" + lexical], user_id, query_text, k)
+    return [to_message(r, r["score"]) for r in rows]
 
 
 async def user_seq(pool: Pool, user_id: str) -> int:
     """Newest seq of the user this tier has processed (0: none)."""
-    return await _run(pool.fetchval, _COMMON["user_seq"], user_id) or 0
+    return await run(pool.fetchval, _COMMON["user_seq"], user_id) or 0
 
 
 async def newest_upto(pool: Pool, user_id: str, floor: int) -> int:
     """Seq of the user's newest message at or below `floor` (0: none)."""
-    return await _run(pool.fetchval, _COMMON["newest_upto"], user_id, floor) or 0
+    return await run(pool.fetchval, _COMMON["newest_upto"], user_id, floor) or 0
 
 
 async def applied_seq(pool: Pool) -> int:
     """Global progress: the highest `watermark` given to `upsert_batch` (0: none)."""
-    return await _run(pool.fetchval, _COMMON["applied_seq"]) or 0
+    return await run(pool.fetchval, _COMMON["applied_seq"]) or 0
 
 
 async def max_seq(pool: Pool) -> int:
     """Highest seq processed for any user, or the watermark if higher (0: empty)."""
-    return await _run(pool.fetchval, _COMMON["max_seq"]) or 0
+    return await run(pool.fetchval, _COMMON["max_seq"]) or 0
 
 
 # --------------------------------------------------------------------------
@@ -468,7 +468,7 @@ async def max_seq(pool: Pool) -> int:
 async def stale_rows(pool: Pool, model_id: str) -> int:
     """Rows whose vector is of another model than `model_id` (invisible to
     vector search with that model until `reembed` has run)."""
-    return await _run(pool.fetchval, _COMMON["stale_count"], model_id)
+    return await run(pool.fetchval, _COMMON["stale_count"], model_id)
 
 
 async def reembed(pool: Pool, embedder: Any, *, batch: int = 256) -> int:
@@ -484,13 +484,13 @@ async def reembed(pool: Pool, embedder: Any, *, batch: int = 256) -> int:
     total = 0
     after = ("", "")
     while True:
-        rows = await _run(pool.fetch, _COMMON["stale_batch"], after[0], after[1], batch,
+        rows = await run(pool.fetch, _COMMON["stale_batch"], after[0], after[1], batch,
                           embedder.model_id)
         if not rows:
             break
         after = (rows[-1]["user_id"], rows[-1]["msg_id"])
         vectors = await embedder.embed([r["text"] for r in rows], input_type="document")
-        status = await _run(
+        status = await run(
             pool.execute,
             _COMMON["reembed_update"],
             [r["user_id"] for r in rows],
@@ -523,7 +523,7 @@ async def drop_unused_models(pool: Pool, keep_model_id: str) -> list[str]:
 # helpers
 
 
-async def _run(call, *args):
+async def run(call, *args):
     """Run one pool call, turning "try again later" failures into TransientError."""
     try:
         return await call(*args)
@@ -544,7 +544,7 @@ def _to_datetime(ts: datetime | str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def _message(r: asyncpg.Record, score: float | None = None) -> Message:
+def to_message(r: asyncpg.Record, score: float | None = None) -> Message:
     return Message(seq=r["seq"], msg_id=r["msg_id"], role=r["role"], bot_id=r["bot_id"],
                    text=r["text"], ts=format_ts(r["ts"]),
                    score=None if score is None else float(score))

@@ -61,13 +61,13 @@ _SQL = {
 
 async def latest(pool, user_id: str, upto: int) -> Summary | None:
     """The user's newest summary that ends at or below seq `upto`."""
-    row = await store._run(pool.fetchrow, _SQL["latest"], user_id, upto)
+    row = await store.run(pool.fetchrow, _SQL["latest"], user_id, upto)
     return None if row is None else Summary(row["text"], row["from_seq"], row["upto_seq"], row["tokens"])
 
 
 async def retire(pool) -> int:
     """Delete the summaries that stand for messages retention deleted; returns how many."""
-    status = await store._run(pool.execute, _SQL["retire"])
+    status = await store.run(pool.execute, _SQL["retire"])
     return int(status.rsplit(" ", 1)[-1])
 
 
@@ -136,8 +136,8 @@ class Summarizer:
         upto = await self.floor.fresh()  # rows above it may still miss an older seq (floor.py)
         previous = await latest(self.pool, user_id, upto)
         start = previous.upto_seq if previous else 0
-        rows = await store._run(self.pool.fetch, _SQL["after"], user_id, start, upto, self.block + self.keep)
-        block = next_block([store._message(r) for r in rows], self.block, self.keep)
+        rows = await store.run(self.pool.fetch, _SQL["after"], user_id, start, upto, self.block + self.keep)
+        block = next_block([store.to_message(r) for r in rows], self.block, self.keep)
         if not block:
             return False
         reply = await self.rt.request(subjects.LLM_COMPLETE, request(user_id, self.model, previous, block),
@@ -145,7 +145,7 @@ class Summarizer:
         if reply.stop_reason not in FINISHED:
             raise TierError(f"the summary was cut off ({reply.stop_reason}); not stored")
         text = reply.text.strip()
-        stored = await store._run(self.pool.fetchval, _SQL["put"], user_id,
+        stored = await store.run(self.pool.fetchval, _SQL["put"], user_id,
                                   previous.from_seq if previous else block[0].seq, block[-1].seq,
                                   text, tokens.estimate(text))
         if stored:  # else another replica stored it first (it goes on), or a forget voided it
