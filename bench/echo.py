@@ -31,6 +31,15 @@ import uvloop
 from shared import bus
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM or SIGINT sets: each server here runs until then."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def serve(url: str, subject: str) -> None:
     nc = await bus.connect(url, bus.BusAuth.from_env(os.environ), name="bench-echo", allow_reconnect=False)
 
@@ -40,10 +49,7 @@ async def serve(url: str, subject: str) -> None:
     await nc.subscribe(subject, cb=echo)
     await nc.flush()
     print("ready", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await stop.wait()
     await nc.drain()
 
@@ -60,10 +66,7 @@ async def serve_framework(url: str, subject: str) -> None:
         rt.endpoint("get", subject, GetRequest, get)
 
     ready = asyncio.Event()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     identity = {k: v for k, v in os.environ.items() if k.startswith("NATS_")}
     settings = Settings.from_env({**identity, "NATS_URL": url, "LOG_LEVEL": "warning"})
     task = asyncio.create_task(run_service("bench-echo", "bench: framework floor", build,
@@ -88,10 +91,7 @@ async def serve_http(port: str, body: str) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", int(port)).start()
     print("ready", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await stop.wait()
     await runner.cleanup()
 

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import msgspec
 
 from shared import bus, permissions, subjects
@@ -155,3 +156,19 @@ async def never_within(seconds: float, happened: Callable[[], object], every: fl
         if time.monotonic() >= deadline:
             return
         await asyncio.sleep(min(every, max(0.0, deadline - time.monotonic())))
+
+
+class Sim:
+    """The LLM simulator's control endpoints: how many requests reached it, reset, faults."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def calls(self) -> int:
+        return httpx.get(f"{self.url}/stats").json()["requests"]
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/reset")
+
+    def fault(self, **rule) -> None:
+        httpx.post(f"{self.url}/faults", json=rule).raise_for_status()

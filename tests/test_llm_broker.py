@@ -27,7 +27,7 @@ from shared import subjects
 from shared.contract import ServedBatch, Usage
 from shared.llm_config import Config
 from shared.pricing import cost_usd
-from tests.helpers import call, client, eventually, never_within, ok, running
+from tests.helpers import Sim, call, client, eventually, never_within, ok, running
 
 
 class Clock:
@@ -36,20 +36,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Sim:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def calls(self) -> int:
-        return httpx.get(f"{self.url}/stats").json()["requests"]
-
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/reset")
-
-    def fault(self, **rule) -> None:
-        httpx.post(f"{self.url}/faults", json=rule).raise_for_status()
 
 
 @pytest.fixture

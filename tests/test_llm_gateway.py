@@ -23,7 +23,7 @@ from services.llm_broker.service import build as build_broker
 from services.llm_gateway import sse, translate
 from services.llm_gateway.service import build as build_gateway
 from shared.errors import BadRequest
-from tests.helpers import running
+from tests.helpers import Sim, running
 
 KEY = "sk-gateway-test"
 MODEL = "claude-haiku-4-5"
@@ -37,20 +37,6 @@ PNG_B = base64.b64encode(bytes.fromhex(
 WEATHER = {"name": "get_weather", "description": "Get the current weather for a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                             "required": ["city"]}}
-
-
-class Sim:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def calls(self) -> int:
-        return httpx.get(f"{self.url}/stats").json()["requests"]
-
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/reset")
-
-    def fault(self, **rule) -> None:
-        httpx.post(f"{self.url}/faults", json=rule).raise_for_status()
 
 
 class Stack:
