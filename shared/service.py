@@ -363,6 +363,7 @@ async def run_service(name: str, description: str,
     events = BusEvents()
     nc = await bus.connect(settings.nats_url, bus.BusAuth.of(settings), role=name, name=name,
                            max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
+                           drain_timeout=STEP_TIMEOUT_S - 1,
                            error_cb=events.error, disconnected_cb=events.disconnected,
                            reconnected_cb=events.reconnected)
     rt = Runtime(name=name, settings=settings, nc=nc, js=nc.jetstream(),
@@ -404,32 +405,60 @@ async def run_service(name: str, description: str,
         await _shutdown(rt, service)
 
 
+STEP_TIMEOUT_S = 5.0  # the longest any one shutdown step may take
+SLOW_STEP_S = 1.0  # a step slower than this is logged, named
+
+
 async def _shutdown(rt: Runtime, service) -> None:
+    """Stop taking requests, finish what is in flight, close everything.
+
+    Every step is bounded and a slow one is logged by name, so a stuck
+    dependency shows itself instead of hanging the process. The NATS
+    connection is closed even if the shutdown itself is cancelled (a
+    supervisor's deadline): a half-stopped service still subscribed would
+    go on taking a share of its queue groups' messages."""
     log.info("service_stopping", in_flight=len(rt._in_flight))
     rt.readiness.phase = "stopping"
-    if service is not None:
-        await service.stop()  # no new requests
-    if rt._in_flight:
-        await asyncio.wait(list(rt._in_flight), timeout=rt.settings.request_timeout_s)
-    for task in rt._tasks:
-        task.cancel()
-    await asyncio.gather(*rt._tasks, return_exceptions=True)
-    for closer in reversed(rt._closers):
-        try:
-            await closer()
-        except Exception:
-            log.exception("close_hook_failed")
     try:
-        await asyncio.wait_for(rt.nc.drain(), timeout=5)
-    except Exception:
-        try:
-            await rt.nc.close()
-        except Exception:  # NATS already gone: nothing left to flush
-            log.warning("nats_close_failed")
+        if service is not None:
+            await _step("endpoints", service.stop())  # no new requests
+        if rt._in_flight:
+            await _step("in_flight", asyncio.wait(list(rt._in_flight)),
+                        timeout=rt.settings.request_timeout_s)
+        for task in rt._tasks:
+            task.cancel()
+        if rt._tasks:
+            await _step("tasks", asyncio.wait(rt._tasks))
+        for closer in reversed(rt._closers):
+            await _step(f"close:{getattr(closer, '__qualname__', closer)}", closer())
+        if not rt.nc.is_closed:
+            await _step("nats_drain", rt.nc.drain())
+    finally:
+        if not rt.nc.is_closed:
+            try:
+                await rt.nc.close()
+            except Exception:  # NATS already gone: nothing left to flush
+                log.warning("nats_close_failed")
     if rt._http is not None:
         await rt._http.close()
     telemetry.shutdown_tracing()
     log.info("service_stopped")
+
+
+async def _step(name: str, work: Awaitable, timeout: float | None = None) -> None:
+    """One bounded shutdown step: a failure or timeout is logged and the shutdown goes on."""
+    timeout = STEP_TIMEOUT_S if timeout is None else timeout
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        log.error("shutdown_step_timeout", step=name, timeout_s=timeout)
+    except Exception:
+        log.exception("shutdown_step_failed", step=name)
+    else:
+        took = time.perf_counter() - started
+        if took > SLOW_STEP_S:
+            log.warning("shutdown_step_slow", step=name, seconds=round(took, 3))
 
 
 def main(name: str, description: str, build: Callable[[Runtime], Awaitable[None]]) -> None:

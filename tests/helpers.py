@@ -68,7 +68,10 @@ async def running(name: str, build, env: dict[str, str], **overrides) -> AsyncIt
         yield settings
     finally:
         stop.set()
-        await asyncio.wait_for(task, timeout=30)
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        except TimeoutError:
+            raise TimeoutError(f"{name} did not stop within 30 s (its log names the slow step)") from None
 
 
 @contextlib.asynccontextmanager

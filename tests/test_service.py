@@ -12,13 +12,15 @@ import asyncio
 
 import msgspec
 import pytest
+from nats.errors import NoRespondersError
 from prometheus_client import REGISTRY
 
-from shared import telemetry
+from shared import permissions, telemetry
 from shared.contract import GetReply, GetRequest
 from shared.errors import BadRequest
-from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
-from tests.helpers import call, client, running
+from shared.service import ERROR_CODE_HEADER, ERROR_HEADER, run_service
+from shared.settings import Settings
+from tests.helpers import call, client, identity_env, running
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -118,3 +120,61 @@ async def test_without_spans_the_callers_trace_context_is_passed_on(svc, monkeyp
         await sub.unsubscribe()
     assert seen[0]["traceparent"] == CALLER  # no span of ours in between
     assert not seen[1]  # nothing to pass on
+
+
+def build_stuck(release: asyncio.Event):
+    """A service whose background task ignores cancellation and whose close hook hangs."""
+    async def build(rt) -> None:
+        async def stubborn() -> None:
+            while not release.is_set():
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    continue  # a bug: swallows the shutdown's cancel
+
+        async def echo(req: GetRequest) -> GetReply:
+            return GetReply(user_id=req.user_id, tier="t", seq=0, messages=[])
+
+        rt.spawn(stubborn(), "stubborn")
+        rt.on_close(lambda: asyncio.sleep(3600))
+        rt.endpoint("echo", "svc.stuck", GetRequest, echo)
+
+    return build
+
+
+async def test_a_stuck_task_or_close_hook_delays_the_shutdown_only_by_its_bound(clean_nats, monkeypatch):
+    from shared import service
+
+    monkeypatch.setattr(service, "STEP_TIMEOUT_S", 0.3)
+    release = asyncio.Event()
+    started = asyncio.get_running_loop().time()
+    async with running("svc-stuck", build_stuck(release), {"NATS_URL": clean_nats}):
+        pass
+    took = asyncio.get_running_loop().time() - started
+    release.set()
+    assert took < 10, took  # both steps gave up after their bound instead of hanging
+    await assert_nobody_answers(clean_nats, "svc.stuck")
+
+
+async def test_a_cancelled_shutdown_still_leaves_the_bus(clean_nats):
+    """A supervisor that gives up on a stop (cancels it) must not leave a half-stopped
+    service subscribed, taking a share of its queue group's requests."""
+    release = asyncio.Event()
+    settings = Settings.from_env({**identity_env(clean_nats, permissions.ADMIN), "NATS_URL": clean_nats})
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_service("svc-cancelled", "test", build_stuck(release),
+                                           settings=settings, stop=stop, ready=ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    stop.set()
+    await asyncio.sleep(0.2)  # inside the stuck shutdown now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await assert_nobody_answers(clean_nats, "svc.stuck")
+
+
+async def assert_nobody_answers(url: str, subject: str) -> None:
+    async with client(url) as nc:
+        with pytest.raises(NoRespondersError):
+            await nc.request(subject, b'{"user_id": "u"}', timeout=1)
