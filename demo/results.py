@@ -1,10 +1,19 @@
-"""The results table, computed only from the workers' call logs and the price table.
+"""The results table, computed from the workers' call logs and the price table.
 
-Nothing here trusts a service's own counters: the share of each tier is what
-the `tier` field of each `memory.get` reply said, latency is what the worker
-measured, and every dollar is recomputed from the tokens each reply reported
-and the broker's price table (`cost_usd` of the replies is kept only as a
-cross-check). Cost per month = the fleet's cost per simulated day x 30.
+Nothing the workers did is taken from a service's own counters: the share of
+each tier is what the `tier` field of each `memory.get` reply said, latency
+is what the worker measured, and every dollar is recomputed from the tokens
+each reply reported and the broker's price table (`cost_usd` of the replies
+is kept only as a cross-check). The one exception is what no worker sees:
+the l3-semantic-indexer's rolling-summary calls, whose tokens come from the
+broker's per-task counters (demo/broker_tasks.py) and are priced with the
+same table into tiermem's cost. Cost per month = the fleet's cost per
+simulated day x 30.
+
+The quality check (bot.check_quality) is reported on its own: how many of
+the sampled replies written from the assembled context the auditor's judge
+found to agree with the same reply written from the whole transcript. Its
+calls are not part of the fleet's cost.
 """
 
 from __future__ import annotations
@@ -57,10 +66,18 @@ def full_price_usd(record: dict, prices: dict, output_tokens: float) -> float:
 WATERFALL = ("without tiermem", "with tiered context", "+ provider prompt caching", "+ response cache")
 
 
-def waterfall(records: list[dict], llm: list[dict], prices: dict) -> dict | None:
+def summary_records(summaries: dict | None) -> list[dict]:
+    """The rolling summaries' paid tokens (the broker's count, `broker_tasks.parse` of task
+    `summary`) as one priceable record per model."""
+    return [{"model": model, **kinds} for model, kinds in ((summaries or {}).get("tokens") or {}).items()]
+
+
+def waterfall(records: list[dict], llm: list[dict], prices: dict, summaries: dict | None = None) -> dict | None:
     """The cost of one run, step by step from the fleet without tiermem (services/agent_worker/
     baseline.py) to tiermem's: our prompts at full price, then with the provider's prompt
-    cache as billed, then without the calls the response cache answered. None: no baseline."""
+    cache as billed, then without the calls the response cache answered. The rolling
+    summaries' calls (`summaries`, counted by the broker) are part of each tiermem step, at
+    the tokens the broker paid for. None: no baseline."""
     base = [r for r in records if r.get("kind") == "baseline" and "error" not in r]
     if not base:
         return None
@@ -68,10 +85,13 @@ def waterfall(records: list[dict], llm: list[dict], prices: dict) -> dict | None
     mean_out = sum(sent) / len(sent) if sent else float(MEMORY_OUTPUT_FALLBACK)
     baseline_usd = sum(full_price_usd(r, prices, mean_out if r["output_tokens"] is None else r["output_tokens"])
                        for r in base)
+    summary = summary_records(summaries)
+    summary_full = sum(full_price_usd(r, prices, r["output_tokens"]) for r in summary)
+    summary_billed = sum(cost_usd(r, prices) for r in summary)
     steps = [baseline_usd,
-             sum(full_price_usd(r, prices, r.get("output_tokens", 0)) for r in llm),
-             sum(cost_usd(r, prices) for r in llm),
-             sum(cost_usd(r, prices) for r in llm if r["status"] != "hit")]
+             sum(full_price_usd(r, prices, r.get("output_tokens", 0)) for r in llm) + summary_full,
+             sum(cost_usd(r, prices) for r in llm) + summary_billed,
+             sum(cost_usd(r, prices) for r in llm if r["status"] != "hit") + summary_billed]
     memory = [r for r in base if r["task"] == "memory_retrieval"]
     return {
         "steps": dict(zip(WATERFALL, steps)),
@@ -80,6 +100,9 @@ def waterfall(records: list[dict], llm: list[dict], prices: dict) -> dict | None
         "memory_retrieval": {"calls": len(memory), "sent": len(sent),
                              "mean_output_tokens": mean_out if sent else None},
         "baseline_input_tokens": sum(r["input_tokens"] for r in base),
+        "summaries": None if summaries is None else {
+            "requests": summaries["requests"], "by_status": summaries["by_status"],
+            "cost_usd": summary_billed, "broker_cost_usd": summaries["cost_usd"]},
     }
 
 
@@ -92,8 +115,38 @@ def _latency(values: list[float]) -> dict:
             "p99": percentile(values, 99)}
 
 
-def summarize(records: list[dict], *, prices: dict, days: int, leads: int) -> dict:
-    calls = [r for r in records if r.get("kind") in ("append", "get", "search", "llm")]
+def context_reads(records: list[dict]) -> dict:
+    """memory.get op "context" (the reads the bots write their texts from): latency as the
+    worker saw it, and how often each part came with it."""
+    ok = [r for r in records if r.get("kind") == "context" and r["code"] == 200]
+    n = len(ok)
+    return {"count": n, "latency": _latency([r["ms"] for r in ok]),
+            "with_summary": sum(bool(r["summary"]) for r in ok) / n if n else 0.0,
+            "with_relevant": sum(r["relevant"] > 0 for r in ok) / n if n else 0.0,
+            "mean_tokens": sum(r["tokens"] for r in ok) / n if n else None,
+            "by_tier": dict(Counter(r["tier"] for r in ok))}
+
+
+def quality(records: list[dict], prices: dict) -> dict:
+    """Agreement of replies written from the assembled context with the same replies written
+    from the whole transcript, as the auditor's LLM judge saw it (`quality` records)."""
+    checks = [r for r in records if r.get("kind") == "quality"]
+    judged = [r for r in checks if "agree" in r]
+    agree = sum(r["agree"] for r in judged)
+    spent = 0.0
+    for r in checks:
+        for part in ("full", "judge"):
+            if part in r:
+                spent += cost_usd({"model": r["model"], **r[part]}, prices)
+    return {"sampled": len(checks), "judged": len(judged), "agree": agree,
+            "rate": agree / len(judged) if judged else None,
+            "unjudged": len(checks) - len(judged),
+            "reasons": dict(Counter(r["reason"] for r in judged)),
+            "cost_usd": spent}
+
+
+def summarize(records: list[dict], *, prices: dict, days: int, leads: int, summaries: dict | None = None) -> dict:
+    calls = [r for r in records if r.get("kind") in ("append", "get", "search", "context", "llm", "quality")]
     lookups = [r for r in calls if r["kind"] in ("get", "search") and r["code"] == 200]
     by_tier: dict[str, list[float]] = defaultdict(list)
     for r in lookups:
@@ -144,7 +197,9 @@ def summarize(records: list[dict], *, prices: dict, days: int, leads: int) -> di
             "per_lead_without_usd": without / days * 30 / leads,
             "per_lead_with_usd": with_cache / days * 30 / leads,
         },
-        "cost": _cost(waterfall(records, llm, prices), days, leads),
+        "context": context_reads(records),
+        "quality": quality(records, prices),
+        "cost": _cost(waterfall(records, llm, prices, summaries), days, leads),
     }
 
 
@@ -209,9 +264,26 @@ def format_table(s: dict, *, header: str, audit: dict | None) -> str:
         f"price table of the llm-broker)",
         "",
     ]
+    lines += _context_lines(s.get("context"), s.get("quality"))
     lines += _waterfall_lines(s.get("cost"))
     lines += _audit_lines(audit)
     return "\n".join(lines)
+
+
+def _context_lines(ctx: dict | None, q: dict | None) -> list[str]:
+    lines = []
+    if ctx and ctx["count"]:
+        lat = ctx["latency"]
+        lines.append(f"context reads       {ctx['count']:,} (memory.get op=context, the texts' prompts): "
+                     f"p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}; with a summary {_pct(ctx['with_summary'])}, "
+                     f"with relevant older messages {_pct(ctx['with_relevant'])}, "
+                     f"{ctx['mean_tokens']:,.0f} tokens on average")
+    if q is not None:
+        rate = "n/a" if q["rate"] is None else _pct(q["rate"])
+        lines.append(f"quality: {q['agree']}/{q['judged']} agree ({rate})   (replies from the assembled context "
+                     f"vs from the whole transcript, judged by the auditor's LLM judge; {q['sampled']} sampled, "
+                     f"{q['unjudged']} without a verdict; {_usd(q['cost_usd'])} not in the fleet's cost)")
+    return [*lines, ""] if lines else []
 
 
 def _waterfall_lines(cost: dict | None) -> list[str]:
@@ -224,7 +296,17 @@ def _waterfall_lines(cost: dict | None) -> list[str]:
     m = cost["memory_retrieval"]
     out = "n/a" if m["mean_output_tokens"] is None else f"{m['mean_output_tokens']:.0f}"
     lines += [f"  (baseline: every call with the whole transcript plus {m['calls']:,} memory-retrieval calls, "
-              f"tokens by count_tokens, not sent; their output {out} tokens, the mean of {m['sent']} sent)", ""]
+              f"tokens by count_tokens, not sent; their output {out} tokens, the mean of {m['sent']} sent)"]
+    sm = cost.get("summaries")
+    if sm is None:
+        lines.append("  (tiermem: the rolling summaries' calls could not be counted: no llm-broker metrics)")
+    else:
+        once = sm.get("import")
+        lines.append(f"  (tiermem includes {sm['requests']:,} rolling-summary calls of L3, "
+                     f"{_usd(sm['cost_usd'])} in this run, counted by the llm-broker"
+                     + ("" if once is None else f"; not included: {once['requests']:,} made once for the "
+                        f"imported history, {_usd(once['cost_usd'])}") + ")")
+    lines.append("")
     return lines
 
 

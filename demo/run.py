@@ -9,9 +9,12 @@
    reads through (`L1_ID`), as in a pod; a lead's events all go to worker
    `index % workers` (sticky routing).
 3. Progress on stderr until the workers finish their plan.
-4. Ask the freshness-auditor for `audit.stats`, stop everything, print the
-   table (computed from the workers' call logs, see demo/results.py) and
-   write `report.html` and `results.json` to `DEMO_DIR/run`.
+4. Ask the freshness-auditor for `audit.stats`, wait until the llm-broker
+   is idle (L3 makes rolling summaries in the background) and read what it
+   counted per task (`broker_tasks.py`), stop everything, print the table
+   (computed from the workers' call logs and, for the summaries' calls, the
+   broker's per-task counters; see demo/results.py) and write `report.html`
+   and `results.json` to `DEMO_DIR/run`.
 
 Simulated time runs `speed` times faster than the wall clock. Everything
 in the stack that keeps time by the wall clock is scaled by the same factor,
@@ -37,7 +40,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from demo import report, results
+from demo import broker_tasks, report, results
 from demo.settings import REPO, DemoSettings
 from services.agent_worker import scenario
 from devstack import servers, stack
@@ -91,18 +94,22 @@ class Demo:
         try:
             env = self._stack_up()
             before = _request(env, "llm.stats")
+            tasks = [broker_tasks.scrape(env.get(stack.metrics_env_name("llm-broker"), ""))]
             self._seed(env)
+            tasks.append(_settled(env)[0])  # the imported history's summaries made
             self._start_sidecars(env)
             self._start_workers(env)
             self._wait_for_workers()
             audit = _request(env, "audit.stats")
-            after = _request(env, "llm.stats")
+            end, after = _settled(env)
+            tasks.append(end)
+            made = broker_tasks.l3_summaries(env.get(stack.metrics_env_name("l3-semantic-indexer"), ""))
         finally:
             self._stop_workers()
             with stack.signals_ignored():
                 print("stopping the stack", flush=True)
                 stack.down(root=self.stack_dir)
-        return self._results(audit, before, after, time.monotonic() - t_start)
+        return self._results(audit, before, after, _task_windows(tasks, made), time.monotonic() - t_start)
 
     def _fresh_dirs(self) -> None:
         """A fresh state each run: nothing cached by an earlier run can inflate this one."""
@@ -121,11 +128,10 @@ class Demo:
             "SIMULATOR_LATENCY_MEDIAN_S": f"{SIM_LATENCY_MEDIAN_S / speed:.9f}",
             "SIMULATOR_LATENCY_P95_S": f"{SIM_LATENCY_P95_S / speed:.9f}",
             "TIERMEM_STATE_DIR": str(self.stack_dir),
-            # The bots build prompts from the recent window, not from memory.get op=context yet,
-            # so L3's rolling summaries would be LLM spend nobody reads (and calls the results
-            # table, computed from the workers' logs, would not see).
-            "SUMMARY_BLOCK": "0",
         })
+        # Rolling summaries stay on (L3's default SUMMARY_BLOCK): the bots write their texts from
+        # memory.get op=context, and the summaries' LLM calls are counted from the broker's
+        # per-task metrics (broker_tasks.py) into the fleet's cost.
 
     def _stack_up(self) -> dict[str, str]:
         names = [s.name for s in stack.SERVICES if importlib.util.find_spec(f"{s.module}.__main__")]
@@ -224,12 +230,20 @@ class Demo:
 
     # --- after the run -------------------------------------------------------
 
-    def _results(self, audit: dict | None, before: dict | None, after: dict | None, wall_s: float) -> int:
+    def _results(self, audit: dict | None, before: dict | None, after: dict | None, tasks: dict | None,
+                 wall_s: float) -> int:
         c = self.cfg
         prices = tomllib.loads((self.run_dir / "llm-config.toml").read_text())["prices"]
         records = results.read_logs([calls for _, calls in self.workers])
-        summary = results.summarize(records, prices=prices, days=c.days, leads=c.leads)
+        summaries = None if tasks is None else tasks["run"].get("summary", broker_tasks.NONE)
+        summary = results.summarize(records, prices=prices, days=c.days, leads=c.leads, summaries=summaries)
         summary["broker"] = _broker_delta(before, after)
+        summary["broker_tasks"] = tasks
+        if tasks is not None and summary["cost"] is not None:
+            once = tasks["import"].get("summary", broker_tasks.NONE)
+            summary["cost"]["summaries"]["import"] = {
+                "requests": once["requests"],
+                "cost_usd": sum(results.cost_usd(r, prices) for r in results.summary_records(once))}
         summary["audit"] = audit
         summary["settings"] = {"leads": c.leads, "bots": c.bots, "days": c.days, "speed": c.speed,
                                "workers": c.workers, "mix": dict(self.mix),
@@ -268,6 +282,33 @@ def write_scaled_config(source: Path, target: Path, speed: float) -> Path:
 def _toml(value) -> str:
     """TOML for the scalars and lists the broker's config holds (JSON spells them the same way)."""
     return json.dumps(value)
+
+
+def _settled(env: dict[str, str], quiet_s: float = 1.0, timeout: float = 60.0) -> tuple[dict | None, dict | None]:
+    """The broker's per-task counts once it has had no request for `quiet_s` (the summaries
+    are made in the background, after the calls that caused them), and `llm.stats` read
+    after that (the broker flushes it every 0.5 s), so the two agree on what they cover."""
+    url = env.get(stack.metrics_env_name("llm-broker"), "")
+    last = broker_tasks.scrape(url)
+    deadline = time.monotonic() + timeout
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = broker_tasks.scrape(url)
+        if now == last:
+            break
+        last = now
+    return last, _request(env, "llm.stats")
+
+
+def _task_windows(snapshots: list[dict | None], made: dict | None) -> dict | None:
+    """The broker's per-task counts of the whole run (`total`), of the imported history
+    (`import`: from the stack's start until the summaries of the seeded history were made)
+    and of the fleet's run (`run`), with the l3-semantic-indexer's summaries made."""
+    if any(s is None for s in snapshots):
+        return None
+    start, seeded, end = snapshots
+    return {"total": broker_tasks.delta(end, start), "import": broker_tasks.delta(seeded, start),
+            "run": broker_tasks.delta(end, seeded), "l3_summaries": made}
 
 
 def _broker_delta(before: dict | None, after: dict | None) -> dict | None:

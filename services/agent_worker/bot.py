@@ -64,8 +64,13 @@ import msgspec
 
 from services.agent_worker import conversations as conv
 from services.agent_worker.baseline import Baseline, memory_request, messages_body
-from services.agent_worker.client import Call, Tiermem
+from services.agent_worker.measured import Call, Measured
 from services.agent_worker.scenario import LeadPlan, Mix
+from services.freshness_auditor import judge
+from services.freshness_auditor.entailment import LLMJudge
+from shared.contract import ContextReply
+from shared.errors import TierError
+from tiermem import AsyncClient
 
 HAIKU = "claude-haiku-4-5"
 SONNET = "claude-sonnet-4-5"
@@ -88,6 +93,11 @@ NUDGE = INSTRUCTIONS["nurture"]
 LEAD_QUIET_S = 2 * 3600  # no check-in while the lead texted this recently (the scheduler excepted)
 CHECKIN_GAP_S = 4 * 3600  # ... nor this soon after another bot's check-in
 MAX_UNANSWERED = 2
+# The context a text is written from (memory.get op "context"): its token budget, the recent
+# window it starts from and how many older messages matching the question it may add.
+CONTEXT_BUDGET, CONTEXT_N, CONTEXT_K = 2000, 10, 5
+EPHEMERAL = {"type": "ephemeral"}  # a provider prompt-cache breakpoint
+QUALITY_TASK = "quality_full"  # the quality check's full-transcript reply (not the fleet's cost)
 
 
 def reply_system(role: str = "qualifier") -> str:
@@ -126,7 +136,7 @@ class CallLog:
         if call.sampled:
             record["trace"] = call.trace_id
         if not call.ok:
-            record["error"] = call.reply.get("error", "")
+            record["error"] = call.error
         self.write(record)
 
     def flush(self) -> None:
@@ -179,13 +189,17 @@ class LeadState:
 
 
 class Bot:
-    def __init__(self, client: Tiermem, log: CallLog, clock: SimClock, mix: Mix,
+    def __init__(self, client: AsyncClient, measure: Measured, log: CallLog, clock: SimClock, mix: Mix,
                  baseline: Baseline | None = None) -> None:
-        self.client, self.log, self.clock, self.mix = client, log, clock, mix
+        self.client, self.measure, self.log, self.clock, self.mix = client, measure, log, clock, mix
         self.baseline = baseline
+        self.quality_left = int(mix["quality_max"])  # this worker's bound on quality checks
+        self.judge = LLMJudge(client)  # the freshness-auditor's judge, asked through llm.complete
 
     async def run_lead(self, plan: LeadPlan) -> None:
         rng = random.Random(plan.user_id)  # the lead's own draws: same run, same calls
+        # Which replies get a quality check: draws of their own, so the check changes no other call.
+        quality = random.Random(f"quality:{plan.user_id}")
         state = LeadState(plan)
         for i, ev in enumerate(plan.events):
             await self.clock.sleep_until(ev.at)
@@ -199,24 +213,25 @@ class Bot:
             if ev.kind == "inbound":
                 state.lead_at, state.unanswered = ev.at, 0
                 state.transcript.append({"role": "user", "text": ev.text})
-                await self.inbound(plan, bot, ev.text, i, ctx, rng, state)
+                await self.inbound(plan, bot, ev.text, i, ctx, rng, quality, state)
             else:
-                await self.review(plan, bot, ev.role or "qualifier", ev.at, i, ctx, rng, state)
+                await self.review(plan, bot, ev.role or "qualifier", ev.at, i, ctx, rng, quality, state)
             self.log.write({"kind": "interaction", **ctx, "sim": round(ev.at, 1),
                             "late_ms": round(late_ms, 1),
                             "ms": round((time.perf_counter() - t0) * 1000, 3)})
 
     async def inbound(self, plan: LeadPlan, bot: str, text: str, i: int, ctx: dict,
-                      rng: random.Random, state: LeadState) -> None:
-        user, c = plan.user_id, self.client
+                      rng: random.Random, quality: random.Random, state: LeadState) -> None:
+        """Append the lead's text, read the assembled context with it as the query (read-your-writes:
+        `min_seq`), score, classify, maybe the market, then the reply built from that context."""
+        user = plan.user_id
         self.remember(ctx, state)
-        a = await c.append(user, bot, "user", text, f"{user}:{i}:in", self.clock.iso())
-        self.log.call(a, "append", ctx, role="user", seq=a.reply.get("seq"), dup=a.reply.get("duplicate"))
+        a = await self.append(user, bot, "user", text, f"{user}:{i}:in", ctx)
         if not a.ok:
             return
-        seq = a.reply["seq"]
-        window = await self.read(c.recent(user, 10, min_seq=seq), ctx, n=10)
-        await self.more_reads(user, seq, ctx, rng)
+        context = await self.context(user, ctx, query=text, min_seq=a.reply.seq)
+        await self.more_reads(user, a.reply.seq, ctx, rng)
+        window = messages_of(context) if context is not None else []
         history = window or [{"role": "user", "text": text}]
         full = state.transcript
         asks = [self.llm(score_request(plan, history, bot), ctx, score_request(plan, full, bot)),
@@ -224,16 +239,14 @@ class Bot:
         if rng.random() < self.mix["market"]:
             asks.append(self.llm(market_request(plan, rng, bot), ctx))
         await asyncio.gather(*asks)
-        answer = await self.llm(reply_request(plan, history, bot=bot, role="qualifier"), ctx,
-                                reply_request(plan, full, bot=bot, role="qualifier"))
+        answer = await self.write_reply(plan, bot, "qualifier", None, context, history, ctx, quality, state)
         if answer is not None:
-            r = await c.append(user, bot, "assistant", answer, f"{user}:{i}:out", self.clock.iso())
-            self.log.call(r, "append", ctx, role="assistant", seq=r.reply.get("seq"))
+            r = await self.append(user, bot, "assistant", answer, f"{user}:{i}:out", ctx)
             if r.ok:
                 state.transcript.append({"role": "assistant", "text": answer})
 
     async def review(self, plan: LeadPlan, bot: str, role: str, at: float, i: int, ctx: dict,
-                     rng: random.Random, state: LeadState) -> None:
+                     rng: random.Random, quality: random.Random, state: LeadState) -> None:
         """A bot looks at a quiet lead: re-read, re-score, re-classify, its role's job, maybe a text."""
         user = plan.user_id
         self.remember(ctx, state)
@@ -256,17 +269,80 @@ class Bot:
                  "scheduler": points >= 70 or (intent or "").strip() == "schedule_viewing"}[role]
         if not (wants and state.may_check_in(role, at) and rng.random() < self.mix["nudge"]):
             return
-        request = reply_request(plan, window, bot=bot, role=role, instruction=INSTRUCTIONS[role])
-        answer = await self.llm(request, ctx, reply_request(plan, state.transcript, bot=bot, role=role,
-                                                            instruction=INSTRUCTIONS[role]))
+        # The text is written from the assembled context; the lead's last text is what it answers.
+        context = await self.context(user, ctx, query=last_lead)
+        answer = await self.write_reply(plan, bot, role, INSTRUCTIONS[role], context, window, ctx, quality,
+                                        state)
         if answer is not None:
-            r = await self.client.append(user, bot, "assistant", answer, f"{user}:{i}:{role}",
-                                         self.clock.iso())
-            self.log.call(r, "append", ctx, role="assistant", seq=r.reply.get("seq"))
+            r = await self.append(user, bot, "assistant", answer, f"{user}:{i}:{role}", ctx)
             if r.ok:
                 state.checkin_at = at
                 state.unanswered += 1
                 state.transcript.append({"role": "assistant", "text": answer})
+
+    async def write_reply(self, plan: LeadPlan, bot: str, role: str, instruction: str | None,
+                          context: ContextReply | None, window: list[dict], ctx: dict,
+                          quality: random.Random, state: LeadState) -> str | None:
+        """The text, from the assembled context (the plain window when the context read failed);
+        for a sampled few, the same text asked with the whole transcript and the two compared."""
+        if context is not None:
+            request = context_reply_request(plan, context, bot=bot, role=role, instruction=instruction)
+        else:
+            request = reply_request(plan, window, bot=bot, role=role, instruction=instruction)
+        full = reply_request(plan, state.transcript, bot=bot, role=role, instruction=instruction)
+        answer = await self.llm(request, ctx, full)
+        if (answer is not None and context is not None and self.quality_left > 0
+                and quality.random() < self.mix["quality"]):
+            self.quality_left -= 1
+            await self.check_quality(answer, full, context, ctx)
+        return answer
+
+    async def check_quality(self, answer: str, full: dict, context: ContextReply, ctx: dict) -> None:
+        """Ask the reply again with the whole transcript, uncached (a real call, so a cached
+        answer cannot agree with itself), and let the auditor's judge say whether the two
+        answers entail each other. Logged as a `quality` record; not part of the fleet's cost."""
+        body = {**full, "task": QUALITY_TASK, "cache": {**full["cache"], "mode": "off"}}
+        call = await self.measure(self.client.complete(body), name="llm.complete")
+        record: dict = {"task": "reply", "model": body["model"], "context_tokens": context.tokens,
+                        "summary": context.summary is not None, "relevant": len(context.relevant),
+                        "full": _usage(call)}
+        if call.ok:
+            t0 = time.perf_counter()
+            try:
+                support, usage = await self.judge.ask(answer, call.reply.text, model=body["model"])
+            except TierError as exc:
+                record["judge_error"] = exc.message
+            else:
+                record["judge"] = {"model": body["model"], "ms": round((time.perf_counter() - t0) * 1000, 3),
+                                   **{k: getattr(usage, k) for k in TOKEN_KINDS}}
+                if support is not None:
+                    agree, reason = judge.answers_agree(answer, call.reply.text, label=False,
+                                                        support=support, threshold=self.judge.threshold)
+                    record.update(support=list(support), agree=agree, reason=reason)
+        self.log.call(call, "quality", ctx, **record)
+
+    async def append(self, user: str, bot: str, role: str, text: str, msg_id: str, ctx: dict) -> Call:
+        call = await self.measure(self.client.append(user, bot, role, text, msg_id=msg_id, ts=self.clock.iso()),
+                                  name="memory.append")
+        fields = {"role": role, "seq": call.reply.seq if call.ok else None}
+        if role == "user":
+            fields["dup"] = call.reply.duplicate if call.ok else None
+        self.log.call(call, "append", ctx, **fields)
+        return call
+
+    async def context(self, user: str, ctx: dict, *, query: str | None,
+                      min_seq: int | None = None) -> ContextReply | None:
+        """memory.get op "context": the recent window, the summary and what matches `query`."""
+        call = await self.measure(self.client.context(user, CONTEXT_BUDGET, query=query, n=CONTEXT_N,
+                                                      k=CONTEXT_K, min_seq=min_seq),
+                                  name="memory.get", lookup=True)
+        c: ContextReply | None = call.reply
+        fields = {} if c is None else {
+            "tier": c.tier, "count": len(c.messages), "relevant": len(c.relevant),
+            "summary": c.summary is not None, "tokens": c.tokens, "budget": c.budget_tokens,
+            "missing": c.missing}
+        self.log.call(call, "context", ctx, n=CONTEXT_N, **fields)
+        return c
 
     async def more_reads(self, user: str, seq: int | None, ctx: dict, rng: random.Random) -> None:
         """Sometimes more than the last 10: a longer read, the older history, a search."""
@@ -279,13 +355,14 @@ class Bot:
             await self.read(c.recent(user, n, min_seq=seq), ctx, n=n)
         if rng.random() < self.mix["search"]:
             q = rng.choice(conv.SEARCH_QUERIES)
-            s = await c.search(user, q, k=5)
-            self.log.call(s, "search", ctx, tier=s.reply.get("tier"), count=len(s.reply.get("messages", [])))
+            s = await self.measure(c.search(user, q, k=5), name="memory.get", lookup=True)
+            self.log.call(s, "search", ctx, tier=s.reply.tier if s.ok else None,
+                          count=len(s.reply.messages) if s.ok else 0)
 
     async def read(self, pending, ctx: dict, *, n: int) -> list[dict]:
-        call: Call = await pending
-        messages = call.reply.get("messages", []) if call.ok else []
-        self.log.call(call, "get", ctx, n=n, tier=call.reply.get("tier"), count=len(messages))
+        call = await self.measure(pending, name="memory.get", lookup=True)
+        messages = [{"role": m.role, "text": m.text} for m in call.reply.messages] if call.ok else []
+        self.log.call(call, "get", ctx, n=n, tier=call.reply.tier if call.ok else None, count=len(messages))
         return messages
 
     def remember(self, ctx: dict, state: LeadState) -> None:
@@ -296,26 +373,37 @@ class Bot:
     async def llm(self, body: dict, ctx: dict, twin: dict | None = None) -> str | None:
         """One llm.complete; `twin` is the same call as a fleet without tiermem builds it (the
         whole transcript for the window; None: the same request), priced for the baseline."""
-        call = await self.client.complete(body)
+        call = await self.measure(self.client.complete(body), name="llm.complete")
         r = call.reply
-        usage, cache = r.get("usage") or {}, r.get("cache") or {}
         if self.baseline is not None and call.ok:
-            self.baseline.add(ctx, body["task"], messages_body(twin or body), usage.get("output_tokens", 0))
+            self.baseline.add(ctx, body["task"], messages_body(twin or body), r.usage.output_tokens)
+        cache = {} if r is None else {"status": r.cache.status, "match": r.cache.match,
+                                      "sim_score": r.cache.similarity, "age_s": r.cache.age_s}
         self.log.call(call, "llm", ctx, task=body["task"], model=body["model"],
                       volatility=body["cache"]["volatility"], mode=body["cache"]["mode"],
-                      scope=body["cache"]["scope"], status=cache.get("status"), match=cache.get("match"),
-                      sim_score=cache.get("similarity"), age_s=cache.get("age_s"),
-                      input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
-                      cache_creation_input_tokens=usage.get("cache_creation_input_tokens", 0),
-                      cache_read_input_tokens=usage.get("cache_read_input_tokens", 0),
-                      cost_usd=r.get("cost_usd", 0.0), saved_usd=r.get("saved_usd", 0.0))
-        return r.get("text") if call.ok else None
+                      scope=body["cache"]["scope"], **cache, **_usage(call))
+        return r.text if call.ok else None
+
+
+TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _usage(call: Call) -> dict:
+    """The tokens, cost and saving an llm.complete reply reported (zeros for an error)."""
+    r = call.reply
+    if r is None:
+        return {**dict.fromkeys(TOKEN_KINDS, 0), "cost_usd": 0.0, "saved_usd": 0.0}
+    return {**{k: getattr(r.usage, k) for k in TOKEN_KINDS}, "cost_usd": r.cost_usd, "saved_usd": r.saved_usd}
+
+
+def messages_of(context: ContextReply) -> list[dict]:
+    return [{"role": m.role, "text": m.text} for m in context.messages]
 
 
 # --------------------------------------------------------------------------- requests
 
 
-def _llm(plan: LeadPlan, bot: str, task: str, model: str, system: str, messages: list[dict],
+def _llm(plan: LeadPlan, bot: str, task: str, model: str, system: str | list[dict], messages: list[dict],
          max_tokens: int, volatility: str, mode: str, scope: str) -> dict:
     return {"task": task, "user_id": plan.user_id, "bot_id": bot or plan.bot_id, "model": model,
             "system": system, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
@@ -352,12 +440,44 @@ def profile(plan: LeadPlan) -> str:
 
 
 def reply_request(plan: LeadPlan, window: list[dict], *, bot: str = "", role: str = "qualifier",
-                  instruction: str | None = None, nudge: bool = False) -> dict:
-    """A text the bot writes: its role's stable system prompt; the lead's CRM record, then the
-    conversation (consecutive same-role messages joined), then what to write when it texts first."""
-    if nudge and instruction is None:
-        instruction = INSTRUCTIONS[role]
-    turns: list[dict] = [{"role": "user", "content": profile(plan)}]
+                  instruction: str | None = None) -> dict:
+    """A text as a bot without context assembly writes it: its role's stable system prompt; the
+    lead's CRM record, then the messages of `window` (the whole transcript, for the baseline
+    and the quality check), then what to write when it texts first."""
+    turns = _turns(profile(plan), window, instruction)
+    return _llm(plan, bot, "reply", SONNET, REPLY_SYSTEMS[role], turns, 300, "lead_intent", "exact", "user")
+
+
+def context_reply_request(plan: LeadPlan, context: ContextReply, *, bot: str = "", role: str = "qualifier",
+                          instruction: str | None = None) -> dict:
+    """A text built from the assembled context (memory.get op "context").
+
+    Most stable first, so the provider's prompt cache serves the longest
+    prefix: the role's system prompt (the same for every lead: a breakpoint),
+    the rolling summary of the lead's older history (the same until the next
+    summary: a breakpoint), then the CRM record with the older messages that
+    match the question, and the recent window. Those change with every
+    question and message, so no breakpoint is spent on them.
+    """
+    system = [{"type": "text", "text": REPLY_SYSTEMS[role], "cache_control": EPHEMERAL}]
+    if context.summary is not None:
+        s = context.summary
+        system.append({"type": "text", "cache_control": EPHEMERAL,
+                       "text": f"Summary of this lead's earlier conversation (messages {s.from_seq}-"
+                               f"{s.upto_seq}):\n{s.text}"})
+    first = profile(plan)
+    if context.relevant:
+        older = "\n".join(f"{'lead' if m.role == 'user' else 'us'}: {m.text}"
+                          for m in sorted(context.relevant, key=lambda m: m.seq))
+        first += f"\n\nEarlier messages that may matter:\n{older}"
+    turns = _turns(first, messages_of(context), instruction)
+    return _llm(plan, bot, "reply", SONNET, system, turns, 300, "lead_intent", "exact", "user")
+
+
+def _turns(first: str, window: list[dict], instruction: str | None) -> list[dict]:
+    """`first` as the opening user turn, then the conversation (consecutive same-role messages
+    joined), then `instruction` (or a nudge when the conversation ends with our text)."""
+    turns: list[dict] = [{"role": "user", "content": first}]
     for m in window:
         role_ = "user" if m["role"] == "user" else "assistant"
         if turns[-1]["role"] == role_:
@@ -370,7 +490,7 @@ def reply_request(plan: LeadPlan, window: list[dict], *, bot: str = "", role: st
             turns[-1]["content"] += "\n" + text
         else:
             turns.append({"role": "user", "content": text})
-    return _llm(plan, bot, "reply", SONNET, REPLY_SYSTEMS[role], turns, 300, "lead_intent", "exact", "user")
+    return turns
 
 
 def sim_start(date: str) -> datetime:

@@ -73,6 +73,8 @@ class Mix(dict):
         "nudge": 0.3,  # reviews of a keen, quiet lead in which the bot sends a text (its role's)
         "history": 14,  # median messages of imported history per lead (lognormal, some > 100)
         "trace": 0.05,  # share of lookups traced end to end (traceparent sampled)
+        "quality": 0.03,  # replies also asked with the whole transcript and judged (bot.check_quality)
+        "quality_max": 40,  # ... at most this many per worker
     }
 
     @classmethod

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import secrets
 import socket
 import time
@@ -42,10 +41,12 @@ import msgspec
 from services.agent_worker import scenario
 from services.agent_worker.baseline import Baseline
 from services.agent_worker.bot import Bot, CallLog, SimClock, sim_start
-from services.agent_worker.client import Tiermem
+from services.agent_worker.measured import Measured
 from services.agent_worker.scenario import Mix
 from shared.bus import BusAuth, connect, connect_as
+from shared.errors import TierError
 from shared.permissions import WORKER
+from tiermem import AsyncClient
 
 SEED_CONCURRENCY = 32
 
@@ -113,8 +114,7 @@ async def run(s: WorkerSettings, stop: asyncio.Event) -> int:
     nc = await connect(s.nats_url, s.auth, name=f"agent-worker {s.worker_id}", max_reconnect_attempts=-1,
                        reconnect_time_wait=0.5, connect_timeout=5)
     calls = CallLog(s.log_path, s.worker_id)
-    client = Tiermem(nc, sidecar=s.l1_id, trace_share=mix["trace"],
-                     rng=random.Random(f"{s.seed}:{s.shard}"))
+    client = AsyncClient(nc, sidecar=s.l1_id)
     try:
         if s.seed_history:
             t0 = time.perf_counter()
@@ -126,7 +126,7 @@ async def run(s: WorkerSettings, stop: asyncio.Event) -> int:
                      "t0": clock.t0, "speed": s.speed, "days": s.days, "run": s.run,
                      "sidecar": s.l1_id or "(queue group)"})
         baseline = _baseline(s, calls)
-        bot = Bot(client, calls, clock, mix, baseline)
+        bot = Bot(client, Measured(mix["trace"]), calls, clock, mix, baseline)
         tasks = [asyncio.create_task(bot.run_lead(p)) for p in plans]
         flusher = asyncio.create_task(_flush_every(calls, 0.5))
         stopper = asyncio.create_task(stop.wait())
@@ -158,7 +158,7 @@ def _baseline(s: WorkerSettings, calls: CallLog) -> Baseline | None:
     return Baseline(client, calls.write, seed=f"{s.seed}:{s.shard}")
 
 
-async def seed(client: Tiermem, plans: list[scenario.LeadPlan], start) -> tuple[int, int]:
+async def seed(client: AsyncClient, plans: list[scenario.LeadPlan], start) -> tuple[int, int]:
     """Append every lead's imported history (in order per lead, leads in parallel); (sent, errors)."""
     stamp = SimClock(0, 1, start).iso
     sem = asyncio.Semaphore(SEED_CONCURRENCY)
@@ -168,10 +168,12 @@ async def seed(client: Tiermem, plans: list[scenario.LeadPlan], start) -> tuple[
         nonlocal sent, errors
         async with sem:
             for j, (role, text, at) in enumerate(plan.history):
-                c = await client.append(plan.user_id, plan.bot_id, role, text, f"{plan.user_id}:h{j}",
-                                        stamp(at))
                 sent += 1
-                errors += not c.ok
+                try:
+                    await client.append(plan.user_id, plan.bot_id, role, text, msg_id=f"{plan.user_id}:h{j}",
+                                        ts=stamp(at))
+                except TierError:
+                    errors += 1
 
     await asyncio.gather(*(one(p) for p in plans))
     return sent, errors
@@ -182,7 +184,7 @@ async def seed_fleet(env: Mapping[str, str], plans: list[scenario.LeadPlan],
     """`seed` over a connection of its own, as the agent worker of `env` (the demo seeds once for all its workers)."""
     nc = await connect_as(env, WORKER, connect_timeout=5)
     try:
-        return await seed(Tiermem(nc), plans, sim_start(date))
+        return await seed(AsyncClient(nc), plans, sim_start(date))
     finally:
         await nc.close()
 
