@@ -58,7 +58,8 @@ def processes_of(demo_dir: Path) -> list[str]:
 def short_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     out = subprocess.run([sys.executable, "-m", "demo", "--leads", str(LEADS), "--days", str(DAYS),
-                          "--speed", "8000", "--mix", "trace=0.5,search=0.2,history_read=0.1"],
+                          "--speed", "8000", "--mix",
+                          "trace=0.5,search=0.2,history_read=0.1,quality=0.3"],
                          cwd=REPO, env=demo_env(tmp), capture_output=True, text=True, timeout=240)
     run_dir = tmp / "demo" / "run"
     yield {"out": out, "run": run_dir, "dir": tmp / "demo"}
@@ -107,9 +108,19 @@ def test_table_equals_counts_recomputed_from_the_workers_logs(short_run):
     assert results["llm"]["tokens_avoided"] == sum(
         r["input_tokens"] + r["output_tokens"] + r["cache_creation_input_tokens"] + r["cache_read_input_tokens"]
         for r in hits)
-    # The stack's own count agrees: every miss was one model call, every call one request.
-    assert results["broker"]["upstream_calls"] == len(llm) - len(hits)
-    assert results["broker"]["requests"] == len(llm)
+    # The stack's own count agrees: the broker saw the bots' calls, the quality check's (the
+    # full-transcript reply and the judge, both uncached), and L3's rolling summaries, which no
+    # worker logs: those are counted by the broker per task, and L3 says how many it stored.
+    quality = [r for r in records if r["kind"] == "quality" and r["code"] == 200]
+    judged = [r for r in quality if "judge" in r or "judge_error" in r]
+    per_task = results["broker_tasks"]["total"]
+    summaries = per_task.get("summary", {"requests": 0, "by_status": {}})
+    summary_paid = sum(n for status, n in summaries["by_status"].items() if status != "hit")
+    assert results["broker"]["requests"] == len(llm) + len(quality) + len(judged) + summaries["requests"]
+    assert results["broker"]["upstream_calls"] == len(llm) - len(hits) + len(quality) + len(judged) + summary_paid
+    for task, count in Counter(r["task"] for r in llm).items():
+        assert per_task[task]["requests"] == count, task
+    assert summaries["requests"] >= results["broker_tasks"]["l3_summaries"].get("made", 0) > 0
     # Prompts the size of the design's (~7.5k tokens an interaction on average).
     assert 5_000 < results["llm"]["tokens"] / results["interactions"] < 11_000
     # The printed table carries these numbers.
@@ -171,10 +182,43 @@ def test_the_baseline_recounts_from_the_logs_and_its_waterfall_from_the_price_ta
     baseline = sum(price(r, mean_out if r["output_tokens"] is None else r["output_tokens"]) for r in base)
     cost = results["cost"]
     assert cost["baseline_per_month_usd"] == pytest.approx(baseline / DAYS * 30)
-    assert cost["tiermem_per_month_usd"] == pytest.approx(results["month"]["with_usd"])
+    # tiermem's figure: the bots' paid calls plus the rolling summaries made during the fleet's
+    # run, at the tokens the broker counted for task `summary`, priced here
+    run = results["broker_tasks"]["run"].get("summary", {"tokens": {}, "requests": 0})
+    summary_usd = sum(price({"model": m, "input_tokens": k["input_tokens"]}, k["output_tokens"])
+                      + (k["cache_creation_input_tokens"] * PRICES.get(m, PRICES["default"])["cache_write"]
+                         + k["cache_read_input_tokens"] * PRICES.get(m, PRICES["default"])["cache_read"]) / 1e6
+                      for m, k in run["tokens"].items())
+    assert cost["summaries"]["requests"] == run["requests"]
+    assert cost["tiermem_per_month_usd"] == pytest.approx(results["month"]["with_usd"] + summary_usd / DAYS * 30)
     steps = [st["per_month_usd"] for st in cost["waterfall"]]
     assert steps[0] >= steps[1] >= steps[2] >= steps[3] > 0, steps  # each layer saves, none costs
     assert f"${cost['baseline_per_month_usd']:,.2f}" in results["table"]
+
+
+def test_quality_is_the_share_of_logged_judgements_that_agree(short_run):
+    """A sample of replies written from the assembled context, asked again with the whole
+    transcript (uncached) and judged by the auditor's LLM judge: the figure is recounted here
+    from the `quality` records, and printed."""
+    results = json.loads((short_run["run"] / "results.json").read_text())
+    records = _records(short_run["run"])
+    checks = [r for r in records if r["kind"] == "quality"]
+    judged = [r for r in checks if "agree" in r]
+    assert judged, "the short run's quality share samples some replies"
+    for r in judged:
+        assert r["support"] in ([0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0])
+        assert r["agree"] == (r["support"] == [1.0, 1.0])
+        assert r["full"]["input_tokens"] + r["full"]["cache_read_input_tokens"] > 0  # a real call
+    agree = sum(r["agree"] for r in judged)
+    q = results["quality"]
+    assert (q["agree"], q["judged"], q["sampled"]) == (agree, len(judged), len(checks))
+    assert f"quality: {agree}/{len(judged)} agree ({100 * agree / len(judged):.1f} %)" in short_run["out"].stdout
+    # Every text was written from a context read (memory.get op=context), and its prompt put
+    # breakpoints on the system prompt (and the summary): the broker billed cache reads.
+    contexts = [r for r in records if r["kind"] == "context"]
+    replies = [r for r in records if r["kind"] == "llm" and r["task"] == "reply"]
+    assert len(contexts) >= len(replies) > 0 and results["context"]["count"] == len(contexts)
+    assert sum(r["cache_read_input_tokens"] for r in replies if r["status"] != "hit") > 0
 
 
 def test_report_holds_its_plots(short_run):

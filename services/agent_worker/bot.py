@@ -12,11 +12,21 @@ deserves:
 | reply          | lead_intent    | exact    | user   | depends on the conversation, rarely repeats   |
 
 **The lead texts** (inbound, the qualifier answers): append it; read the
-lead's recent messages (n=10, with `min_seq` = the append's seq, so the read
-includes it); sometimes a longer read (n=30..100) or the older history
-(n=101..500), sometimes a search of the history; then score, intent, and for
-half the messages the market context of the lead's area, then the reply,
-which it appends.
+lead's assembled context (memory.get op "context": the recent window of 10
+with `min_seq` = the append's seq, so it includes the text, the rolling
+summary, the older messages matching the text); sometimes a longer read
+(n=30..100) or the older history (n=101..500), sometimes a search of the
+history; then score, intent, and for half the messages the market context
+of the lead's area, then the reply, which it appends.
+
+**Every text is written from the assembled context** (`context_reply_request`;
+a review that sends a check-in reads the context first, with the lead's last
+text as the query): the role's system prompt and the summary are system
+blocks with prompt-cache breakpoints, the CRM record, the relevant older
+messages and the window follow. For a sample of texts (`quality` of the mix,
+at most `quality_max` per worker) `check_quality` asks the same text with
+the whole transcript, uncached, and has the freshness-auditor's LLM judge
+say whether the two agree.
 
 **A bot reviews a quiet lead** (after a session, and in the morning and
 afternoon passes): it re-reads the lead's memory (n=10, and the longer reads
@@ -46,7 +56,7 @@ others may be answered from the cache while the answer is fresh (15 min for
 scores, 5 for intents, simulated). The texts each bot writes have its own
 system prompt (its role, the playbook and the listing sheet, long and stable,
 so the model's prompt cache serves it) and carry the lead's CRM record and
-conversation in the messages; they are never shared. Prompt sizes: about 5.5k
+assembled context in the messages; they are never shared. Prompt sizes: about 5.5k
 tokens for a bot's text, 2-3k for the guides, a few hundred for market
 questions; ~7.5k tokens an interaction on average. Every call is written to
 the call log (`CallLog`) as it returns.
