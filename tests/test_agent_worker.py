@@ -150,6 +150,7 @@ async def test_a_reply_turn_reads_context_sends_breakpoints_and_a_sampled_qualit
             state.transcript.append({"role": "user", "text": text})  # as run_lead does
             await b.inbound(p, "qualifier-1", text, i, {"lead": p.user_id, "ix": f"0:{i}"}, random.Random(1),
                             random.Random(2), state)
+        await b.drain_checks()  # the check runs beside the interaction
         log.close()
     gets = [body for subject, body, _ in seen if subject == "memory.get.probe-reply"]
     assert gets[0] == {"user_id": p.user_id, "op": "context", "budget_tokens": bot.CONTEXT_BUDGET,
@@ -173,7 +174,11 @@ async def test_a_reply_turn_reads_context_sends_breakpoints_and_a_sampled_qualit
     assert [r["kind"] for r in records if r["kind"] in ("context", "append")][:2] == ["append", "context"]
 
 
-async def test_a_judge_that_says_no_is_logged_as_disagreement(nats_url, tmp_path):
+@pytest.mark.parametrize("answer, expected", [
+    ("a", (False, "adds_content", [1.0, 0.0])),  # the judge: A entails B, B does not entail A
+    (f"answer to {bot.QUALITY_TASK}", (True, "same", None)),  # the same text: no judge asked
+])
+async def test_the_quality_record_is_the_judges_verdict(nats_url, tmp_path, answer, expected):
     seen: list = []
     log_path = tmp_path / "calls.jsonl"
     p = plan()
@@ -182,10 +187,13 @@ async def test_a_judge_that_says_no_is_logged_as_disagreement(nats_url, tmp_path
         log = CallLog(str(log_path), "w")
         b = Bot(AsyncClient(nc, sidecar="probe-no"), Measured(0.0), log, SimClock(0, 1, sim_start("2026-03-02")),
                 scenario.Mix.parse("quality=1"))
-        await b.check_quality("a", bot.reply_request(p, [{"role": "user", "text": "hi"}]), context(), {"lead": "u"})
+        await b.check_quality(answer, bot.reply_request(p, [{"role": "user", "text": "hi"}]), context(),
+                              {"lead": "u"})
         log.close()
     (q,) = [json.loads(line) for line in log_path.read_text().splitlines()]
-    assert (q["agree"], q["reason"], q["support"]) == (False, "adds_content", [1.0, 0.0])
+    assert (q["agree"], q["reason"], q.get("support")) == expected
+    assert ("judge" in q) == (expected[2] is not None)
+    assert sum(body.get("task") == "audit_judge" for _, body, _ in seen) == (expected[2] is not None)
 
 
 def test_the_results_count_agreement_from_the_logged_judgements():

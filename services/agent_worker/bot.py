@@ -205,6 +205,7 @@ class Bot:
         self.baseline = baseline
         self.quality_left = int(mix["quality_max"])  # this worker's bound on quality checks
         self.judge = LLMJudge(client)  # the freshness-auditor's judge, asked through llm.complete
+        self.checks: set[asyncio.Task] = set()  # quality checks running beside the interactions
 
     async def run_lead(self, plan: LeadPlan) -> None:
         rng = random.Random(plan.user_id)  # the lead's own draws: same run, same calls
@@ -304,8 +305,16 @@ class Bot:
         if (answer is not None and context is not None and self.quality_left > 0
                 and quality.random() < self.mix["quality"]):
             self.quality_left -= 1
-            await self.check_quality(answer, full, context, ctx)
+            # beside the interaction, not in it: the check must not slow the fleet it measures
+            task = asyncio.create_task(self.check_quality(answer, full, context, dict(ctx)))
+            self.checks.add(task)
+            task.add_done_callback(self.checks.discard)
         return answer
+
+    async def drain_checks(self) -> None:
+        """Wait for the quality checks still running (at the end of the plan)."""
+        while self.checks:
+            await asyncio.gather(*self.checks)
 
     async def check_quality(self, answer: str, full: dict, context: ContextReply, ctx: dict) -> None:
         """Ask the reply again with the whole transcript, uncached (a real call, so a cached
@@ -316,7 +325,9 @@ class Bot:
         record: dict = {"task": "reply", "model": body["model"], "context_tokens": context.tokens,
                         "summary": context.summary is not None, "relevant": len(context.relevant),
                         "full": _usage(call)}
-        if call.ok:
+        if call.ok and judge.normalise_label(answer) == judge.normalise_label(call.reply.text):
+            record.update(agree=True, reason="same")  # as the auditor does: nothing to judge
+        elif call.ok:
             t0 = time.perf_counter()
             try:
                 support, usage = await self.judge.ask(answer, call.reply.text, model=body["model"])

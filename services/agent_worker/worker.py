@@ -133,9 +133,13 @@ async def run(s: WorkerSettings, stop: asyncio.Event) -> int:
         done = asyncio.gather(*tasks)
         await asyncio.wait([done, stopper], return_when=asyncio.FIRST_COMPLETED)
         finished = done.done()
-        for t in (*tasks, flusher, stopper):
+        if finished and done.exception() is None and bot.checks:  # the last quality checks, unless stopped
+            draining = asyncio.create_task(bot.drain_checks())
+            await asyncio.wait([draining, stopper], return_when=asyncio.FIRST_COMPLETED)
+            draining.cancel()
+        for t in (*tasks, *bot.checks, flusher, stopper):
             t.cancel()
-        await asyncio.gather(done, flusher, stopper, return_exceptions=True)
+        await asyncio.gather(done, *bot.checks, flusher, stopper, return_exceptions=True)
         if finished and done.exception() is not None:
             raise done.exception()
         if baseline is not None and finished:
