@@ -76,10 +76,9 @@ from services.agent_worker import conversations as conv
 from services.agent_worker.baseline import Baseline, memory_request, messages_body
 from services.agent_worker.measured import Call, Measured
 from services.agent_worker.scenario import LeadPlan, Mix
-from services.freshness_auditor import judge
-from services.freshness_auditor.entailment import LLMJudge
 from shared.contract import ContextReply
 from shared.errors import TierError
+from shared.llm_judge import LLMJudge, answers_agree, normalise_label
 from tiermem import AsyncClient
 
 HAIKU = "claude-haiku-4-5"
@@ -204,7 +203,7 @@ class Bot:
         self.client, self.measure, self.log, self.clock, self.mix = client, measure, log, clock, mix
         self.baseline = baseline
         self.quality_left = int(mix["quality_max"])  # this worker's bound on quality checks
-        self.judge = LLMJudge(client)  # the freshness-auditor's judge, asked through llm.complete
+        self.judge = LLMJudge(client)  # the freshness-auditor's judge (shared/llm_judge.py), via llm.complete
         self.checks: set[asyncio.Task] = set()  # quality checks running beside the interactions
 
     async def run_lead(self, plan: LeadPlan) -> None:
@@ -325,7 +324,7 @@ class Bot:
         record: dict = {"task": "reply", "model": body["model"], "context_tokens": context.tokens,
                         "summary": context.summary is not None, "relevant": len(context.relevant),
                         "full": _usage(call)}
-        if call.ok and judge.normalise_label(answer) == judge.normalise_label(call.reply.text):
+        if call.ok and normalise_label(answer) == normalise_label(call.reply.text):
             record.update(agree=True, reason="same")  # as the auditor does: nothing to judge
         elif call.ok:
             t0 = time.perf_counter()
@@ -337,8 +336,8 @@ class Bot:
                 record["judge"] = {"model": body["model"], "ms": round((time.perf_counter() - t0) * 1000, 3),
                                    **{k: getattr(usage, k) for k in TOKEN_KINDS}}
                 if support is not None:
-                    agree, reason = judge.answers_agree(answer, call.reply.text, label=False,
-                                                        support=support, threshold=self.judge.threshold)
+                    agree, reason = answers_agree(answer, call.reply.text, label=False, support=support,
+                                                  threshold=self.judge.threshold)
                     record.update(support=list(support), agree=agree, reason=reason)
         self.log.call(call, "quality", ctx, **record)
 

@@ -34,12 +34,15 @@ judged right by the same rules. Two judges, neither of them that one:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-from shared.contract import ChatMessage, CacheOptions, CompleteRequest
+# The LLM judge is shared with the reference agent worker's quality check: re-exported here
+# under the auditor's names for it.
+from shared.llm_judge import (  # noqa: F401
+    JUDGE_MAX_TOKENS, JUDGE_SYSTEM, JUDGE_TASK, LLMJudge, judge_request, parse_judgement, prompt_tokens,
+)
 
 THRESHOLD_PATH = Path(__file__).with_name("judge_threshold.json")
 MODEL_ID = "minilm-l6-v2-onnx-int8"
@@ -86,55 +89,3 @@ class TokenAlignment:
 
     async def aclose(self) -> None:
         await self.embedder.aclose()
-
-
-JUDGE_TASK = "audit_judge"
-JUDGE_SYSTEM = (
-    "You check whether two answers to the same request say the same thing. "
-    "Statement A entails statement B when everything B claims follows from A. "
-    "Reply with exactly two words, each yes or no: first whether A entails B, "
-    "then whether B entails A. No other text.")
-JUDGE_MAX_TOKENS = 8
-_YES_NO = re.compile(r"\b(yes|no)\b", re.I)
-
-
-def judge_request(served: str, fresh: str, *, model: str, user_id: str) -> CompleteRequest:
-    """The entailment question as one model call (both directions in one reply)."""
-    prompt = f"A: {served}\n\nB: {fresh}"
-    return CompleteRequest(task=JUDGE_TASK, user_id=user_id, model=model, system=JUDGE_SYSTEM,
-                           messages=[ChatMessage(role="user", content=prompt)],
-                           max_tokens=JUDGE_MAX_TOKENS,
-                           temperature=0.0, cache=CacheOptions(mode="off"))
-
-
-def prompt_tokens(served: str, fresh: str) -> int:
-    """A generous estimate of a judge call's prompt tokens (~4 characters a token), to book it."""
-    return (len(JUDGE_SYSTEM) + len(served) + len(fresh)) // 3 + 16
-
-
-def parse_judgement(text: str) -> tuple[float, float] | None:
-    """(A entails B, B entails A) as 1.0/0.0; None unless the reply starts with two yes/no words."""
-    words = _YES_NO.findall(text or "")
-    if len(words) < 2 or _YES_NO.sub("", text).strip(" \t\n.,;:-") != "":
-        return None
-    return tuple(1.0 if w.lower() == "yes" else 0.0 for w in words[:2])  # type: ignore[return-value]
-
-
-class LLMJudge:
-    """Asks the model through `upstream` (an `Upstream`), the audited request's model;
-    the caller books the call's cost against the audit budget."""
-
-    name = "llm"
-    threshold = 0.5  # support is 1.0 (yes) or 0.0 (no)
-
-    def __init__(self, upstream) -> None:
-        self.upstream = upstream
-
-    async def ask(self, served: str, fresh: str, *, model: str):
-        """(support or None if the reply was not two yes/no words, the call's usage)."""
-        answer = await self.upstream.complete(
-            judge_request(served, fresh, model=model, user_id="freshness-auditor"))
-        return parse_judgement(answer.text), answer.usage
-
-    async def aclose(self) -> None:
-        return None

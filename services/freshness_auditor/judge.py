@@ -18,11 +18,11 @@ for free text, each answer entails the other, as an independent judge
 
 from __future__ import annotations
 
-import re
-
 import msgspec
 
 from shared.contract import ServedMemory
+# The agreement rule is shared with the reference agent worker's quality check (re-exported).
+from shared.llm_judge import answers_agree, normalise_label  # noqa: F401
 from shared.stream import Logged
 
 
@@ -56,37 +56,6 @@ def judge_memory(rec: ServedMemory, log: list[Logged], *, grace_s: float,
     if forgotten_at is not None and forgotten_at >= rec.at - grace_s:
         return MemoryVerdict("inconclusive", missing, unknown)
     return MemoryVerdict("stale", missing, unknown)
-
-
-_space = re.compile(r"\s+")
-
-
-def normalise_label(text: str) -> str:
-    return _space.sub(" ", text).strip().strip(".!").casefold()
-
-
-def answers_agree(served: str, fresh: str, *, label: bool,
-                  support: tuple[float, float] | None = None,
-                  threshold: float = 0.5) -> tuple[bool, str]:
-    """Do two answers to one request say the same? Returns (agree, reason).
-
-    `support`: for free text, (how much of the fresh answer the served one
-    entails, how much of the served answer the fresh one entails), from an
-    `entailment` judge; both must reach `threshold`. A wrong hit either
-    misses something the right answer says or says something it does not.
-    """
-    if normalise_label(served) == normalise_label(fresh):
-        return True, "same"
-    if label:
-        return False, "label_differs"
-    if support is None:
-        raise ValueError("free-text answers need the judge's support in both directions")
-    fresh_in_served, served_in_fresh = support
-    if fresh_in_served < threshold:
-        return False, "misses_fresh_content"
-    if served_in_fresh < threshold:
-        return False, "adds_content"
-    return True, "entails_both_ways"
 
 
 class Budget:
