@@ -75,6 +75,19 @@ def test_shared_imports_no_service():
     assert not offenders, "shared/ is the runtime library under every service:\n" + "\n".join(offenders)
 
 
+def test_the_image_carries_every_package_the_services_import():
+    """The image copies only what it names (deploy/Dockerfile, .dockerignore): a repo package a
+    service imports (the agent worker uses the `tiermem` client) must be among them."""
+    own = {p.name for p in REPO.iterdir() if (p / "__init__.py").exists()}
+    needed = {m.split(".")[0] for path in (REPO / "services").rglob("*.py") for m in imported_modules(path)} & own
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    allowed = {line[1:].strip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    assert "tiermem" in needed
+    for package in needed:
+        assert f"COPY {package} ./{package}" in dockerfile and package in allowed, package
+
+
 def struct_classes(path: Path) -> list[str]:
     """Names of the msgspec Structs `path` defines."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
