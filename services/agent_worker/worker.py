@@ -1,5 +1,8 @@
 """Run a shard of the simulated lead fleet against tiermem until the plan ends or SIGTERM.
 
+It talks to tiermem only through the public client package (`tiermem.AsyncClient`),
+each call timed and traced by `measured.py`.
+
 Settings (environment, read once at start):
 
 | variable | default | meaning |
