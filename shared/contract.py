@@ -316,6 +316,9 @@ def decoder(kind: type) -> msgspec.json.Decoder:
 MAX_MODEL_CHARS = 128
 STREAM_SUBJECT = r"^_INBOX[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+$"  # a reply inbox, no wildcards
 STREAM_HEADER = "Tiermem-Stream"  # marks a streamed event among a request's replies
+# The caller's API key, on `llm.complete.keyed` and `llm.count_tokens` only: a header, never
+# a body field, so it is in no struct that is logged, cached, or published for audit.
+UPSTREAM_KEY_HEADER = "Tiermem-Upstream-Key"
 Task = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
