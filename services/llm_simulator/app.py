@@ -360,32 +360,52 @@ def _event(name: str, data: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
 
 
+PIECE = 16  # characters per text or thinking delta
+
+
+def _block_events(block: dict) -> tuple[dict, list[dict]]:
+    """A content block's `content_block_start` block and its deltas, as the API streams
+    them: text in `text_delta`s; a tool call's input as one `input_json_delta`; thinking
+    in `thinking_delta`s, then its `signature_delta`; any other block (redacted
+    thinking) whole in its start, with no delta."""
+    kind = block["type"]
+    if kind == "text":
+        text = block["text"]
+        return {**block, "text": ""}, [{"type": "text_delta", "text": text[i:i + PIECE]}
+                                       for i in range(0, len(text), PIECE)]
+    if kind == "tool_use":
+        return {**block, "input": {}}, [{"type": "input_json_delta", "partial_json":
+                                         msgspec.json.encode(block["input"]).decode()}]
+    if kind == "thinking":
+        text = block["thinking"]
+        return {**block, "thinking": "", "signature": ""}, [
+            *({"type": "thinking_delta", "thinking": text[i:i + PIECE]}
+              for i in range(0, len(text), PIECE)),
+            {"type": "signature_delta", "signature": block["signature"]}]
+    return block, []
+
+
 async def _sse(message: dict, delay: float) -> AsyncIterator[bytes]:
-    """The Messages streaming events for a finished `message`; the latency spreads over them."""
-    text = "".join(b["text"] for b in message["content"] if b["type"] == "text")
-    calls = [b for b in message["content"] if b["type"] == "tool_use"]
-    pieces = [text[i:i + 16] for i in range(0, len(text), 16)]
-    pause = delay / (len(pieces) + 1)
+    """The Messages streaming events for a finished `message`; the latency spreads over
+    its text and thinking deltas. A `ping` follows the first block's start, as the API's."""
+    blocks = [_block_events(b) for b in message["content"]]
+    paced = sum(1 for _, deltas in blocks for d in deltas
+                if d["type"] in ("text_delta", "thinking_delta"))
+    pause = delay / (paced + 1)
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
              "usage": {**message["usage"], "output_tokens": 1}}
     await asyncio.sleep(pause)
     yield _event("message_start", {"type": "message_start", "message": start})
-    if text:
-        yield _event("content_block_start", {"type": "content_block_start", "index": 0,
-                                             "content_block": {"type": "text", "text": ""}})
-        yield _event("ping", {"type": "ping"})
-        for piece in pieces:
-            await asyncio.sleep(pause)
-            yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                 "delta": {"type": "text_delta", "text": piece}})
-        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
-    for index, call in enumerate(calls, start=1 if text else 0):
+    for index, (head, deltas) in enumerate(blocks):
         yield _event("content_block_start", {"type": "content_block_start", "index": index,
-                                             "content_block": {**call, "input": {}}})
-        yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                             "delta": {"type": "input_json_delta",
-                                                       "partial_json": msgspec.json.encode(
-                                                           call["input"]).decode()}})
+                                             "content_block": head})
+        if index == 0:
+            yield _event("ping", {"type": "ping"})
+        for delta in deltas:
+            if delta["type"] in ("text_delta", "thinking_delta"):
+                await asyncio.sleep(pause)
+            yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                 "delta": delta})
         yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
     yield _event("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": message["stop_reason"],
