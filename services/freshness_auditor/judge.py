@@ -13,7 +13,10 @@ nothing: the verdict is *inconclusive*.
 LLM: a hit is *right* when a fresh answer to the same request agrees with
 the one served: the same label for label-like tasks (lead score, intent);
 for free text, each answer entails the other, as an independent judge
-(`entailment`: never the broker's guard) scores it in both directions.
+(`entailment`: never the broker's guard) scores it in both directions. An
+answer that calls tools is what it asks to be done: its calls must be the
+fresh answer's (`calls_agree`: the same tools in the same order, with equal
+inputs), whatever its text says, before its text is judged at all.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 
 import msgspec
 
-from shared.contract import ServedMemory
+from shared.contract import ServedMemory, ToolCall
 from shared.stream import Logged
 
 
@@ -63,6 +66,29 @@ _space = re.compile(r"\s+")
 
 def normalise_label(text: str) -> str:
     return _space.sub(" ", text).strip().strip(".!").casefold()
+
+
+def calls_agree(served: list[ToolCall], fresh: list[ToolCall]) -> bool:
+    """Do two answers make the same tool calls? Names in order, inputs equal as JSON
+    once normalised (`normalise_input`): get_weather(city="Paris") is not
+    get_weather(city="London"), however alike the texts around them."""
+    return (len(served) == len(fresh)
+            and all(s.name == f.name and normalise_input(s.input) == normalise_input(f.input)
+                    for s, f in zip(served, fresh)))
+
+
+def normalise_input(value):
+    """A tool input compared by meaning, not spelling: key order, whitespace and case
+    of strings, and 1 vs 1.0 do not matter; every key, value and list order does."""
+    if isinstance(value, dict):
+        return {k: normalise_input(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalise_input(v) for v in value]
+    if isinstance(value, str):
+        return _space.sub(" ", value).strip().casefold()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def answers_agree(served: str, fresh: str, *, label: bool,

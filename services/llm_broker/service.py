@@ -316,7 +316,8 @@ class Broker:
         metrics.llm_saved.labels(*labels).inc(entry.cost_usd)
         if self.served is not None:
             self.served.llm(entry.id, entry.partition, match, similarity, info.age_s,
-                            entry.cost_usd, entry.text, req, score=score, threshold=threshold)
+                            entry.cost_usd, entry.text, req, score=score, threshold=threshold,
+                            message=entry.message)
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage,
                                  0.0, entry.cost_usd, info, f"hits_{match}", entry.message,
                                  entry.events if req.stream_to is not None else None)
