@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
+from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
 from devstack import servers
@@ -146,7 +147,8 @@ async def test_the_callers_key_is_in_no_log_span_cache_entry_or_audit_record(
     span_text = " ".join(f"{s.name} {dict(s.attributes)} {[e.attributes for e in s.events]}"
                          for s in spans.get_finished_spans())
     assert spans.get_finished_spans()
-    texts = {"logs": out + err + caplog.text, "spans": span_text, "redis": b"".join(stored),
+    texts = {"logs": out + err + caplog.text, "spans": span_text, "metrics": generate_latest(),
+             "redis": b"".join(stored),
              "postgres": "".join(rows), "audit records": b"".join(records)}
     for key in (KEY_A, BOGUS):
         for where, text in texts.items():

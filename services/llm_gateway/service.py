@@ -222,10 +222,11 @@ class Gateway:
         return out["tiermem-cache"]
 
     async def _ask(self, subject: str, body: dict, decoder: msgspec.json.Decoder,
-                   keyed: dict[str, str]):
+                   keyed: dict[str, str] | None = None):
+        """`keyed`: the header carrying the caller's key (`_upstream_key`), if it goes along."""
         try:
             msg = await self.rt.request_msg(subject, encode(body),
-                                            headers={**telemetry.inject(), **keyed} or None,
+                                            headers={**telemetry.inject(), **(keyed or {})} or None,
                                             timeout=self.timeout)
         except NoRespondersError:
             raise Unavailable(f"no llm-broker is answering {subject}") from None
