@@ -124,7 +124,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role(LLM_BROKER,
          # the gateway's inbox: a streamed miss's events (CompleteRequest.stream_to)
          publish=(S.audit_served(LLM_BROKER), _inbox(LLM_GATEWAY)),
-         subscribe=(S.LLM_COMPLETE, S.LLM_COMPLETE_KEYED, S.LLM_STATS, S.LLM_VERDICT, S.LLM_FORGET, S.CHANGED_ALL,
+         subscribe=(S.LLM_COMPLETE, S.LLM_COMPLETE_KEYED, S.LLM_STATS, S.LLM_VERDICT,
+                    S.LLM_FORGET, S.CHANGED_ALL,
                     S.LLM_COUNT_TOKENS, *S.LLM_ADMIN, *_SERVE, _inbox(LLM_BROKER))),
     # The HTTP drop-in: asks the broker, nothing else (it holds no state). It may ask the
     # admin subjects (`llm.admin.*`) because it serves them over HTTP as `/admin/...`, to

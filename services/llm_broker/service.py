@@ -49,8 +49,9 @@ from redis.asyncio import Redis
 from shared import metrics, subjects
 from shared.contract import (
     CacheInfo, Changed, CompleteReply, CompleteRequest, CountTokensReply, CountTokensRequest,
-    STREAM_HEADER, UPSTREAM_KEY_HEADER, ForgetReply, ForgetRequest, LLMStatsReply, LLMStatsRequest, LLMVerdict,
-    LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder, encode,
+    STREAM_HEADER, UPSTREAM_KEY_HEADER, ForgetReply, ForgetRequest, LLMStatsReply,
+    LLMStatsRequest, LLMVerdict, LLMVerdictReply, PartitionBound, TextBlock, check_complete,
+    decoder, encode,
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import BadRequest, Unavailable

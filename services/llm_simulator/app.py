@@ -60,7 +60,7 @@ class SimulatorSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_output_tokens: int = 128_000
     max_body_bytes: int = 32 * 1024 * 1024  # the real API's limit; larger gets 413
     faults: str = ""  # JSON: one fault rule or a list of them, active from the start
-    api_keys: str = ""  # comma-separated keys it accepts, others get 401 as from the API; empty: any
+    api_keys: str = ""  # comma-separated keys it accepts (others: the API's 401); empty: any
     log_level: str = "info"
 
     @classmethod
