@@ -14,8 +14,9 @@ A call may carry the caller's own API key (`api_key`, the gateway's
 GATEWAY_UPSTREAM_KEY=caller): it is used for that call only (a copy of the
 client sharing its connection pool; the key is no call option, so the SDK's
 debug log of the options never shows it), and the API refusing it (401, 403)
-is the caller's error with the caller's status, not a failing upstream: it
-neither opens the breaker nor is retried as a 5xx.
+or rate limiting it (429, after the SDK's retries) is the caller's error with
+the API's status, not a failing upstream: one account's limits do not open the
+breaker that every caller shares.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ class Upstream:
                     self.breaker.failure(self.clock())
                     raise UpstreamTimeout("the model API did not answer in time") from None
                 except anthropic.RateLimitError:
+                    if api_key is not None:  # that account's limit, not everyone's: its 429
+                        self.breaker.success()
+                        raise TierError("the model API is rate limiting the caller's API key "
+                                        "(after retries)", 429) from None
                     self.breaker.failure(self.clock())
                     raise Unavailable("the model API is rate limiting us (after retries)") from None
                 except anthropic.APIStatusError as exc:

@@ -88,6 +88,13 @@ async def test_each_callers_key_calls_the_model_and_keys_never_share_answers(cal
             await create(caller_mode.sdk(BOGUS), **params)
     _, h5 = await create(a, **ask("Is parking included at the Main St house?"))
     assert h5["tiermem-cache"] == "miss"
+    # so does the API rate limiting one caller's account: its 429, not everyone's breaker
+    caller_mode.sim.fault(status=429, count=3, retry_after_s=0)
+    for question in ("Is there a pool?", "Is there a gym?", "Is there a lift?"):
+        with pytest.raises(anthropic.RateLimitError):
+            await create(b, **ask(question))
+    _, h6 = await create(a, **ask("Is there a sauna?"))
+    assert h6["tiermem-cache"] == "miss"
 
     # streamed, and count_tokens, go with the caller's key too
     async with a.messages.stream(**ask("Describe the garden of the Elm St house.")) as stream:
@@ -97,7 +104,7 @@ async def test_each_callers_key_calls_the_model_and_keys_never_share_answers(cal
     assert counted.input_tokens > 0
     with pytest.raises(anthropic.AuthenticationError):
         await caller_mode.sdk(BOGUS).messages.count_tokens(model=MODEL, messages=params["messages"])
-    assert caller_mode.by_key()[key_fingerprint(KEY_A)] == 4  # first, parking, stream, count
+    assert caller_mode.by_key()[key_fingerprint(KEY_A)] == 5  # first, parking, sauna, stream, count
 
 
 async def test_the_callers_key_is_in_no_log_span_cache_entry_or_audit_record(
