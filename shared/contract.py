@@ -316,6 +316,9 @@ def decoder(kind: type) -> msgspec.json.Decoder:
 MAX_MODEL_CHARS = 128
 STREAM_SUBJECT = r"^_INBOX[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+$"  # a reply inbox, no wildcards
 STREAM_HEADER = "Tiermem-Stream"  # marks a streamed event among a request's replies
+# The caller's API key, on `llm.complete.keyed` and `llm.count_tokens` only: a header, never
+# a body field, so it is in no struct that is logged, cached, or published for audit.
+UPSTREAM_KEY_HEADER = "Tiermem-Upstream-Key"
 Task = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
@@ -685,8 +688,28 @@ class ServedMemory(msgspec.Struct, kw_only=True):
     span_id: str = ""
 
 
+class ToolCall(msgspec.Struct):
+    """A tool call an answer made (a `tool_use` block without its id, which differs
+    between two calls that are the same)."""
+
+    name: str
+    input: Any
+
+
+def tool_calls(message: dict | None) -> list[ToolCall] | None:
+    """The tool calls of a Message, in order (None: no Message to read them from)."""
+    if message is None:
+        return None
+    return [ToolCall(name=b.get("name", ""), input=b.get("input"))
+            for b in message.get("content") or () if b.get("type") == "tool_use"]
+
+
 class ServedLLM(msgspec.Struct, kw_only=True):
-    """One llm-broker hit: the request as asked, the entry that answered it."""
+    """One llm-broker hit: the request as asked, the entry that answered it.
+
+    `text` is the answer's text only: an answer that calls tools is judged by its
+    calls too (`tool_calls`; None from a broker that did not send them, or an entry
+    cached before whole messages were kept)."""
 
     entry_id: str
     partition: str
@@ -703,6 +726,7 @@ class ServedLLM(msgspec.Struct, kw_only=True):
     # broker's false-hit bound weighs each verdict by them, services/llm_broker/bound.py)
     score: float | None = None
     threshold: float | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ServedBatch(msgspec.Struct, kw_only=True):

@@ -124,14 +124,16 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role(LLM_BROKER,
          # the gateway's inbox: a streamed miss's events (CompleteRequest.stream_to)
          publish=(S.audit_served(LLM_BROKER), _inbox(LLM_GATEWAY)),
-         subscribe=(S.LLM_COMPLETE, S.LLM_STATS, S.LLM_VERDICT, S.LLM_FORGET, S.CHANGED_ALL,
+         subscribe=(S.LLM_COMPLETE, S.LLM_COMPLETE_KEYED, S.LLM_STATS, S.LLM_VERDICT,
+                    S.LLM_FORGET, S.CHANGED_ALL,
                     S.LLM_COUNT_TOKENS, *S.LLM_ADMIN, *_SERVE, _inbox(LLM_BROKER))),
     # The HTTP drop-in: asks the broker, nothing else (it holds no state). It may ask the
     # admin subjects (`llm.admin.*`) because it serves them over HTTP as `/admin/...`, to
     # holders of GATEWAY_ADMIN_TOKEN only (none set: the routes answer 404). Whoever runs
     # the gateway thereby lets that token look up, delete and flush LLM cache entries.
+    # Only it may publish `llm.complete.keyed`: the one way to hand the broker an API key.
     Role(LLM_GATEWAY,
-         publish=(S.LLM_COMPLETE, S.LLM_COUNT_TOKENS, *S.LLM_ADMIN),
+         publish=(S.LLM_COMPLETE, S.LLM_COMPLETE_KEYED, S.LLM_COUNT_TOKENS, *S.LLM_ADMIN),
          subscribe=(*_SERVE, _inbox(LLM_GATEWAY))),
     Role(AUDITOR,
          publish=(S.MEMORY_L1_EVICT, S.MEMORY_L2_EVICT, S.LLM_VERDICT, *_stream_reader()),

@@ -26,7 +26,9 @@ import structlog
 from opentelemetry import trace
 
 from shared import metrics, subjects
-from shared.contract import CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, encode
+from shared.contract import (
+    CompleteRequest, Message, ServedBatch, ServedLLM, ServedMemory, encode, tool_calls,
+)
 
 log = structlog.get_logger()
 
@@ -90,11 +92,13 @@ class Served:
 
     def llm(self, entry_id: str, partition: str, match: str, similarity: float, age_s: float,
             saved_usd: float, text: str, request: CompleteRequest, *,
-            score: float | None = None, threshold: float | None = None) -> None:
-        """Record an llm-broker cache hit (`score`, `threshold`: the guard's, for a semantic one)."""
+            score: float | None = None, threshold: float | None = None,
+            message: dict | None = None) -> None:
+        """Record an llm-broker cache hit (`score`, `threshold`: the guard's, for a semantic one;
+        `message`: the Message served, kept by reference, its tool calls read at the flush)."""
         if self._take():
             self._llm.append((entry_id, partition, match, similarity, age_s, saved_usd, text,
-                              request, self.clock(), *_trace_ids(), score, threshold))
+                              request, self.clock(), *_trace_ids(), score, threshold, message))
 
     def batch(self) -> ServedBatch | None:
         """Everything recorded since the last call, as one batch (None if nothing)."""
@@ -109,8 +113,10 @@ class Served:
                     for t, u, op, n, ms, seq, msgs, at, l1, tid, sid in memory],
             llm=[ServedLLM(entry_id=e, partition=p, match=m, similarity=sim, age_s=age,
                            saved_usd=saved, text=text, request=req, at=at, trace_id=tid,
-                           span_id=sid, score=score, threshold=threshold)
-                 for e, p, m, sim, age, saved, text, req, at, tid, sid, score, threshold in llm])
+                           span_id=sid, score=score, threshold=threshold,
+                           tool_calls=tool_calls(message))
+                 for e, p, m, sim, age, saved, text, req, at, tid, sid, score, threshold, message
+                 in llm])
 
     async def flush(self) -> None:
         batch = self.batch()

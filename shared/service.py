@@ -68,6 +68,7 @@ class _Endpoint:
     queue_group: str | None
     concurrency: int
     fast: Callable[[Any], msgspec.Struct | None] | None = None
+    headers: bool = False  # the handler takes the request's NATS headers too
 
 
 @dataclass
@@ -91,8 +92,12 @@ class Runtime:
     def endpoint(self, name: str, subject: str, request_type: type[T],
                  handler: Callable[[T], Awaitable[msgspec.Struct | msgspec.Raw]], *,
                  queue_group: str | None = "q", concurrency: int | None = None,
-                 fast: Callable[[T], msgspec.Struct | None] | None = None) -> None:
+                 fast: Callable[[T], msgspec.Struct | None] | None = None,
+                 headers: bool = False) -> None:
         """Serve `subject` with `handler(request) -> reply` (queue_group None: every replica).
+
+        `headers`: call `handler(request, headers)` with the request's NATS headers
+        (a dict, empty when none came), for what must not travel in the body.
 
         The reply is a Struct, or `msgspec.Raw` for JSON passed on as it came
         (a tier forwarding another tier's reply need not decode it).
@@ -103,7 +108,7 @@ class Runtime:
         """
         self.endpoints.append(_Endpoint(
             name, subject, handler, msgspec.json.Decoder(request_type),
-            queue_group, concurrency or self.settings.concurrency, fast))
+            queue_group, concurrency or self.settings.concurrency, fast, headers))
 
     def ready_check(self, name: str, check: Callable[[], Awaitable[object]]) -> None:
         """`/readyz` also asks `check()` (e.g. `redis.ping`), only when probed; NATS always."""
@@ -278,7 +283,7 @@ def _wrap(rt: Runtime, ep: _Endpoint) -> Callable[[Request], Awaitable[None]]:
                 raise BadRequest(f"invalid request: {exc}") from None
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise BadRequest(f"malformed JSON: {exc}") from None
-            reply = await ep.handler(body)
+            reply = await (ep.handler(body, req.headers or {}) if ep.headers else ep.handler(body))
             await req.respond(encode(reply))
             return 200
         except TierError as err:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import msgspec
 
@@ -122,6 +122,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     gateway_api_keys: str = ""  # comma-separated keys callers must present; empty: any key
     gateway_max_body_bytes: int = 32 * 1024 * 1024  # the API's own limit; larger gets 413
     gateway_timeout_s: float = 300.0  # how long a request waits for the llm-broker
+    # whose API key the model is called with: `gateway` (the broker's ANTHROPIC_API_KEY) or
+    # `caller` (the key the HTTP caller presented, carried to the broker in a NATS header
+    # on an internal subject; the cache is then split per key: docs in README, "API keys")
+    gateway_upstream_key: Literal["gateway", "caller"] = "gateway"
     # the /admin/... routes (llm.admin.* over HTTP) answer only the `tiermem-admin-token`
     # header holding this; empty: they do not exist (404)
     gateway_admin_token: str = ""

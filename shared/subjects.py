@@ -52,6 +52,10 @@ MEMORY_L3_FORGET = "memory.l3.forget"
 MEMORY_FORGET_STATUS = "memory.forget.status"
 LLM_FORGET = "llm.forget"
 LLM_COMPLETE = "llm.complete"
+# Internal, llm-gateway -> llm-broker: `llm.complete` with the caller's API key in the
+# `Tiermem-Upstream-Key` header (GATEWAY_UPSTREAM_KEY=caller). A subject of its own so
+# that the bus's permissions, not the broker, decide who may hand the broker a key.
+LLM_COMPLETE_KEYED = "llm.complete.keyed"
 LLM_COUNT_TOKENS = "llm.count_tokens"
 LLM_STATS = "llm.stats"
 AUDIT_STATS = "audit.stats"

@@ -9,6 +9,14 @@ semaphore bounds concurrent upstream calls; the breaker stops calling a
 failing upstream. Errors leave as TierErrors with a clear message. Long
 system prompts are marked with `cache_control` so Anthropic's
 prompt cache bills repeats at the cached-read price.
+
+A call may carry the caller's own API key (`api_key`, the gateway's
+GATEWAY_UPSTREAM_KEY=caller): it is used for that call only (a copy of the
+client sharing its connection pool; the key is no call option, so the SDK's
+debug log of the options never shows it), and the API refusing it (401, 403)
+or rate limiting it (429, after the SDK's retries) is the caller's error with
+the API's status, not a failing upstream: one account's limits do not open the
+breaker that every caller shares.
 """
 
 from __future__ import annotations
@@ -59,15 +67,21 @@ class Upstream:
         self.clock = clock
         self.calls = 0
 
-    async def count_tokens(self, req: CountTokensRequest) -> int:
+    def _client_for(self, api_key: str | None) -> anthropic.AsyncAnthropic:
+        return self.client if api_key is None else self.client.with_options(api_key=api_key)
+
+    async def count_tokens(self, req: CountTokensRequest, api_key: str | None = None) -> int:
         """The API's count of the request's input tokens (free; not behind the breaker)."""
         params = _params(req)
         del params["max_tokens"]
+        client = self._client_for(api_key)
         async with self.limit:
             with tracer.start_as_current_span("anthropic messages.count_tokens",
                                               attributes={"gen_ai.request.model": req.model}):
                 try:
-                    raw = await self.client.messages.with_raw_response.count_tokens(**params)
+                    raw = await client.messages.with_raw_response.count_tokens(**params)
+                except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as exc:
+                    raise _refused_key(exc, api_key) from None
                 except anthropic.BadRequestError as exc:
                     raise BadRequest(f"the model API rejected the request: {exc.message}") from None
                 except anthropic.APITimeoutError:
@@ -82,23 +96,32 @@ class Upstream:
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             raise TierError("the model API's token count is not one", 502) from None
 
-    async def complete(self, req: CompleteRequest, on_event=None) -> Answer:
+    async def complete(self, req: CompleteRequest, on_event=None,
+                       api_key: str | None = None) -> Answer:
         """The model's answer. With `on_event` (an async callable), the call streams and
-        each event, as the API sent it, is handed to `on_event` as it arrives."""
+        each event, as the API sent it, is handed to `on_event` as it arrives. `api_key`:
+        the caller's, for this call (None: the client's own)."""
         if not self.breaker.allow(self.clock()):
             raise Unavailable("the model API is failing (circuit open) and no cached answer "
                               "fits; retry in a few seconds")
         params = _params(req)
+        client = self._client_for(api_key)
         async with self.limit:
             with tracer.start_as_current_span(f"chat {req.model}", kind=SpanKind.CLIENT,
                                               attributes=_request_attributes(req)) as span:
                 try:
                     self.calls += 1
                     if on_event is None:
-                        raw = await self.client.messages.with_raw_response.create(**params)
+                        raw = await client.messages.with_raw_response.create(**params)
                         message = _message_json(raw.http_response)
                     else:
-                        message = await self._stream(params, on_event)
+                        message = await self._stream(client, params, on_event)
+                except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as exc:
+                    if api_key is not None:
+                        self.breaker.success()  # the upstream is fine; the caller's key is not
+                    else:
+                        self.breaker.failure(self.clock())
+                    raise _refused_key(exc, api_key) from None
                 except anthropic.BadRequestError as exc:
                     self.breaker.success()  # the upstream is fine; the request is not
                     raise BadRequest(f"the model API rejected the request: {exc.message}") from None
@@ -106,6 +129,10 @@ class Upstream:
                     self.breaker.failure(self.clock())
                     raise UpstreamTimeout("the model API did not answer in time") from None
                 except anthropic.RateLimitError:
+                    if api_key is not None:  # that account's limit, not everyone's: its 429
+                        self.breaker.success()
+                        raise TierError("the model API is rate limiting the caller's API key "
+                                        "(after retries)", 429) from None
                     self.breaker.failure(self.clock())
                     raise Unavailable("the model API is rate limiting us (after retries)") from None
                 except anthropic.APIStatusError as exc:
@@ -131,9 +158,9 @@ class Upstream:
         return Answer("".join(b.text for b in blocks), blocks, message.get("model", req.model),
                       message.get("stop_reason"), usage, message)
 
-    async def _stream(self, params: dict, on_event) -> dict:
+    async def _stream(self, client: anthropic.AsyncAnthropic, params: dict, on_event) -> dict:
         acc = Accumulator()
-        stream = await self.client.messages.create(**params, stream=True)
+        stream = await client.messages.create(**params, stream=True)
         try:
             async for event in stream:
                 data = event.to_dict()
@@ -144,6 +171,15 @@ class Upstream:
             raise TierError(f"the model API's stream is not a Message: {exc!r}", 502) from None
         finally:
             await stream.close()
+
+
+def _refused_key(exc: anthropic.APIStatusError, api_key: str | None) -> TierError:
+    """The API refused a key: the caller's (its own 401/403, to fix on its side) or ours
+    (the service is misconfigured: 502). The API's message is not repeated: it may
+    quote what it was sent."""
+    if api_key is not None:
+        return TierError("the model API refused the caller's API key", exc.status_code)
+    return TierError(f"the model API refused the service's API key ({exc.status_code})", 502)
 
 
 def _request_attributes(req: CompleteRequest) -> dict:

@@ -11,9 +11,9 @@ import pytest
 
 from services.freshness_auditor import entailment
 from services.freshness_auditor.judge import (
-    Budget, answers_agree, judge_memory, log_start, normalise_label,
+    Budget, answers_agree, calls_agree, judge_memory, log_start, normalise_label,
 )
-from shared.contract import LogEntry, ServedMemory
+from shared.contract import LogEntry, ServedMemory, ToolCall, tool_calls
 from shared.stream import Logged
 
 T0 = 1_000_000.0
@@ -195,3 +195,26 @@ def test_the_budget_admits_audits_only_within_its_share_of_the_savings():
     budget.settle(0.01, 0.004)  # it cost less than booked
     assert budget.reserve(0.006)
     assert budget.spent <= budget.fraction * budget.saved + 1e-12
+
+
+def test_tool_calls_agree_by_name_order_and_normalised_input():
+    paris = ToolCall(name="get_weather", input={"city": "Paris", "days": 3, "units": ["c"]})
+    same = [ToolCall(name="get_weather", input={"units": ["C"], "days": 3.0, "city": " paris "})]
+    assert calls_agree([paris], same) and calls_agree([], [])
+    for other in ([ToolCall(name="get_weather", input={**paris.input, "city": "London"})],
+                  [ToolCall(name="get_forecast", input=paris.input)],
+                  [ToolCall(name="get_weather", input={"city": "Paris", "days": 3})],  # a key fewer
+                  [ToolCall(name="get_weather", input={**paris.input, "units": ["c", "f"]})],
+                  [paris, paris], []):
+        assert not calls_agree([paris], other), other
+    first, second = ToolCall(name="a", input={}), ToolCall(name="b", input={})
+    assert not calls_agree([first, second], [second, first])  # order is part of the answer
+
+
+def test_the_tool_calls_of_a_message_skip_text_thinking_and_ids():
+    message = {"content": [{"type": "thinking", "thinking": "t", "signature": "s"},
+                           {"type": "text", "text": "Let me check."},
+                           {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                            "input": {"city": "Paris"}}]}
+    assert tool_calls(message) == [ToolCall(name="get_weather", input={"city": "Paris"})]
+    assert tool_calls(None) is None and tool_calls({"content": []}) == []

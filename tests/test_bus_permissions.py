@@ -78,6 +78,8 @@ WORKER_MUST_NOT_PUBLISH = [
     "llm.forget", "memory.forgetjob.lead-1", "memory.forget.status", "$JS.API.STREAM.PURGE.FORGET",
     # the operators' LLM cache operations (issue 14): admin's, and the gateway's /admin routes'
     "llm.admin.lookup", "llm.admin.delete", "llm.admin.flush", "llm.admin.explain",
+    # a caller's API key reaches the broker only from the gateway, which checked it
+    "llm.complete.keyed", "llm.count_tokens",
 ]
 WORKER_MUST_NOT_SUBSCRIBE = [
     "memory.changed.*", "memory.forgotten.*", "memory.log.>", "memory.l1.evict", "memory.l3.forget",

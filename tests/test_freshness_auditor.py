@@ -362,6 +362,62 @@ async def test_the_auditor_flags_a_wrong_free_text_hit_that_the_guard_passed(jud
     assert again["cache"]["status"] == "miss" and again["text"] != first["text"]
 
 
+WEATHER = {"name": "get_weather", "description": "Get the current weather for a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"]}}
+
+
+def weather_request(text: str) -> dict:
+    return {"task": "reply", "user_id": "lead-3", "model": "claude-haiku-4-5", "max_tokens": 200,
+            "tools": [WEATHER], "messages": [{"role": "user", "content": text}],
+            "cache": {"volatility": "static", "mode": "exact", "scope": "user"}}
+
+
+def calls(reply: dict) -> list[tuple[str, dict]]:
+    return [(b["name"], b["input"]) for b in reply["message"]["content"] if b["type"] == "tool_use"]
+
+
+async def test_a_tool_use_hit_is_judged_by_its_tool_calls_not_its_text(judged_stack, clean_state):
+    """An answer that only calls a tool has no text: by text alone, any two such answers
+    agree. The auditor compares the calls: a cached call for the wrong city is found
+    wrong and evicted; the very call the model makes again is right."""
+    nc, simulator = judged_stack
+    judged_before = judge_calls(simulator)
+    paris = weather_request("What is the weather in Paris today?")
+    first = await ok(nc, subjects.LLM_COMPLETE, paris)
+    assert (first["cache"]["status"], first["stop_reason"], first["text"]) == ("miss", "tool_use", "")
+    again = await ok(nc, subjects.LLM_COMPLETE, paris)
+    assert again["cache"]["status"] == "hit" and calls(again) == calls(first)
+    stats = await stats_until(nc, lambda s: s["llm_by_task"].get("reply", {}).get("checked", 0) >= 1)
+    assert (stats["llm_by_task"]["reply"]["checked"], stats["llm_by_task"]["reply"]["wrong"]) == (1, 0)
+
+    # Plant: the cached answer for Lisbon calls the tool for London (and funds its audit).
+    lisbon = weather_request("What is the weather in Lisbon today?")
+    assert (await ok(nc, subjects.LLM_COMPLETE, lisbon))["cache"]["status"] == "miss"
+    req = msgspec.convert(lisbon, CompleteRequest)
+    redis = Redis.from_url(clean_state["REDIS_URL"])
+    try:
+        key, = [k async for k in redis.scan_iter(match=f"llm:x:*:{exact_key(partition_key(req), req)}")]
+        entry = msgspec.msgpack.decode(await redis.get(key), type=Entry)
+        content = [{**b, "input": {"city": "London"}} if b["type"] == "tool_use" else b
+                   for b in entry.message["content"]]
+        entry = msgspec.structs.replace(entry, message={**entry.message, "content": content},
+                                        cost_usd=0.01)
+        await redis.set(key, msgspec.msgpack.encode(entry), ex=600)
+    finally:
+        await redis.aclose()
+    served = await ok(nc, subjects.LLM_COMPLETE, lisbon)
+    assert served["cache"]["status"] == "hit" and calls(served) == [("get_weather", {"city": "London"})]
+    assert served["text"] == ""  # the same (empty) text as the model's own answer
+
+    stats = await stats_until(nc, lambda s: s["llm_by_task"]["reply"].get("evicted", 0) >= 1)
+    reply = stats["llm_by_task"]["reply"]
+    assert (reply["checked"], reply["wrong"], reply["evicted"]) == (2, 1, 1), stats
+    assert judge_calls(simulator) == judged_before  # judged by the calls: no text to judge
+    fresh = await ok(nc, subjects.LLM_COMPLETE, lisbon)  # evicted: asked again, and right
+    assert fresh["cache"]["status"] == "miss" and calls(fresh)[0][1] != {"city": "London"}
+
+
 async def test_a_free_text_audit_the_budget_cannot_judge_is_skipped_not_re_asked(clean_state, simulator):
     """With the LLM judge, a re-ask is only worth its cost if the judge's call fits too:
     otherwise the audit is skipped and counted, and nothing is spent."""

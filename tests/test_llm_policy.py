@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from services.llm_broker.policy import (
     Entry, _digest, cacheable, check_request, exact_key, partition_key, stale, uncacheable,
+    upstream_key_id,
 )
 from shared import metrics
 from shared.contract import CacheOptions, ChatMessage, CompleteRequest, Usage, check_complete
@@ -320,3 +321,16 @@ def test_global_with_a_conversation_is_only_for_whole_requests_in_exact_mode():
         volatility="market_context", mode="semantic", scope="global"))
     with pytest.raises(BadRequest):
         check_request(CONFIG, semantic)
+
+
+# --- the caller's API key (GATEWAY_UPSTREAM_KEY=caller) ---------------------------
+
+
+def test_each_callers_key_has_partitions_of_its_own_and_no_key_keys_as_before():
+    req = request()  # scope global: still split by key
+    a, b = upstream_key_id("sk-ant-a"), upstream_key_id("sk-ant-b")
+    parts = {partition_key(req), partition_key(req, a), partition_key(req, b)}
+    assert len(parts) == 3
+    assert partition_key(req, a) == partition_key(request(), upstream_key_id("sk-ant-a"))
+    assert partition_key(req, None) == partition_key(req)
+    assert "sk-ant-a" not in a and len(a) == 32  # a digest, not the key

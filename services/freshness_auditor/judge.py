@@ -13,14 +13,19 @@ nothing: the verdict is *inconclusive*.
 LLM: a hit is *right* when a fresh answer to the same request agrees with
 the one served: the same label for label-like tasks (lead score, intent);
 for free text, each answer entails the other, as an independent judge
-(`entailment`: never the broker's guard) scores it in both directions.
+(`entailment`: never the broker's guard) scores it in both directions. An
+answer that calls tools is what it asks to be done: its calls must be the
+fresh answer's (`calls_agree`: the same tools in the same order, with equal
+inputs), whatever its text says, before its text is judged at all.
 """
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
-from shared.contract import ServedMemory
+from shared.contract import ServedMemory, ToolCall
 # The agreement rule is shared with the reference agent worker's quality check (re-exported).
 from shared.llm_judge import answers_agree, normalise_label  # noqa: F401
 from shared.stream import Logged
@@ -56,6 +61,32 @@ def judge_memory(rec: ServedMemory, log: list[Logged], *, grace_s: float,
     if forgotten_at is not None and forgotten_at >= rec.at - grace_s:
         return MemoryVerdict("inconclusive", missing, unknown)
     return MemoryVerdict("stale", missing, unknown)
+
+
+_space = re.compile(r"\s+")
+
+
+def calls_agree(served: list[ToolCall], fresh: list[ToolCall]) -> bool:
+    """Do two answers make the same tool calls? Names in order, inputs equal as JSON
+    once normalised (`normalise_input`): get_weather(city="Paris") is not
+    get_weather(city="London"), however alike the texts around them."""
+    return (len(served) == len(fresh)
+            and all(s.name == f.name and normalise_input(s.input) == normalise_input(f.input)
+                    for s, f in zip(served, fresh)))
+
+
+def normalise_input(value):
+    """A tool input compared by meaning, not spelling: key order, whitespace and case
+    of strings, and 1 vs 1.0 do not matter; every key, value and list order does."""
+    if isinstance(value, dict):
+        return {k: normalise_input(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalise_input(v) for v in value]
+    if isinstance(value, str):
+        return _space.sub(" ", value).strip().casefold()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 class Budget:

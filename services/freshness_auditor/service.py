@@ -13,7 +13,8 @@ each batch through the queue group). The auditor:
 - re-asks the model for LLM hits while the spend stays within
   `audit_llm_budget` of what the audited hits saved, compares the answers
   (`judge.answers_agree`: labels by equality, free text by an entailment
-  judge of its own, `entailment`, never the broker's guard), and tells the
+  judge of its own, `entailment`, never the broker's guard; an answer that
+  calls tools first by its calls, `judge.calls_agree`), and tells the
   broker each verdict (`llm.verdict`): a wrong hit is evicted; a semantic one
   is evidence for its partition's false-hit bound, which tightens or loosens
   its threshold (the broker's `bound`), and the partition's
@@ -43,7 +44,7 @@ from redis.exceptions import RedisError
 from shared import metrics, pii, stream, subjects
 from shared.contract import (
     AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
-    ServedBatch, ServedLLM, ServedMemory, Usage, encode,
+    ServedBatch, ServedLLM, ServedMemory, Usage, encode, tool_calls,
 )
 from shared.errors import TierError
 from shared.ids import to_token
@@ -253,15 +254,25 @@ class Auditor:
             self.tally.add("spend_usd", spent)
             metrics.audit_spend.inc(spent)
             support = None
-            if not label and judge.normalise_label(hit.text) != judge.normalise_label(answer.text):
+            # an answer that calls tools is wrong when its calls are (no text to judge then)
+            calls_differ = hit.tool_calls is not None and not judge.calls_agree(
+                hit.tool_calls, tool_calls(answer.message) or [])
+            if calls_differ:
+                if judge_booking:
+                    self.budget.settle(judge_booking, 0.0)
+            elif not label and judge.normalise_label(hit.text) != judge.normalise_label(answer.text):
                 support = await self._support(hit, answer.text, judge_booking)
                 if support is None:
                     span.set_attribute("tiermem.audit.verdict", "unjudged")
                     return False
             elif judge_booking:
                 self.budget.settle(judge_booking, 0.0)  # the same text: nothing to judge
-            agree, reason = judge.answers_agree(hit.text, answer.text, label=label, support=support,
-                                                threshold=self.free_text.threshold)
+            if calls_differ:
+                agree, reason = False, "tool_calls_differ"
+            else:
+                agree, reason = judge.answers_agree(hit.text, answer.text, label=label,
+                                                    support=support,
+                                                    threshold=self.free_text.threshold)
             wrong = not agree
             span.set_attribute("tiermem.audit.verdict", "wrong" if wrong else "right")
             self.tally.llm(vol, task, "checked", match)

@@ -78,7 +78,7 @@ def _digest(value) -> str:
     return hashlib.sha256(_canon.encode(value)).hexdigest()[:32]
 
 
-def partition_key(req: CompleteRequest) -> str:
+def partition_key(req: CompleteRequest, key_id: str | None = None) -> str:
     """Everything but the latest user message, and who may share the answer.
 
     `check_request` admits a global request only without earlier turns (but for
@@ -88,7 +88,14 @@ def partition_key(req: CompleteRequest) -> str:
     The fields added with the full Messages shape (tool_choice, thinking, betas,
     anthropic_version, namespace) enter the digest only when set, and messages and
     system enter it as text while they are text: a request of the original shape
-    keys as it always did (entries stored before the upgrade still hit)."""
+    keys as it always did (entries stored before the upgrade still hit).
+
+    `key_id` (`upstream_key_id`): the request is answered with the caller's own API
+    key (the gateway's GATEWAY_UPSTREAM_KEY=caller), and only requests made with the
+    same key share its entries, whatever the scope. Two reasons: a hit is served
+    without asking the API, so a key the API would refuse (revoked, mistyped, made up)
+    would otherwise read every answer other keys paid for; and one key is one account,
+    whose model access, data and bill are its own."""
     earlier = [(m.role, m.key()) for m in req.messages[:-1]]
     fields = {
         "model": req.model, "system": req.system_key(), "tools": req.tools,
@@ -104,7 +111,15 @@ def partition_key(req: CompleteRequest) -> str:
             fields[name] = value
     if req.cache.namespace:
         fields["namespace"] = req.cache.namespace
+    if key_id is not None:
+        fields["upstream_key"] = key_id
     return _digest(fields)
+
+
+def upstream_key_id(api_key: str) -> str:
+    """What of a caller's API key the cache may hold: a one-way digest (hashed again into
+    the partition, never stored or logged itself), so equal keys share and others do not."""
+    return hashlib.sha256(b"tiermem-upstream-key\0" + api_key.encode()).hexdigest()[:32]
 
 
 # Request fields that change the answer, added after the original contract.

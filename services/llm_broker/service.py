@@ -49,8 +49,9 @@ from redis.asyncio import Redis
 from shared import metrics, subjects
 from shared.contract import (
     CacheInfo, Changed, CompleteReply, CompleteRequest, CountTokensReply, CountTokensRequest,
-    STREAM_HEADER, ForgetReply, ForgetRequest, LLMStatsReply, LLMStatsRequest, LLMVerdict,
-    LLMVerdictReply, PartitionBound, TextBlock, check_complete, decoder, encode,
+    STREAM_HEADER, UPSTREAM_KEY_HEADER, ForgetReply, ForgetRequest, LLMStatsReply,
+    LLMStatsRequest, LLMVerdict, LLMVerdictReply, PartitionBound, TextBlock, check_complete,
+    decoder, encode,
 )
 from shared.embeddings import embedder_from_settings
 from shared.errors import BadRequest, Unavailable
@@ -68,7 +69,7 @@ from .cache import STORE_ERRORS, Fence, ResponseCache, stores_down
 from .changes import Batch, Pending
 from .policy import (
     Entry, cacheable, check_request, exact_key, latest_user_text, new_entry, partition_key, stale,
-    uncacheable,
+    uncacheable, upstream_key_id,
 )
 
 log = structlog.get_logger()
@@ -105,7 +106,18 @@ class Broker:
         self.events_sub = None  # the `memory.changed` subscription, once made
         self.publish = None  # NATS publish, for streaming a miss through (`_call`)
 
-    async def complete(self, req: CompleteRequest) -> CompleteReply:
+    async def complete_keyed(self, req: CompleteRequest, headers: dict) -> CompleteReply:
+        """`llm.complete.keyed` (only the llm-gateway may publish it): answered with the
+        caller's API key from the `Tiermem-Upstream-Key` header, in that key's partitions."""
+        api_key = headers.get(UPSTREAM_KEY_HEADER)
+        if not api_key:
+            raise BadRequest(f"{subjects.LLM_COMPLETE_KEYED} needs the caller's API key in "
+                             f"the {UPSTREAM_KEY_HEADER} header")
+        return await self.complete(req, api_key)
+
+    async def complete(self, req: CompleteRequest, api_key: str | None = None) -> CompleteReply:
+        """`api_key`: the caller's, to call the model with (None: the broker's own); never
+        logged, and present in the cache only as a digest in the partition."""
         volatility = check_request(self.config, req)
         check_complete(req, self.max_prompt_chars)
         labels = (req.model, self.config.task_label(req.task), self.config.bot_label(req.bot_id))
@@ -115,11 +127,11 @@ class Broker:
             if bypass != "mode_off":
                 metrics.llm_uncacheable.labels(labels[1], bypass).inc()
                 log.info("uncacheable_request", reason=bypass)
-            answer, cost = await self._call(req, labels)
+            answer, cost = await self._call(req, labels, api_key=api_key)
             return await self._reply(req, labels, answer.text, answer.stop_reason, answer.usage,
                                      cost, 0.0, CacheInfo(status="off", reason=bypass),
                                      "uncached", answer.message)
-        partition = partition_key(req)
+        partition = partition_key(req, upstream_key_id(api_key) if api_key else None)
         key = exact_key(partition, req)
         now = self.clock()
         invalidating = req.cache.volatility in self.invalidating
@@ -143,7 +155,7 @@ class Broker:
         with_tools = bool(req.tools)
         for _ in range(3):  # a concurrent identical request's answer cut short is no hit to share:
             entry, cost, leader, stored = await self._single_flight(
-                req, key, partition, volatility, vector, labels, user_seq)
+                req, key, partition, volatility, vector, labels, user_seq, api_key)
             if leader or cacheable(entry.stop_reason, with_tools):
                 break  # (it is not cached either: this request asks the model itself)
         if not leader:  # answered by a concurrent identical request's upstream call
@@ -230,7 +242,8 @@ class Broker:
             log.info("semantic_refused", similarity=round(cand.similarity, 4), reason=verdict.reason)
         return None
 
-    async def _single_flight(self, req, key, partition, volatility, vector, labels, user_seq):
+    async def _single_flight(self, req, key, partition, volatility, vector, labels, user_seq,
+                             api_key=None):
         """One upstream call per exact key at a time; followers share its entry."""
         flight = self._flights.get(key)
         if flight is not None:
@@ -240,7 +253,7 @@ class Broker:
         try:
             started = self.clock()
             events: list[dict] = []
-            answer, cost = await self._call(req, labels, events)
+            answer, cost = await self._call(req, labels, events, api_key)
             entry = new_entry(req, partition, answer.text, answer.stop_reason, answer.usage, cost,
                               volatility, self.clock(), user_seq, answer.message)
             entry.events = events or None
@@ -274,7 +287,8 @@ class Broker:
         log.info(stored, volatility=entry.volatility)
         return stored == "cached"
 
-    async def _call(self, req: CompleteRequest, labels, record: list | None = None):
+    async def _call(self, req: CompleteRequest, labels, record: list | None = None,
+                    api_key: str | None = None):
         """The model's answer and its cost; streamed through to `req.stream_to` when the
         request asks, each event also appended to `record` (given for a miss: its events
         are kept; the header says which it is, `miss` or `bypass`)."""
@@ -288,7 +302,7 @@ class Broker:
                     record.append(data)
                 await self.publish(subject, encode(data), headers=headers)
 
-        answer = await self.upstream.complete(req, on_event)
+        answer = await self.upstream.complete(req, on_event, api_key)
         cost = cost_usd(self.config.price_of(req.model), answer.usage)
         for kind in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                      "cache_read_input_tokens"):
@@ -303,7 +317,8 @@ class Broker:
         metrics.llm_saved.labels(*labels).inc(entry.cost_usd)
         if self.served is not None:
             self.served.llm(entry.id, entry.partition, match, similarity, info.age_s,
-                            entry.cost_usd, entry.text, req, score=score, threshold=threshold)
+                            entry.cost_usd, entry.text, req, score=score, threshold=threshold,
+                            message=entry.message)
         return await self._reply(req, labels, entry.text, entry.stop_reason, entry.usage,
                                  0.0, entry.cost_usd, info, f"hits_{match}", entry.message,
                                  entry.events if req.stream_to is not None else None)
@@ -321,12 +336,15 @@ class Broker:
                              saved_usd=round(saved, 8), cache=info, message=message,
                              events=events)
 
-    async def count_tokens(self, req: CountTokensRequest) -> CountTokensReply:
-        """`llm.count_tokens` (the HTTP drop-in's): asked upstream, for an allowed model."""
+    async def count_tokens(self, req: CountTokensRequest, headers: dict) -> CountTokensReply:
+        """`llm.count_tokens` (the HTTP drop-in's; internal, so only the gateway and admin
+        publish it): asked upstream, for an allowed model, with the caller's API key when
+        the `Tiermem-Upstream-Key` header carries one."""
         if req.model not in self.config.models:
             raise BadRequest(f"model {req.model!r} is not allowed; allowed: "
                              f"{', '.join(self.config.models)}")
-        return CountTokensReply(input_tokens=await self.upstream.count_tokens(req))
+        return CountTokensReply(input_tokens=await self.upstream.count_tokens(
+            req, headers.get(UPSTREAM_KEY_HEADER) or None))
 
     async def verdict(self, v: LLMVerdict) -> LLMVerdictReply:
         """The auditor re-asked an audited hit: count it; a wrong one is evicted. A
@@ -487,9 +505,11 @@ async def build(rt: Runtime, *, clock=time.time,
             raise stores_down(exc) from None
 
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
+    rt.endpoint("complete_keyed", subjects.LLM_COMPLETE_KEYED, CompleteRequest,
+                broker.complete_keyed, concurrency=256, headers=True)
     rt.endpoint("stats", subjects.LLM_STATS, LLMStatsRequest, get_stats)
     rt.endpoint("count_tokens", subjects.LLM_COUNT_TOKENS, CountTokensRequest, broker.count_tokens,
-                concurrency=64)
+                concurrency=64, headers=True)
     rt.endpoint("verdict", subjects.LLM_VERDICT, LLMVerdict, broker.verdict, concurrency=16)
     rt.endpoint("forget", subjects.LLM_FORGET, ForgetRequest, broker.forget, concurrency=8)
     admin.register(rt, broker)  # llm.admin.*: the admin identity's (and the gateway's) only

@@ -17,9 +17,14 @@ a call that did not stream, the API's event sequence built from its message,
 goes out as the API's `error` event.
 
 Errors leave in the API's own shape and status (`translate.error_body`). The
-caller's API key is checked against `GATEWAY_API_KEYS` when set, never
-forwarded (the broker calls upstream with its own), and never logged: no
-header is logged at all.
+caller's API key (`x-api-key`, or `authorization: Bearer`) is checked against
+`GATEWAY_API_KEYS` when set, and never logged: no header is logged at all.
+`GATEWAY_UPSTREAM_KEY` says whose key the model is called with: `gateway` (the
+default: the broker's own ANTHROPIC_API_KEY; the caller's key stays here) or
+`caller` (the caller's key goes to the broker in the `Tiermem-Upstream-Key`
+NATS header of `llm.complete.keyed` / `llm.count_tokens`, subjects only this
+service may publish; the broker calls upstream with it and keeps the answers
+of each key apart, `policy.partition_key`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from nats.errors import MaxPayloadError, NoRespondersError, TimeoutError as Nats
 from opentelemetry.trace import SpanKind, StatusCode
 
 from shared import metrics, subjects, telemetry
-from shared.contract import STREAM_HEADER, CompleteReply, CountTokensReply, encode
+from shared.contract import (
+    STREAM_HEADER, UPSTREAM_KEY_HEADER, CompleteReply, CountTokensReply, encode,
+)
 from shared.errors import BadRequest, PayloadTooLarge, TierError, Unavailable, UpstreamTimeout
 from shared.service import NO_RESPONDERS, Runtime, decode_reply
 
@@ -55,6 +62,7 @@ class Gateway:
         self.rt = rt
         s = rt.settings
         self.keys = frozenset(k.strip() for k in s.gateway_api_keys.split(",") if k.strip())
+        self.forward_key = s.gateway_upstream_key == "caller"
         self.timeout = s.gateway_timeout_s
         self.url = ""  # once listening
 
@@ -93,12 +101,13 @@ class Gateway:
         try:
             headers = self._checked_headers(request)
             asked = translate.complete_body(await _json(request), headers)
+            keyed = self._upstream_key(headers)
             if span is not None and isinstance(asked.body.get("model"), str):
                 span.set_attribute("gen_ai.request.model", asked.body["model"])
             if asked.stream:
                 stream = Stream(request, rid)
                 try:
-                    cache = await self._stream(asked.body, stream)
+                    cache = await self._stream(asked.body, stream, keyed)
                 except TierError as err:
                     if not stream.started:
                         raise
@@ -107,7 +116,8 @@ class Gateway:
                     return stream.response
                 status = 200
                 return stream.response
-            reply = await self._ask(subjects.LLM_COMPLETE, asked.body, _complete_reply)
+            subject = subjects.LLM_COMPLETE_KEYED if keyed else subjects.LLM_COMPLETE
+            reply = await self._ask(subject, asked.body, _complete_reply, keyed)
             out = {**translate.cache_headers(reply), "request-id": rid}
             cache, status = out["tiermem-cache"], 200
             return web.Response(body=encode(translate.message_of(reply)),
@@ -137,7 +147,8 @@ class Gateway:
         try:
             headers = self._checked_headers(request)
             body = translate.count_body(await _json(request), headers)
-            reply = await self._ask(subjects.LLM_COUNT_TOKENS, body, _count_reply)
+            reply = await self._ask(subjects.LLM_COUNT_TOKENS, body, _count_reply,
+                                    self._upstream_key(headers))
             status = 200
             return web.Response(body=encode(reply), content_type="application/json",
                                 headers={"request-id": rid})
@@ -153,14 +164,18 @@ class Gateway:
     def _checked_headers(self, request: web.Request) -> dict[str, str]:
         """The request's headers, lower-case, once the caller's key is accepted."""
         headers = {k.lower(): v for k, v in request.headers.items()}
-        key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        key = _caller_key(headers)
         if not key:
             raise AuthError("x-api-key header is required")
         if self.keys and not any(secrets.compare_digest(key, k) for k in self.keys):
             raise AuthError("invalid x-api-key")
         return headers
 
-    async def _stream(self, body: dict, stream: "Stream") -> str:
+    def _upstream_key(self, headers: dict[str, str]) -> dict[str, str]:
+        """The NATS header carrying the caller's key to the broker ({}: the broker's own key)."""
+        return {UPSTREAM_KEY_HEADER: _caller_key(headers)} if self.forward_key else {}
+
+    async def _stream(self, body: dict, stream: "Stream", keyed: dict[str, str]) -> str:
         """Answer `body` as a stream; returns what the cache did.
 
         The request's reply subject is also its `stream_to`: on a miss the broker
@@ -174,8 +189,9 @@ class Gateway:
         sub = await nc.subscribe(inbox)
         try:
             try:
-                await nc.publish(subjects.LLM_COMPLETE, encode({**body, "stream_to": inbox}),
-                                 reply=inbox, headers=telemetry.inject() or None)
+                await nc.publish(subjects.LLM_COMPLETE_KEYED if keyed else subjects.LLM_COMPLETE,
+                                 encode({**body, "stream_to": inbox}), reply=inbox,
+                                 headers={**telemetry.inject(), **keyed} or None)
             except MaxPayloadError:
                 raise _too_large(nc) from None
             deadline = time.monotonic() + self.timeout
@@ -205,10 +221,12 @@ class Gateway:
         await stream.end()
         return out["tiermem-cache"]
 
-    async def _ask(self, subject: str, body: dict, decoder: msgspec.json.Decoder):
+    async def _ask(self, subject: str, body: dict, decoder: msgspec.json.Decoder,
+                   keyed: dict[str, str] | None = None):
+        """`keyed`: the header carrying the caller's key (`_upstream_key`), if it goes along."""
         try:
             msg = await self.rt.request_msg(subject, encode(body),
-                                            headers=telemetry.inject() or None,
+                                            headers={**telemetry.inject(), **(keyed or {})} or None,
                                             timeout=self.timeout)
         except NoRespondersError:
             raise Unavailable(f"no llm-broker is answering {subject}") from None
@@ -217,6 +235,11 @@ class Gateway:
         except NatsTimeout:
             raise UpstreamTimeout(f"the llm-broker did not answer within {self.timeout:g} s") from None
         return decode_reply(msg, decoder)
+
+
+def _caller_key(headers: dict[str, str]) -> str:
+    """The API key the caller presented: `x-api-key`, else an `authorization: Bearer` token."""
+    return headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
 
 
 async def _json(request: web.Request):

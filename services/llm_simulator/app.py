@@ -21,6 +21,7 @@ Settings (env `SIMULATOR_<NAME>`, CLI flags override): see `SimulatorSettings`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import random
@@ -59,6 +60,7 @@ class SimulatorSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_output_tokens: int = 128_000
     max_body_bytes: int = 32 * 1024 * 1024  # the real API's limit; larger gets 413
     faults: str = ""  # JSON: one fault rule or a list of them, active from the start
+    api_keys: str = ""  # comma-separated keys it accepts (others: the API's 401); empty: any
     log_level: str = "info"
 
     @classmethod
@@ -156,6 +158,7 @@ class Simulator:
             self.faults = parse_faults(msgspec.json.decode(settings.faults)) if settings.faults else []
         except (msgspec.DecodeError, ApiError) as exc:
             raise SystemExit(f"bad SIMULATOR_FAULTS / --faults: {exc}") from None
+        self.keys = frozenset(k.strip() for k in settings.api_keys.split(",") if k.strip())
         self.in_flight = 0
         self.reseed()
         self.reset_stats()
@@ -173,13 +176,15 @@ class Simulator:
         self.by_status: Counter[str] = Counter()
         self.by_model: Counter[str] = Counter()
         self.by_task: Counter[str] = Counter()
+        self.by_key: Counter[str] = Counter()  # requests by `key_fingerprint` of their API key
         self.tokens: Counter[str] = Counter(input=0, output=0, cache_creation_input=0, cache_read_input=0)
         self.faults_injected = 0
 
     def stats(self) -> dict:
         return {"simulator": "tiermem", "requests": self.requests,
                 "by_status": dict(self.by_status), "by_model": dict(self.by_model),
-                "by_task": dict(self.by_task), "tokens": dict(self.tokens),
+                "by_task": dict(self.by_task), "by_key": dict(self.by_key),
+                "tokens": dict(self.tokens),
                 "faults_injected": self.faults_injected, "faults_active": len(self.faults),
                 "in_flight": self.in_flight, "count_tokens_requests": self.count_tokens_requests,
                 "prompt_cache_entries": len(self.cache), "since": self.started}
@@ -251,6 +256,7 @@ class Simulator:
         return _json(200, {"faults": [f.to_json() for f in self.faults]})
 
     def _count_tokens(self, headers: dict[str, str], body: bytes, rid: str) -> Response:
+        self._check_key(headers)
         _check_headers(headers)
         self.count_tokens_requests += 1
         raw = _decode(body)
@@ -265,6 +271,7 @@ class Simulator:
         model = "?"
         status = 500
         try:
+            self._check_key(headers)
             _check_headers(headers)
             raw = _decode(body)
             if isinstance(raw, dict) and isinstance(raw.get("model"), str):
@@ -306,6 +313,15 @@ class Simulator:
             self.by_status[str(status)] += 1
             self.by_model[model] += 1
 
+    def _check_key(self, headers: dict[str, str]) -> None:
+        """Count the request under its key's fingerprint; refuse a key not in `api_keys`."""
+        key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        if not key:
+            raise ApiError("x-api-key header is required", 401, "authentication_error")
+        self.by_key[key_fingerprint(key)] += 1
+        if self.keys and key not in self.keys:
+            raise ApiError("invalid x-api-key", 401, "authentication_error")
+
     def _fault_response(self, fault: Fault, rid: str) -> Response:
         status = fault.status or 500
         kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
@@ -318,6 +334,12 @@ class Simulator:
                 headers.append(("retry-after-ms", str(round(retry_after * 1000))))
         log.info("fault_injected", status=status, delay_s=fault.delay_s)
         return _json(status, ApiError(message, status, kind).body(rid), headers)
+
+
+def key_fingerprint(key: str) -> str:
+    """What the simulator shows of an API key (`/stats` `by_key`): which key a test's
+    request reached it with, without keeping the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _check_headers(headers: dict[str, str]) -> None:
@@ -338,32 +360,52 @@ def _event(name: str, data: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
 
 
+PIECE = 16  # characters per text or thinking delta
+
+
+def _block_events(block: dict) -> tuple[dict, list[dict]]:
+    """A content block's `content_block_start` block and its deltas, as the API streams
+    them: text in `text_delta`s; a tool call's input as one `input_json_delta`; thinking
+    in `thinking_delta`s, then its `signature_delta`; any other block (redacted
+    thinking) whole in its start, with no delta."""
+    kind = block["type"]
+    if kind == "text":
+        text = block["text"]
+        return {**block, "text": ""}, [{"type": "text_delta", "text": text[i:i + PIECE]}
+                                       for i in range(0, len(text), PIECE)]
+    if kind == "tool_use":
+        return {**block, "input": {}}, [{"type": "input_json_delta", "partial_json":
+                                         msgspec.json.encode(block["input"]).decode()}]
+    if kind == "thinking":
+        text = block["thinking"]
+        return {**block, "thinking": "", "signature": ""}, [
+            *({"type": "thinking_delta", "thinking": text[i:i + PIECE]}
+              for i in range(0, len(text), PIECE)),
+            {"type": "signature_delta", "signature": block["signature"]}]
+    return block, []
+
+
 async def _sse(message: dict, delay: float) -> AsyncIterator[bytes]:
-    """The Messages streaming events for a finished `message`; the latency spreads over them."""
-    text = "".join(b["text"] for b in message["content"] if b["type"] == "text")
-    calls = [b for b in message["content"] if b["type"] == "tool_use"]
-    pieces = [text[i:i + 16] for i in range(0, len(text), 16)]
-    pause = delay / (len(pieces) + 1)
+    """The Messages streaming events for a finished `message`; the latency spreads over
+    its text and thinking deltas. A `ping` follows the first block's start, as the API's."""
+    blocks = [_block_events(b) for b in message["content"]]
+    paced = sum(1 for _, deltas in blocks for d in deltas
+                if d["type"] in ("text_delta", "thinking_delta"))
+    pause = delay / (paced + 1)
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
              "usage": {**message["usage"], "output_tokens": 1}}
     await asyncio.sleep(pause)
     yield _event("message_start", {"type": "message_start", "message": start})
-    if text:
-        yield _event("content_block_start", {"type": "content_block_start", "index": 0,
-                                             "content_block": {"type": "text", "text": ""}})
-        yield _event("ping", {"type": "ping"})
-        for piece in pieces:
-            await asyncio.sleep(pause)
-            yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                 "delta": {"type": "text_delta", "text": piece}})
-        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
-    for index, call in enumerate(calls, start=1 if text else 0):
+    for index, (head, deltas) in enumerate(blocks):
         yield _event("content_block_start", {"type": "content_block_start", "index": index,
-                                             "content_block": {**call, "input": {}}})
-        yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                             "delta": {"type": "input_json_delta",
-                                                       "partial_json": msgspec.json.encode(
-                                                           call["input"]).decode()}})
+                                             "content_block": head})
+        if index == 0:
+            yield _event("ping", {"type": "ping"})
+        for delta in deltas:
+            if delta["type"] in ("text_delta", "thinking_delta"):
+                await asyncio.sleep(pause)
+            yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                 "delta": delta})
         yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
     yield _event("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": message["stop_reason"],

@@ -9,7 +9,17 @@ Validation follows the real API: 400 `invalid_request_error` with the
 field's path in the message; consecutive same-role turns are combined (the
 API documents that), the first turn must be a user turn, `max_tokens` 0 is
 allowed (it only warms the prompt cache), a model not named `claude-*` gets
-404 `not_found_error`. Thinking and metadata are accepted and ignored.
+404 `not_found_error`. Metadata is accepted and ignored.
+
+Extended thinking (`thinking`: `enabled` with `budget_tokens` >= 1024 and below
+`max_tokens`, or `adaptive`; `disabled` is off), checked as the API checks it
+(no forced tool use, no temperature but 1, no top_k): the reply opens with a
+`thinking` block (text derived from the request, at most `budget_tokens`, and
+an opaque `signature` that is a hash of it; with `display: "omitted"` the text
+is empty and only the signature comes), then the text or tool call. The
+API's test string for redacted thinking (`REDACTED_TRIGGER`) in the latest
+user turn adds a `redacted_thinking` block after it, as the API documents.
+Thinking tokens are output tokens and count against `max_tokens`.
 
 Tools (`tool_call`): with `tool_choice` `tool` or `any` the reply is a
 `tool_use` block (stop_reason "tool_use"), as the API forces it; with `auto`
@@ -35,6 +45,7 @@ only the rest.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import re
@@ -48,6 +59,9 @@ from services.llm_simulator.answers import compose
 from services.llm_simulator.rules import bucket, classify_intent, detect_task, score_lead
 
 CHARS_PER_TOKEN = 4
+MIN_THINKING_BUDGET = 1024
+REDACTED_TRIGGER = ("ANTHROPIC_MAGIC_STRING_TRIGGER_REDACTED_THINKING_"
+                    "46C9A13E193C177646C7398A98432ECCCE4C1253")
 IMAGE_TOKENS = 1600
 MAX_BREAKPOINTS = 4
 TTL_S = {"5m": 300.0, "1h": 3600.0}
@@ -102,6 +116,8 @@ class MessagesRequest:
     stream: bool = False
     tool_defs: list[dict] = field(default_factory=list)  # the tools as sent
     tool_choice: dict | None = None
+    thinking_budget: int | None = None  # extended thinking's token budget (None: off)
+    thinking_shown: bool = True  # False: `display: "omitted"` (only the signature)
 
     @property
     def system_text(self) -> str:
@@ -266,6 +282,7 @@ def parse_request(body: Any, *, max_output_tokens: int = 128_000) -> MessagesReq
     turns = _parse_messages(body["messages"])
     request = MessagesRequest(model, max_tokens, tools, system, turns, stops, stream,
                               [t for t in tools_raw if "input_schema" in t], tool_choice)
+    _thinking(request, body)
 
     top_cc = body.get("cache_control")
     if top_cc is not None:  # marks the last cacheable block
@@ -277,6 +294,42 @@ def parse_request(body: Any, *, max_output_tokens: int = 128_000) -> MessagesReq
     if request.prefill and request.prefill != request.prefill.rstrip():
         raise ApiError("messages: final assistant content cannot end with trailing whitespace")
     return request
+
+
+def _thinking(request: MessagesRequest, body: dict) -> None:
+    """Extended thinking's settings, validated as the API does (see the module docstring)."""
+    raw = body.get("thinking")
+    if raw is None:
+        return
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise ApiError("thinking: Input tag found using 'type' does not match any of the "
+                       "expected tags: 'enabled', 'disabled', 'adaptive'")
+    if kind == "disabled":
+        return
+    if raw.get("display") not in (None, "summarized", "omitted"):
+        raise ApiError(f"thinking.{kind}.display: Input should be 'summarized' or 'omitted'")
+    budget = raw.get("budget_tokens")
+    if kind == "enabled":
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise ApiError("thinking.enabled.budget_tokens: Field required" if budget is None
+                           else "thinking.enabled.budget_tokens: Input should be a valid integer")
+        if budget < MIN_THINKING_BUDGET:
+            raise ApiError(f"thinking.enabled.budget_tokens: Input should be greater than or "
+                           f"equal to {MIN_THINKING_BUDGET}")
+        if budget >= request.max_tokens:
+            raise ApiError("`max_tokens` must be greater than `thinking.budget_tokens`")
+    else:  # adaptive: the model picks its budget within max_tokens
+        budget = max(request.max_tokens // 2, 1)
+    if (request.tool_choice or {}).get("type") in ("any", "tool"):
+        raise ApiError("Thinking may not be enabled when tool_choice forces tool use.")
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise ApiError("`temperature` may only be set to 1 when thinking is enabled.")
+    if body.get("top_k") is not None:
+        raise ApiError("`top_k` may not be set when thinking is enabled.")
+    request.thinking_budget = budget
+    request.thinking_shown = raw.get("display") != "omitted"
 
 
 def _parse_messages(raw: Any) -> list[Turn]:
@@ -495,9 +548,12 @@ class Reply:
     output_tokens: int
     usage: CacheUsage
     tool_use: dict | None = None  # a tool call (stop_reason "tool_use")
+    thinking: tuple[dict, ...] = ()  # thinking and redacted_thinking blocks, before the answer
 
     def message(self, msg_id: str, model: str) -> dict:
-        content = [{"type": "text", "text": self.text}] if self.text else []
+        content = [*self.thinking]
+        if self.text:
+            content.append({"type": "text", "text": self.text})
         if self.tool_use is not None:
             content.append(self.tool_use)
         return {
@@ -534,14 +590,40 @@ def finish(text: str, max_tokens: int, stop_sequences: list[str]) -> tuple[str, 
     return text, "end_turn", None
 
 
+def thinking_blocks(request: MessagesRequest) -> tuple[tuple[dict, ...], int]:
+    """The reply's thinking blocks and the output tokens they took (none when thinking is off)."""
+    if request.thinking_budget is None:
+        return (), 0
+    question = request.latest_user_text()
+    full = (f"The user asks: {question.strip()[:400]!r}. I should answer from what the "
+            f"conversation says ({len(request.turns)} turns), plainly and briefly.")
+    text = full[:request.thinking_budget * CHARS_PER_TOKEN]
+    tokens = count_tokens(text)
+    signature = _opaque(["signature", request.model, text])
+    blocks = [{"type": "thinking", "thinking": text if request.thinking_shown else "",
+               "signature": signature}]
+    if REDACTED_TRIGGER in question:
+        blocks.append({"type": "redacted_thinking", "data": _opaque(["redacted", text])})
+    return tuple(blocks), tokens
+
+
+def _opaque(parts: list) -> str:
+    """An opaque, deterministic token (a signature, redacted data): base64 of a hash."""
+    digest = hashlib.blake2b(_canonical(parts), digest_size=64).digest()
+    return base64.b64encode(b"sim" + digest).decode()
+
+
 def respond(request: MessagesRequest, cache: PromptCache, now: float) -> Reply:
+    thinking, thought = thinking_blocks(request)
     call = tool_call(request)
     if call is not None:
         tokens = max(1, count_tokens(call["name"] + _canonical(call["input"]).decode()))
-        if tokens <= request.max_tokens:  # else it runs out of tokens writing text, below
-            return Reply("tool_use", "", "tool_use", None, tokens, cache.account(request, now),
-                         call)
+        if thought + tokens <= request.max_tokens:  # else it runs out of tokens writing text, below
+            return Reply("tool_use", "", "tool_use", None, thought + tokens,
+                         cache.account(request, now), call, thinking)
     task, full = generate(request)
-    text, stop_reason, stop_sequence = finish(full, request.max_tokens, request.stop_sequences)
-    output_tokens = 0 if request.max_tokens == 0 else max(1, count_tokens(text))
-    return Reply(task, text, stop_reason, stop_sequence, output_tokens, cache.account(request, now))
+    text, stop_reason, stop_sequence = finish(full, request.max_tokens - thought,
+                                              request.stop_sequences)
+    output_tokens = 0 if request.max_tokens == 0 else max(1, thought + count_tokens(text))
+    return Reply(task, text, stop_reason, stop_sequence, output_tokens, cache.account(request, now),
+                 thinking=thinking)
