@@ -20,6 +20,7 @@ import pytest
 
 from services.llm_simulator import responder, rules
 from devstack import servers
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.filterwarnings("error")  # the SDK must parse every reply without warnings
 
@@ -322,6 +323,11 @@ async def test_a_delay_fault_provokes_a_client_timeout(sim):
         with pytest.raises(anthropic.APITimeoutError):
             await c.messages.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": "Hi"}])
     await ask(sim, "Hi")  # the next request is not delayed
+
+    async def delayed_one_done():  # or it would be counted in a later test's stats
+        return (await stats(sim))["requests"] == 2
+
+    await eventually(delayed_one_done, timeout=10, what="the delayed request answered")
 
 
 async def test_a_truncate_fault_cuts_answers_short_with_stop_reason_max_tokens(sim):
