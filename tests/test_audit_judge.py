@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from services.freshness_auditor import entailment
-from services.freshness_auditor.judge import (
-    Budget, answers_agree, calls_agree, judge_memory, log_start, normalise_label,
-)
+from services.freshness_auditor.judge import Budget, calls_agree, judge_memory, log_start
+from shared import llm_judge
+from shared.llm_judge import answers_agree, normalise_label
 from shared.contract import LogEntry, ServedMemory, ToolCall, tool_calls
 from shared.stream import Logged
 
@@ -116,14 +116,14 @@ def test_support_is_asymmetric_an_answer_that_adds_a_claim_fails_one_way():
     ("yes", None), ("yes, but no and maybe", None), ("I think yes no", None), ("", None),
 ])
 def test_the_llm_judge_accepts_only_two_yes_no_words(reply, parsed):
-    assert entailment.parse_judgement(reply) == parsed
+    assert llm_judge.parse_judgement(reply) == parsed
 
 
 def test_the_llm_judge_asks_both_directions_uncached_and_short():
-    req = entailment.judge_request("It is sold.", "It is for sale.", model="m", user_id="a")
-    assert req.cache.mode == "off" and req.max_tokens == entailment.JUDGE_MAX_TOKENS
+    req = llm_judge.judge_request("It is sold.", "It is for sale.", model="m", user_id="a")
+    assert req.cache.mode == "off" and req.max_tokens == llm_judge.JUDGE_MAX_TOKENS
     assert "A: It is sold." in req.messages[0].plain() and "B: It is for sale." in req.messages[0].plain()
-    assert entailment.prompt_tokens("It is sold.", "It is for sale.") > 0
+    assert llm_judge.prompt_tokens("It is sold.", "It is for sale.") > 0
 
 
 def test_the_auditor_never_imports_the_brokers_guard():
@@ -176,7 +176,7 @@ def test_the_default_free_text_judge_is_the_model():
     from shared.settings import Settings
 
     assert Settings.from_env({"NATS_URL": "nats://127.0.0.1:9"}).audit_judge == "llm"
-    assert isinstance(make_judge("", upstream=None), entailment.LLMJudge)
+    assert isinstance(make_judge("", upstream=None), llm_judge.LLMJudge)
     with pytest.raises(SystemExit):
         make_judge("guard", upstream=None)
 

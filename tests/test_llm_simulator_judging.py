@@ -5,14 +5,14 @@ comes from the demo (services/agent_worker), from the broker guard's word
 lists (services/llm_broker/guard.py) or from the pairs the judge was
 developed on. Pairs of questions are answered by the simulator, then the two
 answers are put to the judge exactly as the auditor sends them
-(`entailment.judge_request`, through the upstream's request shape).
+(`llm_judge.judge_request`, through the upstream's request shape).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from services.freshness_auditor import entailment
+from shared import llm_judge
 from shared.upstream import _params
 from services.llm_simulator import judging, responder
 
@@ -31,7 +31,7 @@ def reply(question: str) -> str:
 
 def judged(served: str, fresh: str) -> str:
     """The simulator's reply to the auditor's judge request, as the upstream sends it."""
-    params = _params(entailment.judge_request(served, fresh, model=MODEL, user_id="freshness-auditor"))
+    params = _params(llm_judge.judge_request(served, fresh, model=MODEL, user_id="freshness-auditor"))
     params.pop("extra_body", None)
     task, text = responder.generate(responder.parse_request(params))
     assert task == "entailment"
@@ -105,10 +105,10 @@ def test_the_judge_compares_figures_names_times_and_polarity(a, b, verdict):
 
 
 def test_only_the_judges_request_shape_is_judged():
-    assert judging.statements(entailment.JUDGE_SYSTEM, "A: one\n\nB: two") == ("one", "two")
+    assert judging.statements(llm_judge.JUDGE_SYSTEM, "A: one\n\nB: two") == ("one", "two")
     assert judging.statements(SYSTEM, "A: one\n\nB: two") is None  # not asked to judge
-    assert judging.statements(entailment.JUDGE_SYSTEM, "one and two") is None
-    assert entailment.parse_judgement(judged("It is $5.", "It is $5.")) == (1.0, 1.0)
+    assert judging.statements(llm_judge.JUDGE_SYSTEM, "one and two") is None
+    assert llm_judge.parse_judgement(judged("It is $5.", "It is $5.")) == (1.0, 1.0)
 
 
 def test_a_question_opening_with_a_content_word_is_not_restated_as_a_name():

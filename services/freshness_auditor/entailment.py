@@ -38,11 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-# The LLM judge is shared with the reference agent worker's quality check: re-exported here
-# under the auditor's names for it.
-from shared.llm_judge import (  # noqa: F401
-    JUDGE_MAX_TOKENS, JUDGE_SYSTEM, JUDGE_TASK, LLMJudge, judge_request, parse_judgement, prompt_tokens,
-)
 
 THRESHOLD_PATH = Path(__file__).with_name("judge_threshold.json")
 MODEL_ID = "minilm-l6-v2-onnx-int8"

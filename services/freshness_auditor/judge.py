@@ -26,8 +26,6 @@ import re
 import msgspec
 
 from shared.contract import ServedMemory, ToolCall
-# The agreement rule is shared with the reference agent worker's quality check (re-exported).
-from shared.llm_judge import answers_agree, normalise_label  # noqa: F401
 from shared.stream import Logged
 
 

@@ -12,7 +12,7 @@ each batch through the queue group). The auditor:
   counted);
 - re-asks the model for LLM hits while the spend stays within
   `audit_llm_budget` of what the audited hits saved, compares the answers
-  (`judge.answers_agree`: labels by equality, free text by an entailment
+  (`llm_judge.answers_agree`: labels by equality, free text by an entailment
   judge of its own, `entailment`, never the broker's guard; an answer that
   calls tools first by its calls, `judge.calls_agree`), and tells the
   broker each verdict (`llm.verdict`): a wrong hit is evicted; a semantic one
@@ -41,7 +41,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import metrics, pii, stream, subjects
+from shared import llm_judge, metrics, pii, stream, subjects
 from shared.contract import (
     AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
     ServedBatch, ServedLLM, ServedMemory, Usage, encode, tool_calls,
@@ -235,7 +235,7 @@ class Auditor:
                          {"tiermem.task": task, "tiermem.volatility": vol,
                           "tiermem.match": hit.match}) as span:
             judge_booking = 0.0
-            if not label and isinstance(self.free_text, entailment.LLMJudge):
+            if not label and isinstance(self.free_text, llm_judge.LLMJudge):
                 # the fresh answer is not known yet: booked as long as the served one (settled to cost)
                 judge_booking = self._judge_estimate(hit, hit.text)
                 if not self.budget.reserve(judge_booking):
@@ -260,7 +260,7 @@ class Auditor:
             if calls_differ:
                 if judge_booking:
                     self.budget.settle(judge_booking, 0.0)
-            elif not label and judge.normalise_label(hit.text) != judge.normalise_label(answer.text):
+            elif not label and llm_judge.normalise_label(hit.text) != llm_judge.normalise_label(answer.text):
                 support = await self._support(hit, answer.text, judge_booking)
                 if support is None:
                     span.set_attribute("tiermem.audit.verdict", "unjudged")
@@ -270,7 +270,7 @@ class Auditor:
             if calls_differ:
                 agree, reason = False, "tool_calls_differ"
             else:
-                agree, reason = judge.answers_agree(hit.text, answer.text, label=label,
+                agree, reason = llm_judge.answers_agree(hit.text, answer.text, label=label,
                                                     support=support,
                                                     threshold=self.free_text.threshold)
             wrong = not agree
@@ -301,14 +301,14 @@ class Auditor:
     def _judge_estimate(self, hit: ServedLLM, fresh: str) -> float:
         """What to book for the LLM judge's call on the served answer and `fresh`."""
         return ESTIMATE_MARGIN * cost_usd(self.config.price_of(hit.request.model), Usage(
-            input_tokens=entailment.prompt_tokens(hit.text, fresh),
-            output_tokens=entailment.JUDGE_MAX_TOKENS))
+            input_tokens=llm_judge.prompt_tokens(hit.text, fresh),
+            output_tokens=llm_judge.JUDGE_MAX_TOKENS))
 
     async def _support(self, hit: ServedLLM, fresh: str, booking: float) -> tuple[float, float] | None:
         """The free-text judge's support both ways; None when there is no verdict (the LLM
         judge answering anything but two yes/no words). `booking`: what `audit_llm` reserved
         for the LLM judge's call, settled here exactly once."""
-        if not isinstance(self.free_text, entailment.LLMJudge):
+        if not isinstance(self.free_text, llm_judge.LLMJudge):
             return await self.free_text.support(hit.text, fresh)
         try:
             support, usage = await self.free_text.ask(hit.text, fresh, model=hit.request.model)
@@ -348,7 +348,7 @@ def make_judge(kind: str, upstream: Upstream):
     if kind == "embedding":
         return entailment.TokenAlignment()
     if kind == "llm":
-        return entailment.LLMJudge(upstream)
+        return llm_judge.LLMJudge(upstream)
     raise SystemExit(f"unknown AUDIT_JUDGE {kind!r}; choose embedding or llm")
 
 

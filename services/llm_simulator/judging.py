@@ -15,7 +15,7 @@ answers that restate the same facts in other sentences entail each other.
 Which requests it answers: a system prompt that asks whether statements
 *entail* each other and to reply in yes/no words, and a last user turn
 shaped "A: <statement>" blank line "B: <statement>" (the shape the auditor's
-`entailment.judge_request` sends; a test keeps the two in step). The reply
+`shared.llm_judge.judge_request` sends; a test keeps the two in step). The reply
 is two words, "yes"/"no", A-entails-B first.
 
 What it does not do: it sees facts as tokens (a figure is its text, a name
