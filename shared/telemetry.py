@@ -15,10 +15,23 @@ and the endpoint wrapper then passes the caller's trace context through
 unchanged (`continue_trace`): logs still carry the caller's trace id, and a
 downstream tier that does export parents its spans to the caller's.
 
+Redis and Postgres client spans (`EVALSHA`, `SELECT`, ...) come from the
+maintained instrumentation packages (opentelemetry-instrumentation-redis,
+-asyncpg), installed once per process by `configure_tracing` when
+`TRACE_DB_SPANS` is on (the default). They are made only under a span this
+process keeps (`_UnderKeptSpans`): the packages would otherwise start a span
+for every command of every unsampled request and background loop, which is
+the ~25 µs above; gated, an unsampled command costs the wrapper alone (numbers
+in bench/results/db_spans.md).
+
 No user id or text reaches a log line or a span raw (`shared.pii`): every log
 event passes `pii.redact` before it is rendered, spans get refs where their
 attributes are set, and exceptions a span records are scrubbed of per-user
-subjects.
+subjects. Database spans carry the statement as the packages sanitize it
+(Redis: the command name with every argument `?`, so no key naming a user;
+Postgres: the SQL text with `$n` placeholders, parameters never captured) and,
+on an error, its type only: a driver's message can quote a row (asyncpg's
+"Key (user_id, ...)=(...) already exists").
 """
 
 from __future__ import annotations
@@ -161,8 +174,10 @@ def _add_trace_ids(_logger, _name, event: dict) -> dict:
     return event
 
 
-def configure_tracing(service: str, trace_file: str = "") -> TracerProvider:
-    """Install the process's tracer provider (once) with the configured exporters."""
+def configure_tracing(service: str, trace_file: str = "", db_spans: bool = True) -> TracerProvider:
+    """Install the process's tracer provider (once) with the configured exporters,
+    and the Redis/Postgres client instrumentation when `db_spans` (`TRACE_DB_SPANS`)."""
+    instrument_databases(db_spans)
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current  # already set up (tests, or several services in one process)
@@ -179,6 +194,80 @@ def configure_tracing(service: str, trace_file: str = "") -> TracerProvider:
         provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(trace_file)))
     trace.set_tracer_provider(provider)
     return provider
+
+
+def instrument_databases(on: bool) -> None:
+    """Redis and asyncpg client spans, process-wide, made only under kept spans.
+
+    The instrumentors patch the client classes, so this is per process, not per
+    service: the last call wins (tests running several services in one process
+    share it). Imported here, not at module level: a process that turns them off
+    never loads them.
+    """
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    for instrumentor in (RedisInstrumentor(), AsyncPGInstrumentor()):  # singletons
+        if on and not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=_UNDER_KEPT_SPANS)
+        elif not on and instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.uninstrument()
+
+
+class _UnderKeptSpansProvider(trace.TracerProvider):
+    """What the instrumentors get as their tracer provider: the process's own
+    tracers, gated by `_UnderKeptSpans`."""
+
+    def get_tracer(self, name, version=None, schema_url=None, attributes=None):
+        return _UnderKeptSpans(trace.get_tracer(name, version, None, schema_url, attributes))
+
+
+class _UnderKeptSpans(trace.Tracer):
+    """A tracer whose spans exist only as children of a span being recorded.
+
+    A database call outside any kept span (an unsampled request, a request in
+    a process without exporters, a background loop) gets the current
+    non-recording span back, for a contextvar read; the instrumentors check
+    `is_recording()` before setting attributes. Errors set the span's status
+    to the exception's type, never its message (see the module docstring).
+    """
+
+    def __init__(self, real: trace.Tracer) -> None:
+        self._real = real
+
+    def start_span(self, name, context=None, *args, **kwargs) -> trace.Span:
+        if not trace.get_current_span(context).is_recording():
+            return trace.get_current_span(context)
+        kwargs.update(record_exception=False, set_status_on_exception=False)
+        return self._real.start_span(name, context, *args, **kwargs)
+
+    def start_as_current_span(self, name, context=None, *args, **kwargs):
+        if not trace.get_current_span(context).is_recording():
+            return _NO_SPAN
+        kwargs.update(record_exception=False, set_status_on_exception=False)
+        return _TypeOnly(self._real.start_as_current_span(name, context, *args, **kwargs))
+
+
+class _TypeOnly:
+    """An exception leaving a database span: status ERROR, `error.type`, no message."""
+
+    __slots__ = ("_real", "_span")
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def __enter__(self) -> trace.Span:
+        self._span = self._real.__enter__()
+        return self._span
+
+    def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, Exception):
+            self._span.set_attribute("error.type", exc_type.__qualname__)
+            self._span.set_status(StatusCode.ERROR, exc_type.__qualname__)
+        return self._real.__exit__(exc_type, exc, tb)
+
+
+_UNDER_KEPT_SPANS = _UnderKeptSpansProvider()
 
 
 def shutdown_tracing() -> None:
