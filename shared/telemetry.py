@@ -36,6 +36,7 @@ on an error, its type only: a driver's message can quote a row (asyncpg's
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -45,10 +46,12 @@ from typing import Mapping
 
 import msgspec
 import structlog
+import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -205,11 +208,41 @@ def instrument_databases(on: bool) -> None:
     service: the last call wins (tests running several services in one process
     share it).
     """
-    for instrumentor in (RedisInstrumentor(), _AsyncPGUnderKeptSpans()):  # singletons
+    for instrumentor in (_RedisUnderKeptSpans(), _AsyncPGUnderKeptSpans()):  # singletons
         if on and not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=_UNDER_KEPT_SPANS)
         elif not on and instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
+
+
+class _RedisUnderKeptSpans(RedisInstrumentor):
+    """Redis's instrumentor, with a gate in front of its asyncio wrappers: they
+    format the command (`EVALSHA ? ? ...`) and name the span before asking for
+    one (bench/results/db_spans.md). A call outside a kept span goes to redis-py
+    itself (`__wrapped__`: what the package's wrapper wraps)."""
+
+    _instance = None  # a singleton of its own, not the base class's
+    _GATED = (("redis.asyncio.client", "Redis", "execute_command"),
+              ("redis.asyncio.client", "Pipeline", "execute"),
+              ("redis.asyncio.client", "Pipeline", "immediate_execute_command"),
+              ("redis.asyncio.cluster", "RedisCluster", "execute_command"),
+              ("redis.asyncio.cluster", "ClusterPipeline", "execute"))
+
+    def _instrument(self, **kwargs):
+        super()._instrument(**kwargs)
+        for module, owner, method in self._GATED:
+            wrapt.wrap_function_wrapper(module, f"{owner}.{method}", _skip_unless_kept)
+
+    def _uninstrument(self, **kwargs):
+        for module, owner, method in self._GATED:
+            unwrap(getattr(importlib.import_module(module), owner), method)  # the gate
+        super()._uninstrument(**kwargs)
+
+
+def _skip_unless_kept(wrapped, _instance, args, kwargs):
+    if trace.get_current_span().is_recording():
+        return wrapped(*args, **kwargs)
+    return wrapped.__wrapped__(*args, **kwargs)
 
 
 class _AsyncPGUnderKeptSpans(AsyncPGInstrumentor):
