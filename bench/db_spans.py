@@ -16,7 +16,9 @@ call uninstrumented in the same run:
 - `no span, ungated`: the packages as shipped with no span open, in a process
   that exports: each call starts a trace of its own;
 - `kept`: under a kept span, the span made and handed to a processor that
-  drops it (the cost of a database span in a sampled trace).
+  drops it (the cost of a database span in a sampled trace);
+- `off again`: the baseline once more, last in each round: how far two
+  measurements of the same thing drift apart here (the noise floor).
 
 Starts its own Redis-compatible server and Postgres in a temp folder, unless
 `REDIS_URL` / `DATABASE_URL` name running ones.
@@ -45,7 +47,7 @@ from bench.stats import fmt_us, markdown_table, ratio, summarize
 from devstack import servers
 from shared import telemetry
 
-CONDITIONS = ("off", "no span", "unsampled", "unsampled, ungated", "no span, ungated", "kept")
+CONDITIONS = ("off", "no span", "unsampled", "unsampled, ungated", "no span, ungated", "kept", "off again")
 # a caller's context with the sampled flag off, as `traceparent` carries it
 UNSAMPLED = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
 # the l2-gateway's window read is one EVALSHA; this one does an LRANGE of 10 like it
@@ -75,7 +77,7 @@ def _instrument(gated: bool | None) -> None:
 
 @contextlib.contextmanager
 def _condition(name: str):
-    _instrument(None if name == "off" else "ungated" not in name)
+    _instrument(None if name.startswith("off") else "ungated" not in name)
     if name.startswith("unsampled"):
         token = telemetry.continue_trace(UNSAMPLED)
         try:

@@ -331,7 +331,7 @@ class LlmBench:
 
     def add(self, result: Result) -> Result:
         self.report.results.append(result)
-        announce(self.say, result, "bare round trip")
+        announce(self.say, result, _versus(result))
         return result
 
     def baseline(self, key: str, samples: list[float]) -> Summary:
@@ -1194,12 +1194,16 @@ def console_lines(report: LlmReport) -> list[str]:
         elif r.summary is not None:
             s = r.summary
             out.append(f"  {r.title}: p50 {fmt_us(s.p50)} p95 {fmt_us(s.p95)} p99 {fmt_us(s.p99)}"
-                       + (f" ({fmt_ratio(r.ratio_p50)} bare round trip p50)" if r.ratio_p50 else ""))
+                       + (f" ({fmt_ratio(r.ratio_p50)} {_versus(r)} p50)" if r.ratio_p50 else ""))
         else:
             out.append(f"  {r.title}")
         for t in r.targets:
             out.append(f"      {'PASS' if t.passed else 'FAIL'}  {t.text} ({t.observed})")
     return out
+
+
+def _versus(r: Result) -> str:
+    return "raw request" if r.key == "llm_client_overhead" else "bare round trip"
 
 
 def counts_as_failure(r: Result) -> bool:
