@@ -18,11 +18,13 @@ downstream tier that does export parents its spans to the caller's.
 Redis and Postgres client spans (`EVALSHA`, `SELECT`, ...) come from the
 maintained instrumentation packages (opentelemetry-instrumentation-redis,
 -asyncpg), installed once per process by `configure_tracing` when
-`TRACE_DB_SPANS` is on (the default). They are made only under a span this
-process keeps (`_UnderKeptSpans`): the packages would otherwise start a span
-for every command of every unsampled request and background loop, which is
-the ~25 µs above; gated, an unsampled command costs the wrapper alone (numbers
-in bench/results/db_spans.md).
+`TRACE_DB_SPANS` is on (the default) and the process exports spans (without
+an exporter the clients are left unwrapped: nothing to pay). They are made
+only under a span this process keeps (`_UnderKeptSpans`), and a call outside
+one skips the packages' wrappers: as shipped they start a span for every
+command of every unsampled request and background loop (the ~25 µs above)
+and build the statement and attributes even for a span that is dropped
+(numbers in bench/results/db_spans.md).
 
 No user id or text reaches a log line or a span raw (`shared.pii`): every log
 event passes `pii.redact` before it is rendered, spans get refs where their
@@ -180,24 +182,27 @@ def _add_trace_ids(_logger, _name, event: dict) -> dict:
 
 
 def configure_tracing(service: str, trace_file: str = "", db_spans: bool = True) -> TracerProvider:
-    """Install the process's tracer provider (once) with the configured exporters,
-    and the Redis/Postgres client instrumentation when `db_spans` (`TRACE_DB_SPANS`)."""
-    instrument_databases(db_spans)
+    """Install the process's tracer provider (once) with the configured exporters, and
+    the Redis/Postgres client instrumentation when `db_spans` (`TRACE_DB_SPANS`) and
+    the process keeps spans at all: without an exporter no database span could ever
+    be kept, so the clients stay unwrapped and pay nothing."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
-        return current  # already set up (tests, or several services in one process)
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError:
-            structlog.get_logger().warning(
-                "otlp_exporter_missing", hint="pip install 'tiermem[otlp]'")
-        else:
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    if trace_file:
-        provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(trace_file)))
-    trace.set_tracer_provider(provider)
+        provider = current  # already set up (tests, or several services in one process)
+    else:
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            except ImportError:
+                structlog.get_logger().warning(
+                    "otlp_exporter_missing", hint="pip install 'tiermem[otlp]'")
+            else:
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        if trace_file:
+            provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(trace_file)))
+        trace.set_tracer_provider(provider)
+    instrument_databases(db_spans and recording())
     return provider
 
 

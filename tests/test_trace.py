@@ -11,15 +11,19 @@ from __future__ import annotations
 
 
 import os
+import subprocess
+import sys
 
 import asyncpg
 import msgspec
+import pytest
 from redis.asyncio import Redis
 
 from services.l2_gateway.service import build as build_l2
 from services.l3_semantic_indexer.service import build as build_l3
 from services.memory_l1.service import build as build_l1
 from shared import subjects, telemetry
+from tests.conftest import REPO
 from tests.helpers import client, eventually, ok, running
 
 
@@ -155,3 +159,15 @@ async def test_trace_db_spans_off_leaves_the_tier_spans_alone(clean_state, spans
         assert not db_spans(spans.get_finished_spans(), "redis")
     finally:
         telemetry.instrument_databases(True)  # the process-wide default for the next tests
+
+
+@pytest.mark.parametrize("trace_file, wrapped", [(False, False), (True, True)])
+def test_database_clients_are_wrapped_only_in_a_process_that_exports_spans(tmp_path, trace_file, wrapped):
+    """Without an exporter no database span could be kept: the clients stay as they are."""
+    code = ("import sys, asyncpg, redis.asyncio as r; from shared import telemetry;"
+            "telemetry.configure_tracing('t', sys.argv[1]);"
+            "print(type(r.Redis.execute_command).__name__, type(asyncpg.Connection.fetch).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spans.jsonl") if trace_file else ""],
+                         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
+    assert (out.stdout.split() != ["function", "function"]) is wrapped, out.stdout
