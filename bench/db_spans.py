@@ -9,7 +9,7 @@ call uninstrumented in the same run:
 
 - `off`: not instrumented (the baseline);
 - `no span`: instrumented, no span open (a process without exporters, a
-  background loop): the gate (`shared.telemetry._UnderKeptSpans`) answers at once;
+  background loop): the gate (`shared.db_spans`) answers at once;
 - `unsampled`: instrumented, under a caller's context with sampling off;
 - `unsampled, ungated`: the same with the packages' own tracer (what they cost
   as shipped);
