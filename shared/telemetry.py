@@ -17,7 +17,7 @@ downstream tier that does export parents its spans to the caller's.
 
 Redis and Postgres client spans (`EVALSHA`, `SELECT`, ...) come from the
 maintained instrumentation packages, installed by `configure_tracing` when
-`TRACE_DB_SPANS` is on (the default) and the process exports spans; they
+`TRACE_DB_SPANS` is on (off by default) and the process exports spans; they
 exist only under a span this process keeps (`shared.db_spans` says why and
 what they cost).
 
@@ -168,7 +168,7 @@ def _add_trace_ids(_logger, _name, event: dict) -> dict:
     return event
 
 
-def configure_tracing(service: str, trace_file: str = "", db_spans: bool = True) -> TracerProvider:
+def configure_tracing(service: str, trace_file: str = "", db_spans: bool = False) -> TracerProvider:
     """Install the process's tracer provider (once) with the configured exporters, and
     the Redis/Postgres client instrumentation when `db_spans` (`TRACE_DB_SPANS`) and
     the process keeps spans at all: without an exporter no database span could ever

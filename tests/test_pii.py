@@ -148,7 +148,8 @@ async def append(nc, text: str, msg_id: str) -> int:
 
 async def test_no_user_id_or_text_in_any_log_line_or_span(clean_state, simulator, spans, capsys):
     env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
-    settings = {"pii_hash_key": KEY, "served_flush_s": 0.02, "audit_sample_rate": 1.0}
+    settings = {"pii_hash_key": KEY, "served_flush_s": 0.02, "audit_sample_rate": 1.0,
+                "trace_db_spans": True}
     async with running("l2-gateway", build_l2, env, **settings), \
             running("l3-semantic-indexer", build_l3, env, **settings), \
             running("memory-l1", build_l1, env, **settings), \
@@ -186,7 +187,7 @@ async def test_no_user_id_or_text_in_any_log_line_or_span(clean_state, simulator
 
 async def test_a_failed_database_call_names_the_error_type_not_its_message(clean_state, spans):
     """Postgres quotes the offending value in its message; the span keeps the type only."""
-    telemetry.configure_tracing("test")
+    telemetry.configure_tracing("test", db_spans=True)
     pg = await asyncpg.connect(clean_state["DATABASE_URL"])
     try:
         with pytest.raises(asyncpg.DataError, match=PHONE):

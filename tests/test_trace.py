@@ -71,9 +71,9 @@ async def lookup(nc, body: dict, spans):
 
 async def test_a_lookup_is_one_trace_across_l1_l2_l3(clean_state, spans):
     env = clean_state
-    async with running("l2-gateway", build_l2, env), \
-            running("l3-semantic-indexer", build_l3, env), \
-            running("memory-l1", build_l1, env):
+    async with running("l2-gateway", build_l2, env, trace_db_spans=True), \
+            running("l3-semantic-indexer", build_l3, env, trace_db_spans=True), \
+            running("memory-l1", build_l1, env, trace_db_spans=True):
         async with client(env["NATS_URL"]) as nc:
             await fill(nc, "traced")
 
@@ -104,9 +104,9 @@ async def test_database_spans_only_under_kept_spans(clean_state, spans):
     """An unsampled lookup leaves no span, database spans included, and no
     database call starts a trace of its own (appliers, consumers, pings)."""
     env = clean_state
-    async with running("l2-gateway", build_l2, env), \
-            running("l3-semantic-indexer", build_l3, env), \
-            running("memory-l1", build_l1, env):
+    async with running("l2-gateway", build_l2, env, trace_db_spans=True), \
+            running("l3-semantic-indexer", build_l3, env, trace_db_spans=True), \
+            running("memory-l1", build_l1, env, trace_db_spans=True):
         async with client(env["NATS_URL"]) as nc:
             await fill(nc, "unsampled")
             trace_id = os.urandom(16).hex()
@@ -126,7 +126,7 @@ async def test_database_spans_only_under_kept_spans(clean_state, spans):
 async def test_a_database_call_outside_any_span_makes_none(clean_state, spans):
     """Left to themselves the instrumentors would start a trace per command (the
     SDK samples a root span in); gated, only the call under a kept span has one."""
-    telemetry.configure_tracing("test")
+    telemetry.configure_tracing("test", db_spans=True)
     redis = Redis.from_url(clean_state["REDIS_URL"])
     pg = await asyncpg.connect(clean_state["DATABASE_URL"])
     try:
@@ -145,29 +145,30 @@ async def test_a_database_call_outside_any_span_makes_none(clean_state, spans):
         next(s for s in spans.get_finished_spans() if s.name == "kept").context.span_id}
 
 
-async def test_trace_db_spans_off_leaves_the_tier_spans_alone(clean_state, spans):
+async def test_without_trace_db_spans_a_trace_has_the_tier_spans_only(clean_state, spans):
+    """Off by default (bench/results/db_spans.md): a process that turns them off unwraps
+    the clients again, even after an earlier service in it turned them on."""
     env = clean_state
-    try:
-        async with running("l2-gateway", build_l2, env, trace_db_spans=False), \
-                running("memory-l1", build_l1, env, trace_db_spans=False):
-            async with client(env["NATS_URL"]) as nc:
-                await ok(nc, subjects.MEMORY_APPEND, {
-                    "user_id": "quiet", "bot_id": "b", "role": "user", "text": "hello",
-                    "msg_id": "q1"})
-                _, found = await lookup(nc, {"user_id": "quiet", "op": "recent", "n": 50}, spans)
-        assert "redis read" in {s.name for s in found}
-        assert not db_spans(spans.get_finished_spans(), "redis")
-    finally:
-        telemetry.instrument_databases(True)  # the process-wide default for the next tests
+    telemetry.instrument_databases(True)
+    async with running("l2-gateway", build_l2, env), running("memory-l1", build_l1, env):
+        async with client(env["NATS_URL"]) as nc:
+            await ok(nc, subjects.MEMORY_APPEND, {
+                "user_id": "quiet", "bot_id": "b", "role": "user", "text": "hello", "msg_id": "q1"})
+            _, found = await lookup(nc, {"user_id": "quiet", "op": "recent", "n": 50}, spans)
+    assert "redis read" in {s.name for s in found}
+    assert not db_spans(spans.get_finished_spans(), "redis")
 
 
-@pytest.mark.parametrize("trace_file, wrapped", [(False, False), (True, True)])
-def test_database_clients_are_wrapped_only_in_a_process_that_exports_spans(tmp_path, trace_file, wrapped):
+@pytest.mark.parametrize("trace_file, on, wrapped", [(False, True, False), (True, True, True),
+                                                     (True, False, False)])
+def test_database_clients_are_wrapped_only_when_asked_in_a_process_that_exports(
+        tmp_path, trace_file, on, wrapped):
     """Without an exporter no database span could be kept: the clients stay as they are."""
     code = ("import sys, asyncpg, redis.asyncio as r; from shared import telemetry;"
-            "telemetry.configure_tracing('t', sys.argv[1]);"
+            "telemetry.configure_tracing('t', sys.argv[1], db_spans=sys.argv[2] == 'on');"
             "print(type(r.Redis.execute_command).__name__, type(asyncpg.Connection.fetch).__name__)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spans.jsonl") if trace_file else ""],
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spans.jsonl") if trace_file else "",
+                          "on" if on else "off"],
                          cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
     assert (out.stdout.split() != ["function", "function"]) is wrapped, out.stdout
