@@ -27,7 +27,6 @@ Starts its own Redis-compatible server and Postgres in a temp folder, unless
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import tempfile
