@@ -76,9 +76,9 @@ def _skip_unless_kept(wrapped, _instance, args, kwargs):
 
 class _AsyncPGUnderKeptSpans(AsyncPGInstrumentor):
     """asyncpg's instrumentor, which builds a query's name and attributes (regex,
-    ~7 dict entries) before it asks for a span: several times the gate's cost
-    and ~10 % of a key lookup (bench/results/db_spans.md). Here a call outside a
-    kept span goes straight to asyncpg."""
+    ~7 dict entries) before it asks for a span: unsampled, nearly as much CPU
+    again as the key lookup itself (bench/results/db_spans.md). Here a call
+    outside a kept span goes straight to asyncpg."""
 
     _instance = None  # a singleton of its own, not the base class's
 
