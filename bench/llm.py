@@ -23,6 +23,11 @@ Order of a run (each step reports "skipped: <why>" instead of crashing):
 5. accounting: `llm.stats` totals and the simulator's upstream call count,
    before and after, against the misses the bench saw.
 
+`llm.complete` goes through `tiermem.AsyncClient`, as an application sends
+it; the bare baselines stay raw, and the latency step times the raw request
+of the same pre-encoded exact hit too, so the client's own cost is a row
+("Client overhead") instead of hiding in the ratios.
+
 Entries use the `market_context` class (1 h TTL) and users named
 `bench<run>-...`, so a run against a shared stack never meets other traffic
 and leaves nothing behind for long.
@@ -60,7 +65,9 @@ from bench.stats import (
 from shared import bus
 from shared.contract import CompleteReply, LLMStatsReply, decoder
 from shared.permissions import ADMIN
+from shared.errors import TierError
 from shared.wilson import wilson
+from tiermem import AsyncClient
 
 NAME = "llm"
 MRPC = REPO_ROOT.parent / "shared" / "data" / "mrpc" / "msr_paraphrase_train.txt"
@@ -235,11 +242,20 @@ _stats = decoder(LLMStatsReply)
 _encode = msgspec.json.Encoder().encode
 
 
-def body(text: str, user: str, system: str = SYSTEM_CHAT, task: str = "reply") -> bytes:
-    return _encode({"task": task, "user_id": user, "model": MODEL, "system": system,
+def body(text: str, user: str, system: str = SYSTEM_CHAT, task: str = "reply") -> dict:
+    """An `llm.complete` request, as `AsyncClient.complete` takes it."""
+    return ({"task": task, "user_id": user, "model": MODEL, "system": system,
                     "max_tokens": 200, "temperature": 0,
                     "messages": [{"role": "user", "content": text}],
                     "cache": {"volatility": VOLATILITY, "mode": "semantic", "scope": "user"}})
+
+
+async def _or_error(call):
+    """The reply, or the client's exception for an error reply (counted by `MatchCheck`)."""
+    try:
+        return await call
+    except TierError as exc:
+        return exc
 
 
 class MatchCheck:
@@ -251,13 +267,17 @@ class MatchCheck:
         self.seen = 0
         self.wrong: Counter[str] = Counter()
 
-    def __call__(self, msg) -> None:
+    def __call__(self, reply: CompleteReply | TierError) -> None:
+        """`reply`: a `CompleteReply`, the client's `TierError`, or a raw NATS reply."""
         self.seen += 1
-        try:
-            c = decode(msg, _reply).cache
-            got = f"{c.status}/{c.match}" if c.status == "hit" else c.status
-        except ServiceError as exc:
-            got = f"error {exc.code}"
+        if isinstance(reply, TierError):
+            got = f"error {reply.code}"
+        else:
+            try:
+                c = (reply if isinstance(reply, CompleteReply) else decode(reply, _reply)).cache
+                got = f"{c.status}/{c.match}" if c.status == "hit" else c.status
+            except ServiceError as exc:
+                got = f"error {exc.code}"
         if got == "miss" and self.on_miss is not None:
             self.on_miss()
         if got != f"hit/{self.match}":
@@ -302,15 +322,16 @@ class LlmBench:
         self.bare: baselines.Bare | None = None
         self.failed = False
         self.misses_seen = 0  # replies with status miss: what the simulator should have been asked
-        self.exact_bodies: list[bytes] = []
-        self.semantic_bodies: list[bytes] = []
+        self.tm: AsyncClient | None = None  # llm.complete, over `nc`
+        self.exact_bodies: list[dict] = []  # requests (`body`)
+        self.semantic_bodies: list[dict] = []
         self.semantic_texts: list[tuple[str, str]] = []  # (user, text) of each semantic body
 
     # -- helpers
 
     def add(self, result: Result) -> Result:
         self.report.results.append(result)
-        announce(self.say, result, "bare round trip")
+        announce(self.say, result, _versus(result))
         return result
 
     def baseline(self, key: str, samples: list[float]) -> Summary:
@@ -331,8 +352,8 @@ class LlmBench:
             why = f"{type(exc).__name__}: {exc}".strip()[:400]
             self.add(Result(key=title.lower().replace(" ", "_"), title=title, skipped=f"failed: {why}"))
 
-    async def complete(self, payload: bytes, timeout: float = 30) -> CompleteReply:
-        reply = decode(await self.nc.request("llm.complete", payload, timeout=timeout), _reply)
+    async def complete(self, request: dict) -> CompleteReply:
+        reply = await self.tm.complete(request)
         self.misses_seen += reply.cache.status == "miss"
         return reply
 
@@ -363,6 +384,7 @@ class LlmBench:
             self.nc = await bus.connect_as(self.env, ADMIN, name="bench-llm", allow_reconnect=False,
                                            max_reconnect_attempts=1, connect_timeout=5,
                                            pending_size=64 * 1024 * 1024)
+            self.tm = AsyncClient(self.nc, llm_timeout=30)
             self.report.facts = await machine_facts(self.nc, self.env)
             self.report.facts["guard_model"] = guard_model_fact()
             up = await ping(self.nc, SERVICE)
@@ -451,24 +473,29 @@ class LlmBench:
     async def latency(self) -> None:
         o = self.opts
         self.bare = baselines.Bare(self.nc, self.env, self.run_id)
-        await self.bare.start(self.exact_bodies[0], [b"x" * 100] * 10)
+        await self.bare.start(_encode(self.exact_bodies[0]), [b"x" * 100] * 10)
         for key, why in self.bare.problems.items():
             self.say(f"baseline {key} unavailable: {why}")
         if "nats_rt" not in self.bare.calls:
             raise RuntimeError(f"no bare NATS round trip: {self.bare.problems.get('nats_rt')}")
-        nc, exact, semantic = self.nc, self.exact_bodies, self.semantic_bodies
+        nc, tm, exact, semantic = self.nc, self.tm, self.exact_bodies, self.semantic_bodies
+        raw = [_encode(b) for b in exact]
 
         async def ours_exact(i: int):
-            return await nc.request("llm.complete", exact[i % len(exact)], timeout=10)
+            return await _or_error(tm.complete(exact[i % len(exact)]))
 
         async def ours_semantic(i: int):
-            return await nc.request("llm.complete", semantic[i % len(semantic)], timeout=10)
+            return await _or_error(tm.complete(semantic[i % len(semantic)]))
+
+        async def raw_exact(i: int):  # the same hit as a raw request: what the client adds
+            return await nc.request("llm.complete", raw[i % len(raw)], timeout=10)
 
         def missed() -> None:
             self.misses_seen += 1
 
         exact_check, semantic_check = MatchCheck("exact", missed), MatchCheck("semantic", missed)
-        calls = {"exact": (ours_exact, exact_check)}
+        raw_check = MatchCheck("exact", missed)
+        calls = {"exact": (ours_exact, exact_check), "raw_exact": (raw_exact, raw_check)}
         if semantic:
             calls["semantic"] = (ours_semantic, semantic_check)
         calls.update({k: self.bare.calls[k] for k in ("nats_rt", "framework_floor") if k in self.bare.calls})
@@ -502,6 +529,8 @@ class LlmBench:
             r.notes.append(_unaccounted(s, floor or rt, part))
         self.add(r)
 
+        self._client_overhead(out, raw_check)
+
         r = Result(key="llm_semantic", title="Semantic hit: llm.complete near-identical rewording",
                    baseline_label="bare NATS round trip", baseline=rt)
         if not semantic:
@@ -527,6 +556,16 @@ class LlmBench:
                            f"p50 {fmt_us(part.p50)}, p95 {fmt_us(part.p95)}; round trip + that = "
                            f"{fmt_us(rt.p50 + part.p50)} at p50")
             r.notes.append(_unaccounted(s, floor or rt, part))
+        self.add(r)
+
+    def _client_overhead(self, out: dict, raw_check: MatchCheck) -> None:
+        r = Result(key="llm_client_overhead", title="Client overhead: exact hit through tiermem.AsyncClient",
+                   baseline_label="raw NATS request of the same llm.complete (pre-encoded, reply not decoded)")
+        s, base = r.summary, r.baseline = summarize(out["exact"]), summarize(out["raw_exact"])
+        r.ratio_p50 = ratio(s.p50, base.p50)
+        r.targets.append(raw_check.target())
+        r.notes.append(f"the client adds {fmt_us(s.p50 - base.p50)} at p50 (encode the request, inject the "
+                       f"trace context, decode the typed reply); interleaved with the rows above")
         self.add(r)
 
     @contextlib.asynccontextmanager
@@ -584,12 +623,10 @@ class LlmBench:
         self._cache = cache = await ResponseCache.open(redis, self.env["DATABASE_URL"], embedder.model_id,
                                                        command_timeout=30.0)
         self._stats_key = stats_key = f"bench:{self.run_id}:llm-stats"
-        dec = msgspec.json.Decoder(CompleteRequest)
-
-        def prepared(bodies: list[bytes]):
+        def prepared(bodies: list[dict]):
             out = []
             for b in bodies:
-                req = dec.decode(b)
+                req = msgspec.convert(b, CompleteRequest)
                 part = partition_key(req)
                 out.append((exact_key(part, req), part, latest_user_text(req)))
             return out
@@ -1157,12 +1194,16 @@ def console_lines(report: LlmReport) -> list[str]:
         elif r.summary is not None:
             s = r.summary
             out.append(f"  {r.title}: p50 {fmt_us(s.p50)} p95 {fmt_us(s.p95)} p99 {fmt_us(s.p99)}"
-                       + (f" ({fmt_ratio(r.ratio_p50)} bare round trip p50)" if r.ratio_p50 else ""))
+                       + (f" ({fmt_ratio(r.ratio_p50)} {_versus(r)} p50)" if r.ratio_p50 else ""))
         else:
             out.append(f"  {r.title}")
         for t in r.targets:
             out.append(f"      {'PASS' if t.passed else 'FAIL'}  {t.text} ({t.observed})")
     return out
+
+
+def _versus(r: Result) -> str:
+    return "raw request" if r.key == "llm_client_overhead" else "bare round trip"
 
 
 def counts_as_failure(r: Result) -> bool:

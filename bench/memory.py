@@ -14,7 +14,15 @@ Order of a run (each step reports "skipped: <why>" instead of crashing):
    `tier` is checked and mismatches counted;
 6. append latency with one request in flight, against a bare JetStream publish;
 7. auditing overhead: L1 hits from two extra sidecars, served records on and
-   off, interleaved (the freshness-auditor runs throughout).
+   off, interleaved (the freshness-auditor runs throughout);
+8. the client's own cost: an L1 hit through `tiermem.AsyncClient` against the
+   raw request of the same pre-encoded body, interleaved.
+
+tiermem's requests go through `tiermem.AsyncClient` (encode, trace context,
+typed reply, errors as exceptions), as an application sends them; the bare
+baselines stay raw NATS, Redis, Postgres and JetStream calls. Internal
+subjects the client does not offer (`memory.l3.get` while waiting for the
+indexer) are raw requests.
 
 Users are named `bench<run>-lead-<i>` so a run against a shared stack never
 mixes with anything else.
@@ -47,10 +55,11 @@ from bench import baselines, corpus
 from bench.stats import Summary, announce, fmt_us, ratio, summarize
 from shared import bus, tokens
 from shared.bus import BusAuth
-from shared.contract import AppendReply, GetReply, decoder
+from shared.contract import GetReply, decoder
 from shared.permissions import ADMIN, MEMORY_L1
 from shared.service import ERROR_CODE_HEADER, ERROR_HEADER
 from shared.settings import load_stack_env
+from tiermem import AsyncClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,7 +311,6 @@ class ServiceError(Exception):
 
 
 _get_reply = decoder(GetReply)
-_append_reply = decoder(AppendReply)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -330,8 +338,7 @@ class TierCheck:
         self.wrong_tier: dict[str, int] = {}
         self.wrong_size = 0
 
-    def __call__(self, msg) -> None:
-        reply = decode(msg, _get_reply)
+    def __call__(self, reply: GetReply) -> None:
         if reply.tier != self.tier:
             self.wrong_tier[reply.tier] = self.wrong_tier.get(reply.tier, 0) + 1
         if self.size is not None and len(reply.messages) != self.size:
@@ -439,7 +446,8 @@ class Plan:
     users: list[str]
     convs: list[list[corpus.Turn]]
     long_users: list[int]  # indexes into users
-    bodies: list[bytes]
+    appends: list[dict]  # `AsyncClient.append` keywords, in send order
+    bodies: list[bytes]  # the same, encoded (the bare JetStream baseline publishes these)
     owner: list[int]  # user index of each body
 
     @classmethod
@@ -452,15 +460,15 @@ class Plan:
         users = [f"bench{run}-lead-{i:05d}" for i in range(opts.users)]
         stride = max(1, len(text.dialogs) // max(1, opts.users))
         convs = [text.conversation(i * stride, n) for i, n in enumerate(lengths)]
-        bodies, owner = [], []
+        appends, owner = [], []
         # Round-robin by turn: like a fleet where every lead talks a little at a time.
         for t in range(max(lengths, default=0)):
             for u, conv in enumerate(convs):
                 if t < len(conv):
-                    bodies.append(_encode({"user_id": users[u], "bot_id": "sales-1", "role": conv[t].role,
-                                           "text": conv[t].text, "msg_id": f"{run}-{u}-{t}"}))
+                    appends.append({"user_id": users[u], "bot_id": "sales-1", "role": conv[t].role,
+                                    "text": conv[t].text, "msg_id": f"{run}-{u}-{t}"})
                     owner.append(u)
-        return cls(run, users, convs, list(range(n_long)), bodies, owner)
+        return cls(run, users, convs, list(range(n_long)), appends, [_encode(a) for a in appends], owner)
 
     @property
     def normal_users(self) -> list[int]:
@@ -477,6 +485,7 @@ class Bench:
         self.report = Report(options=opts)
         self.run_id = secrets.token_hex(3)
         self.nc = None
+        self.tm: AsyncClient | None = None  # tiermem's requests, over `nc`
         self.bare: baselines.Bare | None = None
         self.env: dict[str, str] = {}
         self.up: set[str] = set()
@@ -547,6 +556,7 @@ class Bench:
             self.nc = await bus.connect_as(self.env, ADMIN, name="bench", allow_reconnect=False,
                                            max_reconnect_attempts=1, connect_timeout=5,
                                            pending_size=64 * 1024 * 1024)
+            self.tm = AsyncClient(self.nc, timeout=15)
             self.up = {s for s in SERVICES if await ping(self.nc, s)}
             self.say(f"services answering: {', '.join(sorted(self.up)) or 'none'}")
             self.report.facts = await machine_facts(self.nc, self.env)
@@ -569,6 +579,7 @@ class Bench:
             await self.step("Context", self.context)
             await self.step("Append, one in flight", self.append_single)
             await self.step("Auditing overhead", self.audit_overhead)
+            await self.step("Client overhead", self.client_overhead)
         finally:
             self.report.facts["load_average_at_end"] = load_average()
             stack.keep_logs |= self.failed or sys.exc_info()[0] is not None
@@ -612,8 +623,7 @@ class Bench:
 
         async def append(i: int) -> None:
             nonlocal dups
-            msg = await self.nc.request("memory.append", plan.bodies[i], timeout=15)
-            reply = decode(msg, _append_reply)
+            reply = await self.tm.append(**plan.appends[i])
             dups += reply.duplicate
             u = plan.owner[i]
             if reply.seq > max_seq[u]:
@@ -693,11 +703,11 @@ class Bench:
 
     # -- reads: each interleaved with its own baseline
 
-    async def _measure(self, r: Result, bodies: list[bytes], check, bare: tuple[str, ...], n: int,
+    async def _measure(self, r: Result, users: list[str], n_msgs: int, check, bare: tuple[str, ...], n: int,
                        warmup: int) -> tuple[Summary, dict[str, Summary]]:
-        """memory.get with `bodies` (cycled), interleaved with the bare calls `bare`."""
+        """`recent(user, n_msgs)` for `users` (cycled), interleaved with the bare calls `bare`."""
         async def ours(i: int):
-            return await self.nc.request("memory.get", bodies[i % len(bodies)], timeout=10)
+            return await self.tm.recent(users[i % len(users)], n_msgs)
 
         calls = {"ours": (ours, check), **self.bare_calls(*bare)}
         out = await baselines.interleaved(calls, n, warmup)
@@ -719,14 +729,13 @@ class Bench:
             r.skipped = why
             self.add(r)
             return
-        hot = self.plan.normal_users[:200]
-        bodies = [_encode({"user_id": self.plan.users[u], "op": "recent", "n": 5}) for u in hot]
+        users = [self.plan.users[u] for u in self.plan.normal_users[:200]]
         for _ in range(2):  # read twice: the first may have to fill the sidecar's window
-            for body in bodies:
-                await self.nc.request("memory.get", body, timeout=10)
+            for user in users:
+                await self.tm.recent(user, 5)
         check = TierCheck("l1", 5)
         extra = ("framework_floor",) if "framework_floor" in self.bare.calls else ()
-        s, parts = await self._measure(r, bodies, check, ("nats_rt", *extra), o.samples, o.warmup)
+        s, parts = await self._measure(r, users, 5, check, ("nats_rt", *extra), o.samples, o.warmup)
         rt = r.baseline = parts["nats_rt"]
         if extra:
             floor = parts["framework_floor"]
@@ -754,20 +763,19 @@ class Bench:
         as_l1 = {**self.env, **baselines.auth_env(l1_identity(self.state, self.env))}
         async with sidecars(self.nc, as_l1, {"audit-on": {"SERVED_PUBLISH_RATE": "1.0"},
                                              "audit-off": {"SERVED_PUBLISH_RATE": "0"}}) as ids:
-            bodies = [_encode({"user_id": u, "op": "recent", "n": 5}) for u in users]
-            for sidecar in ids.values():  # fill both sidecars' windows
-                for body in bodies:
-                    await self.nc.request(f"memory.get.{sidecar}", body, timeout=10)
+            clients = {name: AsyncClient(self.nc, sidecar=sidecar, timeout=10) for name, sidecar in ids.items()}
+            for tm in clients.values():  # fill both sidecars' windows
+                for user in users:
+                    await tm.recent(user, 5)
 
-            def direct(sidecar: str):
+            def direct(name: str):
                 async def call(i: int):
-                    return await self.nc.request(f"memory.get.{sidecar}", bodies[i % len(bodies)],
-                                                 timeout=10)
+                    return await clients[name].recent(users[i % len(users)], 5)
                 return call
 
             on, off = TierCheck("l1", 5), TierCheck("l1", 5)
-            out = await baselines.interleaved({"on": (direct(ids["audit-on"]), on),
-                                               "off": (direct(ids["audit-off"]), off)},
+            out = await baselines.interleaved({"on": (direct("audit-on"), on),
+                                               "off": (direct("audit-off"), off)},
                                               o.samples, o.warmup)
         r.summary, r.baseline = summarize(out["on"]), summarize(out["off"])
         r.ratio_p50 = ratio(r.summary.p50, r.baseline.p50)
@@ -792,9 +800,9 @@ class Bench:
             r.skipped = "no user has 50 messages (raise --messages)"
             self.add(r)
             return
-        bodies = [_encode({"user_id": self.plan.users[u], "op": "recent", "n": 50}) for u in users]
         check = TierCheck("l2", 50)
-        s, parts = await self._measure(r, bodies, check, ("nats_rt", "redis_lrange10"), o.samples, o.warmup)
+        s, parts = await self._measure(r, [self.plan.users[u] for u in users], 50, check,
+                                       ("nats_rt", "redis_lrange10"), o.samples, o.warmup)
         r.baseline = _compose([(2, parts["nats_rt"]), (1, parts["redis_lrange10"])])
         r.ratio_p50 = ratio(s.p50, r.baseline.p50)
         r.targets.append(Target("p50 ≤ 1.2× (2× round trip + LRANGE)", s.p50 <= 1.2 * r.baseline.p50,
@@ -817,10 +825,9 @@ class Bench:
             r.skipped = "no user has 500 messages"
             self.add(r)
             return
-        bodies = [_encode({"user_id": self.plan.users[u], "op": "recent", "n": 500}) for u in users]
         check = TierCheck("l3", 500)
-        s, parts = await self._measure(r, bodies, check, ("nats_rt", "pg_newest500"),
-                                       o.heavy_samples, o.warmup // 2)
+        s, parts = await self._measure(r, [self.plan.users[u] for u in users], 500, check,
+                                       ("nats_rt", "pg_newest500"), o.heavy_samples, o.warmup // 2)
         r.baseline = _compose([(3, parts["nats_rt"]), (1, parts["pg_newest500"])])
         r.ratio_p50 = ratio(s.p50, r.baseline.p50)
         r.targets.append(Target("p95 < 50 ms (the design's L3 figure)", s.p95 < 50_000, fmt_us(s.p95)))
@@ -838,23 +845,22 @@ class Bench:
             return
         n = o.heavy_samples
         queries = self._queries(min(2000, n))
-        bodies = [_encode({"user_id": self.plan.users[u], "op": "search", "query": q, "k": 5})
-                  for u, q, _ in queries]
         check = TierCheck("l3", None)
         hits = 0
 
-        def check_and_score(msg) -> None:
+        def check_and_score(reply: GetReply) -> None:
             nonlocal hits
-            check(msg)
+            check(reply)
             target = queries[check_and_score.i % len(queries)][2]
             check_and_score.i += 1
-            hits += any(m.text == target for m in decode(msg, _get_reply).messages)
+            hits += any(m.text == target for m in reply.messages)
 
         check_and_score.i = 0  # checks run only on the timed calls, in order
         async with self._inproc_search(queries) as inproc:
             extra = {"inproc": inproc} if inproc else {}
             async def ours(i: int):
-                return await self.nc.request("memory.get", bodies[i % len(bodies)], timeout=10)
+                u, q, _ = queries[i % len(queries)]
+                return await self.tm.search(self.plan.users[u], q, 5)
 
             calls = {"ours": (ours, check_and_score), **self.bare_calls("nats_rt"), **extra}
             out = await baselines.interleaved(calls, n, o.warmup // 2)
@@ -893,9 +899,8 @@ class Bench:
         seqs = [0] * size
 
         async def append(i: int) -> None:
-            body = _encode({"user_id": user, "bot_id": "sales-1", "role": "user" if i % 2 == 0 else "assistant",
-                            "text": texts[i], "msg_id": f"ctx-{i}"})
-            seqs[i] = decode(await self.nc.request("memory.append", body, timeout=15), _append_reply).seq
+            seqs[i] = (await self.tm.append(user, "sales-1", "user" if i % 2 == 0 else "assistant", texts[i],
+                                            msg_id=f"ctx-{i}")).seq
 
         self.say(f"context: appending {size:,} messages for one user")
         await baselines.run_concurrent(append, size, o.in_flight)
@@ -911,21 +916,18 @@ class Bench:
                 raise RuntimeError(f"L3 did not index the context user up to seq {last}")
         summaries_on = await self._context_summary(user, sorted(seqs))
         queries = [q for _, q, _ in self._queries(200)]
-        bodies = [_encode({"user_id": user, "op": "context", "budget_tokens": 2000, "n": 50, "k": 5,
-                           "query": q}) for q in queries]
         sizes: list[int] = []
 
-        def check(msg) -> None:
-            reply = msgspec.json.decode(msg.data)
-            if (msg.headers or {}).get("Nats-Service-Error-Code") or reply["tokens"] > 2000 or reply["missing"]:
-                raise AssertionError(f"bad context reply: {msg.headers} {msg.data[:300]!r}")
-            sizes.append(reply["tokens"])
+        def check(reply) -> None:
+            if reply.tokens > 2000 or reply.missing:
+                raise AssertionError(f"bad context reply: {reply.tokens} tokens, missing {reply.missing}")
+            sizes.append(reply.tokens)
 
         async with self._inproc_search([(0, q, "") for q in queries]) as inproc:
             extra = {"inproc": inproc} if inproc else {}
 
             async def ours(i: int):
-                return await self.nc.request("memory.get", bodies[i % len(bodies)], timeout=10)
+                return await self.tm.context(user, 2000, query=queries[i % len(queries)], n=50, k=5)
 
             out = await baselines.interleaved({"ours": (ours, check), **self.bare_calls("nats_rt"), **extra},
                                               o.heavy_samples, o.warmup // 2)
@@ -1015,15 +1017,13 @@ class Bench:
             return
         user = f"bench{self.run_id}-single"
         n = max(300, o.heavy_samples // 2)
-        bodies = [_encode({"user_id": user, "bot_id": "sales-1", "role": "user",
-                           "text": f"single append number {i}", "msg_id": f"{self.run_id}-single-{i}"})
-                  for i in range(n + o.warmup)]
         sent = 0
 
         async def ours(_i: int):
             nonlocal sent
             sent += 1
-            return decode(await self.nc.request("memory.append", bodies[sent - 1], timeout=10), _append_reply)
+            return await self.tm.append(user, "sales-1", "user", f"single append number {sent}",
+                                        msg_id=f"{self.run_id}-single-{sent}")
 
         out = await baselines.interleaved({"ours": (ours, None), **self.bare_calls("js_publish")},
                                           n, o.warmup // 2)
@@ -1032,6 +1032,36 @@ class Bench:
         r.ratio_p50 = ratio(s.p50, r.baseline.p50)
         r.notes.append("memory.append replies after the stream's ack and (bounded) after L2 applied it, "
                        "so the next read hits L2; baseline interleaved in blocks of 50")
+        self.add(r)
+
+
+    async def client_overhead(self) -> None:
+        """What `tiermem.AsyncClient` adds to a request: an L1 hit through it against the raw
+        request of the same pre-encoded body on the same connection, interleaved. Its own
+        row, so the rows above (all through the client) do not hide it in their ratios."""
+        o = self.opts
+        r = Result(key="client_overhead", title="Client overhead: L1 hit through tiermem.AsyncClient",
+                   baseline_label="raw NATS request of the same memory.get (pre-encoded, reply not decoded)")
+        if why := self._loaded_or("memory-l1", "l2-gateway"):
+            r.skipped = why
+            self.add(r)
+            return
+        users = [self.plan.users[u] for u in self.plan.normal_users[:200]]
+        bodies = [_encode({"user_id": u, "op": "recent", "n": 5}) for u in users]
+
+        async def raw(i: int):
+            return await self.nc.request("memory.get", bodies[i % len(bodies)], timeout=10)
+
+        async def client(i: int):
+            return await self.tm.recent(users[i % len(users)], 5)
+
+        check = TierCheck("l1", 5)
+        out = await baselines.interleaved({"client": (client, check), "raw": (raw, None)}, o.samples, o.warmup)
+        r.summary, r.baseline = summarize(out["client"]), summarize(out["raw"])
+        r.ratio_p50 = ratio(r.summary.p50, r.baseline.p50)
+        r.notes.append(f"the client adds {fmt_us(r.summary.p50 - r.baseline.p50)} at p50 (encode the body, "
+                       f"inject the trace context, decode the typed reply); raw p95 {fmt_us(r.baseline.p95)}")
+        self._tier_target(r, check, o.samples)
         self.add(r)
 
 

@@ -56,7 +56,7 @@ from bench.stats import announce, fmt_ratio, fmt_us, markdown_table, ratio, rati
 from devstack import servers
 from shared import bus, permissions
 from shared.bus import BusAuth
-from shared.contract import GetReply, GetRequest, Message
+from shared.contract import GetReply, GetRequest, Message, decoder
 from shared.permissions import L2_GATEWAY, MEMORY_L1, WORKER
 
 NAME = "security"
@@ -66,6 +66,7 @@ KIND_LABELS = {"open": "open (no auth)", "locked": "locked (users + permissions)
 CALLS = {"rt": "bare NATS round trip (echo as memory-l1)", "l1": "L1 hit: memory.get.<id> recent n=5"}
 AUTH_GOAL = 1.05  # issue 10: "expect ≤ 1.05× on L1 hits"
 BLOCK = 10  # requests of one call before the next call's turn
+_get_reply = decoder(GetReply)
 USERS = 100  # windows each sidecar holds; the hits cycle over them
 N = 5
 
@@ -180,7 +181,10 @@ async def _calls(stack: contextlib.AsyncExitStack, b: Bus, bodies: list[bytes], 
     async def l1(i: int):
         return await nc.request(l1_subject, bodies[i % len(bodies)], timeout=5)
 
-    return {f"rt_{b.kind}": (rt, None), f"l1_{b.kind}": (l1, check)}
+    def check_reply(msg) -> None:  # raw on purpose: this bench compares buses, the request is the same
+        check(_get_reply.decode(msg.data))
+
+    return {f"rt_{b.kind}": (rt, None), f"l1_{b.kind}": (l1, check_reply)}
 
 
 async def _refuses_anonymous(b: Bus) -> bool:

@@ -124,6 +124,7 @@ class Demo:
         speed = self.cfg.speed
         os.environ.update({
             "TRACE_FILE": str(self.run_dir / "spans.jsonl"),
+            "TRACE_DB_SPANS": "1",  # the waterfall shows each tier's Redis command and Postgres query
             "LLM_CONFIG": str(write_scaled_config(BROKER_CONFIG, self.run_dir / "llm-config.toml", speed)),
             "SIMULATOR_LATENCY_MEDIAN_S": f"{SIM_LATENCY_MEDIAN_S / speed:.9f}",
             "SIMULATOR_LATENCY_P95_S": f"{SIM_LATENCY_P95_S / speed:.9f}",

@@ -356,7 +356,7 @@ async def run_service(name: str, description: str,
     settings = settings or Settings.from_env()
     telemetry.configure_logging(name, settings.log_level)
     pii.configure(settings.pii_hash_key, settings.pii_raw_ids)
-    telemetry.configure_tracing(name, settings.trace_file)
+    telemetry.configure_tracing(name, settings.trace_file, settings.trace_db_spans)
     meters = otlp_metrics.install(name)  # None unless an OTLP endpoint is set
     stop = stop or asyncio.Event()
     own_signals = ready is None  # in-process test runs leave signals alone

@@ -64,6 +64,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     trace_file: str = ""  # JSON lines of finished spans, for the demo's waterfall
+    trace_db_spans: bool = False  # Redis/Postgres client spans under kept spans (shared.db_spans)
     pii_hash_key: str = ""  # keys user refs in logs and spans (shared.pii); empty: random
     pii_raw_ids: bool = False  # raw user ids in logs and spans, for local debugging (never texts)
     request_timeout_s: float = 5.0

@@ -15,10 +15,17 @@ and the endpoint wrapper then passes the caller's trace context through
 unchanged (`continue_trace`): logs still carry the caller's trace id, and a
 downstream tier that does export parents its spans to the caller's.
 
+Redis and Postgres client spans (`EVALSHA`, `SELECT`, ...) come from the
+maintained instrumentation packages, installed by `configure_tracing` when
+`TRACE_DB_SPANS` is on (off by default) and the process exports spans; they
+exist only under a span this process keeps (`shared.db_spans` says why and
+what they cost).
+
 No user id or text reaches a log line or a span raw (`shared.pii`): every log
 event passes `pii.redact` before it is rendered, spans get refs where their
 attributes are set, and exceptions a span records are scrubbed of per-user
-subjects.
+subjects. Database spans carry sanitized statements and, on an error, its
+type only (`shared.db_spans`).
 """
 
 from __future__ import annotations
@@ -161,24 +168,39 @@ def _add_trace_ids(_logger, _name, event: dict) -> dict:
     return event
 
 
-def configure_tracing(service: str, trace_file: str = "") -> TracerProvider:
-    """Install the process's tracer provider (once) with the configured exporters."""
+def configure_tracing(service: str, trace_file: str = "", db_spans: bool = False) -> TracerProvider:
+    """Install the process's tracer provider (once) with the configured exporters, and
+    the Redis/Postgres client instrumentation when `db_spans` (`TRACE_DB_SPANS`) and
+    the process keeps spans at all: without an exporter no database span could ever
+    be kept, so the clients stay unwrapped and pay nothing."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
-        return current  # already set up (tests, or several services in one process)
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError:
-            structlog.get_logger().warning(
-                "otlp_exporter_missing", hint="pip install 'tiermem[otlp]'")
-        else:
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    if trace_file:
-        provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(trace_file)))
-    trace.set_tracer_provider(provider)
+        provider = current  # already set up (tests, or several services in one process)
+    else:
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            except ImportError:
+                structlog.get_logger().warning(
+                    "otlp_exporter_missing", hint="pip install 'tiermem[otlp]'")
+            else:
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        if trace_file:
+            provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(trace_file)))
+        trace.set_tracer_provider(provider)
+    instrument_databases(db_spans and recording())
     return provider
+
+
+def instrument_databases(on: bool) -> None:
+    """Redis and asyncpg client spans on or off, process-wide (`shared.db_spans`;
+    imported only when wanted: the instrumentation packages take a while to load,
+    which a process without them, such as an app using the client, need not pay)."""
+    if on or "shared.db_spans" in sys.modules:
+        from shared import db_spans
+
+        db_spans.instrument(on)
 
 
 def shutdown_tracing() -> None:

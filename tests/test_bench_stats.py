@@ -198,3 +198,37 @@ def test_the_one_report_writer_writes_what_it_is_given_and_survives_a_failed_plo
     assert write_files(tmp_path, "z", markdown="z", plot=lambda png: png.write_bytes(b"png")) == [
         tmp_path / "z.md", tmp_path / "z.png"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_match_check_counts_the_clients_error_replies_and_raw_ones_alike():
+    """The llm bench's exact-hit row goes through tiermem.AsyncClient (which raises on an
+    error reply) and its client-overhead baseline is raw: both are checked the same way."""
+    import msgspec
+    from nats.aio.msg import Msg
+
+    from bench.llm import MatchCheck
+    from shared.contract import CompleteReply
+    from shared.errors import Unavailable
+
+    hit = {"text": "x", "content": [], "model": "m", "stop_reason": "end_turn",
+           "usage": {"input_tokens": 1, "output_tokens": 1}, "cost_usd": 0.0, "saved_usd": 0.0,
+           "cache": {"status": "hit", "match": "exact"}}
+    check = MatchCheck("exact")
+    check(msgspec.convert(hit, CompleteReply))
+    check(Msg(None, data=msgspec.json.encode(hit)))
+    check(Unavailable("no service answers llm.complete"))
+    check(Msg(None, data=b"{}", headers={"Nats-Service-Error-Code": "503",
+                                         "Nats-Service-Error": "down"}))
+    assert (check.seen, dict(check.wrong)) == (4, {"error 503": 2})
+
+
+def test_the_memory_benchs_appends_and_their_encoded_bodies_are_the_same_messages():
+    import msgspec
+
+    from bench import corpus
+    from bench.memory import Options, Plan
+
+    plan = Plan.build(Options.make(True, users=5, messages=40, long_users=1, long_len=10),
+                      corpus.load(seed=1), "t")
+    assert [msgspec.json.decode(b) for b in plan.bodies] == plan.appends
+    assert len(plan.appends) == len(plan.owner) == 40

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -147,7 +148,8 @@ async def append(nc, text: str, msg_id: str) -> int:
 
 async def test_no_user_id_or_text_in_any_log_line_or_span(clean_state, simulator, spans, capsys):
     env = {**clean_state, "ANTHROPIC_BASE_URL": simulator}
-    settings = {"pii_hash_key": KEY, "served_flush_s": 0.02, "audit_sample_rate": 1.0}
+    settings = {"pii_hash_key": KEY, "served_flush_s": 0.02, "audit_sample_rate": 1.0,
+                "trace_db_spans": True}
     async with running("l2-gateway", build_l2, env, **settings), \
             running("l3-semantic-indexer", build_l3, env, **settings), \
             running("memory-l1", build_l1, env, **settings), \
@@ -178,6 +180,26 @@ async def test_no_user_id_or_text_in_any_log_line_or_span(clean_state, simulator
     assert not leaks([t for s in finished for t in span_texts(s)])
     assert {s.attributes["tiermem.user_id"] for s in finished if s.name == "audit memory"} \
         == {ref(USER)}
+    # the Redis and Postgres client spans were among those checked
+    assert {"redis", "postgresql"} <= {(s.attributes or {}).get("db.system") for s in finished
+                                       if s.kind.name == "CLIENT"}
+
+
+async def test_a_failed_database_call_names_the_error_type_not_its_message(clean_state, spans):
+    """Postgres quotes the offending value in its message; the span keeps the type only."""
+    telemetry.configure_tracing("test", db_spans=True)
+    pg = await asyncpg.connect(clean_state["DATABASE_URL"])
+    try:
+        with pytest.raises(asyncpg.DataError, match=PHONE):
+            with telemetry.tracer.start_as_current_span("kept"):
+                await pg.fetchval("SELECT $1::text::int", USER)
+    finally:
+        await pg.close()
+    (failed,) = [s for s in spans.get_finished_spans()
+                 if s.kind.name == "CLIENT" and s.attributes.get("db.system") == "postgresql"]
+    assert failed.status.status_code.name == "ERROR"
+    assert failed.attributes["error.type"] == "InvalidTextRepresentationError"
+    assert not leaks(span_texts(failed))
 
 
 async def test_a_malformed_change_events_log_line_names_its_user_by_ref(clean_state, capsys):
