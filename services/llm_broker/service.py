@@ -46,7 +46,7 @@ from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT
 from nats.errors import SlowConsumerError
 from redis.asyncio import Redis
 
-from shared import metrics, subjects
+from shared import metrics, redis_client, subjects
 from shared.contract import (
     CacheInfo, Changed, CompleteReply, CompleteRequest, CountTokensReply, CountTokensRequest,
     STREAM_HEADER, ForgetReply, ForgetRequest, LLMStatsReply, LLMStatsRequest, LLMVerdict,
@@ -453,7 +453,7 @@ async def build(rt: Runtime, *, clock=time.time,
     config = Config.load(s.llm_config or None).with_retention(Retention.from_settings(s))
     embedder = embedder_from_settings(s)
     rt.on_close(embedder.aclose)
-    redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
+    redis = redis_client.connect(s, socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     cache = await ResponseCache.open(redis, s.database_url, embedder.model_id,
