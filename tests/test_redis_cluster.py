@@ -1,4 +1,5 @@
-"""l2-gateway on a Redis Cluster of three masters (`REDIS_CLUSTER=1`).
+"""The services that take a Redis Cluster of three masters (`REDIS_CLUSTER=1`): the
+l2-gateway and the freshness-auditor's tally; the llm-broker refuses one.
 
 Every script the tier sends touches one hash tag's keys (a user's `{u}` or the
 state's `{g}`); Redis Cluster refuses any other with CROSSSLOT, so running
@@ -12,7 +13,11 @@ import pytest
 from redis.asyncio import RedisCluster
 
 from shared import lastseq, subjects
+from shared.contract import PartitionBound
+from shared.settings import Settings
+from services.freshness_auditor.tally import Tally
 from services.l2_gateway.service import build
+from services.llm_broker.service import refuse_cluster
 from tests.helpers import client, eventually, ok, running
 from tests.test_l2_gateway import FakeL3, append_body
 
@@ -85,3 +90,28 @@ async def test_a_lost_state_passes_reads_down_until_the_log_is_replayed_into_a_n
     for user, mine in seqs.items():
         reply = await recent(nc, user, min_seq=mine[-1])
         assert reply["tier"] == "l2" and [m["seq"] for m in reply["messages"]] == mine
+
+
+async def test_the_auditors_counts_add_up_across_replicas_on_the_cluster(clean_redis_cluster):
+    """Its hashes are on different slots; only pipelines of one-key commands touch them."""
+    redis = RedisCluster.from_url(clean_redis_cluster)
+    try:
+        replicas = [Tally(redis, 0.05), Tally(redis, 0.05)]
+        for tally in replicas:
+            tally.memory("l2", "checked", 3)
+            tally.memory("l2", "stale")
+            tally.partition("p1", PartitionBound(threshold=0.9, max_false_hit_rate=0.01))
+            await tally.flush()
+        stats = await replicas[0].read()
+        assert (stats.memory["l2"].checked, stats.memory["l2"].stale) == (6, 2)
+        assert stats.partitions_audited == 1 and stats.max_false_hit_rate == 0.01
+    finally:
+        await redis.aclose()
+
+
+def test_the_llm_broker_refuses_a_cluster_at_start_up_rather_than_on_its_first_hit():
+    single = Settings.from_env({"NATS_URL": "nats://x", "REDIS_URL": "redis://x"})
+    refuse_cluster(single)
+    with pytest.raises(SystemExit, match="REDIS_CLUSTER=1 is not supported"):
+        refuse_cluster(Settings.from_env({"NATS_URL": "nats://x", "REDIS_URL": "redis://x",
+                                          "REDIS_CLUSTER": "1"}))
