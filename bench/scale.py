@@ -374,6 +374,10 @@ def markdown(data: dict) -> str:
         "",
         "![scale](scale.png)",
         "",
+        "## What limits it",
+        "",
+        *limits(points, data["cores"]),
+        "",
         "## Every point",
         "",
         "CPU of ours: cores used during the point (CPU seconds / wall seconds) by each group of this "
@@ -399,6 +403,40 @@ def _cpu_per_request(points: list[Point], mode: str, replicas: int, op: str) -> 
     if not at:
         return "-"
     return f"{cpu_per_request_ms(max(at, key=lambda p: p.achieved)):.2f}"
+
+
+def limits(points: list[Point], cores: int) -> list[str]:
+    """The run's own evidence of what bound it: the box's load against our processes' CPU,
+    and what the CPU cost per request would allow on cores of our own (pure)."""
+    if not points:
+        return ["No points."]
+    busy = sorted(p.box_busy for p in points)
+    load = sorted(p.load1 for p in points)
+    ours = sorted(sum(v for k, v in p.cpu.items()) for p in points)
+    lines = [
+        f"- The box: {busy[len(busy) // 2]:.2f} of {cores} cores busy at the median point "
+        f"({busy[0]:.2f}-{busy[-1]:.2f}), 1-minute load average {load[0]:g}-{load[-1]:g}. This bench's "
+        f"processes (servers, gateways, generator; run at `nice 19` as the shared box requires) used "
+        f"{ours[len(ours) // 2]:.2f} cores at the median point ({ours[0]:.2f}-{ours[-1]:.2f}): "
+        "the rest was other work on the box.",
+    ]
+    starved = busy[len(busy) // 2] >= 0.9 * cores and ours[len(ours) // 2] <= 0.5 * cores
+    lines.append(
+        "- So a point's p99 was mostly time spent waiting for a core, not working: the box's cores "
+        "were busy with other work while ours used a fraction of them. Adding replicas adds processes "
+        "competing for the same cores; it cannot add capacity here, and the curve is flat or noisy "
+        "for that reason, not for the design's." if starved else
+        "- The box had cores to spare at the median point: where the curve flattens, compare the "
+        "gateways' CPU with their count (a gateway near 1 core is the limit) and the servers' CPU.")
+    for op in ("get", "append"):
+        best = [p for p in points if p.op == op and p.achieved >= 200]
+        if best:
+            cost = min(cpu_per_request_ms(p) for p in best)
+            lines.append(f"- CPU per {op} (servers + gateways, at points carrying >= 200/s): "
+                         f"{cost:.2f} ms at best, so {cores} dedicated cores would carry at most "
+                         f"~{cores / cost * 1000:,.0f} {op}s/s (an upper bound from CPU alone; the "
+                         "generator needs cores too).")
+    return lines
 
 
 def _busiest(points: list[Point], mode: str, replicas: int) -> str:
