@@ -70,6 +70,12 @@ async def test_every_l2_path_runs_on_a_three_master_cluster(cluster_gateway):
     assert [m["seq"] for m in (await recent(nc, USERS[2]))["messages"]] == seqs[USERS[2]]
     assert int(await redis.get(lastseq.key(USERS[3]))) == seqs[USERS[3]][-1]  # for the llm-broker
 
+    await redis.script_flush()  # every master forgets the scripts: the gateway loads them again
+    for user in USERS[2:]:
+        seqs[user].append((await ok(nc, subjects.MEMORY_APPEND, append_body(user, 3)))["seq"])
+        reply = await recent(nc, user, min_seq=seqs[user][-1])
+        assert reply["tier"] == "l2" and [m["seq"] for m in reply["messages"]] == seqs[user]
+
 
 async def test_a_lost_state_passes_reads_down_until_the_log_is_replayed_into_a_new_epoch(cluster_gateway):
     """The state (slot `{g}`) and the windows (each user's slot) live on different
