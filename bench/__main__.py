@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only memory|llm|gateway|security|guard|all] [--out bench/results]`: run the benchmarks, write the reports.
+"""`python -m bench [--quick] [--only memory|llm|gateway|security|guard|scale|all] [--out bench/results]`: run the benchmarks, write the reports.
 
 `memory` is the memory tiers (bench/memory.py, `memory.md`), `llm` the
 llm-broker (bench/llm.py, `llm.md`), `gateway` a hit through the llm-gateway's
@@ -8,6 +8,9 @@ stack); `all` runs memory, llm then gateway on one stack, then security once tha
 stack is down, then `guard`: the semantic cache's guard measured on the
 report halves of public paraphrase/STS sets (bench/guard_calibration.py,
 `guard.md`; measure only, the shipped model is left alone; no stack).
+`scale` (not part of `all`: it starts its own servers and gateways, twice) is the
+l2-gateway's scale-out curve with 1, 2 and 4 replicas on Redis single and
+cluster (bench/scale.py, `scale.md`).
 `summary.md` (+ `summary.png`) puts every measurement in one
 table with its baseline and ratio (an area not run keeps its last figures).
 Every NATS connection presents an identity: the bench's own client and its
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="10k messages over 100 users, 1,000 dev pairs and fewer samples (a few minutes)")
-    p.add_argument("--only", choices=("memory", "llm", "gateway", "security", "guard", "all"), default="all",
+    p.add_argument("--only", choices=("memory", "llm", "gateway", "security", "guard", "scale", "all"), default="all",
                    help="which benchmark to run (default all: memory, llm, then gateway, on one stack; then "
                         "security, then guard)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(line: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {line}", flush=True)
+
+    if args.only == "scale":
+        return _scale(args.quick, args.out, say)
 
     # The simulator stands in for Claude; its default latency (0.8 s median) would only make
     # the bench's misses slow. Only read when the bench starts the stack.
@@ -126,6 +132,20 @@ def _guard() -> int:
     from bench import guard_calibration
 
     return guard_calibration.main(["--no-write-model"])
+
+
+def _scale(quick: bool, out: Path, say) -> int:
+    """The scale-out curve (its own servers; no stack). 1 when no configuration met its objective."""
+    from bench import scale
+
+    try:
+        data = uvloop.run(scale.run(quick, say))
+    except KeyboardInterrupt:
+        say("interrupted; everything the bench started has been stopped")
+        return 130
+    for path in scale.write(data, out):
+        print(f"wrote {path}")
+    return 0 if any(p["passed"] for p in data["points"]) else 1
 
 
 def _console(results) -> bool:

@@ -7,7 +7,8 @@ the installed package list (pyproject.toml) nor in the service image
     python -m devstack up|down|status     (`just up` / `just down` / `just status`)
 
 - `devstack.servers`: the server table and the helpers to start, probe and stop processes;
-  one module per server (`nats`, `redis`, `postgres`, `simulator`) over `devstack.process`.
+  one module per server (`nats`, `redis`, `postgres`, `simulator`) over `devstack.process`;
+  `start_redis_cluster` starts a 3-master Redis Cluster (tests, `bench --only scale`).
 - `devstack.stack`: `up` / `down` / `status` of servers and services, state in `stack.json`.
 - `devstack.supervise`: restarts a service that dies, as Kubernetes would.
 

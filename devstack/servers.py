@@ -8,7 +8,7 @@ starter. Each starter takes a folder and keyword options and returns a
 
     start_nats(folder, *, port=None, log_path=None, timeout=30, die_with_parent=False,
                users=None, tls=None, cluster=None, sync_interval=None, monitor_port=None)
-    start_redis(folder, ...) / start_postgres(folder, ..., database="tiermem") / start_simulator(folder, ..., env=None)
+    start_redis(folder, ..., cluster_port=None) / start_redis_cluster(folder, masters=3) / start_postgres(folder, ..., database="tiermem") / start_simulator(folder, ..., env=None)
     nats_cluster(size) -> [NatsCluster]             # the cluster= of each node
     ensure_database(port, name) / psql(bins, port, sql, db=...)
 """
@@ -22,13 +22,13 @@ from devstack.nats import NatsCluster, nats_cluster, nats_server_binary, start_n
 from devstack.postgres import ensure_database, postgres_bin_dir, psql, start_postgres
 from devstack.process import (HOST, Server, ServerStartError, free_port, log_tail, process_alive,
                               process_start_time, spawn, stop_process)
-from devstack.redis import start_redis, valkey_server_binary
+from devstack.redis import RedisClusterServers, start_redis, start_redis_cluster, valkey_server_binary
 from devstack.simulator import start_simulator
 
 __all__ = [
-    "HOST", "SERVERS", "NatsCluster", "Server", "ServerSpec", "ServerStartError", "ensure_database", "free_port",
+    "HOST", "SERVERS", "NatsCluster", "RedisClusterServers", "Server", "ServerSpec", "ServerStartError", "ensure_database", "free_port",
     "log_tail", "nats_cluster", "nats_server_binary", "postgres_bin_dir", "process_alive", "process_start_time",
-    "psql", "server", "spawn", "start_nats", "start_postgres", "start_redis", "start_simulator", "stop_process",
+    "psql", "server", "spawn", "start_nats", "start_postgres", "start_redis", "start_redis_cluster", "start_simulator", "stop_process",
     "valkey_server_binary",
 ]
 

@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = ""
     redis_username: str = ""  # a Redis ACL user, when not in REDIS_URL (Kubernetes Secrets)
     redis_password: str = ""
+    redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster (shared.redis_client)
     database_url: str = ""
     metrics_port: int = 0  # 0: no metrics HTTP server
     metrics_host: str = "127.0.0.1"

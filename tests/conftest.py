@@ -6,7 +6,7 @@ temp folder, and dies with the test process even if pytest is killed. Set
 `NATS_URL` / `REDIS_URL` / `DATABASE_URL` to test against existing servers
 instead; those are never flushed unless `TIERMEM_TESTS_MAY_FLUSH=1`.
 
-Fixtures (session): `nats_url`, `redis_url`, `database_url`, `server_env`
+Fixtures (session): `nats_url`, `redis_url`, `redis_cluster_url` (three masters), `database_url`, `server_env`
 (the three as an env dict, for spawning service processes).
 
 The NATS server runs locked, as in production: one user per role of
@@ -14,7 +14,7 @@ The NATS server runs locked, as in production: one user per role of
 `helpers.client` and `helpers.running` connect as the right role) and in a
 file named by `TIERMEM_NATS_IDENTITIES` (so `devstack up` against it gives
 each service its own identity).
-Fixtures (function): `clean_nats`, `clean_redis`, `clean_db`, `clean_state`
+Fixtures (function): `clean_nats`, `clean_redis`, `clean_redis_cluster`, `clean_db`, `clean_state`
 (all three, before the test), and `reset_state` (an async callable, to reset
 in the middle of a test). Plain helpers for module-scoped fixtures:
 `reset_servers(nats_url, redis_url, database_url)` (what `reset_state` does)
@@ -94,6 +94,29 @@ def nats_url(servers_dir):
 @pytest.fixture(scope="session")
 def redis_url(servers_dir):
     yield from _server("redis", servers_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(servers_dir):
+    """A local Redis Cluster of three masters (`devstack.redis.start_redis_cluster`), ours to flush."""
+    cluster = servers.start_redis_cluster(servers_dir / "redis-cluster", die_with_parent=True)
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def clean_redis_cluster(redis_cluster_url):
+    from redis.asyncio import RedisCluster
+
+    client = RedisCluster.from_url(redis_cluster_url)
+    try:
+        await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        await client.script_flush()  # every primary (redis-py sends SCRIPT FLUSH to all)
+    finally:
+        await client.aclose()
+    return redis_cluster_url
 
 
 @pytest.fixture(scope="session")

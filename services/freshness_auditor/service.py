@@ -38,10 +38,9 @@ import structlog
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import llm_judge, metrics, pii, stream, subjects
+from shared import llm_judge, metrics, pii, redis_client, stream, subjects
 from shared.contract import (
     AuditStatsReply, AuditStatsRequest, EvictReply, EvictRequest, LLMVerdict, LLMVerdictReply,
     ServedBatch, ServedLLM, ServedMemory, Usage, encode, tool_calls,
@@ -365,7 +364,7 @@ def _audit_span(name: str, trace_id: str, span_id: str, attributes: dict):
 
 async def build(rt: Runtime) -> Auditor:
     s = rt.settings
-    redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
+    redis = redis_client.connect(s, socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     client = make_client(s)

@@ -25,13 +25,44 @@ guard (seq above `last` and `floor`) makes replays and several appliers
 harmless, and `ADVANCE`, which moves the position only in the epoch the
 applier works in and only forwards: it refuses when the state is gone or of
 another epoch, and deletes a state that went back behind what the applier saw
-(a rollback), so that nobody trusts it. A read is one script call (`READ`) that
-takes the state and the user's window atomically, so a reply is one consistent
-snapshot that a wipe or rollback cannot fake (it replaced a pipeline of state,
-window, state: three commands to pack and parse on every L2 hit). The script
-names the global state beside the user's keys, so Redis Cluster would refuse it
-(CROSSSLOT): the tier runs on one Redis primary (with replicas); a cluster would
-need the state, or a fence of it, in every user's slot.
+(a rollback), so that nobody trusts it. On one Redis a batch's APPLYs and its
+ADVANCE go in one pipeline (one connection runs them in order); on a Redis
+Cluster the ADVANCE is sent once every APPLY answered (the nodes of a cluster
+pipeline run in parallel, and the position must never pass a window write).
+
+Redis Cluster: every script touches the keys of one hash tag only (one
+user's `{u}`, or the global `{g}`), so none is refused as CROSSSLOT. A read
+(`read`) is one round trip: a pipeline of the state (`HMGET`, slot `{g}`) and
+`READ`, the user's window alone (slot `{u}`). The state is no longer read in
+the same script as the window, so the two are judged as follows:
+
+- the epoch: the window keys are named by the epoch the caller passes (the
+  one this process knows); the state read beside them says whether that
+  epoch is still current (else the read is done again with the newer epoch's
+  keys, or passes down while Redis is lost, replayed or rolled back: `fence`).
+  An epoch change between the two reads cannot make the window wrong: the old
+  epoch's keys keep what was applied to them until swept (a swept window reads
+  as not held), and a forget that started before the new epoch drops both.
+- the position that proves completeness (`applied`, for `min_seq`): only a
+  position observed *before* the window was read proves anything about it (the
+  applier advances only after the batch's windows are written). On one Redis
+  the pipeline runs the state first on one connection, so the state just read
+  proves it (a restart or failover in between would break the connection). On
+  a cluster the two run in parallel on two nodes, so the snapshot uses the
+  position this process had observed when it sent the read (`Fence.seen`,
+  refreshed by every read and every batch its applier advances; the state just
+  read is at least as new, or the fence calls it a rollback): at most one
+  read or one batch behind, which only sends more `min_seq` reads down to L3.
+- what it does not prove on a cluster: a failover of the *user's* master to a
+  lagging replica rolls that user's window back without touching `{g}`, which
+  no read of the state can see (on one Redis, the state goes back with it and
+  the fence notices). Clusters should use `WAIT`-acknowledged replicas or
+  accept that window; the local cluster (devstack) has no replicas.
+
+Before the cluster split, `READ` read the state and the window in one script
+(one atomic snapshot); the pipeline keeps the round trip count and the reply
+size, and adds one command and redis-py's pipeline machinery: the read's p50
+went from ~220 us to ~270 us on one Redis (1.20-1.25x, docs/capacity.md).
 
 Idle users: a user without keys is not known to L2, whatever the reason (never
 seen, expired, Redis lost), so a read of such a user is a miss, never "no
@@ -53,7 +84,7 @@ from collections.abc import Callable
 from hashlib import sha1
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
@@ -150,21 +181,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# The state and the user's window in one atomic step (a consistent snapshot: no wipe,
-# rollback or apply can come in between). KEYS: the state, the user's window (m, h)
-# in the epoch the caller knows. ARGV: n, idle ttl (ms), that epoch.
-# Returns {state fields}: the state is of another epoch (or gone), the keys read nothing;
-# {state fields, -1}: Redis holds no window for this user (never seen, idle and expired,
-# or lost); else {state fields, last, count, floor, partial, messages}.
+# The user's window in the epoch the caller knows (KEYS: m, h; one slot). ARGV: n,
+# idle ttl (ms). Returns {-1}: Redis holds no window for this user (never seen, idle
+# and expired, lost, or of an epoch swept since); else {last, count, floor, partial, messages}.
 READ = """
-local s = redis.call('HMGET', KEYS[1], 'epoch', 'gen', 'applied', 'rebuilding')
-if s[1] ~= ARGV[3] then return {s} end
-local h = redis.call('HMGET', KEYS[3], 'last', 'count', 'floor', 'partial')
-if not h[1] then return {s, -1} end
+local h = redis.call('HMGET', KEYS[2], 'last', 'count', 'floor', 'partial')
+if not h[1] then return {-1} end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
-local msgs = redis.call('ZRANGE', KEYS[2], -tonumber(ARGV[1]), -1)
-return {s, h[1], h[2] or '0', h[3] or '0', h[4] or '0', msgs}
+local msgs = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+return {h[1], h[2] or '0', h[3] or '0', h[4] or '0', msgs}
 """
 
 # Idempotent (a forget job may run again after new appends): a floor at or past
@@ -243,6 +269,9 @@ class RedisWindow:
     def __init__(self, redis: Redis, window: int, idle_ttl_s: float, fence: Fence,
                  lock_ttl_s: float = 10.0) -> None:
         self.redis = redis
+        # One Redis runs a pipeline in order on one connection; a cluster's nodes run
+        # their parts in parallel (see the module's docstring for what that changes).
+        self.ordered = not isinstance(redis, RedisCluster)
         self.window = window
         self.fence = fence
         self.ttl_ms = max(1, int(idle_ttl_s * 1000))
@@ -327,14 +356,21 @@ class RedisWindow:
         epoch, seen = at.epoch, at.applied
         fresh_arg = 1 if fresh else 0
 
-        def build(pipe: Pipeline) -> None:
+        def build_applies(pipe: Pipeline) -> None:
             for user_id, msg, size in items:
                 self._apply.queue(pipe, [*keys(user_id, epoch), lastseq.key(user_id)], msg.seq,
                                   _encode(msg), self.window, size, self.ttl_ms, fresh_arg, msg.role)
-            self._advance.queue(pipe, [STATE, LOCK], epoch, upto_seq, seen, token,
-                                self.lock_ttl_ms)
 
-        results = await self._run(build)
+        advance = ([STATE, LOCK], epoch, upto_seq, seen, token, self.lock_ttl_ms)
+        if self.ordered:
+            def build(pipe: Pipeline) -> None:
+                build_applies(pipe)
+                self._advance.queue(pipe, *advance)
+
+            results = await self._run(build)
+        else:  # the position may only move once every window write answered
+            results = [*(await self._run(build_applies) if items else []),
+                       await self._call(self._advance, *advance)]
         code, applied = results[-1]
         applies = results[:-1]
         if code == ADVANCED:
@@ -359,10 +395,9 @@ class RedisWindow:
         """The user's newest `n` messages and what proves them complete, as one snapshot,
         or why Redis cannot answer for this user (a reason to pass the read down).
 
-        One script call (`READ`): the state and the window of the epoch this
-        process knows, read atomically, so the window holds everything up to the
-        state's `applied` (the applier goes in log order) and nothing can change
-        in between. A state of a newer epoch is read again with that epoch's keys.
+        One round trip: the state and `READ` of the window of the epoch this process
+        knows (module docstring: why that proves what the atomic script proved). A
+        state of a newer epoch is read again with that epoch's keys.
         """
         for _ in range(2):
             seen = self.fence.seen
@@ -372,18 +407,23 @@ class RedisWindow:
                     return why
                 seen = self.fence.seen
             epoch = seen.epoch
-            reply = await self._call(self._read, [STATE, *keys(user_id, epoch)], n, self.ttl_ms,
-                                     epoch)
-            state = State.parse(reply[0])
+
+            def build(pipe: Pipeline) -> None:
+                pipe.hmget(STATE, _STATE_FIELDS)
+                self._read.queue(pipe, keys(user_id, epoch), n, self.ttl_ms)
+
+            raw_state, reply = await self._run(build)
+            state = State.parse(raw_state)
             why = self.fence.judge(state, seen)
             if why:
                 return why
             if state.epoch != epoch:
                 continue  # a newer epoch than the keys read: read its keys
-            if len(reply) == 2:
+            if len(reply) == 1:
                 return "not_held"
-            _, last, count, floor, partial, raw = reply
-            return Snapshot(state.applied, int(last), int(count), int(floor), partial == b"1",
+            last, count, floor, partial, raw = reply
+            applied = state.applied if self.ordered else seen.applied
+            return Snapshot(applied, int(last), int(count), int(floor), partial == b"1",
                             [msgspec.Raw(m) for m in raw])
         return LOST
 

@@ -21,10 +21,9 @@ import asyncio
 import msgspec
 import structlog
 from nats.errors import TimeoutError as NatsTimeout
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import lastseq, metrics, stream, subjects
+from shared import lastseq, metrics, redis_client, stream, subjects
 from shared.contract import (
     AppendReply, AppendRequest, EvictReply, EvictRequest, ForgetRequest, GetRequest, L2Reply,
     check_append, check_get, encode, fit_reply,
@@ -51,7 +50,7 @@ APPEND_CONCURRENCY = 512
 
 async def build(rt: Runtime) -> None:
     settings = rt.settings
-    redis = Redis.from_url(settings.redis_url, **settings.redis_auth(), socket_timeout=2,
+    redis = redis_client.connect(settings, socket_timeout=2,
                            socket_connect_timeout=2, health_check_interval=10)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)

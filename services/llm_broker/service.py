@@ -46,7 +46,7 @@ from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT
 from nats.errors import SlowConsumerError
 from redis.asyncio import Redis
 
-from shared import metrics, subjects
+from shared import metrics, redis_client, subjects
 from shared.contract import (
     CacheInfo, Changed, CompleteReply, CompleteRequest, CountTokensReply, CountTokensRequest,
     STREAM_HEADER, UPSTREAM_KEY_HEADER, ForgetReply, ForgetRequest, LLMStatsReply,
@@ -60,6 +60,7 @@ from shared.pricing import cost_usd
 from shared.retention import Retention
 from shared.served import Served
 from shared.service import Runtime
+from shared.settings import Settings
 from shared.telemetry import tracer
 from shared.upstream import Upstream, make_client
 
@@ -463,15 +464,27 @@ class Broker:
                 log.info("llm_entries_swept", deleted=deleted)
 
 
+def refuse_cluster(settings: Settings) -> None:
+    """PUT, MARK_SPOKE and REPLACE_EPOCH (cache.py) and the thresholds' scripts name keys
+    of several slots (the user's, `llm:epoch`, `llm:distrust_before`, other users'), and
+    the lookup's pipeline relies on one connection's order (`llm:epoch` before the L2
+    state): Redis Cluster would refuse them (CROSSSLOT) or lose that order. Refused at
+    start-up rather than found on the first hit; docs/capacity.md says what it needs."""
+    if settings.redis_cluster:
+        raise SystemExit("llm-broker: REDIS_CLUSTER=1 is not supported yet; point its REDIS_URL "
+                         "at a single Redis primary (the l2-gateway and the auditor take a cluster)")
+
+
 async def build(rt: Runtime, *, clock=time.time,
                 events_pending_limit: int = DEFAULT_SUB_PENDING_MSGS_LIMIT) -> Broker:
     """`events_pending_limit`: events nats-py holds for us before it drops them as
     a slow consumer's (tests make it small to see what a drop does)."""
     s = rt.settings
+    refuse_cluster(s)
     config = Config.load(s.llm_config or None).with_retention(Retention.from_settings(s))
     embedder = embedder_from_settings(s)
     rt.on_close(embedder.aclose)
-    redis = Redis.from_url(s.redis_url, **s.redis_auth(), socket_timeout=2, socket_connect_timeout=2)
+    redis = redis_client.connect(s, socket_timeout=2, socket_connect_timeout=2)
     rt.on_close(redis.aclose)
     rt.ready_check("redis", redis.ping)
     cache = await ResponseCache.open(redis, s.database_url, embedder.model_id,
