@@ -90,9 +90,10 @@ async def test_a_lookup_is_one_trace_across_l1_l2_l3(clean_state, spans):
                              "send memory.l2.get", "memory.get process", "caller"]
             assert chain(search, "embed query") == ["embed query", *expected_tail]
             assert chain(search, "postgres search") == ["postgres search", *expected_tail]
-            (evalsha,) = db_spans(recent, "redis")  # the window read: one script call
-            assert evalsha.name == "EVALSHA"
-            assert chain(recent, "EVALSHA")[1] == "redis read"
+            # the window read: one round trip, the state beside the user's read script
+            (window_read,) = db_spans(recent, "redis")
+            assert window_read.name == "HMGET EVALSHA"
+            assert chain(recent, window_read.name)[1] == "redis read"
             pg = db_spans(search, "postgresql")
             assert pg and {chain(search, s.name)[1] for s in pg} == {"postgres search"}
             kinds = {s.name: s.kind.name for s in search}
