@@ -662,33 +662,42 @@ def _build_common_sql() -> dict[str, str]:
     }
 
 
-def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
+def _build_sql(model_id: str, dim: int, limit: str = "$3", *, columns: bool = True) -> dict[str, str]:
     """The vector search statements of one model, returning `limit` rows ($3
     = k; _fused_sql passes a literal). The model id and dim are literals
     (validated by _MODEL_ID_RE, never user input) so that the planner can
-    prove the partial HNSW index applies even to a generic prepared plan."""
+    prove the partial HNSW index applies even to a generic prepared plan.
+
+    The scans carry only (msg_id, distance), with the distance computed once
+    a row (ORDER BY the selected column): an exact scan of a 10,000-row user
+    spent about a third of its time computing the cosine twice a row (score
+    and sort key) and carrying every row's text into the top-N sort
+    (bench/results/search_quality.md). The message columns are read for the
+    winners only (`columns`; the fusion reads them after fusing)."""
     m = _sql_literal(model_id)
     expr = _index_expression(dim)
     cast = expr[0] if expr else f"vector({dim})"
-    cols = COLUMNS
     state = f"(SELECT n_rows, max_seq FROM {SCHEMA}.user_state WHERE user_id = $1)"
     # exact: all of the user's vectors of this model, via (user_id, seq); the
     # ORDER BY uses the uncast column, which no HNSW index can serve.
     exact = f"""
-        SELECT {cols}, 1 - (m.embedding <=> $2) AS score
-        FROM {SCHEMA}.messages m
-        WHERE m.user_id = $1 AND m.seq <= $5 AND m.embedding_model = {m}
-          AND m.embedding IS NOT NULL
-        ORDER BY m.embedding <=> $2
-        LIMIT {limit}"""
+        SELECT msg_id, 1 - d AS score FROM (
+            SELECT m.msg_id, m.embedding <=> $2 AS d
+            FROM {SCHEMA}.messages m
+            WHERE m.user_id = $1 AND m.seq <= $5 AND m.embedding_model = {m}
+              AND m.embedding IS NOT NULL
+            ORDER BY d
+            LIMIT {limit}) x"""
     # hnsw: the partial index of this model; the iterative scan goes on until
     # k rows pass the user filter; relaxed order, so re-sorted outside. The
     # user and floor filters are written so that no btree index can serve
     # them: otherwise a generic prepared plan (asyncpg prepares every
     # statement) may pick the (user_id, seq) index + sort here too (Postgres
     # 18 skip-scans it for the seq bound alone), and big users never get HNSW.
+    # (Here the ORDER BY must be the indexed expression itself for the index
+    # to serve it, so the distance is written twice; the index computes it.)
     hnsw = f"""
-        SELECT {cols}, 1 - (m.embedding::{cast} <=> $2::vector::{cast}) AS score
+        SELECT m.msg_id, 1 - (m.embedding::{cast} <=> $2::vector::{cast}) AS score
         FROM {SCHEMA}.messages m
         WHERE (m.user_id || '') = $1 AND (m.seq + 0) <= $5 AND m.embedding_model = {m}
         ORDER BY m.embedding::{cast} <=> $2::vector::{cast}
@@ -708,6 +717,8 @@ def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
         # Both branches are planned; their one-time filters (InitPlans on
         # st) let only the chosen one run. The LEFT JOIN from a one-row
         # relation returns max_seq even when nothing matches.
+        found = (f"(hits JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = hits.msg_id)"
+                 if columns else "hits")
         return f"""
         WITH st AS MATERIALIZED {state},
         hits AS MATERIALIZED (
@@ -715,9 +726,10 @@ def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
             UNION ALL
             (SELECT * FROM ({body_hnsw}) h WHERE {cond_h})
         )
-        SELECT (SELECT max_seq FROM st) AS max_seq, (SELECT n_rows FROM st) AS n_rows, hits.*
-        FROM (SELECT 1) one LEFT JOIN hits ON true
-        ORDER BY hits.score DESC NULLS LAST"""
+        SELECT (SELECT max_seq FROM st) AS max_seq, (SELECT n_rows FROM st) AS n_rows,
+               {COLUMNS if columns else "hits.msg_id"}, hits.score
+        FROM (SELECT 1) one LEFT JOIN {found} ON true
+        ORDER BY hits.score DESC NULLS LAST, hits.msg_id"""
 
     sql = {}
     for plan in ("auto", "exact", "hnsw"):
@@ -739,7 +751,7 @@ def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int
     users' matches are never touched. bm25: see _bm25_ctes; ts_rank_cd: Postgres'
     cover density (no idf)."""
     n = int(candidates)
-    vec = _build_sql(model_id, dim, str(n))["search_" + plan]
+    vec = _build_sql(model_id, dim, str(n), columns=False)["search_" + plan]
     if lexical == "bm25":
         text = _bm25_ctes("$1", "$6", "$5", str(n), "SELECT max(n_rows) FROM v") + ","
     else:
