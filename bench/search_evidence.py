@@ -169,11 +169,12 @@ BARE = "bare: newest 500 rows of the user by index (asyncpg, prepared)"
 BARE_SQL = "SELECT msg_id, text FROM l3.messages WHERE user_id = $1 ORDER BY seq DESC LIMIT 500"
 
 
-def _searcher(conn, user: str, qs: list[str], qvs, model_id: str, kw: dict):
-    """One search of question i % len(qs) on `conn` (one held connection, as the baseline's)."""
+def _searcher(pool, user: str, qs: list[str], qvs, model_id: str, kw: dict):
+    """One search of question i % len(qs) through the pool, as the service searches (the
+    hybrid's two halves run at once on two of its connections)."""
     async def one(i: int):
         j = i % len(qs)
-        return await store.search(conn, user, qs[j], qvs[j], K, model_id, **kw)
+        return await store.search(pool, user, qs[j], qvs[j], K, model_id, **kw)
     return one
 
 
@@ -200,7 +201,7 @@ async def latency(pool, embedder, histories, questions, samples: int) -> dict:
     out = {}
     for size, user in sized.items():
         async with pool.acquire() as conn:
-            calls = {name: (_searcher(conn, user, qs, qvs, embedder.model_id, kw), None)
+            calls = {name: (_searcher(pool, user, qs, qvs, embedder.model_id, kw), None)
                      for name, kw in (("vector only", {"fusion_candidates": 0}), ("hybrid (default)", {}))}
             bare = await conn.prepare(BARE_SQL)
             calls[BARE] = (lambda i, bare=bare, user=user: bare.fetch(user), None)
