@@ -3,7 +3,7 @@
 All SQL of the L3 tier is in this module and in migrations/*.sql. The
 indexer's consumer calls `upsert_batch`; the `memory.l3.get` handler calls
 `recent` and `search`; the forget path calls `forget`; the retention sweeper
-`retire_older` and `retire_beyond`. Every call is one round trip; the
+`retire_older` and `retire_beyond`. Every call is one round trip (a hybrid search: two, side by side); the
 functions take the pool so the service owns its lifetime.
 
     pool = await create_pool(dsn, model_id=embedder.model_id, dim=embedder.dim)
@@ -27,7 +27,9 @@ Why it is built this way:
   in-flight batch cannot resurrect a forgotten user, and a message
   re-delivered after the forget stays gone.
 * **One round trip per call.** A batch of any size is one function call with
-  array parameters (unnest); recent and search are one statement each.
+  array parameters (unnest); recent is one statement, and so is search on
+  one connection. Given a pool, a hybrid search sends its two halves on two
+  connections at once (one round trip of wall time each, side by side).
 * **One vector space per model.** Vectors carry `embedding_model`; search
   compares the query only with rows of the query's model. Each model gets a
   partial HNSW index over `embedding::vector(dim)` WHERE embedding_model =
@@ -47,7 +49,9 @@ Why it is built this way:
   about a chat history share rare words with the turn that answers them
   (names, numbers, nouns) that a static embedding blurs. Full text reads
   only the asking user's rows through a (hashtext(user_id), tsv) GIN
-  index, so its cost follows the user's size, not the table's.
+  index, so its cost follows the user's size, not the table's. The two
+  halves run at once on two of the pool's connections: one after the other
+  a 10,000-row user's p95 was their sum (bench/results/search_quality.md).
 * **Cheap pool.** Connections set jit=off and the hnsw settings at connect
   time; the pool's per-release reset (RESET ALL etc., one extra round trip)
   is replaced by a no-op, which is safe because nothing here leaves session
