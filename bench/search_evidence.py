@@ -35,7 +35,9 @@ from pathlib import Path
 
 import asyncpg
 
+from bench import baselines
 from bench.search_quality import timed
+from bench.stats import percentile
 from services.l3_semantic_indexer import store
 from shared.embeddings import make_embedder
 
@@ -161,6 +163,27 @@ async def pad(pool, target: int, model_id: str, dim: int) -> int:
     return copies
 
 
+#: the same-run baseline of the latency runs: a plain index read of the same user, so a
+#: loaded box's slowdown shows in both and the ratio says what the search itself costs
+BARE = "bare: newest 500 rows of the user by index (asyncpg, prepared)"
+BARE_SQL = "SELECT msg_id, text FROM l3.messages WHERE user_id = $1 ORDER BY seq DESC LIMIT 500"
+
+
+def _searcher(pool, user: str, qs: list[str], qvs, model_id: str, kw: dict):
+    """One search of question i % len(qs) through the pool, as the service searches (the
+    hybrid's two halves run at once on two of its connections)."""
+    async def one(i: int):
+        j = i % len(qs)
+        return await store.search(pool, user, qs[j], qvs[j], K, model_id, **kw)
+    return one
+
+
+def _ms(seconds: list[float]) -> dict:
+    ms = [s * 1e3 for s in seconds]
+    return {"p50_ms": round(percentile(ms, 50), 3), "p95_ms": round(percentile(ms, 95), 3),
+            "mean_ms": round(sum(ms) / len(ms), 3), "n": len(ms)}
+
+
 async def latency(pool, embedder, histories, questions, samples: int) -> dict:
     turns = [r for h in histories for r in history_rows(h, 0)]
     rng = random.Random(3)
@@ -177,13 +200,19 @@ async def latency(pool, embedder, histories, questions, samples: int) -> dict:
     qvs = await embedder.embed(qs, input_type="query")
     out = {}
     for size, user in sized.items():
-        for name, kw in (("vector only", {"fusion_candidates": 0}), ("hybrid (default)", {})):
-            it = iter(range(10**9))
-
-            async def one(user=user, kw=kw, it=it):
-                i = next(it) % len(qs)
-                await store.search(pool, user, qs[i], qvs[i], K, embedder.model_id, **kw)
-            out[f"user of {size} rows, {name}"] = await timed(one, samples)
+        async with pool.acquire() as conn:
+            calls = {name: (_searcher(pool, user, qs, qvs, embedder.model_id, kw), None)
+                     for name, kw in (("vector only", {"fusion_candidates": 0}), ("hybrid (default)", {}))}
+            bare = await conn.prepare(BARE_SQL)
+            calls[BARE] = (lambda i, bare=bare, user=user: bare.fetch(user), None)
+            got = await baselines.interleaved(calls, samples, warmup=20)
+        base = _ms(got[BARE])
+        out[f"user of {size} rows, {BARE}"] = base
+        for name in ("vector only", "hybrid (default)"):
+            ms = _ms(got[name])
+            ms["p50_ratio"] = round(ms["p50_ms"] / base["p50_ms"], 2)
+            ms["p95_ratio"] = round(ms["p95_ms"] / base["p95_ms"], 2)
+            out[f"user of {size} rows, {name}"] = ms
         print(size, {k: v for k, v in out.items() if f" {size} rows" in k}, flush=True)
     it = iter(range(10**9))
 
@@ -209,7 +238,7 @@ async def main(argv: list[str] | None = None) -> int:
     server = None
     dsn = args.dsn
     if not dsn:
-        from shared import servers
+        from devstack import servers
 
         server = servers.start_postgres(Path(tempfile.mkdtemp(prefix="tiermem-bench-pg-")),
                                         die_with_parent=True)

@@ -18,7 +18,7 @@ from services.l3_semantic_indexer.indexer import subscribe
 from services.l3_semantic_indexer.service import build
 from shared import stream, subjects
 from shared.contract import LogEntry, encode
-from tests.helpers import call, client, eventually, ok, running
+from tests.helpers import call, client, eventually, never_within, ok, running
 
 
 async def test_a_message_stored_between_the_two_reads_of_the_floor_is_not_counted_as_indexed(clean_nats):
@@ -173,3 +173,28 @@ async def test_requests_waiting_for_the_floor_share_one_reading_loop(clean_nats)
         # one reading every POLL_S (0.02 s) for 0.3 s, whatever the number of waiters;
         # each polling for itself, they would have read about 50 * 15 times
         assert reads <= 25
+
+
+async def test_a_nudge_after_an_acknowledged_batch_reads_the_floor_without_any_read_waiting(clean_nats):
+    """The indexer nudges the floor after each batch it had acknowledged: reads then find it
+    current instead of each paying for a reading of its own. No nudge, no reading."""
+    async with client(clean_nats) as nc:
+        js = nc.jetstream()
+        await stream.ensure_stream(js)
+        psub = await subscribe(js)
+        last = 0
+        for _ in range(3):
+            last = (await js.publish(subjects.log_subject("lead-n"), b"{}")).seq
+        msgs = await psub.fetch(3, timeout=5)
+        for msg in msgs[:-1]:
+            await msg.ack()
+        await msgs[-1].ack_sync()  # as the indexer does: the last ack confirmed
+        floor = Floor(lambda: stream.last_seq(js),
+                      lambda: js.consumer_info(subjects.STREAM, subjects.L3_CONSUMER))
+        watcher = asyncio.create_task(floor.watch())
+        try:
+            await never_within(0.2, lambda: floor.value, what="a floor reading nobody asked for")
+            floor.nudge()
+            await eventually(lambda: floor.value == last, timeout=5, what="the nudged reading")
+        finally:
+            watcher.cancel()

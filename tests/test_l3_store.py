@@ -553,3 +553,37 @@ async def test_reads_below_a_floor_leave_out_every_row_above_it(pool, embedder):
                                           floor=4, **kw)
         assert (sorted(m.seq for m in msgs), newest) == ([1, 2], 6), kw
     assert [await store.newest_upto(pool, user, f) for f in (0, 1, 4, 5, 99)] == [0, 1, 2, 5, 6]
+
+
+async def test_the_halves_run_at_once_on_a_pool_fuse_exactly_as_the_one_statement_does(pool, embedder):
+    """Given a pool, search runs its vector and BM25 halves on two connections and fuses
+    them in Python; given one connection, it runs the single fused statement. Both give
+    the same messages in the same order with the same scores, for every plan."""
+    user = uid()
+    texts = [f"we looked at the {w} house on {s} street, budget {b}k" for w, s, b in
+             zip(["blue", "red", "old", "big", "small", "corner", "quiet", "new"] * 5,
+                 ["Main", "Oak", "Pine", "Elm", "Lake"] * 8, range(300, 700, 10))]
+    texts += ["my dog Rex loves the park", "we need a garage for two cars", "financing is pre-approved"]
+    await put(pool, embedder, rows(user, texts))
+    questions = ["what budget for the Oak street house?", "does the lead have a dog?",
+                 "garage", "pre-approved financing", "nothing matches zzz"]
+    assert isinstance(pool, asyncpg.Pool)
+    for q in questions:
+        qv = (await embedder.embed([q], input_type="query"))[0]
+        for kw in ({}, {"plan": "hnsw"}, {"plan": "exact"}, {"fusion_candidates": 5, "text_weight": 3.0}):
+            together, seq_a = await store.search(pool, user, q, qv, 7, embedder.model_id, **kw)
+            async with pool.acquire() as conn:
+                alone, seq_b = await store.search(conn, user, q, qv, 7, embedder.model_id, **kw)
+            assert seq_a == seq_b
+            assert [(m.msg_id, m.text) for m in together] == [(m.msg_id, m.text) for m in alone], (q, kw)
+            assert [m.score for m in together] == pytest.approx([m.score for m in alone]), (q, kw)
+    other = uid()
+    msgs, _ = await store.search(pool, other, "budget", qv, 7, embedder.model_id)
+    assert msgs == []
+
+
+def test_fuse_weights_the_text_list_and_breaks_ties_by_id():
+    assert store.fuse(["a", "b"], ["b", "c"], 3, rrf_k=60, text_weight=2.0) == [
+        ("b", pytest.approx(1 / 62 + 2 / 61)), ("c", pytest.approx(2 / 62)), ("a", pytest.approx(1 / 61))]
+    assert [m for m, _ in store.fuse(["y", "x"], [], 2, rrf_k=0, text_weight=1.0)] == ["y", "x"]
+    assert store.fuse(["b"], ["a"], 2, rrf_k=0, text_weight=1.0) == [("a", 1.0), ("b", 1.0)]

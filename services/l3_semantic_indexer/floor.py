@@ -43,9 +43,15 @@ def consumer_floor(last_seq_before: int, info: ConsumerInfo) -> int:
 class Floor:
     """The floor as this process last read it (`value`, never lower than before).
 
-    One loop per process (`watch`) reads it, only while some request waits:
-    a read wakes every waiter it satisfies, so N waiting requests cost one
+    One loop per process (`watch`) reads it while some request waits, and
+    once after each batch this process's indexer acknowledges (`nudge`): a
+    read wakes every waiter it satisfies, so N waiting requests cost one
     reading every POLL_S, not N (and requests arriving together share one).
+    Without the nudge the floor was read only when a request needed more
+    than `value`, so under steady appends nearly every read found it stale
+    (the log head's due seq had moved on) and paid for a reading of its own,
+    and a `min_seq` read learned of its batch only at the next POLL_S tick
+    (bench/results/profile_memory.md).
     A reading that fails leaves `value` as it was: a `min_seq` read then
     times out with 503, a read without one is capped at the older floor.
 
@@ -84,6 +90,11 @@ class Floor:
             if waiter in self._reach:
                 self._reach.remove(waiter)
         return seq <= self.value
+
+    def nudge(self) -> None:
+        """This process's indexer just had a batch acknowledged: read the floor now
+        (coalesced with any reading already due), so reads find it current."""
+        self._wanted.set()
 
     async def fresh(self) -> int:
         """The floor as read after this call began (or as it was, if that reading failed)."""

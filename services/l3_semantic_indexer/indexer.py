@@ -24,7 +24,7 @@ from datetime import datetime
 
 import msgspec
 import structlog
-from nats.errors import TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared import metrics, stream, subjects
@@ -134,8 +134,15 @@ class Indexer:
                     backoff = min(backoff * 2, 5.0)
                     for msg in good:  # still ours: not redelivered to another replica meanwhile
                         await msg.in_progress()
-        for msg in good:
+        for msg in good[:-1]:
             await msg.ack()
+        # The last ack waits for the server's reply: acks are processed in order, so the
+        # floor read that follows (`nudge`) sees the whole batch acknowledged.
+        try:
+            await good[-1].ack_sync(timeout=self.rt.settings.request_timeout_s)
+        except (NatsTimeout, NoRespondersError, asyncio.TimeoutError):
+            log.debug("ack_unconfirmed", seq=good[-1].metadata.sequence.stream)
+        self.floor.nudge()
         log.debug("indexed", batch=len(rows), inserted=inserted)
         if self.on_indexed is not None:
             self.on_indexed({r.user_id for r in rows})

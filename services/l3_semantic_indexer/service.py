@@ -78,14 +78,21 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
         with tracer.start_as_current_span("postgres recent", attributes={"db.system": "postgresql"}):
             return await store.recent(pool, req.user_id, req.n, floor=upto)
 
+    async def reach(seq: int, why: str) -> bool:
+        """Wait (bounded) until the floor covers `seq`; a span when it has to wait, so a
+        slow trace shows time spent behind the indexer, not in Postgres."""
+        if seq <= indexer.floor.value:
+            return True
+        with tracer.start_as_current_span("wait for indexer", attributes={"why": why, "seq": seq}):
+            return await indexer.floor.reach(seq, settings.l3_min_seq_wait_s)
+
     async def get(req: GetRequest) -> msgspec.Raw:
         check_get(req)
         floor = indexer.floor
-        if req.min_seq is not None and not await floor.reach(
-                req.min_seq, settings.l3_min_seq_wait_s):
+        if req.min_seq is not None and not await reach(req.min_seq, "min_seq"):
             raise Unavailable(f"L3 has not indexed up to seq {req.min_seq} yet; retry shortly")
         due = head.due()
-        if not await floor.reach(due, settings.l3_min_seq_wait_s):
+        if not await reach(due, "log_head"):
             raise Unavailable(f"L3's indexing lags the log (indexed up to seq {floor.value}, "
                               f"the log held {due} {head.lag_s:g} s ago); retry shortly")
         vector = None
@@ -98,7 +105,7 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
         messages, newest = await read(req, vector, upto)
         # The user has rows above the floor this process knows: learn the floor now, and if
         # some of those rows are still not provably complete, claim only what is.
-        if newest > upto and (fresh := await floor.fresh()) > upto:
+        if newest > upto and (fresh := await read_floor()) > upto:
             upto = fresh
             messages, newest = await read(req, vector, upto)
         seq = newest if newest <= upto else await store.newest_upto(pool, req.user_id, upto)
@@ -108,6 +115,10 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
         served.memory(TIER, req.user_id, req.op, req.k if req.op == "search" else req.n,
                       req.min_seq, seq, messages)
         return reply
+
+    async def read_floor() -> int:
+        with tracer.start_as_current_span("read floor"):
+            return await indexer.floor.fresh()
 
     async def parts(req: GetRequest, vector, upto: int) -> msgspec.Raw:
         """L3's share of a context: below the caller's window, the newest summary and

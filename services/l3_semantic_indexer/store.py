@@ -3,7 +3,7 @@
 All SQL of the L3 tier is in this module and in migrations/*.sql. The
 indexer's consumer calls `upsert_batch`; the `memory.l3.get` handler calls
 `recent` and `search`; the forget path calls `forget`; the retention sweeper
-`retire_older` and `retire_beyond`. Every call is one round trip; the
+`retire_older` and `retire_beyond`. Every call is one round trip (a hybrid search: two, side by side); the
 functions take the pool so the service owns its lifetime.
 
     pool = await create_pool(dsn, model_id=embedder.model_id, dim=embedder.dim)
@@ -27,7 +27,9 @@ Why it is built this way:
   in-flight batch cannot resurrect a forgotten user, and a message
   re-delivered after the forget stays gone.
 * **One round trip per call.** A batch of any size is one function call with
-  array parameters (unnest); recent and search are one statement each.
+  array parameters (unnest); recent is one statement, and so is search on
+  one connection. Given a pool, a hybrid search sends its two halves on two
+  connections at once (one round trip of wall time each, side by side).
 * **One vector space per model.** Vectors carry `embedding_model`; search
   compares the query only with rows of the query's model. Each model gets a
   partial HNSW index over `embedding::vector(dim)` WHERE embedding_model =
@@ -47,7 +49,9 @@ Why it is built this way:
   about a chat history share rare words with the turn that answers them
   (names, numbers, nouns) that a static embedding blurs. Full text reads
   only the asking user's rows through a (hashtext(user_id), tsv) GIN
-  index, so its cost follows the user's size, not the table's.
+  index, so its cost follows the user's size, not the table's. The two
+  halves run at once on two of the pool's connections: one after the other
+  a 10,000-row user's p95 was their sum (bench/results/search_quality.md).
 * **Cheap pool.** Connections set jit=off and the hnsw settings at connect
   time; the pool's per-release reset (RESET ALL etc., one extra round trip)
   is replaced by a no-op, which is safe because nothing here leaves session
@@ -57,6 +61,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import re
@@ -409,6 +414,9 @@ async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: i
     if not np.isfinite(vec).all() or not vec.any():
         return [], await user_seq(pool, user_id)
     encoded = encode_vector(vec)
+    if fusion_candidates > 0 and isinstance(pool, asyncpg.Pool):
+        return await _search_halves(pool, user_id, query_text or "", encoded, vec.shape[0], k, model_id,
+                                    floor, plan, exact_max_rows, max(fusion_candidates, k), text_weight)
     if fusion_candidates > 0:
         def statement(p: str) -> str:
             return _fused_sql(model_id, vec.shape[0], p, lexical, max(fusion_candidates, k))
@@ -428,6 +436,32 @@ async def search(pool: Pool, user_id: str, query_text: str, query_vec: Any, k: i
                           floor, *args)
     return ([to_message(r, r["score"]) for r in rows if r["seq"] is not None],
             rows[0]["max_seq"] or 0)
+
+
+async def _search_halves(pool: asyncpg.Pool, user_id: str, query_text: str, encoded: bytes, dim: int,
+                         k: int, model_id: str, floor: int, plan: str, exact_max_rows: int,
+                         candidates: int, text_weight: float) -> tuple[list[Message], int]:
+    """`search`'s fusion with its two halves on two connections at once: one
+    after the other in one statement, a 10,000-row user's hybrid p95 was about
+    the sum of the halves' (vector ~10 ms, BM25 up to ~9 ms for a question with
+    a common word; bench/results/search_quality.md). The halves read rows at
+    or below `floor` only, so their two snapshots agree on what they may see."""
+    text_sql = _halves_sql(model_id, dim, plan, candidates)[1]
+
+    async def vector(p: str):
+        return await run(pool.fetch, _halves_sql(model_id, dim, p, candidates)[0], user_id, encoded, k,
+                         exact_max_rows, floor)
+
+    vec_rows, text_rows = await asyncio.gather(vector(plan), run(pool.fetch, text_sql, user_id, query_text, floor))
+    hits = [r for r in vec_rows if r["msg_id"] is not None]
+    if plan == "auto" and len(hits) < candidates and (vec_rows[0]["n_rows"] or 0) > exact_max_rows:
+        vec_rows = await vector("exact")  # the HNSW scan stopped short: exactly, as in `search`
+        hits = [r for r in vec_rows if r["msg_id"] is not None]
+    by_id = {r["msg_id"]: r for r in text_rows}
+    by_id.update((r["msg_id"], r) for r in hits)
+    fused = fuse([r["msg_id"] for r in hits], [r["msg_id"] for r in text_rows], k,
+                 text_weight=text_weight)
+    return [to_message(by_id[mid], score) for mid, score in fused], vec_rows[0]["max_seq"] or 0
 
 
 async def fulltext(pool: Pool, user_id: str, query_text: str, k: int, *,
@@ -662,33 +696,42 @@ def _build_common_sql() -> dict[str, str]:
     }
 
 
-def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
+def _build_sql(model_id: str, dim: int, limit: str = "$3", *, columns: bool = True) -> dict[str, str]:
     """The vector search statements of one model, returning `limit` rows ($3
     = k; _fused_sql passes a literal). The model id and dim are literals
     (validated by _MODEL_ID_RE, never user input) so that the planner can
-    prove the partial HNSW index applies even to a generic prepared plan."""
+    prove the partial HNSW index applies even to a generic prepared plan.
+
+    The scans carry only (msg_id, distance), with the distance computed once
+    a row (ORDER BY the selected column): an exact scan of a 10,000-row user
+    spent about a third of its time computing the cosine twice a row (score
+    and sort key) and carrying every row's text into the top-N sort
+    (bench/results/search_quality.md). The message columns are read for the
+    winners only (`columns`; the fusion reads them after fusing)."""
     m = _sql_literal(model_id)
     expr = _index_expression(dim)
     cast = expr[0] if expr else f"vector({dim})"
-    cols = COLUMNS
     state = f"(SELECT n_rows, max_seq FROM {SCHEMA}.user_state WHERE user_id = $1)"
     # exact: all of the user's vectors of this model, via (user_id, seq); the
     # ORDER BY uses the uncast column, which no HNSW index can serve.
     exact = f"""
-        SELECT {cols}, 1 - (m.embedding <=> $2) AS score
-        FROM {SCHEMA}.messages m
-        WHERE m.user_id = $1 AND m.seq <= $5 AND m.embedding_model = {m}
-          AND m.embedding IS NOT NULL
-        ORDER BY m.embedding <=> $2
-        LIMIT {limit}"""
+        SELECT msg_id, 1 - d AS score FROM (
+            SELECT m.msg_id, m.embedding <=> $2 AS d
+            FROM {SCHEMA}.messages m
+            WHERE m.user_id = $1 AND m.seq <= $5 AND m.embedding_model = {m}
+              AND m.embedding IS NOT NULL
+            ORDER BY d
+            LIMIT {limit}) x"""
     # hnsw: the partial index of this model; the iterative scan goes on until
     # k rows pass the user filter; relaxed order, so re-sorted outside. The
     # user and floor filters are written so that no btree index can serve
     # them: otherwise a generic prepared plan (asyncpg prepares every
     # statement) may pick the (user_id, seq) index + sort here too (Postgres
     # 18 skip-scans it for the seq bound alone), and big users never get HNSW.
+    # (Here the ORDER BY must be the indexed expression itself for the index
+    # to serve it, so the distance is written twice; the index computes it.)
     hnsw = f"""
-        SELECT {cols}, 1 - (m.embedding::{cast} <=> $2::vector::{cast}) AS score
+        SELECT m.msg_id, 1 - (m.embedding::{cast} <=> $2::vector::{cast}) AS score
         FROM {SCHEMA}.messages m
         WHERE (m.user_id || '') = $1 AND (m.seq + 0) <= $5 AND m.embedding_model = {m}
         ORDER BY m.embedding::{cast} <=> $2::vector::{cast}
@@ -708,6 +751,8 @@ def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
         # Both branches are planned; their one-time filters (InitPlans on
         # st) let only the chosen one run. The LEFT JOIN from a one-row
         # relation returns max_seq even when nothing matches.
+        found = (f"(hits JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = hits.msg_id)"
+                 if columns else "hits")
         return f"""
         WITH st AS MATERIALIZED {state},
         hits AS MATERIALIZED (
@@ -715,14 +760,43 @@ def _build_sql(model_id: str, dim: int, limit: str = "$3") -> dict[str, str]:
             UNION ALL
             (SELECT * FROM ({body_hnsw}) h WHERE {cond_h})
         )
-        SELECT (SELECT max_seq FROM st) AS max_seq, (SELECT n_rows FROM st) AS n_rows, hits.*
-        FROM (SELECT 1) one LEFT JOIN hits ON true
-        ORDER BY hits.score DESC NULLS LAST"""
+        SELECT (SELECT max_seq FROM st) AS max_seq, (SELECT n_rows FROM st) AS n_rows,
+               {COLUMNS if columns else "hits.msg_id"}, hits.score, $3::int AS k
+        FROM (SELECT 1) one LEFT JOIN {found} ON true
+        ORDER BY hits.score DESC NULLS LAST, hits.msg_id"""
 
     sql = {}
     for plan in ("auto", "exact", "hnsw"):
         sql["search_" + plan] = gated(exact, hnsw, plan)
     return sql
+
+
+@functools.lru_cache(maxsize=64)
+def _halves_sql(model_id: str, dim: int, plan: str, candidates: int) -> tuple[str, str]:
+    """The fusion's two halves as statements of their own, for `search` to run
+    at once on two connections: the top `candidates` by vector ($1 user, $2
+    vector, $3 k, $4 exact_max_rows, $5 floor) and by BM25 ($1 user, $2 query
+    text, $3 floor), each with the message columns, best first."""
+    n = int(candidates)
+    vec = _build_sql(model_id, dim, str(n))["search_" + plan]
+    text = f"""
+        WITH {_bm25_ctes("$1", "$2", "$3", str(n),
+                         f"SELECT n_rows FROM {SCHEMA}.user_state WHERE user_id = $1")}
+        SELECT {COLUMNS}, tr.r FROM tr JOIN {SCHEMA}.messages m ON m.user_id = $1 AND m.msg_id = tr.msg_id
+        ORDER BY tr.r"""
+    return vec, text
+
+
+def fuse(vector_ids: Sequence[str], text_ids: Sequence[str], k: int, *, rrf_k: int = RRF_K,
+         text_weight: float = TEXT_WEIGHT) -> list[tuple[str, float]]:
+    """Weighted reciprocal rank fusion of two ranked id lists (best first): the top
+    `k` (id, score), by score, ties by id. The same arithmetic as _fused_sql's."""
+    scores: dict[str, float] = {}
+    for r, mid in enumerate(vector_ids, 1):
+        scores[mid] = scores.get(mid, 0.0) + 1.0 / (rrf_k + r)
+    for r, mid in enumerate(text_ids, 1):
+        scores[mid] = scores.get(mid, 0.0) + text_weight / (rrf_k + r)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
 @functools.lru_cache(maxsize=64)
@@ -739,7 +813,7 @@ def _fused_sql(model_id: str, dim: int, plan: str, lexical: str, candidates: int
     users' matches are never touched. bm25: see _bm25_ctes; ts_rank_cd: Postgres'
     cover density (no idf)."""
     n = int(candidates)
-    vec = _build_sql(model_id, dim, str(n))["search_" + plan]
+    vec = _build_sql(model_id, dim, str(n), columns=False)["search_" + plan]
     if lexical == "bm25":
         text = _bm25_ctes("$1", "$6", "$5", str(n), "SELECT max(n_rows) FROM v") + ","
     else:
