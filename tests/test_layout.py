@@ -124,3 +124,29 @@ def test_one_copy_of_each_statistic():
                         if stat in node.name.lower() and path != allowed:
                             offenders.append(f"{path.relative_to(REPO)}: {node.name}")
     assert not offenders, "use bench.stats.percentile / shared.wilson:\n" + "\n".join(offenders)
+
+
+def nested_functions_in_build(source: str) -> list[str]:
+    """Functions defined inside a module-level `build`: handlers that cannot be imported
+    or unit-tested on their own."""
+    nested = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "build":
+            nested += [n.name for n in ast.walk(node)
+                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n is not node]
+    return nested
+
+
+def test_the_build_checker_sees_a_handler_closure():
+    assert nested_functions_in_build(
+        "async def build(rt):\n    async def get(req):\n        return req\n") == ["get"]
+    assert nested_functions_in_build("async def build(rt):\n    rt.endpoint('g', 's', T, tier.get)\n") == []
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_handlers_are_methods_not_closures_in_build(service):
+    path = REPO / "services" / service / "service.py"
+    if not path.exists():
+        pytest.skip(f"{service} has no service.py")
+    assert nested_functions_in_build(path.read_text()) == [], \
+        f"services/{service}/service.py: move these into the service's class"

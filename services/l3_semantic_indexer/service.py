@@ -69,84 +69,100 @@ async def build(rt: Runtime, *, before_commit=None) -> None:
     served = Served.from_settings(rt.nc, "l3-semantic-indexer", settings)
     rt.spawn(served.run(), "served-records")
 
-    async def read(req: GetRequest, vector, upto: int) -> tuple[list[Message], int]:
+    tier = L3Tier(rt, pool, embedder, indexer, head, served)
+    rt.endpoint("get", subjects.MEMORY_L3_GET, GetRequest, tier.get, concurrency=32)
+    rt.endpoint("forget", subjects.MEMORY_L3_FORGET, L3ForgetRequest, tier.forget, concurrency=8)
+
+
+class L3Tier:
+    """The L3 tier's request handlers, over the parts `build` wires together."""
+
+    def __init__(self, rt: Runtime, pool, embedder, indexer: Indexer, head: LogHead,
+                 served: Served) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.pool = pool
+        self.embedder = embedder
+        self.indexer = indexer
+        self.head = head
+        self.served = served
+
+    async def read(self, req: GetRequest, vector, upto: int) -> tuple[list[Message], int]:
         """The rows at or below seq `upto` that answer `req`, and the user's newest seq."""
         if req.op == "search":
             with tracer.start_as_current_span("postgres search", attributes={"db.system": "postgresql"}):
-                return await store.search(pool, req.user_id, req.query, vector, req.k,
-                                          embedder.model_id, floor=upto)
+                return await store.search(self.pool, req.user_id, req.query, vector, req.k,
+                                          self.embedder.model_id, floor=upto)
         with tracer.start_as_current_span("postgres recent", attributes={"db.system": "postgresql"}):
-            return await store.recent(pool, req.user_id, req.n, floor=upto)
+            return await store.recent(self.pool, req.user_id, req.n, floor=upto)
 
-    async def reach(seq: int, why: str) -> bool:
+    async def reach(self, seq: int, why: str) -> bool:
         """Wait (bounded) until the floor covers `seq`; a span when it has to wait, so a
         slow trace shows time spent behind the indexer, not in Postgres."""
-        if seq <= indexer.floor.value:
+        if seq <= self.indexer.floor.value:
             return True
         with tracer.start_as_current_span("wait for indexer", attributes={"why": why, "seq": seq}):
-            return await indexer.floor.reach(seq, settings.l3_min_seq_wait_s)
+            return await self.indexer.floor.reach(seq, self.settings.l3_min_seq_wait_s)
 
-    async def get(req: GetRequest) -> msgspec.Raw:
+    async def get(self, req: GetRequest) -> msgspec.Raw:
         check_get(req)
-        floor = indexer.floor
-        if req.min_seq is not None and not await reach(req.min_seq, "min_seq"):
+        floor = self.indexer.floor
+        if req.min_seq is not None and not await self.reach(req.min_seq, "min_seq"):
             raise Unavailable(f"L3 has not indexed up to seq {req.min_seq} yet; retry shortly")
-        due = head.due()
-        if not await reach(due, "log_head"):
+        due = self.head.due()
+        if not await self.reach(due, "log_head"):
             raise Unavailable(f"L3's indexing lags the log (indexed up to seq {floor.value}, "
-                              f"the log held {due} {head.lag_s:g} s ago); retry shortly")
+                              f"the log held {due} {self.head.lag_s:g} s ago); retry shortly")
         vector = None
         if req.query is not None and req.op != "recent":
-            with tracer.start_as_current_span("embed query", attributes={"model": embedder.model_id}):
-                vector = (await embedder.embed([req.query], input_type="query"))[0]
+            with tracer.start_as_current_span("embed query",
+                                              attributes={"model": self.embedder.model_id}):
+                vector = (await self.embedder.embed([req.query], input_type="query"))[0]
         upto = floor.value
         if req.op == "context":
-            return await parts(req, vector, upto)
-        messages, newest = await read(req, vector, upto)
+            return await self.parts(req, vector, upto)
+        messages, newest = await self.read(req, vector, upto)
         # The user has rows above the floor this process knows: learn the floor now, and if
         # some of those rows are still not provably complete, claim only what is.
-        if newest > upto and (fresh := await read_floor()) > upto:
+        if newest > upto and (fresh := await self.read_floor()) > upto:
             upto = fresh
-            messages, newest = await read(req, vector, upto)
-        seq = newest if newest <= upto else await store.newest_upto(pool, req.user_id, upto)
+            messages, newest = await self.read(req, vector, upto)
+        seq = newest if newest <= upto else await store.newest_upto(self.pool, req.user_id, upto)
         reply = fit_reply(GetReply(user_id=req.user_id, tier=TIER, seq=seq, messages=messages),
-                          req.op, rt.nc.max_payload)
+                          req.op, self.rt.nc.max_payload)
         metrics.answers.labels(TIER, req.op).inc()
-        served.memory(TIER, req.user_id, req.op, req.k if req.op == "search" else req.n,
-                      req.min_seq, seq, messages)
+        self.served.memory(TIER, req.user_id, req.op, req.k if req.op == "search" else req.n,
+                           req.min_seq, seq, messages)
         return reply
 
-    async def read_floor() -> int:
+    async def read_floor(self) -> int:
         with tracer.start_as_current_span("read floor"):
-            return await indexer.floor.fresh()
+            return await self.indexer.floor.fresh()
 
-    async def parts(req: GetRequest, vector, upto: int) -> msgspec.Raw:
+    async def parts(self, req: GetRequest, vector, upto: int) -> msgspec.Raw:
         """L3's share of a context: below the caller's window, the newest summary and
         the messages that best match the query (none without one)."""
         below = upto if req.before_seq is None else min(upto, req.before_seq - 1)
         relevant: list[Message] = []
         with tracer.start_as_current_span("postgres context", attributes={"db.system": "postgresql"}):
-            summary = await summaries.latest(pool, req.user_id, below)
+            summary = await summaries.latest(self.pool, req.user_id, below)
             if vector is not None and below > 0:
-                relevant, _ = await store.search(pool, req.user_id, req.query, vector, req.k,
-                                                 embedder.model_id, floor=below)
-            seq = await store.newest_upto(pool, req.user_id, upto)
+                relevant, _ = await store.search(self.pool, req.user_id, req.query, vector,
+                                                 req.k, self.embedder.model_id, floor=below)
+            seq = await store.newest_upto(self.pool, req.user_id, upto)
         metrics.answers.labels(TIER, req.op).inc()
         body = encode(ContextParts(req.user_id, seq, summary, relevant))
-        if len(body) > rt.nc.max_payload:
+        if len(body) > self.rt.nc.max_payload:
             raise PayloadTooLarge(f"the context parts are {len(body)} bytes, over max_payload "
-                                  f"{rt.nc.max_payload}; ask for fewer relevant messages (k)")
+                                  f"{self.rt.nc.max_payload}; ask for fewer relevant messages (k)")
         return msgspec.Raw(body)
 
-    async def forget(req: L3ForgetRequest) -> ForgetReply:
+    async def forget(self, req: L3ForgetRequest) -> ForgetReply:
         # The tombstone would also void messages not yet written: a forged or confused
         # upto_seq beyond the log must not delete a user's future.
-        last = await stream.last_seq(rt.js)
+        last = await stream.last_seq(self.rt.js)
         if req.upto_seq > last:
             raise BadRequest(f"upto_seq {req.upto_seq} is beyond the log's last seq {last}; "
                              "nothing was deleted")
-        deleted = await store.forget(pool, req.user_id, req.upto_seq)
+        deleted = await store.forget(self.pool, req.user_id, req.upto_seq)
         return ForgetReply(user_id=req.user_id, deleted=deleted)
-
-    rt.endpoint("get", subjects.MEMORY_L3_GET, GetRequest, get, concurrency=32)
-    rt.endpoint("forget", subjects.MEMORY_L3_FORGET, L3ForgetRequest, forget, concurrency=8)

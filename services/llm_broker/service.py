@@ -378,6 +378,13 @@ class Broker:
         except STORE_ERRORS as exc:
             log.warning("stats_not_flushed", error=str(exc))
 
+    async def read_stats(self, _req: LLMStatsRequest) -> LLMStatsReply:
+        await self.drain()  # this replica's latest counts, then everyone's
+        try:
+            return await stats.read(self.redis)
+        except STORE_ERRORS as exc:
+            raise stores_down(exc) from None
+
     async def forget(self, req: ForgetRequest) -> ForgetReply:
         """`llm.forget`: drop every entry of the user; the reply confirms it to the gateway."""
         try:
@@ -510,17 +517,10 @@ async def build(rt: Runtime, *, clock=time.time,
                                               cb=broker.on_changed,
                                               pending_msgs_limit=events_pending_limit)
 
-    async def get_stats(_req: LLMStatsRequest) -> LLMStatsReply:
-        await broker.drain()  # this replica's latest counts, then everyone's
-        try:
-            return await stats.read(redis)
-        except STORE_ERRORS as exc:
-            raise stores_down(exc) from None
-
     rt.endpoint("complete", subjects.LLM_COMPLETE, CompleteRequest, broker.complete, concurrency=256)
     rt.endpoint("complete_keyed", subjects.LLM_COMPLETE_KEYED, CompleteRequest,
                 broker.complete_keyed, concurrency=256, headers=True)
-    rt.endpoint("stats", subjects.LLM_STATS, LLMStatsRequest, get_stats)
+    rt.endpoint("stats", subjects.LLM_STATS, LLMStatsRequest, broker.read_stats)
     rt.endpoint("count_tokens", subjects.LLM_COUNT_TOKENS, CountTokensRequest, broker.count_tokens,
                 concurrency=64, headers=True)
     rt.endpoint("verdict", subjects.LLM_VERDICT, LLMVerdict, broker.verdict, concurrency=16)
