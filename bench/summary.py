@@ -19,6 +19,31 @@ from bench.stats import fmt_ratio, fmt_us, markdown_table
 
 AREAS = ("memory", "llm", "gateway", "security")  # the table's order
 
+# Why a measurement misses its goal, as its profile found (by result key). Written by
+# people from the profiles named, not computed: a row whose cause changes needs its
+# profile redone, and a failing row with no entry says so in the summary.
+WHY_MISSED = {
+    "appends": "the stack spends ~500-600 µs of CPU per append across NATS, the gateway, the "
+               "indexer and Redis: ~3.3-4k/s on two idle cores at best (profile_l2.md)",
+    "append_one": "2 NATS round trips + the JetStream store + the applier's Redis round trip "
+                  "before the reply (read-your-writes): ~2.9× a bare publish at best (profile_l2.md)",
+    "l1_hit": "the p99 is the box's scheduling of ~10 processes on 2 cores; 0.12 ms of an L1 hit "
+              "is inside the sidecar (profile_memory.md)",
+    "l2_hit": "two Python hops (sidecar, gateway) each a wake-up and a call; the cluster-valid "
+              "read (state beside the user's script, one pipeline) costs 1.20-1.25× main's "
+              "single script (profile_l2.md, scale.md)",
+    "context": "BM25 reads and scores every row holding a query word: ~50 ms when the words are "
+               "in most of a 10,000-message history (search_quality.md, the caveat)",
+    "llm_exact": "not profiled on its own: a NATS round trip plus the broker's Redis lookup; the "
+                 "same hit was p95 0.95 ms in the gateway bench's idle-box runs (profile_gateway.md)",
+    "llm_dev": "no installable pair model not trained on the reserved sets (issue 12, blocked; "
+               "cross_encoder.md)",
+    "llm_partition": "the same missing pair model: the verifier cannot tell a partition's "
+                     "near-duplicates apart (issue 12, blocked; cross_encoder.md)",
+    "gateway_exact": "three processes taking turns on 2 cores; the gateway is on CPU ~27 % of a "
+                     "hit's time (profile_gateway.md)",
+}
+
 
 def with_earlier_runs(parts: list[tuple[str, list, str]], out: Path) -> list[tuple[str, list, str]]:
     """This run's (area, results, started), plus every area it did not run, from `out/<area>.json`."""
@@ -66,7 +91,15 @@ def markdown(parts: list[tuple[str, list, str]]) -> str:
             "Runs started: " + ", ".join(f"{area} {started}" for area, _, started in parts) + ".")
     return (f"# tiermem benchmarks: summary\n\n{when} Every figure next to its bare "
             f"baseline measured in the same run; details, notes and machine facts in {details}.\n\n"
-            f"{table}\n\n![ratios](summary.png)\n")
+            f"{table}\n\n{_why_missed(parts)}![ratios](summary.png)\n")
+
+
+def _why_missed(parts: list[tuple[str, list, str]]) -> str:
+    """One line per failing measurement: why, from its profile (`WHY_MISSED`)."""
+    lines = [f"- **{r.title}**: {WHY_MISSED.get(r.key, 'no profile explains this yet')}"
+             for _, results, _ in parts for r in results
+             if not r.skipped and any(not t.passed for t in r.targets)]
+    return "## Why a row misses its goal\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 
 def plot(parts: list[tuple[str, list, str]], path: Path) -> None:

@@ -160,6 +160,17 @@ def test_the_summary_puts_every_measurement_in_one_table_with_a_plot(tmp_path):
     assert ["memory", "appends", "5,000/s", "", "", "bare JetStream publish", "20,000/s", "0.25×", ""] in rows
     assert rows[-1][:3] == ["llm", "L3 recent", "skipped"]
     assert (tmp_path / "summary.png").stat().st_size > 1000 and len(paths) == 2
+    text = (tmp_path / "summary.md").read_text()
+    assert f"- **L1 hit**: {summary.WHY_MISSED['l1_hit']}" in text  # the failing row says why
+    assert "**appends**" not in text  # a row without failing targets needs no reason
+
+
+def test_a_failing_row_with_no_profile_says_so():
+    from bench import summary
+    from bench.memory import Result, Target
+
+    new = Result(key="not_profiled", title="New thing", targets=[Target("fast", False, "slow")])
+    assert "- **New thing**: no profile explains this yet" in summary._why_missed([("memory", [new], "")])
 
 
 def test_a_run_of_one_area_keeps_the_other_areas_rows_from_their_last_run(tmp_path):
