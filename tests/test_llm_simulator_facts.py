@@ -110,6 +110,20 @@ def test_labels_still_follow_the_leads_content():
     assert label("What's the price of the cottage?") == "pricing"
 
 
+def test_the_task_is_what_the_first_system_block_asks_not_what_later_context_mentions():
+    """A rolling summary or a record in later system blocks is context: its "credit
+    score" or "intent" asks for no score or label."""
+    summary = "Summary so far: the buyer's credit score is 720 and their intent is to buy soon."
+    body = {"model": MODEL, "max_tokens": 200,
+            "system": [{"type": "text", "text": AGENT, "cache_control": {"type": "ephemeral"}},
+                       {"type": "text", "text": summary, "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "Is the loft on 14th Street still available?"}]}
+    assert responder.generate(responder.parse_request(body))[0] == "free_text"
+    body["system"] = [{"type": "text", "text": "Score the lead from 0 to 100."},
+                      {"type": "text", "text": summary}]
+    assert responder.generate(responder.parse_request(body))[0] == "lead_score"
+
+
 # --------------------------------------------------------------------------- no demo vocabulary
 
 

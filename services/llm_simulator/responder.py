@@ -123,6 +123,12 @@ class MessagesRequest:
     def system_text(self) -> str:
         return "\n".join(b.text for b in self.system)
 
+    @property
+    def instructions(self) -> str:
+        """The first system block: what the caller asks for. Later blocks are context
+        (a rolling summary, a CRM record): their words ("credit score") ask for nothing."""
+        return self.system[0].text if self.system else ""
+
     def blocks(self) -> list[Block]:
         return [*self.tools, *self.system, *(b for t in self.turns for b in t.blocks)]
 
@@ -391,8 +397,8 @@ def generate(request: MessagesRequest) -> tuple[str, str]:
     pair = judging.statements(request.system_text, request.latest_user_text())
     if pair is not None:  # an auditor asking whether two answers entail each other
         return "entailment", judging.judge(*pair)
-    task = detect_task(request.system_text)
-    wants_json = "json" in request.system_text.lower()
+    task = detect_task(request.instructions)
+    wants_json = "json" in request.instructions.lower()
     if task == "intent":
         label = classify_intent(request.latest_user_text())
         text = msgspec.json.encode({"intent": label}).decode() if wants_json else label
@@ -400,7 +406,7 @@ def generate(request: MessagesRequest) -> tuple[str, str]:
         score = score_lead([t.text for t in request.turns if t.role == "user"])
         if wants_json:
             text = msgspec.json.encode({"score": score, "bucket": bucket(score)}).decode()
-        elif re.search(r"\b(?:hot|warm|cold)\b", request.system_text.lower()):
+        elif re.search(r"\b(?:hot|warm|cold)\b", request.instructions.lower()):
             text = bucket(score)
         else:
             text = str(score)
