@@ -31,7 +31,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,7 +40,7 @@ import msgspec
 from bench import baselines
 from bench.llm import MODEL, SYSTEM_CHAT, is_loopback, questions
 from bench.memory import Options, Result, Target, load_average, machine_facts
-from bench.report import notes_section, targets_summary, targets_table, write_files
+from bench.report import notes_section, targets_table, to_dict, write_files
 from bench.stats import Summary, announce, fmt_ratio, fmt_us, markdown_table, ratio, summarize
 from shared import bus
 from shared.permissions import ADMIN
@@ -322,12 +322,6 @@ class GatewayBench:
 
 
 # --------------------------------------------------------------------------- the report
-
-
-def to_dict(report: GatewayReport) -> dict:
-    d = asdict(report)
-    d["summary"] = targets_summary(report.results)
-    return d
 
 
 def markdown(report: GatewayReport) -> str:

@@ -55,7 +55,7 @@ import msgspec
 
 from bench import baselines
 from bench.guard_calibration import in_fit_half
-from bench.report import notes_section, targets_summary, targets_table, write_files
+from bench.report import notes_section, targets_table, to_dict, write_files
 from bench.memory import (
     REPO_ROOT, Options, Result, ServiceError, Target, decode, load_average, machine_facts, ping,
 )
@@ -936,12 +936,6 @@ def summarize_plain(values: list[float]) -> dict | None:
 def write(report: LlmReport, out: Path) -> list[Path]:
     return write_files(out, NAME, markdown=markdown(report), data=to_dict(report),
                        plot=lambda png: plot(report, png))
-
-
-def to_dict(report: LlmReport) -> dict:
-    d = asdict(report)
-    d["summary"] = targets_summary(report.results)
-    return d
 
 
 def markdown(report: LlmReport) -> str:

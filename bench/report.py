@@ -60,9 +60,9 @@ def atomic_write(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- JSON
 
 
-def to_dict(report: Report) -> dict:
+def to_dict(report) -> dict:
+    """A report (any area's dataclass with `results`) as JSON data, with its targets' summary."""
     d = asdict(report)
-    d["options"]["stack_env"] = str(report.options.stack_env) if report.options.stack_env else None
     d["summary"] = targets_summary(report.results)
     return d
 
@@ -103,7 +103,10 @@ def targets_summary(results) -> dict:
 
 
 def jsonable(value):
-    """`value` as plain JSON: numpy scalars as Python numbers, NaN and infinity as None."""
+    """`value` as plain JSON: numpy scalars as Python numbers, NaN and infinity as None,
+    paths as strings."""
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
