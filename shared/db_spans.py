@@ -27,7 +27,7 @@ from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import StatusCode
 
-from shared.telemetry import _NO_SPAN
+from shared.telemetry import _NO_SPAN, SpanErrors
 
 
 def instrument(on: bool) -> None:
@@ -132,23 +132,14 @@ class _UnderKeptSpans(trace.Tracer):
         return _TypeOnly(self._real.start_as_current_span(name, context, *args, **kwargs))
 
 
-class _TypeOnly:
+class _TypeOnly(SpanErrors):
     """An exception leaving a database span: status ERROR, `error.type`, no message."""
 
-    __slots__ = ("_real", "_span")
+    __slots__ = ()
 
-    def __init__(self, real) -> None:
-        self._real = real
-
-    def __enter__(self) -> trace.Span:
-        self._span = self._real.__enter__()
-        return self._span
-
-    def __exit__(self, exc_type, exc, tb):
-        if isinstance(exc, Exception):
-            self._span.set_attribute("error.type", exc_type.__qualname__)
-            self._span.set_status(StatusCode.ERROR, exc_type.__qualname__)
-        return self._real.__exit__(exc_type, exc, tb)
+    def on_error(self, span: trace.Span, exc: Exception) -> None:
+        span.set_attribute("error.type", type(exc).__qualname__)
+        span.set_status(StatusCode.ERROR, type(exc).__qualname__)
 
 
 _UNDER_KEPT_SPANS = _UnderKeptSpansProvider()

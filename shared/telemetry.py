@@ -99,10 +99,10 @@ class _Tracer:
 tracer = _Tracer(trace.get_tracer("tiermem"))
 
 
-class _Scrubbed:
-    """What the SDK does with an exception leaving a span (an event, an error status),
-    with per-user subjects in its message replaced by refs (`pii.scrub`). A class,
-    not a generator: ~0.2 µs a span instead of ~4."""
+class SpanErrors:
+    """A span's context manager (`real`, started with the SDK's own exception recording
+    off) that records an exception leaving it as `on_error` says. A class, not a
+    generator: ~0.2 µs a span instead of ~4."""
 
     __slots__ = ("_real", "_span")
 
@@ -115,12 +115,25 @@ class _Scrubbed:
 
     def __exit__(self, exc_type, exc, tb):
         if isinstance(exc, Exception):
-            message = pii.scrub(str(exc))
-            self._span.record_exception(exc, {
-                "exception.message": message,
-                "exception.stacktrace": pii.scrub("".join(traceback.format_exception(exc)))})
-            self._span.set_status(StatusCode.ERROR, f"{exc_type.__name__}: {message}")
+            self.on_error(self._span, exc)
         return self._real.__exit__(exc_type, exc, tb)
+
+    def on_error(self, span: trace.Span, exc: Exception) -> None:
+        raise NotImplementedError
+
+
+class _Scrubbed(SpanErrors):
+    """What the SDK does with an exception leaving a span (an event, an error status),
+    with per-user subjects in its message replaced by refs (`pii.scrub`)."""
+
+    __slots__ = ()
+
+    def on_error(self, span: trace.Span, exc: Exception) -> None:
+        message = pii.scrub(str(exc))
+        span.record_exception(exc, {
+            "exception.message": message,
+            "exception.stacktrace": pii.scrub("".join(traceback.format_exception(exc)))})
+        span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {message}")
 
 
 def configure_logging(service: str, level: str = "info") -> None:
