@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import random
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -235,19 +234,10 @@ async def main(argv: list[str] | None = None) -> int:
                     help="reuse the database at --dsn as a full run left it (no drop, no load)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    server = None
-    dsn = args.dsn
-    if not dsn:
-        from devstack import servers
+    from devstack import servers
 
-        server = servers.start_postgres(Path(tempfile.mkdtemp(prefix="tiermem-bench-pg-")),
-                                        die_with_parent=True)
-        dsn = server.url
-    try:
+    with servers.postgres_at(args.dsn) as dsn:
         return await run(args, dsn)
-    finally:
-        if server is not None:
-            server.stop()
 
 
 async def run(args, dsn: str) -> int:

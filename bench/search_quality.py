@@ -28,7 +28,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -272,19 +271,10 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
 
-    server = None
-    dsn = args.dsn
-    if not dsn:
-        from devstack import servers
+    from devstack import servers
 
-        folder = Path(tempfile.mkdtemp(prefix="tiermem-bench-pg-"))
-        server = servers.start_postgres(folder, die_with_parent=True)
-        dsn = server.url
-    try:
+    with servers.postgres_at(args.dsn) as dsn:
         return await run(args, dsn)
-    finally:
-        if server is not None:
-            server.stop()
 
 
 async def run(args, dsn: str) -> int:

@@ -7,12 +7,15 @@ our pid and says "ready", so the port is ours and not a squatter's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
 import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from devstack.process import HOST, Launch, Server, ServerStartError, check_executable, launch, log_tail, \
@@ -193,3 +196,17 @@ def psql(bins: Path, port: int, sql: str, *, db: str) -> str:
     if out.returncode != 0:
         raise ServerStartError(f"psql {sql!r} failed: {out.stderr.strip()}")
     return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def postgres_at(dsn: str = "") -> Iterator[str]:
+    """`dsn`, or (empty) a scratch Postgres started in a temp folder and stopped at the end:
+    what the offline benchmarks run on when no DATABASE_URL is given."""
+    if dsn:
+        yield dsn
+        return
+    server = start_postgres(Path(tempfile.mkdtemp(prefix="tiermem-bench-pg-")), die_with_parent=True)
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from devstack.nats import NatsCluster, nats_cluster, nats_server_binary, start_nats
-from devstack.postgres import ensure_database, postgres_bin_dir, psql, start_postgres
+from devstack.postgres import ensure_database, postgres_at, postgres_bin_dir, psql, start_postgres
 from devstack.process import (HOST, Server, ServerStartError, free_port, log_tail, process_alive,
                               process_start_time, spawn, stop_process)
 from devstack.redis import RedisClusterServers, start_redis, start_redis_cluster, valkey_server_binary
@@ -28,7 +28,7 @@ from devstack.simulator import start_simulator
 __all__ = [
     "HOST", "SERVERS", "NatsCluster", "RedisClusterServers", "Server", "ServerSpec", "ServerStartError", "ensure_database", "free_port",
     "log_tail", "nats_cluster", "nats_server_binary", "postgres_bin_dir", "process_alive", "process_start_time",
-    "psql", "server", "spawn", "start_nats", "start_postgres", "start_redis", "start_redis_cluster", "start_simulator", "stop_process",
+    "postgres_at", "psql", "server", "spawn", "start_nats", "start_postgres", "start_redis", "start_redis_cluster", "start_simulator", "stop_process",
     "valkey_server_binary",
 ]
 
