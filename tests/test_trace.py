@@ -9,6 +9,8 @@ those appear only under a kept span.
 
 from __future__ import annotations
 
+import contextlib
+
 
 import os
 import subprocess
@@ -69,11 +71,18 @@ async def lookup(nc, body: dict, spans):
     return msg, mine()
 
 
-async def test_a_lookup_is_one_trace_across_l1_l2_l3(clean_state, spans):
-    env = clean_state
+@contextlib.asynccontextmanager
+async def memory_tiers(env: dict[str, str]):
+    """L2, L3 and a sidecar in this process, with database spans on."""
     async with running("l2-gateway", build_l2, env, trace_db_spans=True), \
             running("l3-semantic-indexer", build_l3, env, trace_db_spans=True), \
             running("memory-l1", build_l1, env, trace_db_spans=True):
+        yield
+
+
+async def test_a_lookup_is_one_trace_across_l1_l2_l3(clean_state, spans):
+    env = clean_state
+    async with memory_tiers(env):
         async with client(env["NATS_URL"]) as nc:
             await fill(nc, "traced")
 
@@ -105,9 +114,7 @@ async def test_database_spans_only_under_kept_spans(clean_state, spans):
     """An unsampled lookup leaves no span, database spans included, and no
     database call starts a trace of its own (appliers, consumers, pings)."""
     env = clean_state
-    async with running("l2-gateway", build_l2, env, trace_db_spans=True), \
-            running("l3-semantic-indexer", build_l3, env, trace_db_spans=True), \
-            running("memory-l1", build_l1, env, trace_db_spans=True):
+    async with memory_tiers(env):
         async with client(env["NATS_URL"]) as nc:
             await fill(nc, "unsampled")
             trace_id = os.urandom(16).hex()
