@@ -10,8 +10,6 @@ those appear only under a kept span.
 from __future__ import annotations
 
 import contextlib
-
-
 import os
 import subprocess
 import sys
